@@ -1,0 +1,1 @@
+"""The baseline: parameters, bytes, MACs, per-layer latency and memory."""

@@ -1,0 +1,1 @@
+"""Export, runtime sessions, parity checks and benchmarking."""

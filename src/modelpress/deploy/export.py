@@ -1,0 +1,106 @@
+"""Export to ONNX through torch.export (the dynamo exporter), with dynamic batch and sequence dims.
+
+The legacy TorchScript exporter silently produced wrong transformer outputs under transformers 5.x (see
+MEASURING.md), so only the dynamo path is used, and every export is meant to be followed by a parity check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelpress._files import check_output_path
+from modelpress.errors import ExportError
+from modelpress.loading import Inputs
+
+log = logging.getLogger(__name__)
+
+
+def _is_token_input(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and t.ndim >= 2
+
+
+def dynamic_shapes_for(inputs: Inputs) -> tuple[dict[int, Any], ...]:
+    """Dim 0 of every input is the batch; dim 1 of integer (token id / mask) inputs is the sequence."""
+    dynamic = torch.export.Dim.DYNAMIC
+    shapes = []
+    for t in inputs:
+        dims: dict[int, Any] = {0: dynamic} if t.ndim >= 1 else {}
+        if _is_token_input(t):
+            dims[1] = dynamic
+        shapes.append(dims)
+    return tuple(shapes)
+
+
+def _widen(inputs: Inputs) -> Inputs:
+    # torch.export specialises a dimension of size 1 to a constant; trace with size >= 2 so it stays dynamic.
+    out = []
+    for t in inputs:
+        if t.ndim >= 1 and t.shape[0] == 1:
+            t = t.repeat(2, *([1] * (t.ndim - 1)))
+        if _is_token_input(t) and t.shape[1] == 1:
+            t = t.repeat(1, 2, *([1] * (t.ndim - 2)))
+        out.append(t)
+    return tuple(out)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Inputs,
+    path: str | os.PathLike[str],
+    *,
+    dynamic: bool = True,
+    overwrite: bool = False,
+    opset: int | None = None,
+) -> Path:
+    """Export `model` to an ONNX file at `path`, written atomically (with external data if > 2 GB).
+
+    >>> export_onnx(model, (torch.randn(1, 3, 32, 32),), "model.onnx")  # doctest: +SKIP
+    """
+    out = check_output_path(path, overwrite=overwrite)
+    model = model.eval()
+    inputs = _widen(example_inputs) if dynamic else example_inputs
+    kwargs: dict[str, Any] = {"dynamo": True, "verbose": False, "optimize": True}
+    if dynamic:
+        kwargs["dynamic_shapes"] = dynamic_shapes_for(inputs)
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    captured = io.StringIO()
+    # The exporter logs a warning per torchvision op it cannot register when torchvision is absent.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    try:
+        # The exporter prints progress and warns about optional packages; keep the user's terminal clean.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, inputs, **kwargs)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: {first}. torch.export must be able "
+            "to trace the model: avoid data-dependent Python control flow on tensor values in forward, or "
+            "return plain tensors instead of custom objects."
+        ) from exc
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program; update torch/onnxscript.")
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        program.save(str(tmp_dir / out.name))
+        for produced in sorted(tmp_dir.iterdir()):
+            # The main file goes last, so an interrupted save never leaves a .onnx without its data.
+            if produced.name != out.name:
+                os.replace(produced, out.parent / produced.name)
+        os.replace(tmp_dir / out.name, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    log.info("exported %s", out)
+    return out

@@ -1,0 +1,100 @@
+"""Runtime sessions behind one small interface: `run(list of numpy arrays) -> list of numpy arrays`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from modelpress.errors import ExportError, RuntimeUnavailableError
+
+RuntimeName = Literal["onnxruntime", "openvino"]
+RUNTIMES: tuple[RuntimeName, ...] = ("onnxruntime", "openvino")
+
+
+class Session(Protocol):
+    runtime: str
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+
+
+def available_runtimes() -> list[RuntimeName]:
+    """The runtimes importable in this environment."""
+    return [r for r in RUNTIMES if importlib.util.find_spec(r) is not None]
+
+
+class OrtSession:
+    """ONNX Runtime on the CPU with a fixed thread count and no idle spinning (it skews interleaved timing)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike[str], *, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        feed = dict(zip(self.input_names, inputs, strict=True))
+        return list(self._session.run(None, feed))
+
+
+class OpenVinoSession:
+    """OpenVINO on the CPU, latency hint, fixed threads, fp32 inference precision unless asked otherwise.
+
+    OpenVINO would otherwise run bf16 on CPUs that have it, which changes the numbers a parity check sees.
+    """
+
+    runtime = "openvino"
+
+    def __init__(self, path: str | os.PathLike[str], *, threads: int, precision: str = "f32") -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        config: dict[str, Any] = {
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": precision,
+        }
+        self._compiled = core.compile_model(str(path), "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        self.input_names = [p.get_any_name() for p in self._compiled.inputs]
+        self.output_names = [p.get_any_name() for p in self._compiled.outputs]
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        result = self._request.infer(list(inputs))
+        return [np.asarray(result[o]) for o in self._compiled.outputs]
+
+
+def open_session(path: str | os.PathLike[str], runtime: str = "onnxruntime", *, threads: int = 2) -> Session:
+    """Load an exported artifact in a runtime.
+
+    >>> session = open_session("model.onnx", "openvino", threads=2)  # doctest: +SKIP
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"Artifact '{p}' does not exist. Export it first (`modelpress export`).")
+    if runtime not in RUNTIMES:
+        raise RuntimeUnavailableError(f"Unknown runtime '{runtime}'. Choose from {', '.join(RUNTIMES)}.")
+    if importlib.util.find_spec(runtime) is None:
+        raise RuntimeUnavailableError(
+            f"Runtime '{runtime}' is not installed. Install it with `pip install modelpress[{runtime}]`."
+        )
+    if threads < 1:
+        raise RuntimeUnavailableError(f"threads={threads} must be at least 1.")
+    if runtime == "onnxruntime":
+        return OrtSession(p, threads=threads)
+    return OpenVinoSession(p, threads=threads)

@@ -1,0 +1,1 @@
+"""Pure tensor maths. Nothing here walks a model or reads a config."""

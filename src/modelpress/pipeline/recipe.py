@@ -1,0 +1,100 @@
+"""A recipe is a list of technique configs, written in YAML as `- {type: weight_only, bits: 8}`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from modelpress.data import Dataset, as_dataset
+from modelpress.errors import RecipeError
+from modelpress.techniques import REGISTRY, config_from_dict, config_to_dict
+
+log = logging.getLogger(__name__)
+
+Recipe = list[Any]
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with modelpress (usable wherever a recipe path is)."""
+    folder = resources.files("modelpress") / "recipes"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_recipe_text(source: str | Path) -> tuple[str, str]:
+    path = Path(source)
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), str(path)
+    name = str(source).removesuffix(".yaml")
+    if name in builtin_recipes():
+        text = (resources.files("modelpress") / "recipes" / f"{name}.yaml").read_text(encoding="utf-8")
+        return text, f"built-in recipe '{name}'"
+    raise RecipeError(
+        f"Recipe '{source}' is neither a file nor a built-in recipe. Built-in recipes: "
+        f"{', '.join(builtin_recipes())}."
+    )
+
+
+def load_recipe(source: str | Path | Sequence[Any]) -> Recipe:
+    """Load a recipe from a YAML file, a built-in name, or a list of dicts/configs.
+
+    >>> load_recipe([{"type": "weight_only", "bits": 8}])
+    [WeightOnlyConfig(bits=8, layers=('linear', 'conv', 'embedding'), targets=None, ignore=())]
+    """
+    if isinstance(source, (str, Path)):
+        text, where = _read_recipe_text(source)
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{where} is not valid YAML: {exc}. Fix the syntax.") from exc
+        if isinstance(raw, dict) and "recipe" in raw:
+            raw = raw["recipe"]
+    else:
+        raw, where = list(source), "recipe"
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError(
+            f"{where} must be a non-empty list of steps, for example:\n- {{type: weight_only, bits: 8}}"
+        )
+    steps = []
+    for i, step in enumerate(raw):
+        if type(step).__name__.endswith("Config") and getattr(step, "type", None) in REGISTRY:
+            steps.append(step)
+        else:
+            steps.append(config_from_dict(step, where=f"{where}, step {i + 1}"))
+    return steps
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML text that `load_recipe` reads back to equal configs."""
+    return yaml.safe_dump([config_to_dict(c) for c in recipe], sort_keys=False)
+
+
+def compress(
+    model: nn.Module,
+    recipe: str | Path | Sequence[Any],
+    data: Dataset | Iterable[Any] | None = None,
+    *,
+    inplace: bool = False,
+) -> nn.Module:
+    """Apply each step of `recipe` in order; the user's model is left untouched unless `inplace`.
+
+    >>> from modelpress import WeightOnlyConfig
+    >>> small = compress(nn.Sequential(nn.Linear(16, 4)), [WeightOnlyConfig()])
+    """
+    steps = load_recipe(recipe)
+    dataset = as_dataset(data)
+    out = model if inplace else copy.deepcopy(model)
+    out.eval()
+    for config in steps:
+        _, fn = REGISTRY[config.type]
+        start = time.perf_counter()
+        out = fn(out, config, dataset)
+        log.info("%s done in %.1f s", config.type, time.perf_counter() - start)
+    return out

@@ -1,0 +1,69 @@
+"""The technique registry: a plain dict from the `type` name to (config class, function)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+from modelpress.errors import RecipeError
+from modelpress.techniques.weight_only import WeightOnlyConfig, weight_only
+
+TechniqueFn = Callable[[nn.Module, Any, Any], nn.Module]
+
+REGISTRY: dict[str, tuple[type[Any], TechniqueFn]] = {
+    WeightOnlyConfig.type: (WeightOnlyConfig, weight_only),
+}
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict (YAML/JSON ready) with `type` first."""
+    out: dict[str, Any] = {"type": config.type}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    # YAML gives lists where configs hold tuples (frozen dataclasses must stay hashable).
+    origin = typing.get_origin(hint)
+    if isinstance(value, list) and (
+        origin is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(hint))
+    ):
+        return tuple(value)
+    if isinstance(value, str) and (origin is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(hint))):
+        return (value,)
+    return value
+
+
+def config_from_dict(raw: Mapping[str, Any], *, where: str = "recipe") -> Any:
+    """Build a config from a dict whose `type` names a registered technique; only our own classes load."""
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{where}: each step must be a mapping like {{type: weight_only}}, got {raw!r}.")
+    kind = raw.get("type")
+    if kind not in REGISTRY:
+        raise RecipeError(
+            f"{where}: unknown technique type {kind!r}. Known types: {', '.join(sorted(REGISTRY))}."
+        )
+    cls, _ = REGISTRY[kind]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields - {"type"})
+    if unknown:
+        raise RecipeError(
+            f"{where}: technique '{kind}' has no field(s) {unknown}. Valid fields: {', '.join(sorted(fields))}."
+        )
+    kwargs = {k: _coerce(v, hints[k]) for k, v in raw.items() if k != "type"}
+    try:
+        return cls(**kwargs)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from exc
+    except TypeError as exc:
+        raise RecipeError(f"{where}: invalid fields for '{kind}': {exc}.") from exc
+
+
+__all__ = ["REGISTRY", "WeightOnlyConfig", "config_from_dict", "config_to_dict", "weight_only"]

@@ -1,0 +1,49 @@
+"""Choosing modules: `targets` and `ignore` are names, type names or `re:` regexes, matched once here."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+
+def _matches(pattern: str, name: str, module: nn.Module) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if pattern == type(module).__name__:
+        return True
+    return name == pattern or name.startswith(pattern + ".")
+
+
+def select_modules(
+    model: nn.Module,
+    *,
+    types: tuple[type[nn.Module], ...],
+    targets: Sequence[str] | None,
+    ignore: Sequence[str],
+) -> Iterator[tuple[str, nn.Module]]:
+    """Yield (name, module) of the given `types` that match `targets` (all when None) and not `ignore`."""
+    for name, module in model.named_modules():
+        if not isinstance(module, types):
+            continue
+        if targets is not None and not any(_matches(p, name, module) for p in targets):
+            continue
+        if any(_matches(p, name, module) for p in ignore):
+            continue
+        yield name, module
+
+
+def unmatched_patterns(model: nn.Module, patterns: Sequence[str] | None) -> list[str]:
+    """Patterns that match no module at all (usually a typo the user wants to hear about)."""
+    if not patterns:
+        return []
+    named = list(model.named_modules())
+    return [p for p in patterns if not any(_matches(p, n, m) for n, m in named)]
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted `name`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

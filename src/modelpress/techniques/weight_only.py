@@ -1,0 +1,130 @@
+"""Weight-only quantization: int8 codes and per-output-channel scales are what is stored.
+
+In torch the layer dequantizes its weight on the fly (through `quantized_decomposed`), so the ONNX export
+holds int8 initializers feeding `DequantizeLinear` and the file really shrinks about 4x.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from modelpress.errors import RecipeError
+from modelpress.ops.quant import dequantize_per_channel, quantize_symmetric, symmetric_scale
+from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
+
+log = logging.getLogger(__name__)
+
+LayerKind = Literal["linear", "conv", "embedding"]
+
+_KIND_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
+    "linear": (nn.Linear,),
+    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+    "embedding": (nn.Embedding,),
+}
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    """Round-to-nearest symmetric per-output-channel weight quantization.
+
+    >>> WeightOnlyConfig(bits=8, ignore=("classifier",))
+    WeightOnlyConfig(bits=8, layers=('linear', 'conv', 'embedding'), targets=None, ignore=('classifier',))
+    """
+
+    type: ClassVar[str] = "weight_only"
+    bits: Literal[8] = 8
+    layers: tuple[LayerKind, ...] = ("linear", "conv", "embedding")
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.bits != 8:
+            raise RecipeError(
+                f"weight_only: bits={self.bits} is not supported yet; use bits: 8 (int4 comes with group-wise "
+                "quantization)."
+            )
+        bad = [k for k in self.layers if k not in _KIND_TYPES]
+        if bad or not self.layers:
+            raise RecipeError(
+                f"weight_only: layers={list(self.layers)} is invalid; choose from {sorted(_KIND_TYPES)}."
+            )
+
+
+def _output_axis(module: nn.Module) -> int:
+    # ConvTranspose stores (in, out / groups, *k): its output channels are axis 1 when not grouped.
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups == 1:
+        return 1
+    return 0
+
+
+class WeightOnlyQuantized(nn.Module):
+    """Wraps a layer whose fp32 weight was replaced by int8 codes `qweight` and fp32 `scale` (per channel).
+
+    Forward dequantizes (q * scale) and calls the wrapped layer with that weight, so any layer type whose
+    forward reads `self.weight` works unchanged.
+    """
+
+    _modelpress_atomic = True  # profiled and reported as one layer
+
+    def __init__(self, inner: nn.Module, *, bits: int = 8) -> None:
+        super().__init__()
+        weight = inner.weight.detach()
+        self.axis = _output_axis(inner)
+        self.bits = bits
+        scale = symmetric_scale(weight, axis=self.axis, bits=bits)
+        self.register_buffer("qweight", quantize_symmetric(weight, scale, axis=self.axis, bits=bits))
+        self.register_buffer("scale", scale)
+        del inner.weight  # the fp32 weight is gone: only codes and scales are kept
+        self.inner = inner
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_per_channel(self.qweight, self.scale, axis=self.axis, bits=self.bits)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.inner, {"weight": self.dequantized_weight()}, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"int{self.bits}, per-channel axis={self.axis}, shape={tuple(self.qweight.shape)}"
+
+
+def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) -> nn.Module:
+    """Quantize the weights of the selected layers in place and return the model.
+
+    >>> m = weight_only(nn.Sequential(nn.Linear(8, 4)), WeightOnlyConfig())
+    >>> m[0].qweight.dtype
+    torch.int8
+    """
+    missing = unmatched_patterns(model, config.targets)
+    if missing:
+        raise RecipeError(
+            f"weight_only: targets {missing} match no module of the model. Check the names "
+            "(see `modelpress profile` for the layer list), or use a type name such as 'Linear' or a 're:' regex."
+        )
+    types = tuple(t for kind in config.layers for t in _KIND_TYPES[kind])
+    chosen = [
+        (name, module)
+        for name, module in select_modules(model, types=types, targets=config.targets, ignore=config.ignore)
+        if isinstance(getattr(module, "weight", None), nn.Parameter)
+    ]
+    for name, module in chosen:
+        weight = module.weight
+        if not torch.isfinite(weight).all():
+            raise RecipeError(
+                f"weight_only: layer '{name}' has NaN or Inf in its weight; fix the checkpoint, or add "
+                f"'{name}' to ignore."
+            )
+    if not chosen:
+        log.warning("weight_only: no layer matched (layers=%s); the model is unchanged.", list(config.layers))
+    for name, module in chosen:
+        wrapped = WeightOnlyQuantized(module, bits=config.bits)
+        if name:
+            set_submodule(model, name, wrapped)
+        else:
+            model = wrapped
+    log.info("weight_only: quantized %d layers to int%d", len(chosen), config.bits)
+    return model
