@@ -23,7 +23,8 @@ from modelpress.errors import ModelLoadError
 Inputs = tuple[torch.Tensor, ...]
 
 
-def _import_factory(ref: str) -> Any:
+def import_callable(ref: str) -> Any:
+    """Import `file.py:name` or `package.module:name` and return that callable."""
     module_part, sep, attr = ref.rpartition(":")
     if not sep or not module_part or not attr:
         raise ModelLoadError(
@@ -153,7 +154,7 @@ def load_model(ref: str, weights: str | Path | None = None) -> tuple[nn.Module, 
 
     >>> model, inputs = load_model("examples/tiny_cnn.py:build")  # doctest: +SKIP
     """
-    factory = _import_factory(ref)
+    factory = import_callable(ref)
     if inspect.signature(factory).parameters and any(
         p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         for p in inspect.signature(factory).parameters.values()

@@ -205,3 +205,30 @@ def compare_artifacts(
         )
         for name, (path, runtime) in artifacts.items()
     }
+
+
+def synthetic_inputs(path: str | os.PathLike[str], *, batch: int, seq: int = 128, seed: int = 0) -> list[np.ndarray]:
+    """Inputs for an ONNX file from its declared input types: dim 0 is `batch`, other free dims are `seq`.
+
+    Float inputs are standard normal; integer inputs (token ids, masks) are ones, valid for any vocabulary.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for inp in model.graph.input:
+        if inp.name in initializers:
+            continue
+        tensor_type = inp.type.tensor_type
+        dims = []
+        for i, d in enumerate(tensor_type.shape.dim):
+            dims.append(d.dim_value if d.HasField("dim_value") else (batch if i == 0 else seq))
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            arrays.append(rng.standard_normal(dims).astype(dtype))
+        else:
+            arrays.append(np.ones(dims, dtype=dtype))
+    return arrays

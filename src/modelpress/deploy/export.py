@@ -54,6 +54,35 @@ def _widen(inputs: Inputs) -> Inputs:
     return tuple(out)
 
 
+def _strip_debug_info(path: Path) -> None:
+    """Drop the exporter's per-node stack traces and doc strings: they are not part of the model and can
+    be a quarter of a small model's file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def clean(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    clean(attr.g)
+                for g in attr.graphs:
+                    clean(g)
+        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+            del value.metadata_props[:]
+        for init in graph.initializer:
+            del init.metadata_props[:]
+
+    clean(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            del node.metadata_props[:]
+    model.doc_string = ""
+    onnx.save(model, str(path))
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Inputs,
@@ -95,6 +124,7 @@ def export_onnx(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         program.save(str(tmp_dir / out.name))
+        _strip_debug_info(tmp_dir / out.name)
         for produced in sorted(tmp_dir.iterdir()):
             # The main file goes last, so an interrupted save never leaves a .onnx without its data.
             if produced.name != out.name:

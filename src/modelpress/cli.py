@@ -1,0 +1,323 @@
+"""The `modelpress` command line. It parses arguments and calls the library; the library never imports it.
+
+Exit codes: 0 success, 2 bad input (the message says what to fix), 3 an artifact failed its parity check,
+1 an unexpected error (a bug: please report it with the traceback printed by --debug).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from modelpress.errors import ModelpressError, ParityError
+
+console = Console(stderr=True)
+out = Console()
+
+EXIT_BAD_INPUT = 2
+EXIT_PARITY = 3
+
+
+@contextmanager
+def _status(message: str) -> Iterator[Callable[[str], None]]:
+    with console.status(message) as status:
+        yield lambda msg: status.update(f"{msg} ...")
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of batch sizes, such as 1,16.") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise click.BadParameter(f"'{text}': batch sizes must be positive integers, such as 1,16.")
+    return sizes
+
+
+def _load(model_ref: str, weights: str | None) -> tuple[Any, Any]:
+    from modelpress.loading import load_model
+
+    return load_model(model_ref, weights)
+
+
+def _call_data(ref: str | None, what: str) -> Any:
+    if ref is None:
+        return None
+    from modelpress.errors import DataError
+    from modelpress.loading import import_callable
+
+    fn = import_callable(ref)
+    try:
+        return list(fn())
+    except ModelpressError:
+        raise
+    except Exception as exc:
+        raise DataError(f"The {what} function '{ref}' raised {type(exc).__name__}: {exc}. Fix it.") from exc
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ParityError as exc:
+            console.print(f"[bold red]parity check failed:[/] {exc}")
+            sys.exit(EXIT_PARITY)
+        except ModelpressError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            sys.exit(EXIT_BAD_INPUT)
+
+
+MODEL_HELP = (
+    "MODEL is 'path/to/file.py:factory' or 'package.module:factory'; the factory takes no argument and returns "
+    "(model, example_inputs). Try 'modelpress.demo:digits_cnn'."
+)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of short messages.")
+@click.version_option(package_name="modelpress")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, debug: bool) -> None:
+    """modelpress: make a trained PyTorch model smaller and faster, and prove it on the runtime it deploys to.
+
+    \b
+    Start with:   modelpress demo
+    Your model:   modelpress profile models.py:build
+                  modelpress compress models.py:build --recipe int8-weight-only --out run1
+    """
+    ctx.obj = {"debug": debug}
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--weights", type=click.Path(), help="A state dict (.pt/.pth weights_only, or .safetensors).")
+@click.option("--json", "json_out", type=click.Path(), help="Also write the profile as JSON to this new file.")
+@click.option("--top", default=25, show_default=True, help="Show the N slowest layers (0: all).")
+def profile(model: str, weights: str | None, json_out: str | None, top: int) -> None:
+    """Parameters, bytes, MACs, per-layer latency and peak activation memory of MODEL.
+
+    MODEL is 'path/to/file.py:factory' or 'package.module:factory'; the factory takes no argument and returns
+    (model, example_inputs). Try 'modelpress.demo:digits_cnn'.
+    """
+    from modelpress._files import write_text_atomic
+    from modelpress.analyse.profile import human_bytes, human_count
+    from modelpress.analyse.profile import profile as run_profile
+
+    if json_out:
+        from modelpress._files import check_output_path
+
+        check_output_path(json_out)
+    with _status("loading the model"):
+        net, inputs = _load(model, weights)
+    with _status("profiling"):
+        prof = run_profile(net, inputs)
+    layers = sorted(prof.layers, key=lambda layer: -layer.latency_ms)
+    table = Table(title=f"{prof.model}: layers by latency")
+    for col in ("layer", "type", "params", "bytes", "MACs", "ms", "output"):
+        table.add_column(col, justify="left" if col in ("layer", "type") else "right")
+    for layer in layers[: top or None]:
+        table.add_row(layer.name, layer.type, human_count(layer.params), human_bytes(layer.bytes),
+                      human_count(layer.macs), f"{layer.latency_ms:.3f}", human_bytes(layer.output_bytes))
+    out.print(table)
+    dtypes = ", ".join(f"{k} {human_bytes(v)}" for k, v in prof.bytes_by_dtype.items())
+    out.print(
+        f"[bold]{prof.model}[/]: {prof.params:,} parameters ({human_count(prof.params)}), {human_bytes(prof.bytes)} "
+        f"({dtypes}), {prof.macs:,} MACs ({human_count(prof.macs)}) at inputs {prof.input_shapes}, "
+        f"{prof.latency_ms:.2f} ms per forward in torch ({prof.threads} threads), peak activations "
+        f"{human_bytes(prof.peak_activation_bytes)}"
+    )
+    if json_out:
+        write_text_atomic(json_out, json.dumps(prof.to_dict(), indent=2))
+        out.print(f"wrote {json_out}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--recipe", "-r", required=True,
+              help="A recipe YAML file or a built-in recipe name (for example int8-weight-only).")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(), help="A new folder for the results.")
+@click.option("--weights", type=click.Path(), help="A state dict (.pt/.pth weights_only, or .safetensors).")
+@click.option("--data", "data_ref", help="'file.py:fn' returning calibration batches (model inputs).")
+@click.option("--eval", "eval_ref", help="'file.py:fn' returning (inputs, labels) batches for quality.")
+@click.option("--metric", type=click.Choice(["accuracy", "perplexity"]), default="accuracy", show_default=True)
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["onnxruntime", "openvino"]),
+              help="Runtime(s) to check and time (default: all installed).")
+@click.option("--batch", "batch_text", default="1,16", show_default=True, help="Batch sizes to time.")
+@click.option("--rounds", default=20, show_default=True, help="Interleaved timing rounds.")
+@click.option("--threads", default=2, show_default=True, help="Threads for every runtime.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+def compress(model: str, recipe: str, out_dir: str, weights: str | None, data_ref: str | None,
+             eval_ref: str | None, metric: str, runtimes: tuple[str, ...], batch_text: str, rounds: int,
+             threads: int, overwrite: bool) -> None:
+    """Compress MODEL with a recipe, export fp32 and compressed ONNX, check parity, benchmark, report.
+
+    Writes OUT/model.onnx, OUT/model.compressed.onnx, OUT/report.html and OUT/report.json. OUT appears only
+    when everything succeeded. MODEL is 'path/to/file.py:factory' or 'package.module:factory'.
+    """
+    from modelpress.pipeline.recipe import load_recipe
+    from modelpress.pipeline.run import run_job
+    from modelpress.report.terminal import print_summary
+
+    steps = load_recipe(recipe)  # fail on a bad recipe before any slow work
+    sizes = _batches(batch_text)
+    with _status("loading the model"):
+        net, inputs = _load(model, weights)
+    data = _call_data(data_ref, "--data")
+    eval_data = _call_data(eval_ref, "--eval")
+    with _status("starting") as say:
+        result = run_job(net, inputs, steps, out_dir=out_dir, name=Path(model.rpartition(":")[2]).name,
+                         data=data, eval_data=eval_data, metric=metric if eval_data is not None else None,
+                         runtimes=list(runtimes) or None, batch_sizes=sizes, rounds=rounds, threads=threads,
+                         overwrite=overwrite, progress=say)
+    print_summary(result, out)
+    out.print(f"report: {Path(result['out_dir']) / 'report.html'}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--out", "-o", "out_path", required=True, type=click.Path(), help="The new .onnx file.")
+@click.option("--weights", type=click.Path(), help="A state dict (.pt/.pth weights_only, or .safetensors).")
+@click.option("--recipe", "-r", help="Compress with this recipe before exporting.")
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["onnxruntime", "openvino"]),
+              help="Runtime(s) to check parity in (default: all installed).")
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+def export(model: str, out_path: str, weights: str | None, recipe: str | None, runtimes: tuple[str, ...],
+           overwrite: bool) -> None:
+    """Export MODEL (optionally compressed) to ONNX and check parity with the torch model in each runtime."""
+    from modelpress._files import check_output_path
+    from modelpress.deploy.export import export_onnx
+    from modelpress.deploy.parity import check_parity, parity_inputs, summary_line
+    from modelpress.deploy.runtime import available_runtimes, open_session
+    from modelpress.pipeline.recipe import compress as run_compress
+    from modelpress.pipeline.recipe import load_recipe
+
+    check_output_path(out_path, overwrite=overwrite)
+    steps = load_recipe(recipe) if recipe else None
+    with _status("loading the model") as say:
+        net, inputs = _load(model, weights)
+        if steps:
+            say("compressing")
+            net = run_compress(net, steps)
+        say("exporting")
+        path = export_onnx(net, inputs, out_path, overwrite=overwrite)
+        failed = []
+        for runtime in runtimes or available_runtimes():
+            say(f"checking parity in {runtime}")
+            report = check_parity(net, open_session(path, runtime), parity_inputs(inputs), raise_on_failure=False)
+            out.print(summary_line(report))
+            if not report.passed:
+                failed.append(report.message)
+    if failed:
+        raise ParityError(" ".join(failed) + f" The file was kept at {path} for inspection.")
+    out.print(f"wrote {path}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--baseline", type=click.Path(), help="Another .onnx (normally the fp32 export) to compare with.")
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["onnxruntime", "openvino"]),
+              help="Runtime(s) to compare (default: all installed).")
+@click.option("--batch", "batch_text", default="1,16", show_default=True, help="Batch sizes to time.")
+@click.option("--seq", default=128, show_default=True, help="Length for free non-batch dims (sequence).")
+@click.option("--rounds", default=20, show_default=True, help="Interleaved timing rounds.")
+@click.option("--threads", default=2, show_default=True, help="Threads for every runtime.")
+@click.option("--json", "json_out", type=click.Path(), help="Also write the results as JSON to this new file.")
+def bench(artifact: str, baseline: str | None, runtimes: tuple[str, ...], batch_text: str, seq: int, rounds: int,
+          threads: int, json_out: str | None) -> None:
+    """Time ARTIFACT in every installed runtime (interleaved), beside --baseline if given; name the fastest."""
+    from modelpress._files import check_output_path, write_text_atomic
+    from modelpress.analyse.profile import human_bytes
+    from modelpress.deploy.bench import compare_artifacts, synthetic_inputs
+    from modelpress.deploy.runtime import available_runtimes
+    from modelpress.errors import ExportError
+
+    for p in [artifact] + ([baseline] if baseline else []):
+        if not Path(p).is_file():
+            raise ExportError(f"Artifact '{p}' does not exist. Export one first with `modelpress export`.")
+    if json_out:
+        check_output_path(json_out)
+    runtimes_list = list(runtimes) or available_runtimes()
+    sizes = _batches(batch_text)
+    variants: dict[str, tuple[str, str]] = {}
+    if baseline:
+        variants[f"baseline {runtimes_list[0]}"] = (baseline, runtimes_list[0])
+    for rt in runtimes_list:
+        variants[f"artifact {rt}"] = (artifact, rt)
+    base_key = next(iter(variants))
+    batches = {f"b{b}": synthetic_inputs(artifact, batch=b, seq=seq) for b in sizes}
+    with _status("benchmarking") as say:
+        results = compare_artifacts(variants, batches, baseline=base_key, threads=threads, rounds=rounds, progress=say)
+    table = Table(title=f"{Path(artifact).name}: ratios vs {base_key} ({threads} threads, {rounds} interleaved rounds)")
+    for col in ["variant", "size"] + [f"{b} median ms" for b in batches] + [f"{b} ratio" for b in batches] + ["peak RSS"]:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, r in results.items():
+        table.add_row(name, human_bytes(r.size_bytes), *[f"{r.latency[b].median_ms:.3f}" for b in batches],
+                      *[f"{r.latency[b].ratio:.3f}" for b in batches],
+                      f"{r.peak_rss_mb:.0f} MB" if r.peak_rss_mb else "-")
+    out.print(table)
+    for b in batches:
+        fastest = min((n for n in results if n.startswith("artifact")), key=lambda n: results[n].latency[b].median_ms)
+        out.print(f"fastest at {b}: [bold]{fastest.removeprefix('artifact ')}[/]")
+    if json_out:
+        write_text_atomic(json_out, json.dumps({k: v.to_dict() for k, v in results.items()}, indent=2))
+
+
+@main.command()
+@click.argument("result_json", type=click.Path())
+@click.option("--out", "-o", "out_path", required=True, type=click.Path(), help="The new .html file.")
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+def report(result_json: str, out_path: str, overwrite: bool) -> None:
+    """Render a report.json (written by `compress` or `demo`) as a single self-contained HTML file."""
+    from modelpress.errors import DataError
+    from modelpress.report.html import write_report
+
+    path = Path(result_json)
+    if not path.is_file():
+        raise DataError(f"'{path}' does not exist. Give the report.json written by `modelpress compress`.")
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        write_report(result, out_path, overwrite=overwrite)
+    except (json.JSONDecodeError, KeyError, TypeError, StopIteration) as exc:
+        raise DataError(
+            f"'{path}' is not a modelpress result ({type(exc).__name__}: {exc}). Give the report.json written "
+            "by `modelpress compress` or `modelpress demo`."
+        ) from exc
+    out.print(f"wrote {out_path}")
+
+
+@main.command()
+@click.option("--out", "-o", "out_dir", default="modelpress-demo", show_default=True, type=click.Path(),
+              help="Folder for the demo's artifacts and report (replaced if it holds an earlier demo).")
+@click.option("--rounds", default=20, show_default=True, help="Interleaved timing rounds.")
+def demo(out_dir: str, rounds: int) -> None:
+    """Run the whole job offline on a small CNN trained on scikit-learn's digits (trained once, cached)."""
+    from modelpress.demo import digits_cnn, digits_eval_batches
+    from modelpress.pipeline.run import run_job
+    from modelpress.report.terminal import print_summary
+
+    target = Path(out_dir)
+    overwrite = target.exists() and (target / "report.json").exists()
+    with _status("loading or training the demo CNN") as say:
+        net, inputs = digits_cnn()
+        result = run_job(net, inputs, "int8-weight-only", out_dir=target, name="digits_cnn",
+                         eval_data=digits_eval_batches(), metric="accuracy", batch_sizes=(1, 64), rounds=rounds,
+                         overwrite=overwrite, progress=say)
+    print_summary(result, out)
+    out.print(f"report: {target / 'report.html'}")
+
+
+if __name__ == "__main__":
+    main()

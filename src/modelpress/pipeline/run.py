@@ -1,0 +1,167 @@
+"""The main job: profile -> compress -> export -> parity -> benchmark -> report, for one model and recipe.
+
+Everything is written into a fresh folder that appears (by a rename) only when the whole job succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.analyse.profile import profile
+from modelpress.deploy.bench import compare_artifacts
+from modelpress.deploy.export import export_onnx
+from modelpress.deploy.parity import check_parity, parity_inputs
+from modelpress.deploy.runtime import available_runtimes, open_session
+from modelpress.environment import environment
+from modelpress.errors import ExportError
+from modelpress.evaluate.metrics import evaluate
+from modelpress.loading import Inputs
+from modelpress.pipeline.recipe import compress, load_recipe
+from modelpress.techniques import config_to_dict
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def prepare_out_dir(out_dir: str | os.PathLike[str], *, overwrite: bool) -> tuple[Path, Path]:
+    """Check the final folder and make a temporary sibling to build into."""
+    final = Path(out_dir)
+    if final.exists() and not final.is_dir():
+        raise ExportError(f"Output '{final}' exists and is a file; give a folder path.")
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise ExportError(
+            f"Output folder '{final}' already exists and is not empty. Choose another folder, delete it, or "
+            "pass --overwrite."
+        )
+    parent = final.resolve().parent
+    if not parent.exists():
+        raise ExportError(f"The parent folder '{parent}' of '{final}' does not exist; create it first.")
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
+    return final, work
+
+
+def publish_dir(work: Path, final: Path) -> None:
+    """Move the finished folder into place (replacing an old one only when overwrite was allowed)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(work, final)
+
+
+def benchmark_batches(example: Inputs, sizes: Sequence[int]) -> dict[str, list[np.ndarray]]:
+    """Input batches of each size built from the example (repeated along the batch dim)."""
+    out = {}
+    for b in sizes:
+        arrays = []
+        for t in example:
+            reps = -(-b // t.shape[0])
+            arrays.append(t.repeat(reps, *([1] * (t.ndim - 1)))[:b].numpy())
+        out[f"b{b}"] = arrays
+    return out
+
+
+def run_job(
+    model: nn.Module,
+    example_inputs: Inputs,
+    recipe: Any,
+    *,
+    out_dir: str | os.PathLike[str],
+    name: str = "model",
+    data: Iterable[Any] | None = None,
+    eval_data: Iterable[Any] | None = None,
+    metric: str | Callable[..., float] | None = None,
+    runtimes: Sequence[str] | None = None,
+    batch_sizes: Sequence[int] = (1, 16),
+    rounds: int = 20,
+    threads: int = 2,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the whole job and write `model.onnx`, `model.compressed.onnx`, `report.json`, `report.html`.
+
+    Every figure is measured on the exported artifacts, the fp32 baseline beside the compressed one, in
+    this one run; speed is a ratio of interleaved timings.
+    """
+    from modelpress.report.html import write_report
+
+    say = progress or (lambda msg: log.info(msg))
+    steps = load_recipe(recipe)
+    final, work = prepare_out_dir(out_dir, overwrite=overwrite)
+    try:
+        runtimes = list(runtimes or available_runtimes())
+        say("profiling the original model")
+        base_profile = profile(model, example_inputs)
+
+        say(f"compressing ({', '.join(c.type for c in steps)})")
+        start = time.perf_counter()
+        small = compress(model, steps, data)
+        compress_s = time.perf_counter() - start
+        small_profile = profile(small, example_inputs)
+
+        say("exporting to ONNX")
+        fp32_path = export_onnx(model, example_inputs, work / f"{name}.onnx")
+        small_path = export_onnx(small, example_inputs, work / f"{name}.compressed.onnx")
+
+        say(f"checking parity in {', '.join(runtimes)}")
+        samples = parity_inputs(example_inputs)
+        parity = []
+        for runtime in runtimes:
+            for label, module, path in (("fp32", model, fp32_path), ("compressed", small, small_path)):
+                report = check_parity(module, open_session(path, runtime, threads=threads), samples)
+                parity.append({"artifact": label, **report.to_dict()})
+
+        quality: dict[str, Any] = {}
+        if eval_data is not None and metric is not None:
+            eval_items = list(eval_data)
+            say("evaluating quality on the artifacts")
+            quality = {"metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")}
+            quality["torch fp32"] = evaluate(model, eval_items, metric)
+            quality["torch compressed"] = evaluate(small, eval_items, metric)
+            for runtime in runtimes:
+                for label, path in (("fp32", fp32_path), ("compressed", small_path)):
+                    quality[f"{runtime} {label}"] = evaluate(open_session(path, runtime, threads=threads), eval_items, metric)
+
+        artifacts = {}
+        for runtime in runtimes:
+            artifacts[f"fp32 {runtime}"] = (fp32_path, runtime)
+            artifacts[f"compressed {runtime}"] = (small_path, runtime)
+        bench = compare_artifacts(
+            artifacts,
+            benchmark_batches(example_inputs, batch_sizes),
+            baseline="fp32 onnxruntime" if "onnxruntime" in runtimes else f"fp32 {runtimes[0]}",
+            threads=threads,
+            rounds=rounds,
+            progress=say,
+        )
+        result: dict[str, Any] = {
+            "model": {"name": name, "class": type(model).__name__, "input_shapes": [list(t.shape) for t in example_inputs]},
+            "recipe": [config_to_dict(c) for c in steps],
+            "environment": {**environment(), "threads": threads, "torch_threads": torch.get_num_threads()},
+            "profile": {"baseline": base_profile.to_dict(), "compressed": small_profile.to_dict()},
+            "compress_wall_s": compress_s,
+            "parity": parity,
+            "quality": quality,
+            "bench": {k: {**v.to_dict(), "path": Path(v.path).name} for k, v in bench.items()},
+        }
+        say("writing the report")
+        import json
+
+        (work / "report.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        write_report(result, work / "report.html", overwrite=True)
+        publish_dir(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    result["out_dir"] = str(final)
+    return result

@@ -1,0 +1,1 @@
+"""The single-file HTML report and the terminal summary."""

@@ -1,0 +1,38 @@
+"""The summary table printed on the terminal after a job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from modelpress.analyse.profile import human_bytes, human_count
+
+
+def print_summary(result: dict[str, Any], console: Console) -> None:
+    bench = result["bench"]
+    batches = list(next(iter(bench.values()))["latency"])
+    q = result.get("quality") or {}
+    short = {"onnxruntime": "ORT", "openvino": "OV"}
+    table = Table(title=f"{result['model']['name']}: exported artifacts; x = ratio to {next(iter(bench))}")
+    for col in ["artifact", "size", "size x"] + [f"{b} ms" for b in batches] + [f"{b} x" for b in batches]:
+        table.add_column(col, justify="left" if col == "artifact" else "right")
+    if q:
+        table.add_column(str(q["metric"])[:8], justify="right")
+    for key, v in bench.items():
+        label = key.split(" ")[0]
+        row = [f"{label} {short.get(v['runtime'], v['runtime'])}", human_bytes(v["size_bytes"]), f"{v['size_ratio']:.3f}"]
+        row += [f"{v['latency'][b]['median_ms']:.3f}" for b in batches]
+        row += [f"{v['latency'][b]['ratio']:.3f}" for b in batches]
+        if q:
+            val = q.get(f"{v['runtime']} {label}")
+            row.append(f"{val:.4f}" if isinstance(val, float) else "-")
+        table.add_row(*row)
+    console.print(table)
+    prof = result["profile"]
+    console.print(
+        f"params {human_count(prof['baseline']['params'])}, MACs {human_count(prof['baseline']['macs'])}; "
+        f"parity: {'all passed' if all(p['passed'] for p in result['parity']) else 'FAILED'}; "
+        f"compression took {result['compress_wall_s']:.2f} s"
+    )

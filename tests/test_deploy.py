@@ -1,0 +1,122 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress._files import file_size
+from modelpress.deploy.bench import synthetic_inputs
+
+
+@pytest.fixture()
+def exported(tiny, tmp_path):
+    model, inputs = tiny
+    small = mp.compress(model, "int8-weight-only")
+    fp32 = mp.export_onnx(model, inputs, tmp_path / "fp32.onnx")
+    q8 = mp.export_onnx(small, inputs, tmp_path / "int8.onnx")
+    return model, small, inputs, fp32, q8
+
+
+def test_int8_initializers_feed_dequantize_linear(exported):
+    _, _, _, fp32, q8 = exported
+    graph = onnx.load(str(q8)).graph
+    int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    assert {tuple(i.dims) for i in int8} == {(8, 3, 3, 3), (4, 8)}
+    dq_inputs = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert {i.name for i in int8} <= dq_inputs
+    assert not [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2]
+
+
+def test_file_really_shrinks_about_4x(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+    inputs = (torch.randn(2, 256),)
+    fp32 = mp.export_onnx(model, inputs, tmp_path / "fp32.onnx")
+    q8 = mp.export_onnx(mp.compress(model, "int8-weight-only"), inputs, tmp_path / "int8.onnx")
+    assert 0.25 < file_size(q8) / file_size(fp32) < 0.27
+
+
+@pytest.mark.parametrize("runtime", mp.available_runtimes())
+def test_parity_and_dynamic_batch(exported, runtime):
+    model, small, inputs, fp32, q8 = exported
+    for module, path in ((model, fp32), (small, q8)):
+        session = mp.open_session(path, runtime)
+        samples = [*mp.parity_inputs(inputs), (torch.randn(5, 3, 8, 8),), (torch.randn(1, 3, 8, 8),)]
+        report = mp.check_parity(module, session, samples)
+        assert report.passed and report.samples == 6
+        assert report.worst.min_cosine > 0.9999 and report.worst.top1_agreement == 1.0
+
+
+def test_parity_failure_names_worst_output(exported):
+    model, _, inputs, _, _ = exported
+    other = mp.export_onnx(nn.Sequential(nn.Conv2d(3, 4, 8), nn.Flatten()).eval(), inputs,
+                           exported[3].parent / "other.onnx")
+    with pytest.raises(mp.ParityError, match="output '.*': worst cosine"):
+        mp.check_parity(model, mp.open_session(other), [inputs])
+
+
+def test_export_refuses_existing_path_and_leaves_nothing(tiny, tmp_path):
+    model, inputs = tiny
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"user data")
+    with pytest.raises(mp.ExportError, match="already exists. Choose another path"):
+        mp.export_onnx(model, inputs, target)
+    assert target.read_bytes() == b"user data"
+    mp.export_onnx(model, inputs, target, overwrite=True)
+    assert onnx.load(str(target)).graph.node
+    with pytest.raises(mp.ExportError, match="does not exist; create it first"):
+        mp.export_onnx(model, inputs, tmp_path / "no" / "m.onnx")
+
+
+def test_untraceable_model_gives_clear_error(tmp_path):
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # Python control flow on a tensor value
+                return x * 2
+            return x
+
+    with pytest.raises(mp.ExportError, match="ONNX export of DataDependent failed"):
+        mp.export_onnx(DataDependent(), (torch.randn(2, 3),), tmp_path / "d.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_token_inputs_get_dynamic_sequence(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 3)).eval()
+    path = mp.export_onnx(model, (torch.randint(0, 30, (2, 6)),), tmp_path / "t.onnx")
+    session = mp.open_session(path)
+    ids = torch.randint(0, 30, (3, 11))
+    assert np.allclose(session.run([ids.numpy()])[0], model(ids).detach().numpy(), atol=1e-5)
+    assert [a.shape for a in synthetic_inputs(path, batch=4, seq=9)] == [(4, 9)]
+
+
+def test_unknown_runtime_and_missing_artifact(tmp_path):
+    with pytest.raises(mp.ExportError, match="does not exist. Export it first"):
+        mp.open_session(tmp_path / "absent.onnx")
+    (tmp_path / "x.onnx").write_bytes(b"")
+    with pytest.raises(mp.RuntimeUnavailableError, match="Unknown runtime 'tensorrt'"):
+        mp.open_session(tmp_path / "x.onnx", "tensorrt")
+
+
+def test_interleaved_bench_ratios_and_memory(exported):
+    _, _, inputs, fp32, q8 = exported
+    results = mp.compare_artifacts(
+        {"fp32": (fp32, "onnxruntime"), "int8": (q8, "onnxruntime")},
+        {"b1": [inputs[0][:1].numpy()], "b4": [torch.randn(4, 3, 8, 8).numpy()]},
+        baseline="fp32",
+        rounds=5,
+    )
+    assert results["fp32"].latency["b1"].ratio == 1.0 and results["fp32"].size_ratio == 1.0
+    assert results["int8"].size_ratio == pytest.approx(file_size(q8) / file_size(fp32))
+    assert results["int8"].latency["b4"].median_ms > 0 and results["int8"].latency["b4"].rounds == 5
+    assert results["int8"].peak_rss_mb is not None and results["int8"].peak_rss_mb > 10
+
+
+def test_benchmark_interleaves_in_rotating_order():
+    calls = []
+    mp.benchmark_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        baseline="a", batch=1, rounds=2, warmup=0, min_round_s=0,
+    )
+    assert calls[-4:] == ["a", "b", "b", "a"]

@@ -1,0 +1,56 @@
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress.techniques.weight_only import WeightOnlyQuantized
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+def test_all_kinds_quantized_and_close():
+    model = _model()
+    x = torch.randint(0, 50, (3, 7))
+    small = mp.compress(model, [mp.WeightOnlyConfig()])
+    assert all(isinstance(small[i], WeightOnlyQuantized) for i in (0, 1, 3))
+    assert small[1].qweight.dtype == torch.int8 and "weight" not in dict(small[1].inner.named_parameters())
+    ref, out = model(x), small(x)
+    cos = nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0)
+    assert cos > 0.999
+    # the user's model is untouched
+    assert isinstance(model[1], nn.Linear) and model[1].weight.dtype == torch.float32
+
+
+def test_targets_and_ignore():
+    model = _model()
+    small = mp.compress(model, [mp.WeightOnlyConfig(layers=("linear",), ignore=("3",))])
+    assert isinstance(small[1], WeightOnlyQuantized)
+    assert isinstance(small[0], nn.Embedding) and isinstance(small[3], nn.Linear)
+    small = mp.compress(model, [{"type": "weight_only", "targets": ["re:[13]"]}])
+    assert isinstance(small[1], WeightOnlyQuantized) and isinstance(small[3], WeightOnlyQuantized)
+    assert isinstance(small[0], nn.Embedding)
+
+
+def test_unknown_target_is_named():
+    with pytest.raises(mp.RecipeError, match="targets \\['decoder'\\] match no module"):
+        mp.compress(_model(), [mp.WeightOnlyConfig(targets=("decoder",))])
+
+
+def test_nan_weight_is_named():
+    model = _model()
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(mp.RecipeError, match="layer '1' has NaN or Inf"):
+        mp.compress(model, [mp.WeightOnlyConfig()])
+
+
+def test_conv_transpose_uses_output_axis():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3)).eval()
+    small = mp.compress(model, [mp.WeightOnlyConfig()])
+    assert small[0].axis == 1 and small[0].scale.shape == (6,)
+    x = torch.randn(2, 4, 5, 5)
+    assert (small(x) - model(x)).abs().max() < 0.05

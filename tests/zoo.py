@@ -1,0 +1,374 @@
+"""Tiny, seeded model zoo that every technique's contract test runs on.
+
+Each entry of :data:`ZOO` is a zero-argument factory returning ``(model, example_inputs)``:
+
+* the model is built under ``torch.manual_seed(0)`` and returned in eval mode, so two calls give
+  bit-identical weights;
+* example inputs come from a local :class:`torch.Generator` (the global RNG is never consumed for
+  them), so they are identical across calls too;
+* every model is tiny (well under 300k parameters, a forward pass of a few milliseconds on CPU) but
+  has the structure of the real architecture it stands in for.
+
+:data:`TOKEN_INPUT_MODELS` names the entries whose inputs are token ids: their dim 0 is the batch and
+dim 1 a sequence length, so both may be made dynamic on export. Every other entry only has a dynamic
+batch dim.
+
+Transformers models are built from config objects only (nothing is downloaded) and wrapped in small
+module-level classes whose ``forward`` returns a plain tensor, which is what ``torch.onnx.export``
+and onnxruntime comparisons want.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+Factory = Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]
+
+_SEED = 0
+_BATCH = 2
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(_SEED)
+
+
+def _finish(model: nn.Module) -> nn.Module:
+    """Give BatchNorm layers non-trivial running statistics, then switch to eval mode.
+
+    Freshly initialised BatchNorm has mean 0 / var 1 / weight 1 / bias 0, i.e. it is the identity
+    in eval mode, which would let a broken BN-folding or BN-handling technique pass unnoticed.
+    """
+    g = torch.Generator().manual_seed(_SEED + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.weight.copy_(1.0 + 0.1 * torch.randn(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# resnet_cnn
+# --------------------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 Conv-BN, ReLU, identity or strided 1x1 Conv-BN projection shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.relu2 = nn.ReLU()
+        self.shortcut: nn.Module
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_ch),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    """Stem Conv-BN-ReLU, an identity basic block, a strided projection block, GAP, Linear."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+        )
+        self.layer1 = BasicBlock(16, 16, stride=1)
+        self.layer2 = BasicBlock(16, 32, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def resnet_cnn() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Small residual CNN (Conv2d+BatchNorm2d+ReLU, 2 residual blocks, one with a strided 1x1
+    projection shortcut, global average pool, Linear). Input float (2, 3, 32, 32) -> logits (2, 10)."""
+    torch.manual_seed(_SEED)
+    model = _finish(TinyResNet())
+    x = torch.randn(_BATCH, 3, 32, 32, generator=_gen())
+    return model, (x,)
+
+
+# --------------------------------------------------------------------------------------------------
+# inverted_residual_cnn
+# --------------------------------------------------------------------------------------------------
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand (Conv-BN-ReLU6), 3x3 depthwise (Conv-BN-ReLU6), 1x1 linear
+    project (Conv-BN), residual add when stride is 1 and channels match."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = in_ch * expand
+        self.use_residual = stride == 1 and in_ch == out_ch
+        self.expand = nn.Sequential(
+            nn.Conv2d(in_ch, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+        )
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+        )
+        self.project = nn.Sequential(
+            nn.Conv2d(hidden, out_ch, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        if self.use_residual:
+            out = out + x
+        return out
+
+
+class TinyMobileNetV2(nn.Module):
+    """Stem Conv-BN-ReLU6, four inverted residual blocks (two with residuals), 1x1 head, GAP, Linear."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU6(),
+        )
+        self.blocks = nn.Sequential(
+            InvertedResidual(16, 16, stride=1, expand=4),  # residual
+            InvertedResidual(16, 24, stride=2, expand=4),
+            InvertedResidual(24, 24, stride=1, expand=4),  # residual
+            InvertedResidual(24, 32, stride=2, expand=4),
+        )
+        self.head = nn.Sequential(
+            nn.Conv2d(32, 64, 1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU6(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.blocks(self.stem(x)))
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+def inverted_residual_cnn() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """MobileNetV2-style CNN: inverted residual blocks (1x1 expand, 3x3 depthwise with
+    groups=channels, 1x1 linear project, residual when shapes match), BatchNorm, ReLU6.
+    Input float (2, 3, 32, 32) -> logits (2, 10)."""
+    torch.manual_seed(_SEED)
+    model = _finish(TinyMobileNetV2())
+    x = torch.randn(_BATCH, 3, 32, 32, generator=_gen())
+    return model, (x,)
+
+
+# --------------------------------------------------------------------------------------------------
+# bert_encoder
+# --------------------------------------------------------------------------------------------------
+
+
+class BertEncoderWrapper(nn.Module):
+    """Wraps a ``transformers.BertModel``; ``forward(input_ids, attention_mask)`` returns
+    ``last_hidden_state`` as a plain tensor."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return out.last_hidden_state
+
+
+def bert_encoder() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Tiny BERT encoder (hidden 64, 2 layers, 4 heads, FFN 128, vocab 1000, 128 positions, eager
+    attention, no pooler). Inputs int64 input_ids (2, 16) and attention_mask (2, 16), row 1 padded
+    after 11 tokens -> last_hidden_state (2, 16, 64)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(_SEED)
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+    model = BertEncoderWrapper(BertModel(config, add_pooling_layer=False)).eval()
+    input_ids = torch.randint(1, 1000, (_BATCH, 16), generator=_gen(), dtype=torch.int64)
+    attention_mask = torch.ones(_BATCH, 16, dtype=torch.int64)
+    attention_mask[1, 11:] = 0
+    input_ids[1, 11:] = config.pad_token_id
+    return model, (input_ids, attention_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# gpt_decoder
+# --------------------------------------------------------------------------------------------------
+
+
+class CausalLMWrapper(nn.Module):
+    """Wraps a ``transformers`` causal LM; ``forward(input_ids)`` returns logits as a plain tensor,
+    with the KV cache disabled."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.lm(input_ids=input_ids, use_cache=False, return_dict=True)
+        return out.logits
+
+
+def gpt_decoder() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Tiny Llama decoder with grouped-query attention (hidden 64, 2 layers, 4 query heads, 2 KV
+    heads, FFN 128, vocab 1000, RoPE, RMSNorm, SwiGLU, eager attention, no KV cache). Input int64
+    input_ids (2, 16) -> logits (2, 16, 1000)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(_SEED)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        use_cache=False,
+        attn_implementation="eager",
+    )
+    model = CausalLMWrapper(LlamaForCausalLM(config)).eval()
+    input_ids = torch.randint(0, 1000, (_BATCH, 16), generator=_gen(), dtype=torch.int64)
+    return model, (input_ids,)
+
+
+# --------------------------------------------------------------------------------------------------
+# lstm_classifier / gru_classifier
+# --------------------------------------------------------------------------------------------------
+
+
+class LSTMClassifier(nn.Module):
+    """Embedding -> 1-layer batch-first LSTM -> Linear on the last layer's final hidden state."""
+
+    def __init__(self, vocab: int = 1000, embed: int = 32, hidden: int = 64, num_classes: int = 5) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, num_layers=1, batch_first=True)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        _, (h_n, _) = self.lstm(self.embedding(tokens))
+        return self.fc(h_n[-1])
+
+
+def lstm_classifier() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Embedding(1000, 32) -> 1-layer batch-first LSTM(64) -> Linear(5) on the last hidden state.
+    Input int64 tokens (2, 12) -> logits (2, 5)."""
+    torch.manual_seed(_SEED)
+    model = LSTMClassifier().eval()
+    tokens = torch.randint(0, 1000, (_BATCH, 12), generator=_gen(), dtype=torch.int64)
+    return model, (tokens,)
+
+
+class GRUClassifier(nn.Module):
+    """1-layer batch-first GRU over float features -> Linear on the final hidden state."""
+
+    def __init__(self, features: int = 16, hidden: int = 64, num_classes: int = 5) -> None:
+        super().__init__()
+        self.gru = nn.GRU(features, hidden, num_layers=1, batch_first=True)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h_n = self.gru(x)
+        return self.fc(h_n[-1])
+
+
+def gru_classifier() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """1-layer batch-first GRU(16 -> 64) -> Linear(5) on the last hidden state, no embedding.
+    Input float features (2, 12, 16) -> logits (2, 5)."""
+    torch.manual_seed(_SEED)
+    model = GRUClassifier().eval()
+    x = torch.randn(_BATCH, 12, 16, generator=_gen())
+    return model, (x,)
+
+
+# --------------------------------------------------------------------------------------------------
+# dcgan_generator
+# --------------------------------------------------------------------------------------------------
+
+
+class DCGANGenerator(nn.Module):
+    """DCGAN generator: latent (N, nz, 1, 1) -> ConvTranspose2d-BN-ReLU stages (1 -> 4 -> 8) ->
+    ConvTranspose2d (8 -> 16) -> Tanh image (N, 3, 16, 16)."""
+
+    def __init__(self, nz: int = 16, ngf: int = 32, channels: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(nz, ngf * 2, 4, stride=1, padding=0, bias=False),  # 1 -> 4
+            nn.BatchNorm2d(ngf * 2),
+            nn.ReLU(),
+            nn.ConvTranspose2d(ngf * 2, ngf, 4, stride=2, padding=1, bias=False),  # 4 -> 8
+            nn.BatchNorm2d(ngf),
+            nn.ReLU(),
+            nn.ConvTranspose2d(ngf, channels, 4, stride=2, padding=1, bias=False),  # 8 -> 16
+            nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def dcgan_generator() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """DCGAN-style generator: latent (2, 16, 1, 1) -> ConvTranspose2d+BatchNorm+ReLU stages ->
+    ConvTranspose2d -> Tanh, output image (2, 3, 16, 16) in [-1, 1]."""
+    torch.manual_seed(_SEED)
+    model = _finish(DCGANGenerator())
+    z = torch.randn(_BATCH, 16, 1, 1, generator=_gen())
+    return model, (z,)
+
+
+# --------------------------------------------------------------------------------------------------
+
+ZOO: dict[str, Factory] = {
+    "resnet_cnn": resnet_cnn,
+    "inverted_residual_cnn": inverted_residual_cnn,
+    "bert_encoder": bert_encoder,
+    "gpt_decoder": gpt_decoder,
+    "lstm_classifier": lstm_classifier,
+    "gru_classifier": gru_classifier,
+    "dcgan_generator": dcgan_generator,
+}
+
+#: Entries whose inputs are int64 token ids of shape (batch, seq): dim 1 is a sequence length.
+TOKEN_INPUT_MODELS: set[str] = {"bert_encoder", "gpt_decoder", "lstm_classifier"}
