@@ -31,8 +31,12 @@ def _is_token_input(t: torch.Tensor) -> bool:
 
 
 def dynamic_shapes_for(inputs: Inputs) -> tuple[dict[int, Any], ...]:
-    """Dim 0 of every input is the batch; dim 1 of integer (token id / mask) inputs is the sequence."""
-    dynamic = torch.export.Dim.DYNAMIC
+    """Dim 0 of every input is the batch; dim 1 of integer (token id / mask) inputs is the sequence.
+
+    Dim.AUTO lets tracing fix a dim the model really specialises on (some LSTM decompositions fix the
+    sequence length); `export_onnx` then warns, naming the input and dim, rather than failing.
+    """
+    dynamic = torch.export.Dim.AUTO
     shapes = []
     for t in inputs:
         dims: dict[int, Any] = {0: dynamic} if t.ndim >= 1 else {}
@@ -52,6 +56,21 @@ def _widen(inputs: Inputs) -> Inputs:
             t = t.repeat(1, 2, *([1] * (t.ndim - 2)))
         out.append(t)
     return tuple(out)
+
+
+def _warn_static_dims(program: Any, inputs: Inputs) -> None:
+    graph_inputs = list(program.model.graph.inputs)
+    for value, wanted in zip(graph_inputs, dynamic_shapes_for(inputs), strict=False):
+        shape = value.shape
+        if shape is None:
+            continue
+        for dim in wanted:
+            if dim < len(shape) and isinstance(shape[dim], int):
+                role = "batch" if dim == 0 else "sequence"
+                log.warning(
+                    "input '%s': dim %d (%s) was fixed to %d by tracing because the model specialises on it; "
+                    "the artifact accepts only that size there.", value.name, dim, role, shape[dim],
+                )
 
 
 def _strip_debug_info(path: Path) -> None:
@@ -121,6 +140,8 @@ def export_onnx(
         ) from exc
     if program is None:
         raise ExportError("torch.onnx.export returned no program; update torch/onnxscript.")
+    if dynamic:
+        _warn_static_dims(program, example_inputs)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         program.save(str(tmp_dir / out.name))

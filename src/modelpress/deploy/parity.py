@@ -140,10 +140,12 @@ def check_parity(
 def parity_inputs(example: Inputs, *, count: int = 4, seed: int = 0) -> list[Inputs]:
     """Samples for a parity check when the user gives no data: the example plus seeded perturbations.
 
-    Float inputs get Gaussian noise of their own scale; integer inputs (token ids, masks) are kept.
+    Float inputs get Gaussian noise of their own scale; integer inputs (token ids, masks) are kept. The
+    last sample has one more item in the batch, so a batch dim that was fixed at export is caught.
     """
     gen = torch.Generator().manual_seed(seed)
     out: list[Inputs] = [example]
+    count -= 1
     for _ in range(count - 1):
         sample = []
         for t in example:
@@ -152,6 +154,7 @@ def parity_inputs(example: Inputs, *, count: int = 4, seed: int = 0) -> list[Inp
                 t = t + 0.1 * scale * torch.randn(t.shape, generator=gen, dtype=t.dtype)
             sample.append(t)
         out.append(tuple(sample))
+    out.append(tuple(torch.cat([t, t[:1]]) if t.ndim else t for t in example))
     return out
 
 

@@ -85,6 +85,7 @@ def run_job(
     batch_sizes: Sequence[int] = (1, 16),
     rounds: int = 20,
     threads: int = 2,
+    memory: bool = True,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -142,6 +143,7 @@ def run_job(
             baseline="fp32 onnxruntime" if "onnxruntime" in runtimes else f"fp32 {runtimes[0]}",
             threads=threads,
             rounds=rounds,
+            memory=memory,
             progress=say,
         )
         result: dict[str, Any] = {

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from modelpress.errors import RecipeError
@@ -62,6 +64,29 @@ def _output_axis(module: nn.Module) -> int:
     return 0
 
 
+def _linear(m: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w, m.bias)
+
+
+def _conv(m: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return m._conv_forward(x, w, m.bias)
+
+
+def _embedding(m: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+
+
+# How each layer type runs with a given weight. Plain functional calls trace more cleanly under
+# torch.export than swapping module attributes (which made a downstream LSTM's sequence dim static).
+_FORWARD_WITH_WEIGHT: dict[type[nn.Module], Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    nn.Linear: _linear,
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.Conv3d: _conv,
+    nn.Embedding: _embedding,
+}
+
+
 class WeightOnlyQuantized(nn.Module):
     """Wraps a layer whose fp32 weight was replaced by int8 codes `qweight` and fp32 `scale` (per channel).
 
@@ -86,7 +111,12 @@ class WeightOnlyQuantized(nn.Module):
         return dequantize_per_channel(self.qweight, self.scale, axis=self.axis, bits=self.bits)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(self.inner, {"weight": self.dequantized_weight()}, args, kwargs)
+        weight = self.dequantized_weight()
+        call = _FORWARD_WITH_WEIGHT.get(type(self.inner))
+        if call is not None and not kwargs and len(args) == 1:
+            return call(self.inner, args[0], weight)
+        # Any other layer whose forward reads self.weight: swap the tensor in for this call.
+        return torch.func.functional_call(self.inner, {"weight": weight}, args, kwargs)
 
     def extra_repr(self) -> str:
         return f"int{self.bits}, per-channel axis={self.axis}, shape={tuple(self.qweight.shape)}"

