@@ -37,8 +37,9 @@ def test_technique_on_zoo(arch, technique, tmp_path):
     model, inputs = zoo.ZOO[arch]()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = CONTRACT_CONFIGS[technique]
-    result = run_job(model, inputs, [config], out_dir=tmp_path / "out", name=arch, batch_sizes=(2,),
-                     rounds=2, memory=False)
+    result = run_job(
+        model, inputs, [config], out_dir=tmp_path / "out", name=arch, batch_sizes=(2,), rounds=2, memory=False
+    )
     # the user's model is untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p["passed"] for p in result["parity"])
@@ -47,7 +48,10 @@ def test_technique_on_zoo(arch, technique, tmp_path):
     assert f"&#x27;type&#x27;: &#x27;{config.type}&#x27;" in html
     changed = [layer for layer in result["profile"]["compressed"]["layers"] if "Quantized" in layer["type"]]
     assert changed, "the technique changed no layer"
-    assert all(f">{layer['type']}<" in html.replace("WeightOnlyQuantized(", ">WeightOnlyQuantized(") or
-               layer["type"] in html for layer in changed)
+    assert all(
+        f">{layer['type']}<" in html.replace("WeightOnlyQuantized(", ">WeightOnlyQuantized(")
+        or layer["type"] in html
+        for layer in changed
+    )
     assert result["profile"]["compressed"]["bytes"] < result["profile"]["baseline"]["bytes"]
     assert result["bench"][f"compressed {mp.available_runtimes()[0]}"]["size_ratio"] < 1.0

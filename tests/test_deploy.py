@@ -19,7 +19,7 @@ def exported(tiny, tmp_path):
 
 
 def test_int8_initializers_feed_dequantize_linear(exported):
-    _, _, _, fp32, q8 = exported
+    _, _, _, _, q8 = exported
     graph = onnx.load(str(q8)).graph
     int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
     assert {tuple(i.dims) for i in int8} == {(8, 3, 3, 3), (4, 8)}
@@ -50,8 +50,9 @@ def test_parity_and_dynamic_batch(exported, runtime):
 
 def test_parity_failure_names_worst_output(exported):
     model, _, inputs, _, _ = exported
-    other = mp.export_onnx(nn.Sequential(nn.Conv2d(3, 4, 8), nn.Flatten()).eval(), inputs,
-                           exported[3].parent / "other.onnx")
+    other = mp.export_onnx(
+        nn.Sequential(nn.Conv2d(3, 4, 8), nn.Flatten()).eval(), inputs, exported[3].parent / "other.onnx"
+    )
     with pytest.raises(mp.ParityError, match="output '.*': worst cosine"):
         mp.check_parity(model, mp.open_session(other), [inputs])
 
@@ -117,6 +118,10 @@ def test_benchmark_interleaves_in_rotating_order():
     calls = []
     mp.benchmark_interleaved(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-        baseline="a", batch=1, rounds=2, warmup=0, min_round_s=0,
+        baseline="a",
+        batch=1,
+        rounds=2,
+        warmup=0,
+        min_round_s=0,
     )
     assert calls[-4:] == ["a", "b", "b", "a"]

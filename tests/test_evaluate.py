@@ -10,7 +10,9 @@ import modelpress as mp
 def test_accuracy_same_on_torch_and_artifact(tiny, tmp_path):
     model, inputs = tiny
     gen = torch.Generator().manual_seed(0)
-    data = [(torch.randn(6, 3, 8, 8, generator=gen), torch.randint(0, 4, (6,), generator=gen)) for _ in range(3)]
+    data = [
+        (torch.randn(6, 3, 8, 8, generator=gen), torch.randint(0, 4, (6,), generator=gen)) for _ in range(3)
+    ]
     path = mp.export_onnx(model, inputs, tmp_path / "m.onnx")
     acc_torch = mp.accuracy(model, data)
     assert 0 <= acc_torch <= 1

@@ -58,8 +58,11 @@ def test_bad_checkpoints(tiny_model_file, tmp_path):
     del state["conv.bias"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(mp.ModelLoadError, match=r"missing from the checkpoint: conv.bias; not in the model: extra.weight; "
-                       r"shape mismatch: fc.weight: checkpoint \(5, 8\) vs model \(4, 8\)"):
+    with pytest.raises(
+        mp.ModelLoadError,
+        match=r"missing from the checkpoint: conv.bias; not in the model: extra.weight; "
+        r"shape mismatch: fc.weight: checkpoint \(5, 8\) vs model \(4, 8\)",
+    ):
         load_model(ref, tmp_path / "bad.pt")
     import argparse
 

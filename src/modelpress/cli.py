@@ -37,7 +37,9 @@ def _batches(text: str) -> list[int]:
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise click.BadParameter(f"'{text}' is not a comma-separated list of batch sizes, such as 1,16.") from None
+        raise click.BadParameter(
+            f"'{text}' is not a comma-separated list of batch sizes, such as 1,16."
+        ) from None
     if not sizes or any(s < 1 for s in sizes):
         raise click.BadParameter(f"'{text}': batch sizes must be positive integers, such as 1,16.")
     return sizes
@@ -104,7 +106,9 @@ def main(ctx: click.Context, verbose: bool, debug: bool) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--weights", type=click.Path(), help="A state dict (.pt/.pth weights_only, or .safetensors).")
-@click.option("--json", "json_out", type=click.Path(), help="Also write the profile as JSON to this new file.")
+@click.option(
+    "--json", "json_out", type=click.Path(), help="Also write the profile as JSON to this new file."
+)
 @click.option("--top", default=25, show_default=True, help="Show the N slowest layers (0: all).")
 def profile(model: str, weights: str | None, json_out: str | None, top: int) -> None:
     """Parameters, bytes, MACs, per-layer latency and peak activation memory of MODEL.
@@ -129,8 +133,15 @@ def profile(model: str, weights: str | None, json_out: str | None, top: int) -> 
     for col in ("layer", "type", "params", "bytes", "MACs", "ms", "output"):
         table.add_column(col, justify="left" if col in ("layer", "type") else "right")
     for layer in layers[: top or None]:
-        table.add_row(layer.name, layer.type, human_count(layer.params), human_bytes(layer.bytes),
-                      human_count(layer.macs), f"{layer.latency_ms:.3f}", human_bytes(layer.output_bytes))
+        table.add_row(
+            layer.name,
+            layer.type,
+            human_count(layer.params),
+            human_bytes(layer.bytes),
+            human_count(layer.macs),
+            f"{layer.latency_ms:.3f}",
+            human_bytes(layer.output_bytes),
+        )
     out.print(table)
     dtypes = ", ".join(f"{k} {human_bytes(v)}" for k, v in prof.bytes_by_dtype.items())
     out.print(
@@ -146,22 +157,46 @@ def profile(model: str, weights: str | None, json_out: str | None, top: int) -> 
 
 @main.command()
 @click.argument("model")
-@click.option("--recipe", "-r", required=True,
-              help="A recipe YAML file or a built-in recipe name (for example int8-weight-only).")
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(), help="A new folder for the results.")
+@click.option(
+    "--recipe",
+    "-r",
+    required=True,
+    help="A recipe YAML file or a built-in recipe name (for example int8-weight-only).",
+)
+@click.option(
+    "--out", "-o", "out_dir", required=True, type=click.Path(), help="A new folder for the results."
+)
 @click.option("--weights", type=click.Path(), help="A state dict (.pt/.pth weights_only, or .safetensors).")
 @click.option("--data", "data_ref", help="'file.py:fn' returning calibration batches (model inputs).")
 @click.option("--eval", "eval_ref", help="'file.py:fn' returning (inputs, labels) batches for quality.")
-@click.option("--metric", type=click.Choice(["accuracy", "perplexity"]), default="accuracy", show_default=True)
-@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["onnxruntime", "openvino"]),
-              help="Runtime(s) to check and time (default: all installed).")
+@click.option(
+    "--metric", type=click.Choice(["accuracy", "perplexity"]), default="accuracy", show_default=True
+)
+@click.option(
+    "--runtime",
+    "runtimes",
+    multiple=True,
+    type=click.Choice(["onnxruntime", "openvino"]),
+    help="Runtime(s) to check and time (default: all installed).",
+)
 @click.option("--batch", "batch_text", default="1,16", show_default=True, help="Batch sizes to time.")
 @click.option("--rounds", default=20, show_default=True, help="Interleaved timing rounds.")
 @click.option("--threads", default=2, show_default=True, help="Threads for every runtime.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
-def compress(model: str, recipe: str, out_dir: str, weights: str | None, data_ref: str | None,
-             eval_ref: str | None, metric: str, runtimes: tuple[str, ...], batch_text: str, rounds: int,
-             threads: int, overwrite: bool) -> None:
+def compress(
+    model: str,
+    recipe: str,
+    out_dir: str,
+    weights: str | None,
+    data_ref: str | None,
+    eval_ref: str | None,
+    metric: str,
+    runtimes: tuple[str, ...],
+    batch_text: str,
+    rounds: int,
+    threads: int,
+    overwrite: bool,
+) -> None:
     """Compress MODEL with a recipe, export fp32 and compressed ONNX, check parity, benchmark, report.
 
     Writes OUT/model.onnx, OUT/model.compressed.onnx, OUT/report.html and OUT/report.json. OUT appears only
@@ -178,10 +213,22 @@ def compress(model: str, recipe: str, out_dir: str, weights: str | None, data_re
     data = _call_data(data_ref, "--data")
     eval_data = _call_data(eval_ref, "--eval")
     with _status("starting") as say:
-        result = run_job(net, inputs, steps, out_dir=out_dir, name=Path(model.rpartition(":")[2]).name,
-                         data=data, eval_data=eval_data, metric=metric if eval_data is not None else None,
-                         runtimes=list(runtimes) or None, batch_sizes=sizes, rounds=rounds, threads=threads,
-                         overwrite=overwrite, progress=say)
+        result = run_job(
+            net,
+            inputs,
+            steps,
+            out_dir=out_dir,
+            name=Path(model.rpartition(":")[2]).name,
+            data=data,
+            eval_data=eval_data,
+            metric=metric if eval_data is not None else None,
+            runtimes=list(runtimes) or None,
+            batch_sizes=sizes,
+            rounds=rounds,
+            threads=threads,
+            overwrite=overwrite,
+            progress=say,
+        )
     print_summary(result, out)
     out.print(f"report: {Path(result['out_dir']) / 'report.html'}")
 
@@ -191,11 +238,22 @@ def compress(model: str, recipe: str, out_dir: str, weights: str | None, data_re
 @click.option("--out", "-o", "out_path", required=True, type=click.Path(), help="The new .onnx file.")
 @click.option("--weights", type=click.Path(), help="A state dict (.pt/.pth weights_only, or .safetensors).")
 @click.option("--recipe", "-r", help="Compress with this recipe before exporting.")
-@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["onnxruntime", "openvino"]),
-              help="Runtime(s) to check parity in (default: all installed).")
+@click.option(
+    "--runtime",
+    "runtimes",
+    multiple=True,
+    type=click.Choice(["onnxruntime", "openvino"]),
+    help="Runtime(s) to check parity in (default: all installed).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
-def export(model: str, out_path: str, weights: str | None, recipe: str | None, runtimes: tuple[str, ...],
-           overwrite: bool) -> None:
+def export(
+    model: str,
+    out_path: str,
+    weights: str | None,
+    recipe: str | None,
+    runtimes: tuple[str, ...],
+    overwrite: bool,
+) -> None:
     """Export MODEL (optionally compressed) to ONNX and check parity with the torch model in each runtime."""
     from modelpress._files import check_output_path
     from modelpress.deploy.export import export_onnx
@@ -216,7 +274,9 @@ def export(model: str, out_path: str, weights: str | None, recipe: str | None, r
         failed = []
         for runtime in runtimes or available_runtimes():
             say(f"checking parity in {runtime}")
-            report = check_parity(net, open_session(path, runtime), parity_inputs(inputs), raise_on_failure=False)
+            report = check_parity(
+                net, open_session(path, runtime), parity_inputs(inputs), raise_on_failure=False
+            )
             out.print(summary_line(report))
             if not report.passed:
                 failed.append(report.message)
@@ -227,16 +287,33 @@ def export(model: str, out_path: str, weights: str | None, recipe: str | None, r
 
 @main.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--baseline", type=click.Path(), help="Another .onnx (normally the fp32 export) to compare with.")
-@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["onnxruntime", "openvino"]),
-              help="Runtime(s) to compare (default: all installed).")
+@click.option(
+    "--baseline", type=click.Path(), help="Another .onnx (normally the fp32 export) to compare with."
+)
+@click.option(
+    "--runtime",
+    "runtimes",
+    multiple=True,
+    type=click.Choice(["onnxruntime", "openvino"]),
+    help="Runtime(s) to compare (default: all installed).",
+)
 @click.option("--batch", "batch_text", default="1,16", show_default=True, help="Batch sizes to time.")
 @click.option("--seq", default=128, show_default=True, help="Length for free non-batch dims (sequence).")
 @click.option("--rounds", default=20, show_default=True, help="Interleaved timing rounds.")
 @click.option("--threads", default=2, show_default=True, help="Threads for every runtime.")
-@click.option("--json", "json_out", type=click.Path(), help="Also write the results as JSON to this new file.")
-def bench(artifact: str, baseline: str | None, runtimes: tuple[str, ...], batch_text: str, seq: int, rounds: int,
-          threads: int, json_out: str | None) -> None:
+@click.option(
+    "--json", "json_out", type=click.Path(), help="Also write the results as JSON to this new file."
+)
+def bench(
+    artifact: str,
+    baseline: str | None,
+    runtimes: tuple[str, ...],
+    batch_text: str,
+    seq: int,
+    rounds: int,
+    threads: int,
+    json_out: str | None,
+) -> None:
     """Time ARTIFACT in every installed runtime (interleaved), beside --baseline if given; name the fastest."""
     from modelpress._files import check_output_path, write_text_atomic
     from modelpress.analyse.profile import human_bytes
@@ -259,17 +336,32 @@ def bench(artifact: str, baseline: str | None, runtimes: tuple[str, ...], batch_
     base_key = next(iter(variants))
     batches = {f"b{b}": synthetic_inputs(artifact, batch=b, seq=seq) for b in sizes}
     with _status("benchmarking") as say:
-        results = compare_artifacts(variants, batches, baseline=base_key, threads=threads, rounds=rounds, progress=say)
-    table = Table(title=f"{Path(artifact).name}: ratios vs {base_key} ({threads} threads, {rounds} interleaved rounds)")
-    for col in ["variant", "size"] + [f"{b} median ms" for b in batches] + [f"{b} ratio" for b in batches] + ["peak RSS"]:
+        results = compare_artifacts(
+            variants, batches, baseline=base_key, threads=threads, rounds=rounds, progress=say
+        )
+    table = Table(
+        title=f"{Path(artifact).name}: ratios vs {base_key} ({threads} threads, {rounds} interleaved rounds)"
+    )
+    for col in (
+        ["variant", "size"]
+        + [f"{b} median ms" for b in batches]
+        + [f"{b} ratio" for b in batches]
+        + ["peak RSS"]
+    ):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for name, r in results.items():
-        table.add_row(name, human_bytes(r.size_bytes), *[f"{r.latency[b].median_ms:.3f}" for b in batches],
-                      *[f"{r.latency[b].ratio:.3f}" for b in batches],
-                      f"{r.peak_rss_mb:.0f} MB" if r.peak_rss_mb else "-")
+        table.add_row(
+            name,
+            human_bytes(r.size_bytes),
+            *[f"{r.latency[b].median_ms:.3f}" for b in batches],
+            *[f"{r.latency[b].ratio:.3f}" for b in batches],
+            f"{r.peak_rss_mb:.0f} MB" if r.peak_rss_mb else "-",
+        )
     out.print(table)
     for b in batches:
-        fastest = min((n for n in results if n.startswith("artifact")), key=lambda n: results[n].latency[b].median_ms)
+        fastest = min(
+            (n for n in results if n.startswith("artifact")), key=lambda n: results[n].latency[b].median_ms
+        )
         out.print(f"fastest at {b}: [bold]{fastest.removeprefix('artifact ')}[/]")
     if json_out:
         write_text_atomic(json_out, json.dumps({k: v.to_dict() for k, v in results.items()}, indent=2))
@@ -299,8 +391,15 @@ def report(result_json: str, out_path: str, overwrite: bool) -> None:
 
 
 @main.command()
-@click.option("--out", "-o", "out_dir", default="modelpress-demo", show_default=True, type=click.Path(),
-              help="Folder for the demo's artifacts and report (replaced if it holds an earlier demo).")
+@click.option(
+    "--out",
+    "-o",
+    "out_dir",
+    default="modelpress-demo",
+    show_default=True,
+    type=click.Path(),
+    help="Folder for the demo's artifacts and report (replaced if it holds an earlier demo).",
+)
 @click.option("--rounds", default=20, show_default=True, help="Interleaved timing rounds.")
 def demo(out_dir: str, rounds: int) -> None:
     """Run the whole job offline on a small CNN trained on scikit-learn's digits (trained once, cached)."""
@@ -312,9 +411,19 @@ def demo(out_dir: str, rounds: int) -> None:
     overwrite = target.exists() and (target / "report.json").exists()
     with _status("loading or training the demo CNN") as say:
         net, inputs = digits_cnn()
-        result = run_job(net, inputs, "int8-weight-only", out_dir=target, name="digits_cnn",
-                         eval_data=digits_eval_batches(), metric="accuracy", batch_sizes=(1, 64), rounds=rounds,
-                         overwrite=overwrite, progress=say)
+        result = run_job(
+            net,
+            inputs,
+            "int8-weight-only",
+            out_dir=target,
+            name="digits_cnn",
+            eval_data=digits_eval_batches(),
+            metric="accuracy",
+            batch_sizes=(1, 64),
+            rounds=rounds,
+            overwrite=overwrite,
+            progress=say,
+        )
     print_summary(result, out)
     out.print(f"report: {target / 'report.html'}")
 

@@ -28,7 +28,16 @@ def cpu_name() -> str:
 
 def environment() -> dict[str, Any]:
     """Versions and CPU facts recorded beside every figure."""
-    packages = ["modelpress", "torch", "onnx", "onnxruntime", "onnxscript", "openvino", "transformers", "numpy"]
+    packages = [
+        "modelpress",
+        "torch",
+        "onnx",
+        "onnxruntime",
+        "onnxscript",
+        "openvino",
+        "transformers",
+        "numpy",
+    ]
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),

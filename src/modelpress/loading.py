@@ -123,9 +123,13 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, sou
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing from the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            parts.append(
+                f"missing from the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+            )
         if unexpected:
-            parts.append(f"not in the model: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+            parts.append(
+                f"not in the model: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+            )
         if shapes:
             parts.append(f"shape mismatch: {'; '.join(shapes[:5])}")
         raise ModelLoadError(

@@ -118,7 +118,12 @@ print(json.dumps({"peak_rss_mb": hwm(), "before_load_mb": before}))
 
 
 def peak_memory_mb(
-    path: str | os.PathLike[str], runtime: str, inputs: Sequence[np.ndarray], *, threads: int = 2, runs: int = 3
+    path: str | os.PathLike[str],
+    runtime: str,
+    inputs: Sequence[np.ndarray],
+    *,
+    threads: int = 2,
+    runs: int = 3,
 ) -> dict[str, float]:
     """Peak resident memory (VmHWM) of a fresh process that loads the artifact and runs it `runs` times.
 
@@ -129,7 +134,8 @@ def peak_memory_mb(
         return {"peak_rss_mb": float("nan"), "before_load_mb": float("nan")}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "inputs.npz"
-        np.savez(data, **{f"input_{i}": a for i, a in enumerate(inputs)})
+        arrays: dict[str, Any] = {f"input_{i}": a for i, a in enumerate(inputs)}
+        np.savez(data, **arrays)
         proc = subprocess.run(
             [sys.executable, "-c", _PROBE, str(path), runtime, str(threads), str(data), str(runs)],
             capture_output=True,
@@ -173,7 +179,9 @@ def compare_artifacts(
     """
     from modelpress._files import file_size
 
-    sessions = {name: open_session(path, runtime, threads=threads) for name, (path, runtime) in artifacts.items()}
+    sessions = {
+        name: open_session(path, runtime, threads=threads) for name, (path, runtime) in artifacts.items()
+    }
     sizes = {name: file_size(path) for name, (path, _) in artifacts.items()}
     latency: dict[str, dict[str, Timing]] = {name: {} for name in artifacts}
     for key, inputs in batches.items():
@@ -181,7 +189,9 @@ def compare_artifacts(
             progress(f"timing {key} ({rounds} interleaved rounds)")
         batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
         runners = {name: session_runner(s, inputs) for name, s in sessions.items()}
-        for name, timing in benchmark_interleaved(runners, baseline=baseline, batch=batch, rounds=rounds).items():
+        for name, timing in benchmark_interleaved(
+            runners, baseline=baseline, batch=batch, rounds=rounds
+        ).items():
             latency[name][key] = timing
     del sessions
     peaks: dict[str, float | None] = {}
@@ -207,7 +217,9 @@ def compare_artifacts(
     }
 
 
-def synthetic_inputs(path: str | os.PathLike[str], *, batch: int, seq: int = 128, seed: int = 0) -> list[np.ndarray]:
+def synthetic_inputs(
+    path: str | os.PathLike[str], *, batch: int, seq: int = 128, seed: int = 0
+) -> list[np.ndarray]:
     """Inputs for an ONNX file from its declared input types: dim 0 is `batch`, other free dims are `seq`.
 
     Float inputs are standard normal; integer inputs (token ids, masks) are ones, valid for any vocabulary.

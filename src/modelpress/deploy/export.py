@@ -69,7 +69,11 @@ def _warn_static_dims(program: Any, inputs: Inputs) -> None:
                 role = "batch" if dim == 0 else "sequence"
                 log.warning(
                     "input '%s': dim %d (%s) was fixed to %d by tracing because the model specialises on it; "
-                    "the artifact accepts only that size there.", value.name, dim, role, shape[dim],
+                    "the artifact accepts only that size there.",
+                    value.name,
+                    dim,
+                    role,
+                    shape[dim],
                 )
 
 

@@ -136,7 +136,10 @@ def evaluate(
     """Evaluate with a named metric ('accuracy', 'perplexity') or any callable `(predictor, data) -> float`."""
     if callable(metric):
         return float(metric(as_predictor(target), data))
-    metrics: dict[str, Callable[[Any, Iterable[Any]], float]] = {"accuracy": accuracy, "perplexity": perplexity}
+    metrics: dict[str, Callable[[Any, Iterable[Any]], float]] = {
+        "accuracy": accuracy,
+        "perplexity": perplexity,
+    }
     if metric not in metrics:
         raise DataError(f"Unknown metric '{metric}'. Choose from {sorted(metrics)} or pass a callable.")
     return metrics[metric](target, data)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 # Registers torch.ops.quantized_decomposed.*, which torch.onnx lowers to QuantizeLinear/DequantizeLinear.
-import torch.ao.quantization.fx._decomposed  # noqa: F401
+import torch.ao.quantization.fx._decomposed
 
 _EPS = 1e-12
 

@@ -131,7 +131,9 @@ def run_job(
             quality["torch compressed"] = evaluate(small, eval_items, metric)
             for runtime in runtimes:
                 for label, path in (("fp32", fp32_path), ("compressed", small_path)):
-                    quality[f"{runtime} {label}"] = evaluate(open_session(path, runtime, threads=threads), eval_items, metric)
+                    quality[f"{runtime} {label}"] = evaluate(
+                        open_session(path, runtime, threads=threads), eval_items, metric
+                    )
 
         artifacts = {}
         for runtime in runtimes:
@@ -147,7 +149,11 @@ def run_job(
             progress=say,
         )
         result: dict[str, Any] = {
-            "model": {"name": name, "class": type(model).__name__, "input_shapes": [list(t.shape) for t in example_inputs]},
+            "model": {
+                "name": name,
+                "class": type(model).__name__,
+                "input_shapes": [list(t.shape) for t in example_inputs],
+            },
             "recipe": [config_to_dict(c) for c in steps],
             "environment": {**environment(), "threads": threads, "torch_threads": torch.get_num_threads()},
             "profile": {"baseline": base_profile.to_dict(), "compressed": small_profile.to_dict()},

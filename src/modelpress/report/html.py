@@ -46,9 +46,11 @@ def _ratio(r: float | None, *, lower_is_better: bool = True) -> str:
 def headline(result: dict[str, Any]) -> dict[str, Any]:
     """The figures a user looks for first, all from the exported artifacts in this run."""
     bench = result["bench"]
-    base_key = next(k for k in bench if k.startswith("fp32 onnxruntime")) if any(
-        k.startswith("fp32 onnxruntime") for k in bench
-    ) else next(iter(bench))
+    base_key = (
+        next(k for k in bench if k.startswith("fp32 onnxruntime"))
+        if any(k.startswith("fp32 onnxruntime") for k in bench)
+        else next(iter(bench))
+    )
     compressed = {k: v for k, v in bench.items() if k.startswith("compressed")}
     fastest = min(compressed.items(), key=lambda kv: min(t["ratio"] for t in kv[1]["latency"].values()))
     size_ratio = next(iter(compressed.values()))["size_ratio"]
@@ -111,8 +113,13 @@ def render_html(result: dict[str, Any]) -> str:
     for key, v in result["bench"].items():
         label = key.split(" ")[0]
         macs = prof_b["macs"] if label == "fp32" else prof_c["macs"]
-        row = [f"<span class='l'>{_e(label)}</span> <span class='muted'>{_e(v['path'])}</span>", _e(v["runtime"]),
-               human_bytes(v["size_bytes"]), _ratio(v["size_ratio"]), human_count(macs)]
+        row = [
+            f"<span class='l'>{_e(label)}</span> <span class='muted'>{_e(v['path'])}</span>",
+            _e(v["runtime"]),
+            human_bytes(v["size_bytes"]),
+            _ratio(v["size_ratio"]),
+            human_count(macs),
+        ]
         for b in batches:
             t = v["latency"][b]
             row += [f"{t['median_ms']:.3f}", f"{t['p90_ms']:.3f}", _ratio(t["ratio"])]
@@ -123,7 +130,9 @@ def render_html(result: dict[str, Any]) -> str:
     parts.append(_table(headers, rows))
     if q:
         parts.append(
-            "<p class='muted'>Quality (" + _e(q["metric"]) + "): "
+            "<p class='muted'>Quality ("
+            + _e(q["metric"])
+            + "): "
             + ", ".join(f"{_e(k)} {v:.4f}" for k, v in q.items() if isinstance(v, float))
             + "</p>"
         )
@@ -132,11 +141,21 @@ def render_html(result: dict[str, Any]) -> str:
     prow = []
     for p in result["parity"]:
         for o in p["outputs"]:
-            prow.append([_e(p["artifact"]), _e(p["runtime"]), _e(o["name"]), f"{o['max_abs']:.3g}",
-                         f"{o['cosine']:.6f}", f"{o['min_cosine']:.6f}",
-                         "-" if o["top1_agreement"] is None else f"{o['top1_agreement']:.4f}",
-                         "<span class='good'>ok</span>" if p["passed"] else "<span class='bad'>failed</span>"])
-    parts.append(_table(["artifact", "runtime", "output", "max abs", "mean cosine", "worst cosine", "top-1", ""], prow))
+            prow.append(
+                [
+                    _e(p["artifact"]),
+                    _e(p["runtime"]),
+                    _e(o["name"]),
+                    f"{o['max_abs']:.3g}",
+                    f"{o['cosine']:.6f}",
+                    f"{o['min_cosine']:.6f}",
+                    "-" if o["top1_agreement"] is None else f"{o['top1_agreement']:.4f}",
+                    "<span class='good'>ok</span>" if p["passed"] else "<span class='bad'>failed</span>",
+                ]
+            )
+    parts.append(
+        _table(["artifact", "runtime", "output", "max abs", "mean cosine", "worst cosine", "top-1", ""], prow)
+    )
 
     parts.append("<h2>Per layer (torch, before and after)</h2>")
     after = {layer["name"]: layer for layer in prof_c["layers"]}
@@ -145,15 +164,37 @@ def render_html(result: dict[str, Any]) -> str:
     for layer in prof_b["layers"]:
         a = after.get(layer["name"])
         bar = f"<span class='bar' style='width:{60 * layer['latency_ms'] / max_lat:.0f}px'></span>"
-        lrows.append([
-            f"<span class='l'>{_e(layer['name'])}</span>", _e(layer["type"]), human_count(layer["params"]),
-            human_bytes(layer["bytes"]), human_bytes(a["bytes"]) if a else "-",
-            _e(a["type"]) if a and a["type"] != layer["type"] else "",
-            human_count(layer["macs"]), f"{layer['latency_ms']:.3f} {bar}",
-            f"{a['latency_ms']:.3f}" if a else "-", human_bytes(layer["output_bytes"]),
-        ])
-    parts.append(_table(["layer", "type", "params", "bytes", "bytes after", "now", "MACs", "ms before", "ms after",
-                         "output"], lrows))
+        lrows.append(
+            [
+                f"<span class='l'>{_e(layer['name'])}</span>",
+                _e(layer["type"]),
+                human_count(layer["params"]),
+                human_bytes(layer["bytes"]),
+                human_bytes(a["bytes"]) if a else "-",
+                _e(a["type"]) if a and a["type"] != layer["type"] else "",
+                human_count(layer["macs"]),
+                f"{layer['latency_ms']:.3f} {bar}",
+                f"{a['latency_ms']:.3f}" if a else "-",
+                human_bytes(layer["output_bytes"]),
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "layer",
+                "type",
+                "params",
+                "bytes",
+                "bytes after",
+                "now",
+                "MACs",
+                "ms before",
+                "ms after",
+                "output",
+            ],
+            lrows,
+        )
+    )
     parts.append(
         f"<p class='muted'>Totals: {human_count(prof_b['params'])} parameters, {human_bytes(prof_b['bytes'])} -> "
         f"{human_bytes(prof_c['bytes'])} in torch; {human_count(prof_b['macs'])} MACs; peak activation memory "

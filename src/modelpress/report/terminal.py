@@ -22,7 +22,11 @@ def print_summary(result: dict[str, Any], console: Console) -> None:
         table.add_column(str(q["metric"])[:8], justify="right")
     for key, v in bench.items():
         label = key.split(" ")[0]
-        row = [f"{label} {short.get(v['runtime'], v['runtime'])}", human_bytes(v["size_bytes"]), f"{v['size_ratio']:.3f}"]
+        row = [
+            f"{label} {short.get(v['runtime'], v['runtime'])}",
+            human_bytes(v["size_bytes"]),
+            f"{v['size_ratio']:.3f}",
+        ]
         row += [f"{v['latency'][b]['median_ms']:.3f}" for b in batches]
         row += [f"{v['latency'][b]['ratio']:.3f}" for b in batches]
         if q:

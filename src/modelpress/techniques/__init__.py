@@ -35,7 +35,9 @@ def _coerce(value: Any, hint: Any) -> Any:
         origin is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(hint))
     ):
         return tuple(value)
-    if isinstance(value, str) and (origin is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(hint))):
+    if isinstance(value, str) and (
+        origin is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(hint))
+    ):
         return (value,)
     return value
 

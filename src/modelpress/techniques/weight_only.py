@@ -7,8 +7,8 @@ holds int8 initializers feeding `DequantizeLinear` and the file really shrinks a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -95,9 +95,12 @@ class WeightOnlyQuantized(nn.Module):
     """
 
     _modelpress_atomic = True  # profiled and reported as one layer
+    qweight: torch.Tensor  # int8 codes, the layer's weight shape
+    scale: torch.Tensor  # fp32, one per output channel
 
     def __init__(self, inner: nn.Module, *, bits: int = 8) -> None:
         super().__init__()
+        assert isinstance(inner.weight, torch.Tensor)
         weight = inner.weight.detach()
         self.axis = _output_axis(inner)
         self.bits = bits
@@ -143,7 +146,7 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
     ]
     for name, module in chosen:
         weight = module.weight
-        if not torch.isfinite(weight).all():
+        if isinstance(weight, torch.Tensor) and not torch.isfinite(weight).all():
             raise RecipeError(
                 f"weight_only: layer '{name}' has NaN or Inf in its weight; fix the checkpoint, or add "
                 f"'{name}' to ignore."
