@@ -30,7 +30,9 @@ def test_export_then_bench(tiny_model_file, tmp_path):
     result = run("export", f"{tiny_model_file}:build", "-o", str(onnx_path), "--recipe", "int8-weight-only")
     assert result.exit_code == 0, result.output
     assert "parity ok" in result.output and onnx_path.exists()
-    result = run("bench", str(onnx_path), "--batch", "1,4", "--rounds", "3", "--json", str(tmp_path / "b.json"))
+    result = run(
+        "bench", str(onnx_path), "--batch", "1,4", "--rounds", "3", "--json", str(tmp_path / "b.json")
+    )
     assert result.exit_code == 0, result.output
     assert "fastest at b1" in result.output and "fastest at b4" in result.output
     assert set(json.loads((tmp_path / "b.json").read_text())) == {"artifact onnxruntime", "artifact openvino"}
@@ -39,11 +41,28 @@ def test_export_then_bench(tiny_model_file, tmp_path):
 def test_compress_writes_folder_and_report(tiny_model_file, tmp_path):
     out = tmp_path / "run"
     result = run(
-        "compress", f"{tiny_model_file}:build", "--recipe", "int8-weight-only", "--out", str(out),
-        "--eval", f"{tiny_model_file}:labeled", "--batch", "1", "--rounds", "2", "--runtime", "onnxruntime",
+        "compress",
+        f"{tiny_model_file}:build",
+        "--recipe",
+        "int8-weight-only",
+        "--out",
+        str(out),
+        "--eval",
+        f"{tiny_model_file}:labeled",
+        "--batch",
+        "1",
+        "--rounds",
+        "2",
+        "--runtime",
+        "onnxruntime",
     )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["build.compressed.onnx", "build.onnx", "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "build.compressed.onnx",
+        "build.onnx",
+        "report.html",
+        "report.json",
+    ]
     report = json.loads((out / "report.json").read_text())
     assert report["quality"]["metric"] == "accuracy"
     assert report["quality"]["onnxruntime compressed"] == pytest.approx(report["quality"]["torch compressed"])
@@ -61,14 +80,29 @@ def test_compress_writes_folder_and_report(tiny_model_file, tmp_path):
         (["profile", "{f}:broken"], "raised RuntimeError: weights server unreachable"),
         (["profile", "{f}:wrong_inputs"], "fails on its example inputs"),
         (["profile", "{f}:build", "--weights", "{d}/none.pt"], "none.pt' does not exist"),
-        (["compress", "{f}:build", "--recipe", "{d}/bad.yaml", "--out", "{d}/o"], "unknown technique type 'magic'"),
-        (["compress", "{f}:build", "--recipe", "{d}/field.yaml", "--out", "{d}/o"], r"no field\(s\) \['bitz'\]"),
-        (["compress", "{f}:build", "--recipe", "nope", "--out", "{d}/o"], "neither a file nor a built-in recipe"),
-        (["compress", "{f}:build", "--recipe", "int8-weight-only", "--out", "{d}/taken"], "already exists and is not empty"),
+        (
+            ["compress", "{f}:build", "--recipe", "{d}/bad.yaml", "--out", "{d}/o"],
+            "unknown technique type 'magic'",
+        ),
+        (
+            ["compress", "{f}:build", "--recipe", "{d}/field.yaml", "--out", "{d}/o"],
+            r"no field\(s\) \['bitz'\]",
+        ),
+        (
+            ["compress", "{f}:build", "--recipe", "nope", "--out", "{d}/o"],
+            "neither a file nor a built-in recipe",
+        ),
+        (
+            ["compress", "{f}:build", "--recipe", "int8-weight-only", "--out", "{d}/taken"],
+            "already exists and is not empty",
+        ),
         (["export", "{f}:build", "-o", "{d}/taken/x.onnx"], "already exists. Choose another path"),
         (["bench", "{d}/none.onnx"], "does not exist. Export one first"),
         (["report", "{d}/bad.yaml", "-o", "{d}/r.html"], "is not a modelpress result"),
-        (["compress", "{f}:build", "--recipe", "int8-weight-only", "--out", "{d}/o", "--batch", "0"], "must be positive"),
+        (
+            ["compress", "{f}:build", "--recipe", "int8-weight-only", "--out", "{d}/o", "--batch", "0"],
+            "must be positive",
+        ),
     ],
 )
 def test_bad_input_exit_2_and_nothing_written(tiny_model_file, tmp_path, args, message):

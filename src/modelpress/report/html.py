@@ -20,7 +20,7 @@ td.l{text-align:left}.good{color:#0a7d32;font-weight:600}.bad{color:#b3261e;font
 .muted{color:#667085;font-size:.85rem}.cards{display:flex;gap:1rem;flex-wrap:wrap;margin:1rem 0}
 .card{border:1px solid #dde;border-radius:8px;padding:.7rem 1rem;min-width:150px}
 .card b{display:block;font-size:1.4rem}.bar{background:#4f6bed;height:.6rem;border-radius:3px;display:inline-block}
-code{background:#f4f6fa;padding:0 .25rem;border-radius:3px}
+code{background:#f4f6fa;padding:0 .25rem;border-radius:3px}.wrap{overflow-x:auto}
 """
 
 
@@ -31,7 +31,7 @@ def _e(value: Any) -> str:
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='wrap'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _ratio(r: float | None, *, lower_is_better: bool = True) -> str:
@@ -65,6 +65,45 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         "quality": q,
         "parity_ok": all(p["passed"] for p in result["parity"]),
     }
+
+
+# What each technique does to speed, said beside the measured figures.
+TECHNIQUE_NOTES = {
+    "weight_only": (
+        "Weight-only quantization stores int8 weights (the file and the download shrink about 4x) but computes "
+        "in fp32: a runtime dequantizes the weights, once at load time or on every call, so expect no speedup "
+        "and fp32 working memory. For faster inference use static int8 (activations quantized too)."
+    ),
+}
+
+
+def findings(result: dict[str, Any]) -> list[str]:
+    """Plain sentences from the measured figures: per runtime, the compressed artifact against fp32 in the same runtime."""
+    bench = result["bench"]
+    out = []
+    for key, v in bench.items():
+        if not key.startswith("compressed"):
+            continue
+        runtime = v["runtime"]
+        fp32 = bench.get(f"fp32 {runtime}")
+        if fp32 is None:
+            continue
+        for b, t in v["latency"].items():
+            rel = t["ratio"] / fp32["latency"][b]["ratio"]
+            if rel < 0.95:
+                verdict = f"{1 / rel:.2f}x faster than"
+            elif rel > 1.05:
+                verdict = f"{rel:.2f}x slower than"
+            else:
+                verdict = "no faster than"
+            out.append(
+                f"{runtime}, {b}: the compressed artifact is {verdict} fp32 in the same runtime ({rel:.3f}x)."
+            )
+    for step in result["recipe"]:
+        note = TECHNIQUE_NOTES.get(step["type"])
+        if note and note not in out:
+            out.append(note)
+    return out
 
 
 def render_html(result: dict[str, Any]) -> str:
@@ -101,6 +140,8 @@ def render_html(result: dict[str, Any]) -> str:
         f"<b>{_e(h['baseline'])}</b>, measured on the exported artifacts in this run; latency ratios are the median "
         "of per-round ratios over interleaved rounds (A, B, A, B ...). Lower is better.</p>"
     )
+
+    parts.append("<h2>Findings</h2><ul>" + "".join(f"<li>{_e(f)}</li>" for f in findings(result)) + "</ul>")
 
     # Before / after, one row per artifact and runtime.
     parts.append("<h2>Before and after (exported artifacts)</h2>")

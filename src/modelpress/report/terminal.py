@@ -34,6 +34,10 @@ def print_summary(result: dict[str, Any], console: Console) -> None:
             row.append(f"{val:.4f}" if isinstance(val, float) else "-")
         table.add_row(*row)
     console.print(table)
+    from modelpress.report.html import findings
+
+    for line in findings(result):
+        console.print(f"- {line}")
     prof = result["profile"]
     console.print(
         f"params {human_count(prof['baseline']['params'])}, MACs {human_count(prof['baseline']['macs'])}; "
