@@ -38,4 +38,4 @@ def test_quantized_bytes_shrink(tiny):
     assert after.bytes_by_dtype["int8"] == 8 * 3 * 9 + 4 * 8
     assert after.bytes < before.bytes
     assert after.macs == before.macs
-    assert any("WeightOnlyQuantized" in layer.type for layer in after.layers)
+    assert any("QuantizedLayer" in layer.type for layer in after.layers)

@@ -20,7 +20,7 @@ def test_unknown_technique_named(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("- {type: prune_magic, sparsity: 0.5}\n")
     with pytest.raises(
-        mp.RecipeError, match="unknown technique type 'prune_magic'. Known types: weight_only"
+        mp.RecipeError, match="unknown technique type 'prune_magic'. Known types: static_int8, weight_only"
     ):
         mp.load_recipe(path)
 

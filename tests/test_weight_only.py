@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import modelpress as mp
-from modelpress.techniques.weight_only import WeightOnlyQuantized
+from modelpress.techniques.quantized import QuantizedLayer
 
 
 def _model():
@@ -15,7 +15,7 @@ def test_all_kinds_quantized_and_close():
     model = _model()
     x = torch.randint(0, 50, (3, 7))
     small = mp.compress(model, [mp.WeightOnlyConfig()])
-    assert all(isinstance(small[i], WeightOnlyQuantized) for i in (0, 1, 3))
+    assert all(isinstance(small[i], QuantizedLayer) for i in (0, 1, 3))
     assert small[1].qweight.dtype == torch.int8 and "weight" not in dict(small[1].inner.named_parameters())
     ref, out = model(x), small(x)
     cos = nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0)
@@ -27,10 +27,10 @@ def test_all_kinds_quantized_and_close():
 def test_targets_and_ignore():
     model = _model()
     small = mp.compress(model, [mp.WeightOnlyConfig(layers=("linear",), ignore=("3",))])
-    assert isinstance(small[1], WeightOnlyQuantized)
+    assert isinstance(small[1], QuantizedLayer)
     assert isinstance(small[0], nn.Embedding) and isinstance(small[3], nn.Linear)
     small = mp.compress(model, [{"type": "weight_only", "targets": ["re:[13]"]}])
-    assert isinstance(small[1], WeightOnlyQuantized) and isinstance(small[3], WeightOnlyQuantized)
+    assert isinstance(small[1], QuantizedLayer) and isinstance(small[3], QuantizedLayer)
     assert isinstance(small[0], nn.Embedding)
 
 

@@ -63,6 +63,16 @@ def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _describe(module: nn.Module) -> str:
+    """Type name; a wrapper shows what it wraps and its scheme, e.g. 'QuantizedLayer[w8a8](Linear)'."""
+    inner = getattr(module, "inner", None)
+    if not isinstance(inner, nn.Module):
+        return type(module).__name__
+    scheme = getattr(module, "scheme", None)
+    tag = f"[{scheme}]" if scheme else ""
+    return f"{type(module).__name__}{tag}({type(inner).__name__})"
+
+
 def _tensor_bytes(module: nn.Module) -> tuple[int, int, dict[str, int]]:
     params = 0
     by_dtype: dict[str, int] = defaultdict(int)
@@ -183,9 +193,7 @@ def profile(model: nn.Module, example_inputs: Inputs, *, repeats: int = 10) -> P
         layers.append(
             LayerProfile(
                 name=name or root,
-                type=type(module).__name__
-                if not hasattr(module, "inner")
-                else f"{type(module).__name__}({type(module.inner).__name__})",
+                type=_describe(module),
                 params=params,
                 bytes=nbytes,
                 dtypes=dtypes,

@@ -10,12 +10,14 @@ from typing import Any
 from torch import nn
 
 from modelpress.errors import RecipeError
+from modelpress.techniques.static_int8 import StaticInt8Config, static_int8
 from modelpress.techniques.weight_only import WeightOnlyConfig, weight_only
 
 TechniqueFn = Callable[[nn.Module, Any, Any], nn.Module]
 
 REGISTRY: dict[str, tuple[type[Any], TechniqueFn]] = {
     WeightOnlyConfig.type: (WeightOnlyConfig, weight_only),
+    StaticInt8Config.type: (StaticInt8Config, static_int8),
 }
 
 
@@ -68,4 +70,12 @@ def config_from_dict(raw: Mapping[str, Any], *, where: str = "recipe") -> Any:
         raise RecipeError(f"{where}: invalid fields for '{kind}': {exc}.") from exc
 
 
-__all__ = ["REGISTRY", "WeightOnlyConfig", "config_from_dict", "config_to_dict", "weight_only"]
+__all__ = [
+    "REGISTRY",
+    "StaticInt8Config",
+    "WeightOnlyConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "static_int8",
+    "weight_only",
+]

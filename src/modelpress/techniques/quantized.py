@@ -1,0 +1,128 @@
+"""The quantized layer every quantization technique produces: int8 weight codes plus, for static schemes,
+a fixed input quantizer.
+
+In torch the layer computes exactly what the exported graph computes: `quantized_decomposed` ops that
+`torch.onnx` turns into QuantizeLinear / DequantizeLinear, so the artifact stores int8 weights and the
+runtime sees the QDQ pattern it fuses into integer kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.ops.quant import (
+    affine_params,
+    dequantize_per_channel,
+    quantize_dequantize_per_tensor,
+    quantize_symmetric,
+    symmetric_scale,
+)
+
+QUANTIZABLE_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
+    "linear": (nn.Linear,),
+    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+    "embedding": (nn.Embedding,),
+}
+
+
+def output_axis(module: nn.Module) -> int:
+    """The weight axis of output channels: ConvTranspose stores (in, out / groups, *k)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups == 1:
+        return 1
+    return 0
+
+
+def _linear(m: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w, m.bias)
+
+
+def _conv(m: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return m._conv_forward(x, w, m.bias)
+
+
+def _embedding(m: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+
+
+# How each layer type runs with a given weight. Plain functional calls trace more cleanly under
+# torch.export than swapping module attributes.
+_FORWARD_WITH_WEIGHT: dict[type[nn.Module], Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    nn.Linear: _linear,
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.Conv3d: _conv,
+    nn.Embedding: _embedding,
+}
+
+
+class QuantizedLayer(nn.Module):
+    """A layer whose fp32 weight was replaced by int8 codes `qweight` and fp32 per-channel `scale`.
+
+    With `input_scale` set, the input is quantized to uint8 (asymmetric, per tensor) first: the static
+    W8A8 scheme. Forward dequantizes and calls the wrapped layer's own maths with that weight, so any layer
+    whose forward reads `self.weight` works.
+    """
+
+    _modelpress_atomic = True  # profiled and reported as one layer
+    qweight: torch.Tensor  # int8 codes, the layer's weight shape
+    scale: torch.Tensor  # fp32, one per output channel
+
+    def __init__(
+        self,
+        inner: nn.Module,
+        *,
+        bits: int = 8,
+        weight_scale: torch.Tensor | None = None,
+        input_range: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__()
+        assert isinstance(inner.weight, torch.Tensor)
+        weight = inner.weight.detach()
+        self.axis = output_axis(inner)
+        self.bits = bits
+        scale = (
+            weight_scale if weight_scale is not None else symmetric_scale(weight, axis=self.axis, bits=bits)
+        )
+        self.register_buffer("qweight", quantize_symmetric(weight, scale, axis=self.axis, bits=bits))
+        self.register_buffer("scale", scale.float())
+        del inner.weight  # the fp32 weight is gone: only codes and scales are kept
+        self.inner = inner
+        self.input_scale: float | None = None
+        self.input_zero_point = 0
+        if input_range is not None:
+            self.set_input_range(*input_range)
+
+    def set_input_range(self, lo: float, hi: float) -> None:
+        """uint8 asymmetric input quantization covering [lo, hi] (always including 0)."""
+        scale, zero_point = affine_params(float(lo), float(hi), bits=8, symmetric=False, signed=False)
+        # Python numbers: the exporter writes them as QuantizeLinear constants.
+        self.input_scale = float(scale)
+        self.input_zero_point = int(zero_point)
+
+    @property
+    def scheme(self) -> str:
+        return f"w{self.bits}a8" if self.input_scale is not None else f"w{self.bits}"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_per_channel(self.qweight, self.scale, axis=self.axis, bits=self.bits)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.input_scale is not None:
+            x = quantize_dequantize_per_tensor(
+                args[0], self.input_scale, self.input_zero_point, qmin=0, qmax=255, dtype=torch.uint8
+            )
+            args = (x, *args[1:])
+        weight = self.dequantized_weight()
+        call = _FORWARD_WITH_WEIGHT.get(type(self.inner))
+        if call is not None and not kwargs and len(args) == 1:
+            return call(self.inner, args[0], weight)
+        # Any other layer whose forward reads self.weight: swap the tensor in for this call.
+        return torch.func.functional_call(self.inner, {"weight": weight}, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.scheme}, per-channel axis={self.axis}, shape={tuple(self.qweight.shape)}"
