@@ -77,3 +77,24 @@ def test_calibration_uses_bounded_batches():
     model[0].register_forward_pre_hook(lambda m, a: calls.append(1))
     mp.compress(model, [mp.StaticInt8Config(calibration_batches=2)], data)
     assert len(calls) == 2
+
+
+def test_smoothquant_tames_outlier_features_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    gen = torch.Generator().manual_seed(2)
+    data = []
+    for _ in range(4):
+        x = torch.randn(16, 32, generator=gen)
+        x[:, 3] *= 60  # one outlier feature, as transformer activations have
+        data.append(x)
+    x_test = data[0]
+    errs = {}
+    for alpha in (None, 0.75):
+        small = mp.compress(model, [mp.StaticInt8Config(smooth_alpha=alpha)], data)
+        errs[alpha] = (small(x_test) - model(x_test)).pow(2).mean().item()
+    assert errs[0.75] < errs[None] / 2
+    assert small[0].scheme == "w8a8+smooth"
+    path = mp.export_onnx(small, (x_test,), tmp_path / "s.onnx")
+    for runtime in mp.available_runtimes():
+        assert mp.check_parity(small, mp.open_session(path, runtime), [(x_test,)]).passed

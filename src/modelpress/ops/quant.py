@@ -369,3 +369,17 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(signal / noise.clamp(min=_EPS)))
+
+
+def smoothing_factors(
+    act_absmax: torch.Tensor, weight: torch.Tensor, *, alpha: float, eps: float = 1e-5
+) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors s = max|X_j|^alpha / max|W_:,j|^(1 - alpha).
+
+    Dividing the activation by s and multiplying the weight's input columns by s leaves X @ W.T unchanged
+    while moving activation outliers into the (per-channel quantized) weights.
+    `act_absmax`: (in,), `weight`: (out, in). Returns (in,) fp32.
+    """
+    w_absmax = weight.detach().abs().amax(dim=0).float().clamp(min=eps)
+    a = act_absmax.float().clamp(min=eps)
+    return (a.pow(alpha) / w_absmax.pow(1 - alpha)).clamp(min=eps)

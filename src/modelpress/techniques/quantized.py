@@ -71,6 +71,7 @@ class QuantizedLayer(nn.Module):
     _modelpress_atomic = True  # profiled and reported as one layer
     qweight: torch.Tensor  # int8 codes, the layer's weight shape
     scale: torch.Tensor  # fp32, one per output channel
+    input_multiplier: torch.Tensor | None  # SmoothQuant's 1 / s per input feature, or None
 
     def __init__(
         self,
@@ -79,10 +80,16 @@ class QuantizedLayer(nn.Module):
         bits: int = 8,
         weight_scale: torch.Tensor | None = None,
         input_range: tuple[float, float] | None = None,
+        smoothing: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         assert isinstance(inner.weight, torch.Tensor)
         weight = inner.weight.detach()
+        # SmoothQuant: the input is divided by `smoothing` (one factor per input feature, last dim) and the
+        # weight's input columns multiplied by it, so the product is unchanged but outliers move to weights.
+        if smoothing is not None:
+            weight = weight * smoothing[None, :]
+        self.register_buffer("input_multiplier", None if smoothing is None else (1.0 / smoothing).float())
         self.axis = output_axis(inner)
         self.bits = bits
         scale = (
@@ -106,12 +113,15 @@ class QuantizedLayer(nn.Module):
 
     @property
     def scheme(self) -> str:
-        return f"w{self.bits}a8" if self.input_scale is not None else f"w{self.bits}"
+        name = f"w{self.bits}a8" if self.input_scale is not None else f"w{self.bits}"
+        return name + "+smooth" if self.input_multiplier is not None else name
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_per_channel(self.qweight, self.scale, axis=self.axis, bits=self.bits)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.input_multiplier is not None:
+            args = (args[0] * self.input_multiplier, *args[1:])
         if self.input_scale is not None:
             x = quantize_dequantize_per_tensor(
                 args[0], self.input_scale, self.input_zero_point, qmin=0, qmax=255, dtype=torch.uint8

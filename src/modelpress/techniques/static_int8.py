@@ -8,6 +8,7 @@ DequantizeLinear on int8 weights: the pattern ONNX Runtime and OpenVINO run with
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -17,7 +18,8 @@ from torch import nn
 from modelpress.data import Dataset
 from modelpress.errors import DataError, RecipeError
 from modelpress.loading import as_inputs
-from modelpress.ops.observers import OBSERVERS, make_observer
+from modelpress.ops.observers import OBSERVERS, MinMaxObserver, make_observer
+from modelpress.ops.quant import smoothing_factors
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
@@ -35,8 +37,11 @@ class StaticInt8Config:
     """
 
     type: ClassVar[str] = "static_int8"
-    observer: ObserverName = "mse"
+    observer: ObserverName = "minmax"
     percentile: float = 99.99  # used by observer="percentile"
+    # SmoothQuant strength for Linear layers (None: off). 0.75 suits transformer encoders whose activations
+    # have outlier features; clipping observers (mse, percentile, entropy) hurt those models instead.
+    smooth_alpha: float | None = None
     calibration_batches: int = 32
     layers: tuple[Literal["linear", "conv"], ...] = ("linear", "conv")
     targets: tuple[str, ...] | None = None
@@ -49,6 +54,10 @@ class StaticInt8Config:
             )
         if not 0 < self.percentile <= 100:
             raise RecipeError(f"static_int8: percentile={self.percentile} must be in (0, 100].")
+        if self.smooth_alpha is not None and not 0 < self.smooth_alpha < 1:
+            raise RecipeError(
+                f"static_int8: smooth_alpha={self.smooth_alpha} must be in (0, 1), or null for off."
+            )
         if self.calibration_batches < 1:
             raise RecipeError(
                 f"static_int8: calibration_batches={self.calibration_batches} must be at least 1."
@@ -67,10 +76,20 @@ def _observer(config: StaticInt8Config) -> Any:
 
 
 def calibrate_inputs(
-    model: nn.Module, modules: dict[str, nn.Module], data: Dataset, *, batches: int, observer: Any
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    data: Dataset,
+    *,
+    batches: int,
+    observer: Callable[[str], Any],
+    transform: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Run `batches` items of `data` through `model`, feeding each module's first input to its observer."""
-    observers = {name: observer() for name in modules}
+    """Run `batches` items of `data` through `model`, feeding each module's first input to its observer.
+
+    `transform` multiplies a module's input by a per-feature factor first (to calibrate smoothed inputs).
+    """
+    observers = {name: observer(name) for name in modules}
+    transform = transform or {}
     handles = []
     for name, module in modules.items():
 
@@ -81,7 +100,8 @@ def calibrate_inputs(
                     f"static_int8: the input of layer '{name}' holds NaN or Inf during calibration; check the data "
                     "and the model, or add the layer to ignore."
                 )
-            observers[name].update(x.detach().float())
+            x = x.detach().float()
+            observers[name].update(x * transform[name] if name in transform else x)
 
         handles.append(module.register_forward_pre_hook(hook))
     seen = 0
@@ -142,13 +162,35 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
     if not chosen:
         log.warning("static_int8: no layer matched; the model is unchanged.")
         return model
+    smoothing: dict[str, torch.Tensor] = {}
+    if config.smooth_alpha is not None:
+        linears = {n: m for n, m in chosen.items() if isinstance(m, nn.Linear)}
+        absmax = calibrate_inputs(
+            model,
+            linears,
+            data,
+            batches=config.calibration_batches,
+            observer=lambda _n: MinMaxObserver(axis=-1),
+        )
+        for name, obs in absmax.items():
+            lo, hi = obs.range()
+            weight = linears[name].weight
+            assert isinstance(weight, torch.Tensor)
+            smoothing[name] = smoothing_factors(
+                torch.maximum(lo.abs(), hi.abs()), weight, alpha=config.smooth_alpha
+            )
     observers = calibrate_inputs(
-        model, chosen, data, batches=config.calibration_batches, observer=lambda: _observer(config)
+        model,
+        chosen,
+        data,
+        batches=config.calibration_batches,
+        observer=lambda _n: _observer(config),
+        transform={n: 1.0 / s for n, s in smoothing.items()},
     )
     for name, module in chosen.items():
         lo, hi = observers[name].range()
         input_range = None if name in transposed else (float(lo), float(hi))
-        layer = QuantizedLayer(module, bits=8, input_range=input_range)
+        layer = QuantizedLayer(module, bits=8, input_range=input_range, smoothing=smoothing.get(name))
         if name:
             set_submodule(model, name, layer)
         else:
