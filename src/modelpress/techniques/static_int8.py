@@ -164,7 +164,7 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
         return model
     smoothing: dict[str, torch.Tensor] = {}
     if config.smooth_alpha is not None:
-        linears = {n: m for n, m in chosen.items() if isinstance(m, nn.Linear)}
+        linears: dict[str, nn.Module] = {n: m for n, m in chosen.items() if isinstance(m, nn.Linear)}
         absmax = calibrate_inputs(
             model,
             linears,
