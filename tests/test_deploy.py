@@ -125,3 +125,14 @@ def test_benchmark_interleaves_in_rotating_order():
         min_round_s=0,
     )
     assert calls[-4:] == ["a", "b", "b", "a"]
+
+
+def test_written_files_have_ordinary_permissions(tmp_path):
+    import os
+
+    from modelpress._files import write_text_atomic
+
+    path = write_text_atomic(tmp_path / "r.json", "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelpress._files import make_public
 from modelpress.analyse.profile import profile
 from modelpress.deploy.bench import compare_artifacts
 from modelpress.deploy.export import export_onnx
@@ -54,6 +55,7 @@ def prepare_out_dir(out_dir: str | os.PathLike[str], *, overwrite: bool) -> tupl
 
 def publish_dir(work: Path, final: Path) -> None:
     """Move the finished folder into place (replacing an old one only when overwrite was allowed)."""
+    make_public(work)
     if final.exists():
         shutil.rmtree(final)
     os.replace(work, final)
