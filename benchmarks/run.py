@@ -89,11 +89,14 @@ class Asset:
     higher_is_better: bool = True
     profile_extra: Callable[[mp.Profile], dict[str, Any]] = lambda p: {}
     notes: list[str] = field(default_factory=list)
+    # model inputs for calibration, disjoint from the evaluation data; empty: no calibrated method runs
+    calibration: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
 
 def mnist_asset(quick: bool) -> Asset:
     model = assets.mnist_model()
     x, y = assets.mnist_data("test")
+    x_train, _ = assets.mnist_data("train")  # calibration comes from the training split
     n = 2000 if quick else len(x)
     eval_items = [(x[i : i + 256], y[i : i + 256]) for i in range(0, n, 256)]
     ref = CachedReference(model)
@@ -106,6 +109,7 @@ def mnist_asset(quick: bool) -> Asset:
         quality=lambda target: mp.accuracy(target, eval_items),
         fidelity=lambda target: mp.output_fidelity(target, ref, eval_items, labeled=True),
         bench_batches={"b1": [x[:1].numpy()], "b64": [x[:64].numpy()]},
+        calibration=[(x_train[i : i + 32],) for i in range(0, 1024, 32)],
     )
 
 
@@ -119,7 +123,9 @@ def minilm_asset(quick: bool) -> Asset:
     model, tokenizer = assets.minilm()
     lee = assets.lee_corpus()
     lee_items = [tuple(assets.minilm_tokenize(tokenizer, lee[i : i + 16]).values()) for i in range(0, 50, 16)]
-    background = assets.lee_background(128 if quick else 1024, split_sentences=True)
+    all_sentences = assets.lee_background(split_sentences=True)
+    background = all_sentences[: 128 if quick else 1024]
+    calib_sentences = all_sentences[1024 : 1024 + 256]
     bg_items = [
         tuple(assets.minilm_tokenize(tokenizer, background[i : i + 32]).values())
         for i in range(0, len(background), 32)
@@ -181,6 +187,11 @@ def minilm_asset(quick: bool) -> Asset:
         fidelity=fidelity,
         bench_batches={"b1": as_np(b1), "b16": as_np(b16)},
         profile_extra=profile_extra,
+        # Background sentences after the ones fidelity is measured on: calibration never sees eval text.
+        calibration=[
+            tuple(assets.minilm_tokenize(tokenizer, calib_sentences[i : i + 8]).values())
+            for i in range(0, len(calib_sentences), 8)
+        ],
     )
 
 
@@ -248,6 +259,7 @@ class Method:
     by: str  # "modelpress" or the peer tool's name
     runtimes: tuple[str, ...]
     build: Callable[[Asset], Built]
+    needs_calibration: bool = False  # skipped on assets that define no calibration data
 
 
 def build_fp32(asset: Asset) -> Built:
@@ -257,7 +269,7 @@ def build_fp32(asset: Asset) -> Built:
 def build_recipe(recipe: Any) -> Callable[[Asset], Built]:
     def build(asset: Asset) -> Built:
         start = time.perf_counter()
-        small = mp.compress(asset.model, recipe)
+        small = mp.compress(asset.model, recipe, asset.calibration or None)
         return Built(model=small, wall_s=time.perf_counter() - start)
 
     return build
@@ -267,6 +279,27 @@ METHODS: dict[str, Method] = {
     "fp32": Method("fp32", "modelpress", ("onnxruntime", "openvino"), build_fp32),
     "int8-weight-only": Method(
         "int8-weight-only", "modelpress", ("onnxruntime", "openvino"), build_recipe("int8-weight-only")
+    ),
+    # Static W8A8 (minmax ranges) on Linear/Conv inputs, int8 weights for embeddings: the shipped recipe.
+    "int8-static": Method(
+        "int8-static",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_recipe("int8-static"),
+        needs_calibration=True,
+    ),
+    # The same with SmoothQuant (alpha 0.75) on Linear inputs, for models with outlier features.
+    "int8-static-smooth": Method(
+        "int8-static-smooth",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_recipe(
+            [
+                mp.StaticInt8Config(smooth_alpha=0.75),
+                mp.WeightOnlyConfig(layers=("embedding",)),
+            ]
+        ),
+        needs_calibration=True,
     ),
 }
 
@@ -348,6 +381,9 @@ def run(asset_name: str, *, rounds: int, quick: bool, methods: Sequence[str], me
     with tempfile.TemporaryDirectory(prefix=f"modelpress-bench-{asset_name}-") as tmp:
         for name in methods:
             method = METHODS[name]
+            if method.needs_calibration and not asset.calibration:
+                say(f"[{name}] skipped: {asset_name} defines no calibration data")
+                continue
             say(f"[{name}] building")
             built = method.build(asset)
             info: dict[str, Any] = {"wall_s": built.wall_s, **built.extra}

@@ -54,3 +54,27 @@ def test_conv_transpose_uses_output_axis():
     assert small[0].axis == 1 and small[0].scale.shape == (6,)
     x = torch.randn(2, 4, 5, 5)
     assert (small(x) - model(x)).abs().max() < 0.05
+
+
+def test_tied_weights_are_stored_once(tmp_path):
+    import onnx
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(100, 16)
+            self.head = nn.Linear(16, 100, bias=False)
+            self.head.weight = self.embed.weight  # tied, as in most causal LMs
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    small = mp.compress(model, "int8-weight-only")
+    assert small.head.qweight is small.embed.qweight
+    ids = torch.randint(0, 100, (2, 5))
+    path = mp.export_onnx(small, (ids,), tmp_path / "lm.onnx")
+    int8 = [i for i in onnx.load(str(path)).graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(int8) == 1
+    assert mp.check_parity(small, mp.open_session(path), [(ids,)]).passed

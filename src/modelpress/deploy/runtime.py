@@ -69,9 +69,10 @@ class OrtSession:
 
 
 class OpenVinoSession:
-    """OpenVINO on the CPU, latency hint, fixed threads, fp32 inference precision unless asked otherwise.
+    """OpenVINO on the CPU, latency hint, fixed threads, executing the graph as written.
 
-    OpenVINO would otherwise run bf16 on CPUs that have it, which changes the numbers a parity check sees.
+    OpenVINO would otherwise run bf16 on CPUs that have it and quantize activations of int8-weight layers
+    on the fly, both of which change the numbers a parity check sees.
     """
 
     runtime = "openvino"
@@ -84,6 +85,9 @@ class OpenVinoSession:
             "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": precision,
+            # OpenVINO's CPU plugin would otherwise quantize activations on the fly (groups of 32) for every
+            # layer with compressed weights: a weight-only artifact would silently run as dynamic W8A8.
+            "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
         }
         self._compiled = core.compile_model(str(path), "CPU", config)
         self._request = self._compiled.create_infer_request()

@@ -79,8 +79,17 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
             )
     if not chosen:
         log.warning("weight_only: no layer matched (layers=%s); the model is unchanged.", list(config.layers))
+    # Tied weights (an LM's embedding and head share one Parameter) are quantized once and the codes
+    # shared, so the artifact stores them once, as the fp32 model did.
+    first_user: dict[int, QuantizedLayer] = {}
     for name, module in chosen:
+        weight = module.weight
+        source = first_user.get(id(weight))
         wrapped = QuantizedLayer(module, bits=config.bits)
+        if source is not None and source.axis == wrapped.axis and source.qweight.shape == wrapped.qweight.shape:
+            wrapped.qweight, wrapped.scale = source.qweight, source.scale
+        else:
+            first_user[id(weight)] = wrapped
         if name:
             set_submodule(model, name, wrapped)
         else:
