@@ -335,6 +335,9 @@ def parity_dict(report: mp.ParityReport) -> dict[str, Any]:
         "mean_cosine": worst.cosine,
         "max_abs": max(o.max_abs for o in report.outputs),
         "top1": worst.top1_agreement,
+        # artifact vs torch model, each against the uncompressed model (mean cosine); None for fp32 rows
+        "artifact_fidelity": worst.artifact_fidelity,
+        "torch_fidelity": worst.torch_fidelity,
     }
 
 
@@ -411,7 +414,11 @@ def run(asset_name: str, *, rounds: int, quick: bool, methods: Sequence[str], me
                 row: dict[str, Any] = {"method": name, "by": method.by, "runtime": runtime}
                 if built.model is not None:
                     report = mp.check_parity(
-                        built.model, session, asset.parity_samples, raise_on_failure=False
+                        built.model,
+                        session,
+                        asset.parity_samples,
+                        reference=asset.model if name != "fp32" else None,
+                        raise_on_failure=False,
                     )
                     row["parity"] = parity_dict(report)
                     if not report.passed:

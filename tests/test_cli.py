@@ -135,3 +135,29 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "modelpress" / "digits_cnn.pt").exists()
     # a second run reuses the cached CNN and replaces its own earlier output
     assert run("demo", "--out", str(out), "--rounds", "2").exit_code == 0
+
+
+def test_compress_static_with_calibration_data(tiny_model_file, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "compress",
+        f"{tiny_model_file}:build",
+        "--recipe",
+        "int8-static",
+        "--out",
+        str(out),
+        "--batch",
+        "1",
+        "--rounds",
+        "2",
+        "--runtime",
+        "onnxruntime",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "static_int8 needs calibration data" in " ".join(result.output.split())
+    assert not out.exists()
+    result = run(*args, "--data", f"{tiny_model_file}:calib")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [step["type"] for step in report["recipe"]] == ["static_int8", "weight_only"]
+    assert any("[w8a8]" in layer["type"] for layer in report["profile"]["compressed"]["layers"])

@@ -136,3 +136,30 @@ def test_written_files_have_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_parity_with_reference_accepts_equally_faithful_artifact(exported):
+    model, small, inputs, _, q8 = exported
+    session = mp.open_session(q8)
+    noisy = nn.Sequential(small, nn.Dropout(0.0))  # same function as the artifact's model
+
+    class Jitter(nn.Module):
+        # torch "simulation" that differs from the artifact a little, but is as far from fp32 as it is
+        def __init__(self, inner, sign):
+            super().__init__()
+            self.inner, self.sign = inner, sign
+
+        def forward(self, x):
+            out = self.inner(x)
+            return out + self.sign * 0.2 * out.std() * torch.ones_like(out).cumsum(-1).remainder(2)
+
+    sim = Jitter(noisy, 1.0)
+    with pytest.raises(mp.ParityError, match="worst cosine"):
+        mp.check_parity(sim, session, [inputs], min_cosine=0.9999)
+    report = mp.check_parity(
+        sim, session, [inputs], min_cosine=0.9999, reference=model, fidelity_tolerance=1.0
+    )
+    assert report.passed and report.worst.artifact_fidelity is not None
+    # the fp32 model is perfectly faithful to itself; the int8 artifact is not, so with no tolerance it fails
+    with pytest.raises(mp.ParityError, match="below the torch model's"):
+        mp.check_parity(model, session, [inputs], min_cosine=1.0001, reference=model, fidelity_tolerance=0.0)

@@ -75,6 +75,10 @@ def test_tied_weights_are_stored_once(tmp_path):
     assert small.head.qweight is small.embed.qweight
     ids = torch.randint(0, 100, (2, 5))
     path = mp.export_onnx(small, (ids,), tmp_path / "lm.onnx")
-    int8 = [i for i in onnx.load(str(path)).graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    int8 = [
+        i
+        for i in onnx.load(str(path)).graph.initializer
+        if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2
+    ]
     assert len(int8) == 1
     assert mp.check_parity(small, mp.open_session(path), [(ids,)]).passed

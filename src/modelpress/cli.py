@@ -266,6 +266,7 @@ def export(
     steps = load_recipe(recipe) if recipe else None
     with _status("loading the model") as say:
         net, inputs = _load(model, weights)
+        original = net if steps else None
         if steps:
             say("compressing")
             net = run_compress(net, steps)
@@ -275,7 +276,11 @@ def export(
         for runtime in runtimes or available_runtimes():
             say(f"checking parity in {runtime}")
             report = check_parity(
-                net, open_session(path, runtime), parity_inputs(inputs), raise_on_failure=False
+                net,
+                open_session(path, runtime),
+                parity_inputs(inputs),
+                reference=original,
+                raise_on_failure=False,
             )
             out.print(summary_line(report))
             if not report.passed:

@@ -24,6 +24,9 @@ class OutputParity:
     cosine: float  # mean over samples of the cosine between flattened per-item outputs
     min_cosine: float
     top1_agreement: float | None  # argmax over the last dim, for outputs that look like logits
+    # With a reference (the uncompressed model): mean cosine of the artifact and of the torch model to it.
+    artifact_fidelity: float | None = None
+    torch_fidelity: float | None = None
 
 
 @dataclass
@@ -67,12 +70,20 @@ def check_parity(
     min_cosine: float = 0.999,
     min_top1: float | None = None,
     max_abs: float | None = None,
+    reference: nn.Module | None = None,
+    fidelity_tolerance: float = 0.002,
     raise_on_failure: bool = True,
 ) -> ParityReport:
     """Compare `session` with `model` on `samples` (each a tensor or tuple of tensors).
 
     Fails when any output's worst per-item cosine is below `min_cosine` (or top-1 agreement / max abs
     error break their bounds, when given), naming the worst output.
+
+    With quantized activations an exact match is not to be had: a runtime's integer kernels round a few
+    values to the neighbouring code, and a deep model amplifies that into a visibly different output even
+    though it is no worse. Given `reference` (the uncompressed model), an output whose direct cosine falls
+    short still passes when the artifact is as faithful to the reference as the torch model is: its mean
+    cosine to the reference is at most `fidelity_tolerance` below the torch model's.
 
     >>> report = check_parity(model, open_session("m.onnx"), [example_inputs])  # doctest: +SKIP
     """
@@ -82,6 +93,7 @@ def check_parity(
         inputs = as_inputs(sample, where="parity sample")
         ref = torch_outputs(model, inputs)
         got = session.run([t.numpy() for t in inputs])
+        base = torch_outputs(reference, inputs) if reference is not None else None
         if len(ref) != len(got):
             raise ParityError(
                 f"The artifact has {len(got)} outputs but the torch model returns {len(ref)}; re-export it "
@@ -93,7 +105,10 @@ def check_parity(
                     f"Output '{session.output_names[i]}' has shape {g.shape} in {session.runtime} but "
                     f"{r.shape} in torch; the artifact does not match this model or these inputs."
                 )
-            slot = acc.setdefault(i, {"abs": [], "cos": [], "top1": []})
+            slot = acc.setdefault(i, {"abs": [], "cos": [], "top1": [], "art_fid": [], "sim_fid": []})
+            if base is not None and base[i].shape == r.shape:
+                slot["art_fid"].append(_cosines(g, base[i]))
+                slot["sim_fid"].append(_cosines(r, base[i]))
             diff = np.abs(r.astype(np.float64) - g.astype(np.float64))
             slot["abs"].append(diff.reshape(-1))
             slot["cos"].append(_cosines(r, g))
@@ -115,12 +130,25 @@ def check_parity(
                 cosine=float(cos.mean()),
                 min_cosine=float(cos.min()),
                 top1_agreement=top1,
+                artifact_fidelity=float(np.concatenate(slot["art_fid"]).mean()) if slot["art_fid"] else None,
+                torch_fidelity=float(np.concatenate(slot["sim_fid"]).mean()) if slot["sim_fid"] else None,
             )
         )
     failures = []
     for o in report.outputs:
-        if o.min_cosine < min_cosine:
-            failures.append(f"output '{o.name}': worst cosine {o.min_cosine:.6f} < {min_cosine}")
+        as_faithful = (
+            o.artifact_fidelity is not None
+            and o.torch_fidelity is not None
+            and o.artifact_fidelity >= o.torch_fidelity - fidelity_tolerance
+        )
+        if o.min_cosine < min_cosine and not as_faithful:
+            detail = (
+                f" and its cosine to the uncompressed model {o.artifact_fidelity:.6f} is more than "
+                f"{fidelity_tolerance} below the torch model's {o.torch_fidelity:.6f}"
+                if o.artifact_fidelity is not None and o.torch_fidelity is not None
+                else ""
+            )
+            failures.append(f"output '{o.name}': worst cosine {o.min_cosine:.6f} < {min_cosine}{detail}")
         if min_top1 is not None and o.top1_agreement is not None and o.top1_agreement < min_top1:
             failures.append(f"output '{o.name}': top-1 agreement {o.top1_agreement:.4f} < {min_top1}")
         if max_abs is not None and o.max_abs > max_abs:

@@ -121,7 +121,9 @@ def run_job(
         parity = []
         for runtime in runtimes:
             for label, module, path in (("fp32", model, fp32_path), ("compressed", small, small_path)):
-                report = check_parity(module, open_session(path, runtime, threads=threads), samples)
+                reference = model if label == "compressed" else None
+                session = open_session(path, runtime, threads=threads)
+                report = check_parity(module, session, samples, reference=reference)
                 parity.append({"artifact": label, **report.to_dict()})
 
         quality: dict[str, Any] = {}

@@ -86,7 +86,11 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
         weight = module.weight
         source = first_user.get(id(weight))
         wrapped = QuantizedLayer(module, bits=config.bits)
-        if source is not None and source.axis == wrapped.axis and source.qweight.shape == wrapped.qweight.shape:
+        if (
+            source is not None
+            and source.axis == wrapped.axis
+            and source.qweight.shape == wrapped.qweight.shape
+        ):
             wrapped.qweight, wrapped.scale = source.qweight, source.scale
         else:
             first_user[id(weight)] = wrapped
