@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from modelpress._files import make_public
+from modelpress.analyse.explain import explain_quantization
 from modelpress.analyse.profile import profile
 from modelpress.deploy.bench import compare_artifacts
 from modelpress.deploy.export import export_onnx
@@ -111,6 +112,7 @@ def run_job(
         small = compress(model, steps, data)
         compress_s = time.perf_counter() - start
         small_profile = profile(small, example_inputs)
+        explain = [row.to_dict() for row in explain_quantization(model, small, parity_inputs(example_inputs))]
 
         say("exporting to ONNX")
         fp32_path = export_onnx(model, example_inputs, work / f"{name}.onnx")
@@ -162,6 +164,7 @@ def run_job(
             "environment": {**environment(), "threads": threads, "torch_threads": torch.get_num_threads()},
             "profile": {"baseline": base_profile.to_dict(), "compressed": small_profile.to_dict()},
             "compress_wall_s": compress_s,
+            "explain": explain,
             "parity": parity,
             "quality": quality,
             "bench": {k: {**v.to_dict(), "path": Path(v.path).name} for k, v in bench.items()},

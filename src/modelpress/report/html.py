@@ -198,6 +198,30 @@ def render_html(result: dict[str, Any]) -> str:
         _table(["artifact", "runtime", "output", "max abs", "mean cosine", "worst cosine", "top-1", ""], prow)
     )
 
+    if result.get("explain"):
+        parts.append("<h2>Quantization error per layer (worst first)</h2>")
+        parts.append(
+            "<p class='muted'>SQNR in dB (higher is better; int8 is typically 30-45 dB). Output SQNR feeds each "
+            "layer the original model's input, so it is that layer's own error. Clipped: share of the input "
+            "outside the calibrated range.</p>"
+        )
+        erows = []
+        for row in result["explain"]:
+            rng = row["input_range"]
+            erows.append(
+                [
+                    f"<span class='l'>{_e(row['name'])}</span>",
+                    _e(row["scheme"]),
+                    f"{row['weight_sqnr_db']:.1f}",
+                    f"{row['output_sqnr_db']:.1f}",
+                    "-" if rng is None else f"[{rng[0]:.3g}, {rng[1]:.3g}]",
+                    "-" if row["clipped_fraction"] is None else f"{100 * row['clipped_fraction']:.3f}%",
+                ]
+            )
+        parts.append(
+            _table(["layer", "scheme", "weight SQNR", "output SQNR", "input range", "clipped"], erows)
+        )
+
     parts.append("<h2>Per layer (torch, before and after)</h2>")
     after = {layer["name"]: layer for layer in prof_c["layers"]}
     max_lat = max((layer["latency_ms"] for layer in prof_b["layers"]), default=0) or 1.0

@@ -38,6 +38,12 @@ def print_summary(result: dict[str, Any], console: Console) -> None:
 
     for line in findings(result):
         console.print(f"- {line}")
+    worst = result.get("explain", [])[:3]
+    if worst:
+        console.print(
+            "worst layers (output SQNR): "
+            + ", ".join(f"{row['name']} {row['output_sqnr_db']:.1f} dB" for row in worst)
+        )
     prof = result["profile"]
     console.print(
         f"params {human_count(prof['baseline']['params'])}, MACs {human_count(prof['baseline']['macs'])}; "
