@@ -80,10 +80,22 @@ class _Group(click.Group):
             sys.exit(EXIT_BAD_INPUT)
 
 
-MODEL_HELP = (
-    "MODEL is 'path/to/file.py:factory' or 'package.module:factory'; the factory takes no argument and returns "
-    "(model, example_inputs). Try 'modelpress.demo:digits_cnn'."
+_runtime_option = click.option(
+    "--runtime",
+    "runtimes",
+    multiple=True,
+    type=click.Choice(["onnxruntime", "openvino"]),
+    help="Runtime(s) to use (default: all installed).",
 )
+
+
+def _timing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--batch, --rounds and --threads, shared by every command that times artifacts."""
+    fn = click.option("--threads", default=2, show_default=True, help="Threads for every runtime.")(fn)
+    fn = click.option("--rounds", default=20, show_default=True, help="Interleaved timing rounds.")(fn)
+    return click.option(
+        "--batch", "batch_text", default="1,16", show_default=True, help="Batch sizes to time."
+    )(fn)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -172,16 +184,8 @@ def profile(model: str, weights: str | None, json_out: str | None, top: int) -> 
 @click.option(
     "--metric", type=click.Choice(["accuracy", "perplexity"]), default="accuracy", show_default=True
 )
-@click.option(
-    "--runtime",
-    "runtimes",
-    multiple=True,
-    type=click.Choice(["onnxruntime", "openvino"]),
-    help="Runtime(s) to check and time (default: all installed).",
-)
-@click.option("--batch", "batch_text", default="1,16", show_default=True, help="Batch sizes to time.")
-@click.option("--rounds", default=20, show_default=True, help="Interleaved timing rounds.")
-@click.option("--threads", default=2, show_default=True, help="Threads for every runtime.")
+@_runtime_option
+@_timing_options
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 def compress(
     model: str,
@@ -295,17 +299,9 @@ def export(
 @click.option(
     "--baseline", type=click.Path(), help="Another .onnx (normally the fp32 export) to compare with."
 )
-@click.option(
-    "--runtime",
-    "runtimes",
-    multiple=True,
-    type=click.Choice(["onnxruntime", "openvino"]),
-    help="Runtime(s) to compare (default: all installed).",
-)
-@click.option("--batch", "batch_text", default="1,16", show_default=True, help="Batch sizes to time.")
+@_runtime_option
+@_timing_options
 @click.option("--seq", default=128, show_default=True, help="Length for free non-batch dims (sequence).")
-@click.option("--rounds", default=20, show_default=True, help="Interleaved timing rounds.")
-@click.option("--threads", default=2, show_default=True, help="Threads for every runtime.")
 @click.option(
     "--json", "json_out", type=click.Path(), help="Also write the results as JSON to this new file."
 )
