@@ -161,3 +161,28 @@ def test_compress_static_with_calibration_data(tiny_model_file, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert [step["type"] for step in report["recipe"]] == ["static_int8", "weight_only"]
     assert any("[w8a8]" in layer["type"] for layer in report["profile"]["compressed"]["layers"])
+
+
+def test_corrupt_artifact_and_bad_calibration_items_get_clear_messages(tiny_model_file, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("not onnx")
+    result = CliRunner().invoke(main, ["bench", str(junk), "--rounds", "2"])
+    assert result.exit_code == 2 and "is not a readable ONNX file" in " ".join(result.output.split())
+    result = CliRunner().invoke(
+        main,
+        [
+            "compress",
+            f"{tiny_model_file}:build",
+            "--recipe",
+            "int8-static",
+            "--data",
+            f"{tiny_model_file}:build",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "calibration item must be a tensor or a tuple of tensors, got Tiny" in message
+    assert "from the factory" not in message
+    assert not (tmp_path / "o").exists()

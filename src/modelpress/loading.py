@@ -72,10 +72,12 @@ def as_inputs(example: Any, *, where: str = "example inputs") -> Inputs:
     if isinstance(example, Sequence) and example and all(isinstance(t, torch.Tensor) for t in example):
         return tuple(example)
     kind = type(example).__name__
-    raise ModelLoadError(
-        f"The {where} must be a tensor or a tuple of tensors, got {kind}. Return for example "
-        "`(model, (torch.randn(1, 3, 32, 32),))` from the factory."
+    hint = (
+        " Return for example `(model, (torch.randn(1, 3, 32, 32),))` from the factory."
+        if "example inputs" in where
+        else " Each item must be what the model's forward takes (use a transform_fn to reshape items)."
     )
+    raise ModelLoadError(f"The {where} must be a tensor or a tuple of tensors, got {kind}.{hint}")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -224,10 +224,11 @@ def synthetic_inputs(
 
     Float inputs are standard normal; integer inputs (token ids, masks) are ones, valid for any vocabulary.
     """
-    import onnx
     from onnx import helper
 
-    model = onnx.load(str(path), load_external_data=False)
+    from modelpress.deploy.runtime import read_onnx
+
+    model = read_onnx(path)
     initializers = {i.name for i in model.graph.initializer}
     rng = np.random.default_rng(seed)
     arrays = []

@@ -29,11 +29,22 @@ def available_runtimes() -> list[RuntimeName]:
     return [r for r in RUNTIMES if importlib.util.find_spec(r) is not None]
 
 
-def is_weight_only(path: str | os.PathLike[str]) -> bool:
-    """True when the graph dequantizes weights but never quantizes activations (a weight-only artifact)."""
+def read_onnx(path: str | os.PathLike[str]) -> Any:
+    """The ONNX graph (without external weights), or a clear error for a file that is not ONNX."""
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ExportError(
+            f"'{path}' is not a readable ONNX file ({type(exc).__name__}). Give a .onnx written by "
+            "`modelpress export` or `modelpress compress`."
+        ) from exc
+
+
+def is_weight_only(path: str | os.PathLike[str]) -> bool:
+    """True when the graph dequantizes weights but never quantizes activations (a weight-only artifact)."""
+    ops = {n.op_type for n in read_onnx(path).graph.node}
     return "DequantizeLinear" in ops and "QuantizeLinear" not in ops and "DynamicQuantizeLinear" not in ops
 
 
@@ -115,6 +126,7 @@ def open_session(path: str | os.PathLike[str], runtime: str = "onnxruntime", *, 
         )
     if threads < 1:
         raise RuntimeUnavailableError(f"threads={threads} must be at least 1.")
+    read_onnx(p)  # a corrupt or non-ONNX file gets a clear message, not a runtime's parser traceback
     if runtime == "onnxruntime":
         return OrtSession(p, threads=threads)
     return OpenVinoSession(p, threads=threads)
