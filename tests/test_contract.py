@@ -13,15 +13,17 @@ import zoo
 import modelpress as mp
 from modelpress.pipeline.run import run_job
 
-# One representative config per registered technique; a new technique must add itself here.
+# At least one representative config per registered technique (keyed by a readable name); a new
+# technique must add itself here.
 CONTRACT_CONFIGS = {
     "weight_only": mp.WeightOnlyConfig(),
+    "weight_only_int4": mp.WeightOnlyConfig(bits=4, group_size=32),
     "static_int8": mp.StaticInt8Config(calibration_batches=4),
 }
 
 
 def test_every_technique_has_a_contract_config():
-    assert set(CONTRACT_CONFIGS) == set(mp.REGISTRY)
+    assert {config.type for config in CONTRACT_CONFIGS.values()} == set(mp.REGISTRY)
 
 
 @pytest.mark.parametrize("technique", sorted(CONTRACT_CONFIGS))

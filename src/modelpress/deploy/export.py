@@ -58,6 +58,86 @@ def _widen(inputs: Inputs) -> Inputs:
     return tuple(out)
 
 
+def _contrib_schema(name: str, inputs: list[str], attributes: list[str]) -> Any:
+    from onnx.defs import OpSchema
+
+    def formal(i: int, n: str) -> OpSchema.FormalParameter:
+        # The first three inputs are required, the zero points optional.
+        option = OpSchema.FormalParameterOption.Optional if i >= 3 else OpSchema.FormalParameterOption.Single
+        return OpSchema.FormalParameter(n, f"T{i}", param_option=option)
+
+    return OpSchema(
+        name,
+        "com.microsoft",
+        1,
+        inputs=[formal(i, n) for i, n in enumerate(inputs)],
+        outputs=[OpSchema.FormalParameter("Y", "TY")],
+        type_constraints=[
+            *[
+                (f"T{i}", ["tensor(float)", "tensor(uint8)", "tensor(int64)", "tensor(int32)"], "")
+                for i in range(len(inputs))
+            ],
+            ("TY", ["tensor(float)"], ""),
+        ],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in attributes],
+    )
+
+
+def _translations() -> dict[Any, Any]:
+    """ONNX for modelpress's own torch ops: ONNX Runtime contrib ops that OpenVINO also executes."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    import modelpress.ops.nbits  # noqa: F401  (registers torch.ops.modelpress.*)
+
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    # The onnx package has no schemas for ONNX Runtime's contrib ops; the exporter needs one to tell inputs
+    # from attributes, so describe the parts we use.
+    matmul_op = onnxscript.values.Op(
+        msft,
+        "MatMulNBits",
+        _contrib_schema("MatMulNBits", ["A", "B", "scales", "zero_points"], ["K", "N", "bits", "block_size"]),
+    )
+    gather_op = onnxscript.values.Op(
+        msft,
+        "GatherBlockQuantized",
+        _contrib_schema(
+            "GatherBlockQuantized",
+            ["data", "indices", "scales", "zero_points"],
+            ["bits", "block_size", "gather_axis", "quantize_axis"],
+        ),
+    )
+
+    def matmul_nbits(
+        x: Any, packed: Any, scales: Any, zero_points: Any, bias: Any, k: int, bits: int, block_size: int
+    ) -> Any:
+        # accuracy_level 0: fp32 maths on dequantized blocks, what the torch op computes (level 4 would
+        # quantize activations to int8 and change the numbers).
+        y = matmul_op(
+            x, packed, scales, zero_points, K=k, N=packed.shape[0], bits=bits, block_size=block_size
+        )
+        return y if bias is None else op.Add(y, bias)
+
+    def gather_nbits(
+        indices: Any, packed: Any, scales: Any, zero_points: Any, bits: int, block_size: int
+    ) -> Any:
+        return gather_op(
+            packed,
+            indices,
+            scales,
+            zero_points,
+            bits=bits,
+            block_size=block_size,
+            gather_axis=0,
+            quantize_axis=1,
+        )
+
+    return {
+        torch.ops.modelpress.matmul_nbits.default: matmul_nbits,
+        torch.ops.modelpress.gather_nbits.default: gather_nbits,
+    }
+
+
 def _warn_static_dims(program: Any, inputs: Inputs) -> None:
     graph_inputs = list(program.model.graph.inputs)
     for value, wanted in zip(graph_inputs, dynamic_shapes_for(inputs), strict=False):
@@ -122,7 +202,12 @@ def export_onnx(
     out = check_output_path(path, overwrite=overwrite)
     model = model.eval()
     inputs = _widen(example_inputs) if dynamic else example_inputs
-    kwargs: dict[str, Any] = {"dynamo": True, "verbose": False, "optimize": True}
+    kwargs: dict[str, Any] = {
+        "dynamo": True,
+        "verbose": False,
+        "optimize": True,
+        "custom_translation_table": _translations(),
+    }
     if dynamic:
         kwargs["dynamic_shapes"] = dynamic_shapes_for(inputs)
     if opset is not None:

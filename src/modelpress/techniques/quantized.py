@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelpress.ops.nbits import block_quantize, check_block_size, dequantize_blocks, pack_blocks
 from modelpress.ops.quant import (
     affine_params,
     dequantize_per_channel,
@@ -113,7 +114,9 @@ class QuantizedLayer(nn.Module):
 
     @property
     def scheme(self) -> str:
-        name = f"w{self.bits}a8" if self.input_scale is not None else f"w{self.bits}"
+        # 7-bit weights (reduce_range) are stored and executed as int8: "w8"; extra_repr tells them apart.
+        bits = 8 if self.bits == 7 else self.bits
+        name = f"w{bits}a8" if self.input_scale is not None else f"w{bits}"
         return name + "+smooth" if self.input_multiplier is not None else name
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -135,4 +138,139 @@ class QuantizedLayer(nn.Module):
         return torch.func.functional_call(self.inner, {"weight": weight}, args, kwargs)
 
     def extra_repr(self) -> str:
-        return f"{self.scheme}, per-channel axis={self.axis}, shape={tuple(self.qweight.shape)}"
+        rng = ", 7-bit weight range" if self.bits == 7 else ""
+        return f"{self.scheme}{rng}, per-channel axis={self.axis}, shape={tuple(self.qweight.shape)}"
+
+
+class GroupQuantizedLinear(nn.Module):
+    """A Linear whose weight is stored as packed int4 (or int8) codes with a scale per block of
+    `group_size` input features: the ONNX artifact runs it as `com.microsoft.MatMulNBits`.
+
+    Build it with `from_linear` (round to nearest) or `from_codes` (codes chosen by GPTQ, AWQ, ...).
+    """
+
+    _modelpress_atomic = True
+    packed: torch.Tensor  # (N, n_blocks, group_size * bits / 8) uint8
+    scales: torch.Tensor  # (N * n_blocks,) fp32
+    zero_points: torch.Tensor | None  # packed uint8, or None for the implicit 2^(bits-1)
+
+    def __init__(
+        self,
+        inner: nn.Linear,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor | None,
+        *,
+        bits: int,
+        group_size: int,
+    ) -> None:
+        super().__init__()
+        check_block_size(group_size, bits)
+        packed, zp = pack_blocks(codes, zero_point, bits=bits, block_size=group_size)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scale.float().reshape(-1).contiguous())
+        self.register_buffer("zero_points", zp)
+        self.bits, self.group_size = bits, group_size
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+        del inner.weight
+        self.inner = inner  # keeps the bias, and the layer type for reports
+
+    @classmethod
+    def from_linear(
+        cls, inner: nn.Linear, *, bits: int, group_size: int, symmetric: bool = True
+    ) -> GroupQuantizedLinear:
+        codes, scale, zp = block_quantize(inner.weight, bits=bits, block_size=group_size, symmetric=symmetric)
+        return cls(inner, codes, scale, zp, bits=bits, group_size=group_size)
+
+    @classmethod
+    def from_codes(
+        cls,
+        inner: nn.Linear,
+        *,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor | None,
+        bits: int,
+        group_size: int,
+    ) -> GroupQuantizedLinear:
+        """From codes whose weight is `(codes - zero_point) * scale` per group: signed codes in
+        [-2^(b-1), 2^(b-1)-1] with `zero_point=None`, or unsigned codes [0, 2^b-1] with (N, n_groups) zero
+        points. `scale` is (N, n_groups)."""
+        mid = 2 ** (bits - 1)
+        if zero_point is None:
+            unsigned = (codes.to(torch.int32) + mid).clamp(0, 2 * mid - 1)
+        else:
+            unsigned = codes.to(torch.int32)
+        return cls(inner, unsigned, scale, zero_point, bits=bits, group_size=group_size)
+
+    @property
+    def scheme(self) -> str:
+        return f"w{self.bits}g{self.group_size}" + ("" if self.zero_points is None else "-asym")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_blocks(
+            self.packed,
+            self.scales,
+            self.zero_points,
+            k=self.in_features,
+            bits=self.bits,
+            block_size=self.group_size,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.modelpress.matmul_nbits(
+            x,
+            self.packed,
+            self.scales,
+            self.zero_points,
+            self.inner.bias,
+            self.in_features,
+            self.bits,
+            self.group_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.scheme}, in={self.in_features}, out={self.out_features}"
+
+
+class GroupQuantizedEmbedding(nn.Module):
+    """An Embedding table stored as packed int4 (or int8) codes with a scale per block of `group_size`
+    features: the ONNX artifact runs it as `com.microsoft.GatherBlockQuantized`."""
+
+    _modelpress_atomic = True
+    packed: torch.Tensor  # (V, D * bits / 8) uint8
+    scales: torch.Tensor  # (V, D / group_size) fp32
+    zero_points: torch.Tensor | None
+
+    def __init__(self, inner: nn.Embedding, *, bits: int, group_size: int, symmetric: bool = True) -> None:
+        super().__init__()
+        if inner.max_norm is not None:
+            raise ValueError(
+                "GroupQuantizedEmbedding: embeddings with max_norm renormalise their weight; not supported."
+            )
+        v, d = inner.weight.shape
+        if d % group_size:
+            raise ValueError(f"embedding dim {d} is not divisible by group_size={group_size}.")
+        check_block_size(group_size, bits)
+        codes, scale, zp = block_quantize(inner.weight, bits=bits, block_size=group_size, symmetric=symmetric)
+        packed, zp_packed = pack_blocks(codes, zp, bits=bits, block_size=group_size)
+        self.register_buffer("packed", packed.reshape(v, -1).contiguous())
+        self.register_buffer("scales", scale.float().contiguous())
+        self.register_buffer(
+            "zero_points", None if zp_packed is None else zp_packed.reshape(v, -1).contiguous()
+        )
+        self.bits, self.group_size = bits, group_size
+        del inner.weight
+        self.inner = inner
+
+    @property
+    def scheme(self) -> str:
+        return f"w{self.bits}g{self.group_size}" + ("" if self.zero_points is None else "-asym")
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.ops.modelpress.gather_nbits(
+            indices, self.packed, self.scales, self.zero_points, self.bits, self.group_size
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.scheme}, table={tuple(self.packed.shape[:1])}x{self.scales.shape[1] * self.group_size}"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from modelpress.data import Dataset
+from modelpress.environment import cpu_has_vnni
 from modelpress.errors import DataError, RecipeError
 from modelpress.loading import as_inputs
 from modelpress.ops.observers import OBSERVERS, MinMaxObserver, make_observer
@@ -43,6 +44,9 @@ class StaticInt8Config:
     # have outlier features; clipping observers (mse, percentile, entropy) hurt those models instead.
     smooth_alpha: float | None = None
     calibration_batches: int = 32
+    # 7-bit weights, as ONNX Runtime's `reduce_range`: needed where the deployment CPU has no VNNI (AVX2
+    # only), whose int8 kernels saturate on full-range weights. None: decide by the CPU compressing now.
+    reduce_range: bool | None = None
     layers: tuple[Literal["linear", "conv"], ...] = ("linear", "conv")
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
@@ -187,10 +191,19 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
         observer=lambda _n: _observer(config),
         transform={n: 1.0 / s for n, s in smoothing.items()},
     )
+    reduce_range = config.reduce_range
+    if reduce_range is None:
+        reduce_range = not cpu_has_vnni()
+        if reduce_range:
+            log.info(
+                "static_int8: this CPU has no VNNI, where ONNX Runtime's int8 kernels saturate on 8-bit weights; "
+                "weights use 7 bits (set reduce_range: false for VNNI or OpenVINO-only deployments)."
+            )
+    bits = 7 if reduce_range else 8
     for name, module in chosen.items():
         lo, hi = observers[name].range()
         input_range = None if name in transposed else (float(lo), float(hi))
-        layer = QuantizedLayer(module, bits=8, input_range=input_range, smoothing=smoothing.get(name))
+        layer = QuantizedLayer(module, bits=bits, input_range=input_range, smoothing=smoothing.get(name))
         if name:
             set_submodule(model, name, layer)
         else:

@@ -1,12 +1,16 @@
-"""Weight-only quantization: int8 codes and per-output-channel scales are what is stored.
+"""Weight-only quantization: int8 or int4 codes and their scales are what is stored.
 
-In torch the layer dequantizes its weight on the fly (through `quantized_decomposed`), so the ONNX export
-holds int8 initializers feeding `DequantizeLinear` and the file really shrinks about 4x.
+- int8 per output channel (`group_size: null`): the layer dequantizes its weight through
+  `quantized_decomposed`, so the ONNX export holds int8 initializers feeding `DequantizeLinear` (~4x smaller).
+- int4 (or int8) per group of `group_size` input features: Linear layers export as `MatMulNBits` and
+  Embeddings as `GatherBlockQuantized` with packed codes (~7x smaller at int4). Convolutions have no
+  block-quantized kernel in the runtimes, so they stay int8 per channel (and the log says so).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -14,7 +18,13 @@ import torch
 from torch import nn
 
 from modelpress.errors import RecipeError
-from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer
+from modelpress.ops.nbits import check_block_size
+from modelpress.techniques.quantized import (
+    QUANTIZABLE_TYPES,
+    GroupQuantizedEmbedding,
+    GroupQuantizedLinear,
+    QuantizedLayer,
+)
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
 log = logging.getLogger(__name__)
@@ -26,23 +36,39 @@ _KIND_TYPES = QUANTIZABLE_TYPES
 
 @dataclass(frozen=True)
 class WeightOnlyConfig:
-    """Round-to-nearest symmetric per-output-channel weight quantization.
+    """Round-to-nearest weight quantization: int8 per output channel, or int4/int8 per group.
 
-    >>> WeightOnlyConfig(bits=8, ignore=("classifier",))
-    WeightOnlyConfig(bits=8, layers=('linear', 'conv', 'embedding'), targets=None, ignore=('classifier',))
+    >>> WeightOnlyConfig(bits=4, group_size=64, ignore=("classifier",))  # doctest: +ELLIPSIS
+    WeightOnlyConfig(bits=4, group_size=64, symmetric=True, ...)
     """
 
     type: ClassVar[str] = "weight_only"
-    bits: Literal[8] = 8
+    bits: Literal[4, 8] = 8
+    # Input features sharing one scale; None = one scale per output channel (int8 only).
+    group_size: int | None = None
+    symmetric: bool = True
     layers: tuple[LayerKind, ...] = ("linear", "conv", "embedding")
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.bits != 8:
+        if self.bits not in (4, 8):
             raise RecipeError(
-                f"weight_only: bits={self.bits} is not supported yet; use bits: 8 (int4 comes with group-wise "
-                "quantization)."
+                f"weight_only: bits={self.bits} is not supported; use 8, or 4 with a group_size."
+            )
+        if self.bits == 4 and self.group_size is None:
+            raise RecipeError(
+                "weight_only: bits=4 needs a group_size (32, 64 or 128): one scale per output channel is too "
+                "coarse for 16 levels."
+            )
+        if self.group_size is not None:
+            try:
+                check_block_size(self.group_size, self.bits)
+            except ValueError as exc:
+                raise RecipeError(f"weight_only: {exc}") from exc
+        if self.group_size is None and not self.symmetric:
+            raise RecipeError(
+                "weight_only: symmetric=false needs a group_size (per-channel int8 is symmetric)."
             )
         bad = [k for k in self.layers if k not in _KIND_TYPES]
         if bad or not self.layers:
@@ -82,10 +108,23 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
     # Tied weights (an LM's embedding and head share one Parameter) are quantized once and the codes
     # shared, so the artifact stores them once, as the fp32 model did.
     first_user: dict[int, QuantizedLayer] = {}
+    users = Counter(id(m.weight) for _, m in chosen)
+    kept_int8: list[str] = []
     for name, module in chosen:
         weight = module.weight
         source = first_user.get(id(weight))
-        wrapped = QuantizedLayer(module, bits=config.bits)
+        grouped = _grouped(name, module, config)
+        if grouped is not None:
+            if users[id(weight)] > 1:
+                log.warning(
+                    "weight_only: '%s' shares its weight with another layer; its int4 codes are stored twice.",
+                    name,
+                )
+            model = _replace(model, name, grouped)
+            continue
+        if config.group_size is not None:
+            kept_int8.append(name)
+        wrapped = QuantizedLayer(module, bits=8)
         if (
             source is not None
             and source.axis == wrapped.axis
@@ -94,9 +133,44 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
             wrapped.qweight, wrapped.scale = source.qweight, source.scale
         else:
             first_user[id(weight)] = wrapped
-        if name:
-            set_submodule(model, name, wrapped)
-        else:
-            model = wrapped
-    log.info("weight_only: quantized %d layers to int%d", len(chosen), config.bits)
+        model = _replace(model, name, wrapped)
+    if kept_int8:
+        log.info(
+            "weight_only: %d layers have no block-quantized kernel and stay int8 per channel: %s",
+            len(kept_int8),
+            kept_int8,
+        )
+    log.info(
+        "weight_only: quantized %d layers (int%d, group %s)", len(chosen), config.bits, config.group_size
+    )
     return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if not name:
+        return new
+    set_submodule(model, name, new)
+    return model
+
+
+def _grouped(name: str, module: nn.Module, config: WeightOnlyConfig) -> nn.Module | None:
+    """The block-quantized replacement of `module`, or None where only int8 per channel applies."""
+    if config.group_size is None:
+        return None
+    if type(module) is nn.Linear:
+        return GroupQuantizedLinear.from_linear(
+            module, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric
+        )
+    if type(module) is nn.Embedding:
+        dim = module.weight.shape[1]
+        if dim % config.group_size == 0 and module.max_norm is None:
+            # Symmetric always: OpenVINO 2026.4 fails to compile GatherBlockQuantized with zero points
+            # for a single block per row.
+            return GroupQuantizedEmbedding(module, bits=config.bits, group_size=config.group_size)
+        log.warning(
+            "weight_only: embedding '%s' (dim %d) cannot be split into groups of %d; it stays int8 per channel.",
+            name,
+            dim,
+            config.group_size,
+        )
+    return None
