@@ -19,6 +19,7 @@ CONTRACT_CONFIGS = {
     "weight_only": mp.WeightOnlyConfig(),
     "weight_only_int4": mp.WeightOnlyConfig(bits=4, group_size=32),
     "static_int8": mp.StaticInt8Config(calibration_batches=4),
+    "dynamic_int8": mp.DynamicInt8Config(),
 }
 
 

@@ -88,6 +88,7 @@ def _translations() -> dict[Any, Any]:
     import onnxscript
     from onnxscript import opset18 as op
 
+    import modelpress.ops.dynamic
     import modelpress.ops.nbits  # noqa: F401  (registers torch.ops.modelpress.*)
 
     msft = onnxscript.values.Opset("com.microsoft", 1)
@@ -132,7 +133,15 @@ def _translations() -> dict[Any, Any]:
             quantize_axis=1,
         )
 
+    def dynamic_quant_linear(x: Any, qweight: Any, weight_scale: Any, bias: Any) -> Any:
+        # The pattern ONNX Runtime's quantize_dynamic writes and fuses into DynamicQuantizeMatMul.
+        xq, x_scale, x_zero_point = op.DynamicQuantizeLinear(x)
+        acc = op.MatMulInteger(xq, op.Transpose(qweight, perm=[1, 0]), x_zero_point)
+        y = op.Mul(op.Cast(acc, to=1), op.Mul(x_scale, weight_scale))
+        return y if bias is None else op.Add(y, bias)
+
     return {
+        torch.ops.modelpress.dynamic_quant_linear.default: dynamic_quant_linear,
         torch.ops.modelpress.matmul_nbits.default: matmul_nbits,
         torch.ops.modelpress.gather_nbits.default: gather_nbits,
     }

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from modelpress.errors import RecipeError
+from modelpress.techniques.dynamic_int8 import DynamicInt8Config, dynamic_int8
 from modelpress.techniques.static_int8 import StaticInt8Config, static_int8
 from modelpress.techniques.weight_only import WeightOnlyConfig, weight_only
 
@@ -18,6 +19,7 @@ TechniqueFn = Callable[[nn.Module, Any, Any], nn.Module]
 REGISTRY: dict[str, tuple[type[Any], TechniqueFn]] = {
     WeightOnlyConfig.type: (WeightOnlyConfig, weight_only),
     StaticInt8Config.type: (StaticInt8Config, static_int8),
+    DynamicInt8Config.type: (DynamicInt8Config, dynamic_int8),
 }
 
 
@@ -72,10 +74,12 @@ def config_from_dict(raw: Mapping[str, Any], *, where: str = "recipe") -> Any:
 
 __all__ = [
     "REGISTRY",
+    "DynamicInt8Config",
     "StaticInt8Config",
     "WeightOnlyConfig",
     "config_from_dict",
     "config_to_dict",
+    "dynamic_int8",
     "static_int8",
     "weight_only",
 ]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelpress.ops.dynamic import dynamic_quant_linear
 from modelpress.ops.nbits import block_quantize, check_block_size, dequantize_blocks, pack_blocks
 from modelpress.ops.quant import (
     affine_params,
@@ -274,3 +275,36 @@ class GroupQuantizedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.scheme}, table={tuple(self.packed.shape[:1])}x{self.scales.shape[1] * self.group_size}"
+
+
+class DynamicQuantizedLinear(nn.Module):
+    """A Linear with int8 per-output-channel weights whose input is quantized to uint8 at run time (one
+    scale per call): ONNX `DynamicQuantizeLinear` + `MatMulInteger`, fused by ONNX Runtime."""
+
+    _modelpress_atomic = True
+    qweight: torch.Tensor  # (N, K) int8
+    scale: torch.Tensor  # (N,) fp32
+
+    def __init__(self, inner: nn.Linear, *, bits: int = 8) -> None:
+        super().__init__()
+        weight = inner.weight.detach()
+        scale = symmetric_scale(weight, axis=0, bits=bits)
+        self.register_buffer("qweight", quantize_symmetric(weight, scale, axis=0, bits=bits))
+        self.register_buffer("scale", scale.float())
+        self.bits = bits
+        del inner.weight
+        self.inner = inner
+
+    @property
+    def scheme(self) -> str:
+        return "w8a8-dynamic"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dynamic_quant_linear(x, self.qweight, self.scale, self.inner.bias)
+
+    def extra_repr(self) -> str:
+        rng = ", 7-bit weight range" if self.bits == 7 else ""
+        return f"{self.scheme}{rng}, shape={tuple(self.qweight.shape)}"
