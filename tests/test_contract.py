@@ -20,7 +20,12 @@ CONTRACT_CONFIGS = {
     "weight_only_int4": mp.WeightOnlyConfig(bits=4, group_size=32),
     "static_int8": mp.StaticInt8Config(calibration_batches=4),
     "dynamic_int8": mp.DynamicInt8Config(),
+    "qat": mp.QATConfig(calibration_batches=4),
 }
+
+
+# (technique, arch) pairs with nothing to quantize: dynamic int8 is for Linear layers; the generator has none.
+NOTHING_TO_DO = {("dynamic_int8", "dcgan_generator")}
 
 
 def test_every_technique_has_a_contract_config():
@@ -66,6 +71,9 @@ def test_technique_on_zoo(arch, technique, tmp_path):
         if layer["type"] != before_layers.get(layer["name"], {}).get("type")
         or layer["bytes"] != before_layers.get(layer["name"], {}).get("bytes")
     ]
+    if (technique, arch) in NOTHING_TO_DO:
+        assert not changed
+        return
     assert changed, "the technique changed no layer"
     assert all(layer["type"] in html for layer in changed)
     assert result["profile"]["compressed"]["bytes"] < result["profile"]["baseline"]["bytes"]

@@ -23,7 +23,7 @@ from modelpress.errors import (
 from modelpress.evaluate.metrics import accuracy, as_predictor, evaluate, output_fidelity, perplexity
 from modelpress.loading import load_model
 from modelpress.pipeline.recipe import builtin_recipes, compress, dump_recipe, load_recipe
-from modelpress.techniques import REGISTRY, DynamicInt8Config, StaticInt8Config, WeightOnlyConfig
+from modelpress.techniques import REGISTRY, DynamicInt8Config, QATConfig, StaticInt8Config, WeightOnlyConfig
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "ModelpressError",
     "ParityError",
     "ParityReport",
+    "QATConfig",
     "Profile",
     "RecipeError",
     "RuntimeUnavailableError",
