@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelpress.ops.dynamic import dynamic_quant_linear
-from modelpress.ops.nbits import block_quantize, check_block_size, dequantize_blocks, pack_blocks
+from modelpress.ops.nbits import (
+    block_quantize,
+    check_block_size,
+    dequantize_blocks,
+    gather_nbits,
+    pack_blocks,
+)
 from modelpress.ops.quant import (
     affine_params,
     dequantize_per_channel,
@@ -267,6 +273,12 @@ class GroupQuantizedEmbedding(nn.Module):
     @property
     def scheme(self) -> str:
         return f"w{self.bits}g{self.group_size}" + ("" if self.zero_points is None else "-asym")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        v = self.packed.shape[0]
+        return gather_nbits(
+            torch.arange(v), self.packed, self.scales, self.zero_points, self.bits, self.group_size
+        )
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return torch.ops.modelpress.gather_nbits(
