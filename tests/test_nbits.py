@@ -130,3 +130,14 @@ def test_int4_export_runs_in_every_runtime(tmp_path, symmetric):
     for runtime in mp.available_runtimes():
         report = mp.check_parity(small, mp.open_session(path, runtime), samples)
         assert report.passed, (runtime, report.message)
+
+
+def test_explain_covers_block_quantized_layers():
+    from modelpress.analyse.explain import explain_quantization
+
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    small = mp.compress(model, [mp.WeightOnlyConfig(bits=4, group_size=32)])
+    rows = explain_quantization(model, small, [(torch.randint(0, 50, (2, 5)),)])
+    assert {r.name for r in rows} == {"emb", "l1", "l2"}
+    assert all(r.scheme == "w4g32" and 10 < r.weight_sqnr_db < 40 for r in rows)
