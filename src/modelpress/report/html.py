@@ -75,14 +75,26 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
 # What each technique does to speed, said beside the measured figures.
 TECHNIQUE_NOTES = {
     "weight_only": (
-        "Weight-only quantization stores int8 weights (the file and the download shrink about 4x) but computes "
-        "in fp32: a runtime dequantizes the weights, once at load time or on every call, so expect no speedup "
-        "and fp32 working memory. For faster inference use static int8 (activations quantized too)."
+        "Weight-only quantization stores int8 weights (about 4x smaller) or packed int4 weights with a scale per "
+        "group (about 7x smaller, run as MatMulNBits / GatherBlockQuantized) but computes in fp32: a runtime "
+        "dequantizes the weights, once at load time or inside its kernel, so expect little or no speedup. For "
+        "faster inference use static int8 (activations quantized too)."
+    ),
+    "dynamic_int8": (
+        "Dynamic int8 stores int8 weights and quantizes each Linear input at run time (DynamicQuantizeLinear + "
+        "MatMulInteger): no calibration data, integer matmuls, plus the cost of finding each input's range. "
+        "Convolutions are left in fp32."
+    ),
+    "qat": (
+        "Quantization-aware training fine-tuned the weights and the quantization scales with int8 rounding in "
+        "the loop; the artifact is the same static int8 (QDQ) graph as post-training quantization."
     ),
     "static_int8": (
         "Static int8 quantizes each Linear/Conv input and weight (QDQ). A runtime is faster only where it fuses "
         "that pattern into an integer kernel: OpenVINO does for Linear and Conv; ONNX Runtime does for MatMul, "
-        "but for Conv it also needs the output quantized, so a CNN can run slower there (see the ratios above)."
+        "but for Conv it also needs the output quantized, so a CNN can run slower there (see the ratios above). "
+        "On CPUs without VNNI (AVX2 only) ONNX Runtime's int8 kernels saturate on full-range weights, so "
+        "weights are quantized to 7 bits there unless reduce_range is set to false."
     ),
 }
 
