@@ -18,6 +18,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers imports torchao when it is installed (a peer tool, benchmarks/setup.sh); its prebuilt extensions
+# are CUDA kernels that cannot load beside the CPU torch and print an error each. Its CPU paths do not need them.
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 import bz2
 import gzip

