@@ -332,6 +332,55 @@ METHODS: dict[str, Method] = {
         ),
         needs_calibration=True,
     ),
+    # Dynamic int8 on Linear inputs (no calibration), int8 weights for embeddings: the shipped recipe.
+    "int8-dynamic": Method(
+        "int8-dynamic", "modelpress", ("onnxruntime", "openvino"), build_recipe("int8-dynamic")
+    ),
+    # Weight-only int4, symmetric groups of 64 (Linear: MatMulNBits, Embedding: GatherBlockQuantized).
+    "int4-weight-only": Method(
+        "int4-weight-only",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_recipe("int4-weight-only"),
+        assets=("minilm",),
+    ),
+    "int4-g32-weight-only": Method(
+        "int4-g32-weight-only",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_recipe([mp.WeightOnlyConfig(bits=4, group_size=32)]),
+        assets=("minilm",),
+    ),
+    # The CNN's 4-bit variant: static int8 convolutions, int4 (asymmetric groups of 128) Linear weights.
+    "w4-linear-int8-conv": Method(
+        "w4-linear-int8-conv",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_recipe(
+            [
+                mp.StaticInt8Config(layers=("conv",)),
+                mp.WeightOnlyConfig(bits=4, group_size=128, symmetric=False, layers=("linear",)),
+            ]
+        ),
+        needs_calibration=True,
+        assets=("mnist",),
+    ),
+    # Round-to-nearest int4 over every decoder Linear (groups of 128, the last one partial on 576-wide
+    # layers); the tied embedding / LM head stays int8 per channel.
+    "int4-g128-rtn": Method(
+        "int4-g128-rtn",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_recipe(
+            [
+                mp.WeightOnlyConfig(
+                    bits=4, group_size=128, layers=("linear",), targets=(r"re:.*\.layers\.\d+\..*",)
+                ),
+                mp.WeightOnlyConfig(bits=8, layers=("linear", "embedding")),
+            ]
+        ),
+        assets=("smollm2",),
+    ),
     # ---- peer tools, same run, same measurements (benchmarks/peers.py) ----
     "ort-dynamic": Method("ort-dynamic", "onnxruntime", ("onnxruntime",), peer(peers.ort_dynamic)),
     # The same with reduce_range=True (7-bit weights), as ORT advises for u8s8 on x86: with full-range int8
