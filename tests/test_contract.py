@@ -21,6 +21,9 @@ CONTRACT_CONFIGS = {
     "static_int8": mp.StaticInt8Config(calibration_batches=4),
     "dynamic_int8": mp.DynamicInt8Config(),
     "qat": mp.QATConfig(calibration_batches=4),
+    "mixed_precision": mp.MixedPrecisionConfig(
+        min_cosine=0.99, holdout=2, scheme={"type": "static_int8", "calibration_batches": 2}
+    ),
 }
 
 

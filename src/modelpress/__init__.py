@@ -23,7 +23,15 @@ from modelpress.errors import (
 from modelpress.evaluate.metrics import accuracy, as_predictor, evaluate, output_fidelity, perplexity
 from modelpress.loading import load_model
 from modelpress.pipeline.recipe import builtin_recipes, compress, dump_recipe, load_recipe
-from modelpress.techniques import REGISTRY, DynamicInt8Config, QATConfig, StaticInt8Config, WeightOnlyConfig
+from modelpress.techniques import (
+    REGISTRY,
+    DynamicInt8Config,
+    MixedPrecisionConfig,
+    QATConfig,
+    StaticInt8Config,
+    WeightOnlyConfig,
+)
+from modelpress.techniques.mixed_precision import FloorNotMetError, search_mixed_precision
 
 __version__ = "0.1.0"
 
@@ -33,13 +41,15 @@ __all__ = [
     "Dataset",
     "DynamicInt8Config",
     "ExportError",
+    "FloorNotMetError",
     "LayerProfile",
+    "MixedPrecisionConfig",
     "ModelLoadError",
     "ModelpressError",
     "ParityError",
     "ParityReport",
-    "QATConfig",
     "Profile",
+    "QATConfig",
     "RecipeError",
     "RuntimeUnavailableError",
     "StaticInt8Config",
@@ -63,4 +73,5 @@ __all__ = [
     "peak_memory_mb",
     "perplexity",
     "profile",
+    "search_mixed_precision",
 ]

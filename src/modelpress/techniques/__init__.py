@@ -11,6 +11,7 @@ from torch import nn
 
 from modelpress.errors import RecipeError
 from modelpress.techniques.dynamic_int8 import DynamicInt8Config, dynamic_int8
+from modelpress.techniques.mixed_precision import MixedPrecisionConfig, mixed_precision
 from modelpress.techniques.qat import QATConfig, qat
 from modelpress.techniques.static_int8 import StaticInt8Config, static_int8
 from modelpress.techniques.weight_only import WeightOnlyConfig, weight_only
@@ -22,6 +23,7 @@ REGISTRY: dict[str, tuple[type[Any], TechniqueFn]] = {
     StaticInt8Config.type: (StaticInt8Config, static_int8),
     DynamicInt8Config.type: (DynamicInt8Config, dynamic_int8),
     QATConfig.type: (QATConfig, qat),
+    MixedPrecisionConfig.type: (MixedPrecisionConfig, mixed_precision),
 }
 
 
@@ -77,12 +79,14 @@ def config_from_dict(raw: Mapping[str, Any], *, where: str = "recipe") -> Any:
 __all__ = [
     "REGISTRY",
     "DynamicInt8Config",
+    "MixedPrecisionConfig",
     "QATConfig",
     "StaticInt8Config",
     "WeightOnlyConfig",
     "config_from_dict",
     "config_to_dict",
     "dynamic_int8",
+    "mixed_precision",
     "qat",
     "static_int8",
     "weight_only",
