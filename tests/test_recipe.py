@@ -19,10 +19,9 @@ def test_builtin_recipe_loads():
 def test_unknown_technique_named(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("- {type: prune_magic, sparsity: 0.5}\n")
-    with pytest.raises(
-        mp.RecipeError, match="unknown technique type 'prune_magic'. Known types: static_int8, weight_only"
-    ):
+    with pytest.raises(mp.RecipeError, match="unknown technique type 'prune_magic'. Known types: ") as info:
         mp.load_recipe(path)
+    assert "static_int8" in str(info.value) and "weight_only" in str(info.value)
 
 
 def test_wrong_field_named(tmp_path):
