@@ -217,7 +217,8 @@ class LogitsOnly(nn.Module):
 
 
 SMOLLM2_PPL_TOKENS = 32768  # the peers' figures (fp32 20.75) are over 32k tokens in 1024-token windows
-SMOLLM2_FIDELITY_TOKENS = 8192  # fidelity keeps the fp32 logits of its windows (200 MB per window)
+SMOLLM2_FIDELITY_TOKENS = 8192
+SMOLLM2_CALIBRATION_WINDOWS = 128  # fidelity keeps the fp32 logits of its windows (200 MB per window)
 
 
 def smollm2_asset(quick: bool) -> Asset:
@@ -228,6 +229,12 @@ def smollm2_asset(quick: bool) -> Asset:
     windows = [
         ids[s : s + window].unsqueeze(0) for s in range(0, len(ids), window) if len(ids[s : s + window]) >= 2
     ]
+    # Calibration: 512-token windows of the same text after the evaluated tokens (and a 1024-token gap).
+    n_calib = 16 if quick else SMOLLM2_CALIBRATION_WINDOWS
+    calib_ids = assets.wiki_tokens(tokenizer, SMOLLM2_PPL_TOKENS + 1024 + 512 * n_calib)[
+        SMOLLM2_PPL_TOKENS + 1024 :
+    ]
+    calibration = [(calib_ids[i : i + 512].unsqueeze(0),) for i in range(0, 512 * n_calib, 512)]
     fidelity_windows = windows[: max(1, SMOLLM2_FIDELITY_TOKENS // window)]
     fidelity_tokens = sum(w.shape[1] for w in fidelity_windows)
     ref = CachedReference(model)
@@ -246,7 +253,11 @@ def smollm2_asset(quick: bool) -> Asset:
         quality=lambda target: mp.perplexity(target, windows),
         fidelity=lambda target: mp.output_fidelity(target, ref, fidelity_windows),
         bench_batches={"b1": [prefill.numpy()]},  # prefill of 128 tokens, batch 1
-        notes=[f"fidelity (logits vs fp32 torch) over the first {fidelity_tokens} tokens"],
+        calibration=calibration,
+        notes=[
+            f"fidelity (logits vs fp32 torch) over the first {fidelity_tokens} tokens",
+            f"calibration: {len(calibration)} windows of 512 tokens after the evaluated text",
+        ],
     )
 
 
@@ -318,6 +329,7 @@ METHODS: dict[str, Method] = {
         ("onnxruntime", "openvino"),
         build_recipe("int8-static"),
         needs_calibration=True,
+        assets=("mnist", "minilm"),
     ),
     # The same with SmoothQuant (alpha 0.75) on Linear inputs, for models with outlier features.
     "int8-static-smooth": Method(
@@ -331,6 +343,7 @@ METHODS: dict[str, Method] = {
             ]
         ),
         needs_calibration=True,
+        assets=("mnist", "minilm"),
     ),
     # Static int8 + SmoothQuant where a layer-sensitivity search keeps the fewest Linear layers at int8
     # weight-only that hold mean cosine >= 0.9985 to fp32 on 4 held-out calibration batches.
@@ -398,6 +411,32 @@ METHODS: dict[str, Method] = {
         ),
         assets=("smollm2",),
     ),
+    # GPTQ int4 (symmetric groups of 128, act-order with static groups, Hessian-weighted clipping search)
+    # over every decoder Linear, calibrated block by block; the tied embedding / LM head int8 per channel.
+    "int4-g128-gptq": Method(
+        "int4-g128-gptq",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_recipe(
+            [
+                mp.GPTQConfig(bits=4, group_size=128, targets=(r"re:.*\.layers\.\d+\..*",)),
+                mp.WeightOnlyConfig(bits=8, layers=("linear", "embedding")),
+            ]
+        ),
+        needs_calibration=True,
+        assets=("smollm2",),
+    ),
+    # GPTQ int8 per output channel on every Linear (LM head included); embedding int8 per row.
+    "int8-gptq": Method(
+        "int8-gptq",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_recipe(
+            [mp.GPTQConfig(bits=8, group_size=None), mp.WeightOnlyConfig(bits=8, layers=("embedding",))]
+        ),
+        needs_calibration=True,
+        assets=("smollm2",),
+    ),
     # ---- peer tools, same run, same measurements (benchmarks/peers.py) ----
     "ort-dynamic": Method("ort-dynamic", "onnxruntime", ("onnxruntime",), peer(peers.ort_dynamic)),
     # The same with reduce_range=True (7-bit weights), as ORT advises for u8s8 on x86: with full-range int8
@@ -415,10 +454,23 @@ METHODS: dict[str, Method] = {
         ("onnxruntime", "openvino"),
         peer(peers.ort_static),
         needs_calibration=True,
+        assets=("mnist", "minilm"),
     ),
-    "nncf-int8": Method("nncf-int8", "nncf", ("openvino",), peer(peers.nncf_int8), needs_calibration=True),
+    "nncf-int8": Method(
+        "nncf-int8",
+        "nncf",
+        ("openvino",),
+        peer(peers.nncf_int8),
+        needs_calibration=True,
+        assets=("mnist", "minilm"),
+    ),
     "nncf-int8-onnx": Method(
-        "nncf-int8-onnx", "nncf", ("onnxruntime",), peer(peers.nncf_int8_onnx), needs_calibration=True
+        "nncf-int8-onnx",
+        "nncf",
+        ("onnxruntime",),
+        peer(peers.nncf_int8_onnx),
+        needs_calibration=True,
+        assets=("mnist", "minilm"),
     ),
     "ort-int4": Method(
         "ort-int4", "onnxruntime", ("onnxruntime", "openvino"), peer(peers.ort_int4), assets=("smollm2",)

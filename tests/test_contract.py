@@ -21,14 +21,17 @@ CONTRACT_CONFIGS = {
     "static_int8": mp.StaticInt8Config(calibration_batches=4),
     "dynamic_int8": mp.DynamicInt8Config(),
     "qat": mp.QATConfig(calibration_batches=4),
+    "gptq": mp.GPTQConfig(bits=4, group_size=32, calibration_batches=4),
+    "awq": mp.AWQConfig(bits=4, group_size=32, calibration_batches=4),
     "mixed_precision": mp.MixedPrecisionConfig(
         min_cosine=0.99, holdout=2, scheme={"type": "static_int8", "calibration_batches": 2}
     ),
 }
 
 
-# (technique, arch) pairs with nothing to quantize: dynamic int8 is for Linear layers; the generator has none.
-NOTHING_TO_DO = {("dynamic_int8", "dcgan_generator")}
+# (technique, arch) pairs with nothing to quantize: dynamic int8 and AWQ are for Linear layers; the generator
+# has none.
+NOTHING_TO_DO = {("dynamic_int8", "dcgan_generator"), ("awq", "dcgan_generator")}
 
 
 def test_every_technique_has_a_contract_config():

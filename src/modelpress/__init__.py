@@ -25,7 +25,9 @@ from modelpress.loading import load_model
 from modelpress.pipeline.recipe import builtin_recipes, compress, dump_recipe, load_recipe
 from modelpress.techniques import (
     REGISTRY,
+    AWQConfig,
     DynamicInt8Config,
+    GPTQConfig,
     MixedPrecisionConfig,
     QATConfig,
     StaticInt8Config,
@@ -37,11 +39,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "REGISTRY",
+    "AWQConfig",
     "DataError",
     "Dataset",
     "DynamicInt8Config",
     "ExportError",
     "FloorNotMetError",
+    "GPTQConfig",
     "LayerProfile",
     "MixedPrecisionConfig",
     "ModelLoadError",

@@ -10,7 +10,9 @@ from typing import Any
 from torch import nn
 
 from modelpress.errors import RecipeError
+from modelpress.techniques.awq import AWQConfig, awq
 from modelpress.techniques.dynamic_int8 import DynamicInt8Config, dynamic_int8
+from modelpress.techniques.gptq import GPTQConfig, gptq
 from modelpress.techniques.mixed_precision import MixedPrecisionConfig, mixed_precision
 from modelpress.techniques.qat import QATConfig, qat
 from modelpress.techniques.static_int8 import StaticInt8Config, static_int8
@@ -24,6 +26,8 @@ REGISTRY: dict[str, tuple[type[Any], TechniqueFn]] = {
     DynamicInt8Config.type: (DynamicInt8Config, dynamic_int8),
     QATConfig.type: (QATConfig, qat),
     MixedPrecisionConfig.type: (MixedPrecisionConfig, mixed_precision),
+    GPTQConfig.type: (GPTQConfig, gptq),
+    AWQConfig.type: (AWQConfig, awq),
 }
 
 
@@ -78,14 +82,18 @@ def config_from_dict(raw: Mapping[str, Any], *, where: str = "recipe") -> Any:
 
 __all__ = [
     "REGISTRY",
+    "AWQConfig",
     "DynamicInt8Config",
+    "GPTQConfig",
     "MixedPrecisionConfig",
     "QATConfig",
     "StaticInt8Config",
     "WeightOnlyConfig",
+    "awq",
     "config_from_dict",
     "config_to_dict",
     "dynamic_int8",
+    "gptq",
     "mixed_precision",
     "qat",
     "static_int8",

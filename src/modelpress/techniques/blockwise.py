@@ -1,0 +1,410 @@
+"""Block-by-block calibration for algorithms that need each layer's inputs (GPTQ, AWQ).
+
+A transformer is a stack of identical blocks. Rather than keep statistics for every layer at once, the
+model runs once up to the first block and the inputs of that block (positional and keyword: attention
+masks, rotary embeddings, ...) are cached for every calibration item. Then, block after block:
+
+1. the cached inputs run through the block while hooks feed each selected layer's input to the
+   algorithm (`BlockStep.run`);
+2. the algorithm quantizes that block's layers and returns their replacements;
+3. the block runs again (or its outputs from step 1 are kept) to give the next block's inputs.
+
+Peak memory is the model, one block's activations for one item, and two copies of the hidden states of
+the calibration set. Layers outside the blocks (an LM head, a classifier, a CNN stem) are calibrated
+afterwards in one pass through the whole model; a model without a repeated block is one block.
+
+The blocks are the longest `nn.ModuleList` / `nn.Sequential` whose children share one type and hold
+selected layers (`model.layers` of a Hugging Face decoder, `encoder.layer` of BERT). Before trusting
+them, one forward of the first item checks that each block feeds the next and that all blocks get the
+same keyword arguments; otherwise the whole model is calibrated as one block, with a warning.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelpress.data import Dataset
+from modelpress.errors import DataError
+from modelpress.loading import as_inputs
+from modelpress.techniques.select import set_submodule
+
+log = logging.getLogger(__name__)
+
+Observe = Callable[[str, torch.Tensor], None]  # (layer name, the layer's input)
+Process = Callable[["BlockStep"], dict[str, nn.Module]]  # a step -> replacements by layer name
+
+# Keyword arguments that carry a KV cache: running a block twice must not append to it.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward early once the wanted inputs are captured."""
+
+
+@dataclass
+class _Call:
+    """The inputs of one block call: positional args, keyword args, and where the hidden state is."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    hidden_key: str | None = None  # None: args[0]
+
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.hidden_key is None else self.kwargs[self.hidden_key]
+
+    def with_hidden(self, x: torch.Tensor) -> _Call:
+        if self.hidden_key is None:
+            return _Call((x, *self.args[1:]), self.kwargs, None)
+        return _Call(self.args, {**self.kwargs, self.hidden_key: x}, self.hidden_key)
+
+
+@dataclass
+class BlockStep:
+    """One step of block-wise calibration: a block (or the whole model), its selected layers, and the
+    inputs it runs on."""
+
+    name: str  # the block's dotted name; "" for the whole model
+    module: nn.Module
+    layers: dict[str, nn.Module]  # selected layers inside `module`, by their name in the model
+    owner: str
+    calls: list[_Call] | None = None  # cached block inputs; None: run the model on `data`
+    data: Dataset | None = None
+    batches: int = 0
+    record_outputs: bool = False
+    outputs: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    def _inputs(self) -> Iterator[_Call]:
+        if self.calls is not None:
+            yield from self.calls
+            return
+        assert self.data is not None
+        for item in self.data.take(self.batches):
+            yield _Call(as_inputs(item, where="calibration item"), {})
+
+    def _forward(self, call: _Call) -> Any:
+        if self.calls is not None:
+            return self.module(*call.args, **call.kwargs)
+        return _run_model(self.module, call.args, self.owner)
+
+    def run(self, observe: Observe) -> None:
+        """Run every input through the block; `observe(name, x)` sees each selected layer's input.
+
+        Unless outputs are recorded, each forward after the first stops once the last selected layer's
+        input is seen (what follows it is not needed).
+        """
+        calls = [0, 0]  # hook calls in this item, and in the first item (0 until it completed)
+
+        def counting(name: str, x: torch.Tensor) -> None:
+            observe(name, x)
+            calls[0] += 1
+            if calls[0] == calls[1] and not self.record_outputs:
+                raise _Stop
+
+        handles = [
+            module.register_forward_pre_hook(_layer_hook(name, counting), with_kwargs=True)
+            for name, module in self.layers.items()
+        ]
+        outputs: list[torch.Tensor] = []
+        try:
+            with torch.no_grad():
+                for call in self._inputs():
+                    calls[0] = 0
+                    try:
+                        out = self._forward(call)
+                    except _Stop:
+                        continue
+                    finally:
+                        calls[1] = calls[1] or calls[0]
+                    if self.record_outputs:
+                        outputs.append(_first_tensor(out))
+        finally:
+            for h in handles:
+                h.remove()
+        if self.record_outputs:
+            self.outputs = outputs
+
+    def forward_first(self, observe: Observe | None = None) -> torch.Tensor:
+        """The block's output for the first input, with the block's current weights; `observe` sees the
+        selected layers' inputs."""
+        handles = (
+            [
+                module.register_forward_pre_hook(_layer_hook(name, observe), with_kwargs=True)
+                for name, module in self.layers.items()
+            ]
+            if observe is not None
+            else []
+        )
+        try:
+            with torch.no_grad():
+                return _first_tensor(self._forward(next(iter(self._inputs()))))
+        finally:
+            for h in handles:
+                h.remove()
+
+    def execution_order(self) -> list[str]:
+        """Names (in the model) of the block's submodules in the order the first input calls them."""
+        order: list[str] = []
+        prefix = f"{self.name}." if self.name else ""
+        handles = [
+            m.register_forward_pre_hook(lambda _m, _a, n=prefix + n: order.append(n))
+            for n, m in self.module.named_modules()
+            if n
+        ]
+        try:
+            self.forward_first()
+        finally:
+            for h in handles:
+                h.remove()
+        return order
+
+
+def _layer_hook(name: str, observe: Observe) -> Callable[..., None]:
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if isinstance(x, torch.Tensor):
+            observe(name, x)  # the very tensor: layers reading the same one can share work
+
+    return hook
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    """A block's hidden-state output: the tensor itself, or the first element of a tuple."""
+    while isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"a block returned {type(out).__name__}; expected a tensor or a tuple of tensors")
+    return out
+
+
+def _run_model(model: nn.Module, inputs: tuple[Any, ...], owner: str) -> Any:
+    try:
+        return model(*inputs)
+    except (_Stop, DataError):
+        raise
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise DataError(
+            f"{owner}: the model fails on a calibration item of shapes [{shapes}] with {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Calibration items must be model inputs (use a "
+            "transform_fn to drop labels)."
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding and checking the blocks
+
+
+def find_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
+    """Names of the repeated blocks: the children of the longest ModuleList/Sequential whose children share
+    one type and that holds selected layers (ties: the one holding more). Empty if there is none.
+
+    >>> find_blocks(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), {"0": nn.Linear(4, 4)})
+    ['0', '1']
+    """
+    best: tuple[int, int, list[str]] = (0, 0, [])
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        prefix = f"{name}." if name else ""
+        children = [prefix + child for child, _ in module.named_children()]
+        held = sum(1 for n in layers if any(n == c or n.startswith(c + ".") for c in children))
+        if held and (len(children), held) > best[:2]:
+            best = (len(children), held, children)
+    return best[2]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (bool, int, float, str, type(None))):
+        return type(a) is type(b) and a == b
+    return False
+
+
+def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    for key in _CACHE_KWARGS:
+        if key in out:
+            out[key] = None
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+def _chain_problem(model: nn.Module, blocks: list[str], first: tuple[Any, ...], owner: str) -> str | None:
+    """Why the blocks cannot be calibrated one after another (None if they can), from one forward."""
+    seen: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    outs: dict[str, Any] = {}
+    handles = []
+    for name in blocks:
+        module = model.get_submodule(name)
+
+        def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
+            if name in seen:
+                raise _Stop(f"block '{name}' runs more than once per forward")
+            seen[name] = (args, _clean_kwargs(kwargs))
+
+        def post(_m: nn.Module, _a: tuple[Any, ...], out: Any, name: str = name) -> None:
+            outs[name] = out
+            if name == blocks[-1]:
+                raise _Stop  # what follows the blocks (an LM head's logits) is not needed
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            _run_model(model, first, owner)
+    except _Stop as stop:
+        if stop.args:
+            return str(stop)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in blocks if n not in seen]
+    if missing:
+        return f"block '{missing[0]}' does not run"
+    args0, kwargs0 = seen[blocks[0]]
+    for prev, name in itertools.pairwise(blocks):
+        args, kwargs = seen[name]
+        hidden = args[0] if args else next(iter(kwargs.values()), None)
+        if not _same(hidden, _first_tensor(outs[prev])):
+            return f"block '{name}' does not take the output of '{prev}' as its input"
+        if not _same(args[1:], args0[1:]) or kwargs.keys() != kwargs0.keys():
+            return f"block '{name}' gets other arguments than '{blocks[0]}'"
+        if not all(_same(kwargs[k], kwargs0[k]) for k in kwargs if k not in _CACHE_KWARGS):
+            return f"block '{name}' gets other keyword arguments than '{blocks[0]}'"
+    return None
+
+
+def _capture(model: nn.Module, block: nn.Module, data: Dataset, batches: int, owner: str) -> list[_Call]:
+    """The inputs of `block` for each calibration item, stopping each forward at the block."""
+    calls: list[_Call] = []
+
+    def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = _clean_kwargs(kwargs)
+        hidden_key = None
+        if not args or not isinstance(args[0], torch.Tensor):
+            hidden_key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+            if hidden_key is None:
+                raise DataError(f"{owner}: the first block was called without a tensor input.")
+        if calls:  # identical masks and position tensors are stored once
+            prev = calls[-1].kwargs
+            kwargs = {k: prev[k] if k in prev and _same(v, prev[k]) else v for k, v in kwargs.items()}
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        calls.append(_Call(args, kwargs, hidden_key))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for item in data.take(batches):
+                try:
+                    _run_model(model, as_inputs(item, where="calibration item"), owner)
+                except _Stop:
+                    continue
+                raise DataError(
+                    f"{owner}: a calibration item ran through the model without reaching its blocks."
+                )
+    finally:
+        handle.remove()
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver
+
+
+def _apply(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    for name, new in replacements.items():
+        if not name:
+            model = new
+        else:
+            set_submodule(model, name, new)
+    return model
+
+
+def calibrate_blockwise(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    layers: dict[str, nn.Module],
+    batches: int,
+    process: Process,
+    rerun: bool,
+    owner: str,
+) -> nn.Module:
+    """Run `process` on each block holding `layers`, in order, and return the model with its replacements.
+
+    `rerun=True` feeds the next block from the processed (quantized) block, as GPTQ does; `rerun=False`
+    reuses the outputs recorded while `process` called `BlockStep.run` (for algorithms whose changes keep
+    the block's function, such as AWQ's scaling).
+
+    >>> calibrate_blockwise(model, data, layers=chosen, batches=128, process=fn, rerun=True, owner="gptq")  # doctest: +SKIP
+    """
+    first = next(iter(data.take(1)), None)
+    if first is None:
+        raise DataError(f"{owner}: the calibration data is empty; pass at least one batch of model inputs.")
+    blocks = find_blocks(model, layers)
+    if blocks:
+        problem = _chain_problem(model, blocks, as_inputs(first, where="calibration item"), owner)
+        if problem is not None:
+            log.warning(
+                "%s: %s; calibrating the whole model at once instead of block by block (more memory).",
+                owner,
+                problem,
+            )
+            blocks = []
+    if not blocks:
+        step = BlockStep("", model, dict(layers), owner, data=data, batches=batches)
+        return _apply(model, process(step))
+
+    calls = _capture(model, model.get_submodule(blocks[0]), data, batches, owner)
+    log.info("%s: %d blocks, %d calibration items cached", owner, len(blocks), len(calls))
+    inside: set[str] = set()
+    for i, name in enumerate(blocks):
+        start = time.perf_counter()
+        held = {n: m for n, m in layers.items() if n == name or n.startswith(name + ".")}
+        inside.update(held)
+        outputs = None
+        if held:
+            step = BlockStep(
+                name, model.get_submodule(name), held, owner, calls=calls, record_outputs=not rerun
+            )
+            model = _apply(model, process(step))
+            outputs = step.outputs
+        if i + 1 < len(blocks):
+            if outputs is None:
+                block = model.get_submodule(name)
+                with torch.no_grad():
+                    outputs = [_first_tensor(block(*c.args, **c.kwargs)) for c in calls]
+            calls = [c.with_hidden(o) for c, o in zip(calls, outputs, strict=True)]
+        log.info(
+            "%s: block %d/%d '%s' (%d layers) done in %.1f s",
+            owner,
+            i + 1,
+            len(blocks),
+            name,
+            len(held),
+            time.perf_counter() - start,
+        )
+    del calls
+    outside = {n: m for n, m in layers.items() if n not in inside}
+    if outside:
+        log.info("%s: %d layers outside the blocks, calibrated on the whole model", owner, len(outside))
+        step = BlockStep("", model, outside, owner, data=data, batches=batches)
+        model = _apply(model, process(step))
+    return model
