@@ -36,7 +36,7 @@ from modelpress.ops.lsq import affine_range, lsq_fake_quantize, lsq_grad_factor
 from modelpress.ops.observers import MinMaxObserver
 from modelpress.ops.quant import affine_params, qrange, symmetric_scale
 from modelpress.techniques.quantized import (
-    _FORWARD_WITH_WEIGHT,
+    FORWARD_WITH_WEIGHT,
     QUANTIZABLE_TYPES,
     QuantizedLayer,
     output_axis,
@@ -167,7 +167,7 @@ class FakeQuantLayer(nn.Module):
             )
             args = (x, *args[1:])
         weight = self.quantized_weight()
-        call = _FORWARD_WITH_WEIGHT.get(type(self.inner))
+        call = FORWARD_WITH_WEIGHT.get(type(self.inner))
         if call is not None and not kwargs and len(args) == 1:
             return call(self.inner, args[0], weight)
         return torch.func.functional_call(self.inner, {"weight": weight}, args, kwargs)
@@ -372,21 +372,14 @@ def qat(
     inputs_only = data
     if config.loss == "task":
         inputs_only = Dataset(data, transform_fn=lambda item: _labeled(item, "a calibration item")[0])
-    try:
-        observers = calibrate_inputs(
-            model,
-            {n: m for n, m in chosen.items() if n not in transposed},
-            inputs_only,
-            batches=config.calibration_batches,
-            observer=lambda _n: MinMaxObserver(),
-        )
-    except DataError as exc:
-        text = str(exc)
-        if not text.startswith("static_int8: "):
-            raise
-        raise DataError(
-            "qat: " + text.removeprefix("static_int8: ")
-        ) from exc  # the shared calibration's words
+    observers = calibrate_inputs(
+        model,
+        {n: m for n, m in chosen.items() if n not in transposed},
+        inputs_only,
+        batches=config.calibration_batches,
+        observer=lambda _n: MinMaxObserver(),
+        owner="qat",
+    )
     teacher = None
     if config.loss == "distill":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)

@@ -59,7 +59,7 @@ def _embedding(m: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 # How each layer type runs with a given weight. Plain functional calls trace more cleanly under
 # torch.export than swapping module attributes.
-_FORWARD_WITH_WEIGHT: dict[type[nn.Module], Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+FORWARD_WITH_WEIGHT: dict[type[nn.Module], Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     nn.Linear: _linear,
     nn.Conv1d: _conv,
     nn.Conv2d: _conv,
@@ -138,7 +138,7 @@ class QuantizedLayer(nn.Module):
             )
             args = (x, *args[1:])
         weight = self.dequantized_weight()
-        call = _FORWARD_WITH_WEIGHT.get(type(self.inner))
+        call = FORWARD_WITH_WEIGHT.get(type(self.inner))
         if call is not None and not kwargs and len(args) == 1:
             return call(self.inner, args[0], weight)
         # Any other layer whose forward reads self.weight: swap the tensor in for this call.

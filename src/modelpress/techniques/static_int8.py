@@ -87,10 +87,12 @@ def calibrate_inputs(
     batches: int,
     observer: Callable[[str], Any],
     transform: dict[str, torch.Tensor] | None = None,
+    owner: str = "static_int8",
 ) -> dict[str, Any]:
     """Run `batches` items of `data` through `model`, feeding each module's first input to its observer.
 
-    `transform` multiplies a module's input by a per-feature factor first (to calibrate smoothed inputs).
+    `transform` multiplies a module's input by a per-feature factor first (to calibrate smoothed inputs);
+    `owner` starts every error message (the technique the user asked for).
     """
     observers = {name: observer(name) for name in modules}
     transform = transform or {}
@@ -101,7 +103,7 @@ def calibrate_inputs(
             x = args[0]
             if not torch.isfinite(x).all():
                 raise DataError(
-                    f"static_int8: the input of layer '{name}' holds NaN or Inf during calibration; check the data "
+                    f"{owner}: the input of layer '{name}' holds NaN or Inf during calibration; check the data "
                     "and the model, or add the layer to ignore."
                 )
             x = x.detach().float()
@@ -120,7 +122,7 @@ def calibrate_inputs(
                 except Exception as exc:
                     shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
                     raise DataError(
-                        f"static_int8: the model fails on a calibration item of shapes [{shapes}] with "
+                        f"{owner}: the model fails on a calibration item of shapes [{shapes}] with "
                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Calibration items "
                         "must be model inputs (use a transform_fn to drop labels)."
                     ) from exc
@@ -129,10 +131,8 @@ def calibrate_inputs(
         for h in handles:
             h.remove()
     if seen == 0:
-        raise DataError(
-            "static_int8: the calibration data is empty; pass at least one batch of model inputs."
-        )
-    log.info("static_int8: calibrated %d layers on %d batches", len(modules), seen)
+        raise DataError(f"{owner}: the calibration data is empty; pass at least one batch of model inputs.")
+    log.info("%s: calibrated %d layers on %d batches", owner, len(modules), seen)
     return observers
 
 
