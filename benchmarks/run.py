@@ -598,7 +598,15 @@ def measure_row(asset: Asset, method: Method, built: Built, runtime: str, target
     return row
 
 
-def run(asset_name: str, *, rounds: int, quick: bool, methods: Sequence[str], memory: bool) -> dict[str, Any]:
+def run(
+    asset_name: str,
+    *,
+    rounds: int,
+    quick: bool,
+    methods: Sequence[str],
+    memory: bool,
+    runtimes: Sequence[str] = ("onnxruntime", "openvino"),
+) -> dict[str, Any]:
     torch.set_num_threads(THREADS)
     t_start = time.perf_counter()
     source = git_state()  # read before anything runs: the code measured is the code imported now
@@ -622,6 +630,10 @@ def run(asset_name: str, *, rounds: int, quick: bool, methods: Sequence[str], me
             method = METHODS[name]
             if asset_name not in method.assets:
                 skipped.append({"method": name, "reason": f"not a method for {asset_name}"})
+                continue
+            method_runtimes = [r for r in method.runtimes if r in runtimes or r == TORCH]
+            if not method_runtimes:
+                skipped.append({"method": name, "reason": f"runs only in {list(method.runtimes)}"})
                 continue
             if method.needs_calibration and not asset.calibration:
                 say(f"[{name}] skipped: {asset_name} defines no calibration data")
@@ -661,7 +673,7 @@ def run(asset_name: str, *, rounds: int, quick: bool, methods: Sequence[str], me
                 info["size_bytes"] = file_size(path)
                 info["artifact"] = path.name
             method_info[name] = info
-            for runtime in method.runtimes:
+            for runtime in method_runtimes:
                 key = f"{name}/{runtime}"
                 checks = (
                     "parity, quality, fidelity"
@@ -1091,6 +1103,11 @@ def main(argv: Iterable[str] | None = None) -> int:
         default=",".join(METHODS),
         help=f"comma-separated subset of {list(METHODS)} (fp32 always runs)",
     )
+    parser.add_argument(
+        "--runtimes",
+        default="onnxruntime,openvino",
+        help="comma-separated runtimes to measure (onnxruntime always; torch rows always run)",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     out = Path(args.json)
     if out.exists() and not args.overwrite:
@@ -1102,7 +1119,17 @@ def main(argv: Iterable[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     rounds = args.rounds if args.rounds is not None else (5 if args.quick else 20)
-    result = run(args.asset, rounds=rounds, quick=args.quick, methods=methods, memory=not args.no_memory)
+    runtimes = ["onnxruntime"] + [r for r in args.runtimes.split(",") if r and r != "onnxruntime"]
+    if set(runtimes) - {"onnxruntime", "openvino"}:
+        parser.error(f"--runtimes {args.runtimes!r}: choose from onnxruntime, openvino")
+    result = run(
+        args.asset,
+        rounds=rounds,
+        quick=args.quick,
+        methods=methods,
+        memory=not args.no_memory,
+        runtimes=runtimes,
+    )
     write_text_atomic(out, json.dumps(result, indent=2) + "\n", overwrite=args.overwrite)
     print(table(result))
     say(f"wrote {out}")
