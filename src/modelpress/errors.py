@@ -33,3 +33,7 @@ class ParityError(ModelpressError):
 
 class RuntimeUnavailableError(ModelpressError):
     """A requested runtime (for example OpenVINO) is not installed."""
+
+
+class GraphError(ModelpressError):
+    """The model cannot be traced into a graph, or the graph cannot be rewritten as asked."""

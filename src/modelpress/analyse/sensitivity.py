@@ -137,11 +137,15 @@ def build_mix(
     Layers whose scheme module equals the fallback (ConvTranspose stays weight-only under static int8)
     are not candidates: keeping them would change nothing.
     """
-    from modelpress.techniques import REGISTRY
+    from modelpress.techniques import PREPARE, REGISTRY
     from modelpress.techniques.weight_only import WeightOnlyConfig, weight_only
 
     _, scheme_fn = REGISTRY[scheme.type]
     base = scheme_fn(copy.deepcopy(model), scheme, calibration)
+    # The float model as the scheme sees it before quantizing (BatchNorm folded, say): the kept layers
+    # and the per-layer SQNR come from it, so that they fit the rewritten model around them.
+    if scheme.type in PREPARE:
+        model = PREPARE[scheme.type](copy.deepcopy(model), scheme, calibration)
     originals = dict(model.named_modules())
     # The layers the scheme replaced (a QuantizedLayer or any other module type). Not the root: it
     # cannot be swapped; not a layer an earlier step already compressed: its type is unchanged.

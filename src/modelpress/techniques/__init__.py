@@ -15,7 +15,7 @@ from modelpress.techniques.dynamic_int8 import DynamicInt8Config, dynamic_int8
 from modelpress.techniques.gptq import GPTQConfig, gptq
 from modelpress.techniques.mixed_precision import MixedPrecisionConfig, mixed_precision
 from modelpress.techniques.qat import QATConfig, qat
-from modelpress.techniques.static_int8 import StaticInt8Config, static_int8
+from modelpress.techniques.static_int8 import StaticInt8Config, prepare, static_int8
 from modelpress.techniques.weight_only import WeightOnlyConfig, weight_only
 
 TechniqueFn = Callable[[nn.Module, Any, Any], nn.Module]
@@ -29,6 +29,10 @@ REGISTRY: dict[str, tuple[type[Any], TechniqueFn]] = {
     GPTQConfig.type: (GPTQConfig, gptq),
     AWQConfig.type: (AWQConfig, awq),
 }
+
+# Float rewrites a technique makes before quantizing (model, config, data) -> model: a search that swaps layers
+# between the technique's output and higher precision takes the higher-precision layers from this model.
+PREPARE: dict[str, Callable[[nn.Module, Any, Any], nn.Module]] = {StaticInt8Config.type: prepare}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -81,6 +85,7 @@ def config_from_dict(raw: Mapping[str, Any], *, where: str = "recipe") -> Any:
 
 
 __all__ = [
+    "PREPARE",
     "REGISTRY",
     "AWQConfig",
     "DynamicInt8Config",

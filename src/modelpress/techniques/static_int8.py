@@ -17,11 +17,12 @@ from torch import nn
 
 from modelpress.data import Dataset
 from modelpress.environment import cpu_has_vnni
-from modelpress.errors import DataError, RecipeError
+from modelpress.errors import DataError, GraphError, RecipeError
+from modelpress.graph.equalize import equalize_pairs, find_pairs, fold_batchnorm
 from modelpress.loading import as_inputs
 from modelpress.ops.observers import OBSERVERS, MinMaxObserver, make_observer
 from modelpress.ops.quant import smoothing_factors
-from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer
+from modelpress.techniques.quantized import FORWARD_WITH_WEIGHT, QUANTIZABLE_TYPES, QuantizedLayer
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,15 @@ class StaticInt8Config:
     # 7-bit weights, as ONNX Runtime's `reduce_range`: needed where the deployment CPU has no VNNI (AVX2
     # only), whose int8 kernels saturate on full-range weights. None: decide by the CPU compressing now.
     reduce_range: bool | None = None
+    # Merge eval-mode BatchNorm into the Conv/Linear before it (exact in fp32; the int8 weight then holds
+    # the folded scale and the runtime runs one integer conv instead of conv + BatchNorm).
+    fold_batchnorm: bool = True
+    # Cross-layer equalization (DFQ): balance per-channel weight ranges of consecutive layers joined by
+    # ReLU-like activations. Exact in fp32; helps per-tensor-sensitive layers such as depthwise convs.
+    equalize: bool = False
+    # Shift each quantized layer's bias by the mean output error it makes on the calibration data
+    # (per output channel, from the fp32 layer on the same input). Layers without a bias are skipped.
+    bias_correction: bool = False
     layers: tuple[Literal["linear", "conv"], ...] = ("linear", "conv")
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
@@ -136,6 +146,89 @@ def calibrate_inputs(
     return observers
 
 
+def prepare(model: nn.Module, config: StaticInt8Config, data: Dataset) -> nn.Module:
+    """The float rewrites static_int8 makes before quantizing (BatchNorm folding, equalization), in place;
+    the graph is exported on the first item of `data`.
+
+    Folding is skipped with a log line when torch.export cannot trace the model; equalization, asked for
+    by name, raises `GraphError` then.
+    """
+    if not (config.fold_batchnorm or config.equalize):
+        return model
+    first = next(iter(data.take(1)), None)
+    if first is None:
+        raise DataError(
+            "static_int8: the calibration data is empty; pass at least one batch of model inputs."
+        )
+    example = as_inputs(first, where="calibration item")
+    if config.fold_batchnorm:
+        try:
+            fold_batchnorm(model, example, owner="static_int8")
+        except GraphError as exc:
+            log.info("static_int8: BatchNorm layers are not folded: %s", exc)
+    if config.equalize:
+        pairs = find_pairs(model, example, ignore=config.ignore, owner="static_int8 (equalize)")
+        sweeps = equalize_pairs(model, pairs)
+        log.info("static_int8: equalized %d layer pair(s) in %d sweep(s)", len(pairs), sweeps)
+        if not pairs:
+            log.warning(
+                "static_int8: equalize found no Conv->Conv or Linear->Linear pair joined only by ReLU-like "
+                "activations; nothing was equalized."
+            )
+    return model
+
+
+def correct_biases(
+    model: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    weights: dict[str, torch.Tensor],
+    data: Dataset,
+    *,
+    batches: int,
+    owner: str = "static_int8",
+) -> int:
+    """Add to each layer's bias the mean, per output channel, of (fp32 output - quantized output) on the
+    calibration data, both computed from the input the quantized model gives the layer. `weights` are the
+    fp32 weights the layers replaced. Returns the number of layers corrected."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    with_bias = {n: m for n, m in layers.items() if getattr(m.inner, "bias", None) is not None}
+    skipped = len(layers) - len(with_bias)
+    if skipped:
+        log.info("%s: bias correction skips %d layer(s) without a bias", owner, skipped)
+    handles = []
+    for name, layer in with_bias.items():
+
+        def hook(m: QuantizedLayer, args: tuple[Any, ...], output: Any, name: str = name) -> None:
+            x = args[0]
+            call = FORWARD_WITH_WEIGHT.get(type(m.inner))
+            if call is not None:
+                reference = call(m.inner, x, weights[name])
+            else:
+                reference = torch.func.functional_call(m.inner, {"weight": weights[name]}, (x,))
+            error = (reference - output).double()
+            axis = -1 if isinstance(m.inner, nn.Linear) else 1
+            dims = [d for d in range(error.dim()) if d != axis % error.dim()]
+            sums[name] = sums.get(name, 0) + error.sum(dim=dims)
+            counts[name] = counts.get(name, 0) + error.numel() // error.shape[axis]
+
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for item in data.take(batches):
+                model(*as_inputs(item, where="calibration item"))
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for name, total in sums.items():
+            bias = with_bias[name].inner.bias
+            assert isinstance(bias, torch.Tensor)
+            bias.add_((total / counts[name]).to(bias.dtype))
+    log.info("%s: corrected the bias of %d layer(s)", owner, len(sums))
+    return len(sums)
+
+
 def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None = None) -> nn.Module:
     """Calibrate on `data` and replace the selected layers by W8A8 `QuantizedLayer`s.
 
@@ -166,6 +259,7 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
     if not chosen:
         log.warning("static_int8: no layer matched; the model is unchanged.")
         return model
+    model = prepare(model, config, data)
     smoothing: dict[str, torch.Tensor] = {}
     if config.smooth_alpha is not None:
         linears: dict[str, nn.Module] = {n: m for n, m in chosen.items() if isinstance(m, nn.Linear)}
@@ -200,14 +294,22 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
                 "weights use 7 bits (set reduce_range: false for VNNI or OpenVINO-only deployments)."
             )
     bits = 7 if reduce_range else 8
+    built: dict[str, QuantizedLayer] = {}
+    weights: dict[str, torch.Tensor] = {}
     for name, module in chosen.items():
         lo, hi = observers[name].range()
         input_range = None if name in transposed else (float(lo), float(hi))
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        weights[name] = weight.detach()
         layer = QuantizedLayer(module, bits=bits, input_range=input_range, smoothing=smoothing.get(name))
+        built[name] = layer
         if name:
             set_submodule(model, name, layer)
         else:
             model = layer
     if transposed:
         log.info("static_int8: kept %s weight-only (no integer ConvTranspose kernel)", transposed)
+    if config.bias_correction:
+        correct_biases(model, built, weights, data, batches=config.calibration_batches)
     return model
