@@ -23,6 +23,9 @@ CONTRACT_CONFIGS = {
     "qat": mp.QATConfig(calibration_batches=4),
     "gptq": mp.GPTQConfig(bits=4, group_size=32, calibration_batches=4),
     "awq": mp.AWQConfig(bits=4, group_size=32, calibration_batches=4),
+    "sparsity": mp.SparsityConfig(
+        method="sparsegpt", bits=8, layers=("linear", "conv"), calibration_batches=4
+    ),
     "mixed_precision": mp.MixedPrecisionConfig(
         min_cosine=0.99, holdout=2, scheme={"type": "static_int8", "calibration_batches": 2}
     ),
@@ -31,7 +34,11 @@ CONTRACT_CONFIGS = {
 
 # (technique, arch) pairs with nothing to quantize: dynamic int8 and AWQ are for Linear layers; the generator
 # has none.
-NOTHING_TO_DO = {("dynamic_int8", "dcgan_generator"), ("awq", "dcgan_generator")}
+NOTHING_TO_DO = {
+    ("dynamic_int8", "dcgan_generator"),
+    ("awq", "dcgan_generator"),
+    ("sparsity", "dcgan_generator"),  # transposed convolutions are not pruned
+}
 
 
 def test_every_technique_has_a_contract_config():

@@ -14,6 +14,7 @@ from modelpress.deploy.runtime import available_runtimes, open_session
 from modelpress.errors import (
     DataError,
     ExportError,
+    GraphError,
     ModelLoadError,
     ModelpressError,
     ParityError,
@@ -30,6 +31,7 @@ from modelpress.techniques import (
     GPTQConfig,
     MixedPrecisionConfig,
     QATConfig,
+    SparsityConfig,
     StaticInt8Config,
     WeightOnlyConfig,
 )
@@ -46,6 +48,7 @@ __all__ = [
     "ExportError",
     "FloorNotMetError",
     "GPTQConfig",
+    "GraphError",
     "LayerProfile",
     "MixedPrecisionConfig",
     "ModelLoadError",
@@ -56,6 +59,7 @@ __all__ = [
     "QATConfig",
     "RecipeError",
     "RuntimeUnavailableError",
+    "SparsityConfig",
     "StaticInt8Config",
     "WeightOnlyConfig",
     "accuracy",

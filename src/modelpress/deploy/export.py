@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -195,6 +196,35 @@ def _strip_debug_info(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+# Layers whose weight is rebuilt in the graph from a compact form: the exporter's constant folding would
+# store the dense weight in the file (it folds inputs up to 8,192 elements, whole small layers).
+_UNFOLDED_SCOPES = ("modelpress.techniques.quantized.SparseLayer",)
+_SHAPE_SIZED = 64  # inputs this small are shapes and scalars: folding them is fine
+
+
+def _should_fold(node: Any) -> bool | None:
+    hierarchy = node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "")
+    if not any(scope in hierarchy for scope in _UNFOLDED_SCOPES):
+        return None  # the optimizer's own rules
+    for value in node.inputs:
+        if value is None:
+            continue
+        shape = value.shape
+        if shape is None or not shape.is_static() or math.prod(int(d) for d in shape) > _SHAPE_SIZED:
+            return False
+    return None
+
+
+def _optimize(model: Any) -> None:
+    """The exporter's `optimize=True` (onnxscript's optimize_ir, then its ONNX fusions), with the weights
+    of `_UNFOLDED_SCOPES` left as the graph that rebuilds them."""
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    onnxscript.optimizer.optimize_ir(model, should_fold=_should_fold)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Inputs,
@@ -214,7 +244,7 @@ def export_onnx(
     kwargs: dict[str, Any] = {
         "dynamo": True,
         "verbose": False,
-        "optimize": True,
+        "optimize": False,  # done below, as the exporter would, except for sparse weights
         "custom_translation_table": _translations(),
     }
     if dynamic:
@@ -238,6 +268,7 @@ def export_onnx(
         ) from exc
     if program is None:
         raise ExportError("torch.onnx.export returned no program; update torch/onnxscript.")
+    _optimize(program.model)
     if dynamic:
         _warn_static_dims(program, example_inputs)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -15,6 +15,7 @@ from modelpress.techniques.dynamic_int8 import DynamicInt8Config, dynamic_int8
 from modelpress.techniques.gptq import GPTQConfig, gptq
 from modelpress.techniques.mixed_precision import MixedPrecisionConfig, mixed_precision
 from modelpress.techniques.qat import QATConfig, qat
+from modelpress.techniques.sparsity import SparsityConfig, sparsity
 from modelpress.techniques.static_int8 import StaticInt8Config, prepare, static_int8
 from modelpress.techniques.weight_only import WeightOnlyConfig, weight_only
 
@@ -28,6 +29,7 @@ REGISTRY: dict[str, tuple[type[Any], TechniqueFn]] = {
     MixedPrecisionConfig.type: (MixedPrecisionConfig, mixed_precision),
     GPTQConfig.type: (GPTQConfig, gptq),
     AWQConfig.type: (AWQConfig, awq),
+    SparsityConfig.type: (SparsityConfig, sparsity),
 }
 
 # Float rewrites a technique makes before quantizing (model, config, data) -> model: a search that swaps layers
@@ -92,6 +94,7 @@ __all__ = [
     "GPTQConfig",
     "MixedPrecisionConfig",
     "QATConfig",
+    "SparsityConfig",
     "StaticInt8Config",
     "WeightOnlyConfig",
     "awq",
@@ -101,6 +104,7 @@ __all__ = [
     "gptq",
     "mixed_precision",
     "qat",
+    "sparsity",
     "static_int8",
     "weight_only",
 ]

@@ -320,3 +320,72 @@ class DynamicQuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         rng = ", 7-bit weight range" if self.bits == 7 else ""
         return f"{self.scheme}{rng}, shape={tuple(self.qweight.shape)}"
+
+
+class SparseLayer(nn.Module):
+    """A layer whose weight is stored as a bitmask of kept positions plus the kept values, in order.
+
+    The values are fp32, or int8 codes with one fp32 scale per output channel (`bits=8`). Forward
+    rebuilds the dense weight (unpack bits, cumulative sum, gather, where); in ONNX those are constant
+    subgraphs that ONNX Runtime and OpenVINO fold at load time, so the file is small and the runtime
+    computes with the dense weight (no sparse kernel: sparsity buys size here, not speed).
+    """
+
+    _modelpress_atomic = True
+    bitmask: torch.Tensor  # uint8, one bit per weight element, little-endian within each byte
+    values: torch.Tensor  # the kept weights (fp32) or their int8 codes, row-major order
+    scale: torch.Tensor | None  # fp32 per output channel for int8 codes
+
+    def __init__(self, inner: nn.Module, mask: torch.Tensor, *, bits: int | None = None) -> None:
+        super().__init__()
+        from modelpress.ops.sparse import pack_mask
+
+        weight = inner.weight
+        assert isinstance(weight, torch.Tensor)
+        if mask.shape != weight.shape:
+            raise ValueError(
+                f"SparseLayer: mask {tuple(mask.shape)} does not match weight {tuple(weight.shape)}."
+            )
+        self.axis = output_axis(inner)
+        self.weight_shape = tuple(weight.shape)
+        self.numel = weight.numel()
+        self.bits = bits
+        kept = weight.detach() * mask
+        if bits is None:
+            self.register_buffer("scale", None)
+            codes = kept.float()
+        else:
+            scale = symmetric_scale(kept, axis=self.axis, bits=bits)
+            self.register_buffer("scale", scale.float())
+            codes = quantize_symmetric(kept, scale, axis=self.axis, bits=bits)
+        self.register_buffer("bitmask", pack_mask(mask))
+        self.register_buffer("values", codes.reshape(-1)[mask.reshape(-1)].contiguous())
+        self.density = float(mask.float().mean())
+        del inner.weight
+        self.inner = inner
+
+    @property
+    def scheme(self) -> str:
+        name = f"sparse{round(100 * (1 - self.density))}%"
+        return name + (f"+w{self.bits}" if self.bits else "")
+
+    def dense_weight(self) -> torch.Tensor:
+        from modelpress.ops.sparse import scatter_kept, unpack_mask
+
+        mask = unpack_mask(self.bitmask, self.numel)
+        if self.scale is None:
+            return scatter_kept(self.values, mask).reshape(self.weight_shape)
+        codes = scatter_kept(self.values.float(), mask).reshape(self.weight_shape)
+        shape = [1] * codes.dim()
+        shape[self.axis] = -1
+        return codes * self.scale.reshape(shape)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        weight = self.dense_weight()
+        call = FORWARD_WITH_WEIGHT.get(type(self.inner))
+        if call is not None and not kwargs and len(args) == 1:
+            return call(self.inner, args[0], weight)
+        return torch.func.functional_call(self.inner, {"weight": weight}, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.scheme}, shape={self.weight_shape}, kept={self.values.numel()}"

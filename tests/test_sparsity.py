@@ -1,0 +1,150 @@
+"""Sparsity: masks, SparseGPT and Wanda, the bitmask storage and its ONNX artifact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import zoo
+from torch import nn
+
+import modelpress as mp
+from modelpress.errors import DataError, RecipeError
+from modelpress.ops.sparse import (
+    lowest_mask,
+    nm_mask,
+    pack_mask,
+    scatter_kept,
+    sparsegpt_prune,
+    unpack_mask,
+    wanda_scores,
+)
+from modelpress.techniques.quantized import SparseLayer
+
+
+def test_nm_and_ratio_masks_keep_exactly_what_they_say():
+    scores = torch.rand(6, 16, generator=torch.Generator().manual_seed(0))
+    mask = nm_mask(scores, 2, 4)
+    assert (mask.reshape(6, 4, 4).sum(-1) == 2).all()
+    kept = scores.reshape(6, 4, 4).topk(2, dim=-1).values.sum()
+    assert torch.isclose((scores * mask).sum(), kept)
+    assert (lowest_mask(scores, 0.25, per_row=True).sum(1) == 12).all()
+    assert int(lowest_mask(scores, 0.5, per_row=False).sum()) == 48
+    with pytest.raises(ValueError, match="groups of 4"):
+        nm_mask(torch.rand(2, 6), 2, 4)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 13, 64])
+def test_bitmask_round_trip(numel):
+    mask = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) > 0.5
+    bits = pack_mask(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == (numel + 7) // 8
+    assert torch.equal(unpack_mask(bits, numel), mask)
+    values = torch.arange(1, int(mask.sum()) + 1, dtype=torch.float32)
+    dense = scatter_kept(values, mask)
+    assert torch.equal(dense[mask], values) and (dense[~mask] == 0).all()
+
+
+def _correlated(n: int = 512, k: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(n, 4, generator=g)
+    return base @ torch.randn(4, k, generator=g) + 0.1 * torch.randn(n, k, generator=g)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_beats_magnitude_and_wanda_on_the_layer_output(nm):
+    x = _correlated()
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
+    h = x.T @ x / x.shape[0]
+    pruned = sparsegpt_prune(w, h, ratio=0.5, nm=nm, block_size=8)
+    assert float((pruned == 0).float().mean()) == 0.5
+    if nm is not None:
+        assert ((pruned != 0).reshape(16, 8, 4).sum(-1) == 2).all()
+
+    def error(v: torch.Tensor) -> float:
+        return float((x @ (w - v).T).pow(2).mean())
+
+    def masked(scores: torch.Tensor) -> torch.Tensor:
+        return w * (nm_mask(scores, *nm) if nm else lowest_mask(scores, 0.5, per_row=True))
+
+    assert error(pruned) < error(masked(wanda_scores(w, torch.diagonal(h)))) < error(masked(w.abs()))
+
+
+def test_sparse_layer_stores_compactly_and_exports_with_parity(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 4)).eval()
+    x = torch.randn(3, 512)
+    dense_path = mp.export_onnx(model, (x,), tmp_path / "dense.onnx")
+    for bits, most in ((None, 0.56), (8, 0.18)):
+        small = mp.compress(model, [mp.SparsityConfig(method="magnitude", bits=bits)])
+        layer = small[0]
+        assert isinstance(layer, SparseLayer) and layer.scheme == ("sparse50%" + ("+w8" if bits else ""))
+        weight = model[0].weight.detach()
+        kept = layer.dense_weight() != 0
+        assert int(kept.sum()) == weight.numel() // 2
+        if bits is None:
+            assert torch.equal(layer.dense_weight()[kept], weight[kept])
+        path = mp.export_onnx(small, (x,), tmp_path / f"sparse{bits}.onnx")
+        assert path.stat().st_size < most * dense_path.stat().st_size
+        for runtime in mp.available_runtimes():
+            report = mp.check_parity(small, mp.open_session(path, runtime=runtime), [(x,)], max_abs=1e-4)
+            assert report.passed
+
+
+def test_one_shot_pruning_of_a_decoder_block_by_block():
+    model, inputs = zoo.gpt_decoder()
+    data = mp.parity_inputs(inputs, count=4, seed=1)
+    for config in (
+        mp.SparsityConfig(method="sparsegpt", calibration_batches=4),
+        mp.SparsityConfig(method="wanda", pattern="2:4", calibration_batches=4),
+    ):
+        small = mp.compress(model, [config], data)
+        layers = [
+            m
+            for n, m in small.named_modules()
+            if isinstance(m, (SparseLayer, nn.Linear)) and ".layers." in n and not n.endswith(".inner")
+        ]
+        assert len(layers) == 14  # q, k, v, o, gate, up, down in each of the 2 blocks
+        # k and v (64 x 32) are under MIN_SPARSE_ELEMENTS: pruned, stored dense.
+        assert sum(isinstance(m, SparseLayer) for m in layers) == 10
+        for layer in layers:
+            weight = layer.dense_weight() if isinstance(layer, SparseLayer) else layer.weight
+            assert abs(float((weight == 0).float().mean()) - 0.5) < 0.01
+            if config.pattern == "2:4":
+                assert ((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all()
+        with torch.no_grad():
+            cosine = torch.cosine_similarity(small(*inputs).flatten(), model(*inputs).flatten(), dim=0)
+        assert cosine > 0.8
+
+
+def test_global_magnitude_ranks_layers_together():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    with torch.no_grad():
+        model[2].weight.mul_(10.0)  # the second layer's weights are all larger
+    small = mp.compress(model, [mp.SparsityConfig(method="magnitude", scope="global", ratio=0.5)])
+    zeros = [float((m.dense_weight() == 0).float().mean()) for m in small if isinstance(m, SparseLayer)]
+    assert zeros[0] > 0.8 and zeros[1] < 0.2
+    assert abs((zeros[0] + zeros[1]) / 2 - 0.5) < 0.01  # equal sizes: the overall ratio is kept
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"ratio": 1.0}, "must be in \\[0, 1\\)"),
+        ({"pattern": "4:2"}, "0 < N < M"),
+        ({"pattern": "2:4", "ratio": 0.5}, "leave ratio unset"),
+        ({"method": "wanda", "scope": "global"}, "method: magnitude"),
+        ({"method": "prune"}, "unknown"),
+    ],
+)
+def test_bad_configs_say_what_to_change(fields, message):
+    with pytest.raises(RecipeError, match=message):
+        mp.SparsityConfig(**fields)
+
+
+def test_data_methods_need_data_and_the_model_is_untouched():
+    model, _ = zoo.gpt_decoder()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DataError, match="method: magnitude"):
+        mp.compress(model, [mp.SparsityConfig(method="wanda")])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
