@@ -48,3 +48,9 @@ def test_malformed_yaml_and_missing_file(tmp_path):
     path.write_text("type: weight_only\n")
     with pytest.raises(mp.RecipeError, match="non-empty list of steps"):
         mp.load_recipe(path)
+
+
+def test_every_builtin_recipe_loads():
+    for name in mp.builtin_recipes():
+        assert mp.load_recipe(name), name
+    assert mp.load_recipe("sparse50-int8") == [mp.SparsityConfig(method="sparsegpt", ratio=0.5, bits=8)]

@@ -96,6 +96,12 @@ TECHNIQUE_NOTES = {
         "On CPUs without VNNI (AVX2 only) ONNX Runtime's int8 kernels saturate on full-range weights, so "
         "weights are quantized to 7 bits there unless reduce_range is set to false."
     ),
+    "sparsity": (
+        "Sparsity zeroed a share of the weights and stores each pruned layer as a bitmask plus its kept values, "
+        "so the file is smaller; but ONNX Runtime and OpenVINO have no sparse kernel for these layers here: they "
+        "rebuild the dense weight when the model loads and compute densely, so expect no speedup from sparsity "
+        "(and no lower runtime memory). Speed comes from structured pruning (fewer channels) or quantization."
+    ),
 }
 
 
