@@ -407,7 +407,7 @@ def search_clip(
     return out
 
 
-def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
+def upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
     """Upper triangular U with U^T U = h^-1, for (C, K, K) positive definite h.
 
     With J the order reversal, J h J = L L^T gives h^-1 = (J L^-T J)(J L^-1 J), and J L^-1 J is upper
@@ -469,7 +469,7 @@ def _solve(
 
     h.diagonal(dim1=1, dim2=2).add_(damp * torch.diagonal(h, dim1=1, dim2=2).mean(dim=1, keepdim=True))
     try:
-        hinv = _upper_cholesky_of_inverse(h).float()  # (C, K, K)
+        hinv = upper_cholesky_of_inverse(h).float()  # (C, K, K)
     except torch.linalg.LinAlgError as exc:
         raise ValueError(
             f"gptq_quantize: the Hessian is not positive definite with damp={damp}; increase damp "

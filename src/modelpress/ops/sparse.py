@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from modelpress.ops.gptq import _upper_cholesky_of_inverse
+from modelpress.ops.gptq import upper_cholesky_of_inverse
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -91,7 +91,7 @@ def sparsegpt_prune(
     diag[diag == 0] = 1.0  # dead inputs: no error spreads to or from them
     diag.add_(damp * diag.mean())
     try:
-        hinv = _upper_cholesky_of_inverse(h[None])[0].float()
+        hinv = upper_cholesky_of_inverse(h[None])[0].float()
     except torch.linalg.LinAlgError as exc:
         raise ValueError(
             f"sparsegpt_prune: the Hessian is not positive definite with damp={damp}; increase damp."

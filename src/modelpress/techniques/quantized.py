@@ -30,6 +30,7 @@ from modelpress.ops.quant import (
     quantize_symmetric,
     symmetric_scale,
 )
+from modelpress.ops.sparse import pack_mask, scatter_kept, unpack_mask
 
 QUANTIZABLE_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "linear": (nn.Linear,),
@@ -338,8 +339,6 @@ class SparseLayer(nn.Module):
 
     def __init__(self, inner: nn.Module, mask: torch.Tensor, *, bits: int | None = None) -> None:
         super().__init__()
-        from modelpress.ops.sparse import pack_mask
-
         weight = inner.weight
         assert isinstance(weight, torch.Tensor)
         if mask.shape != weight.shape:
@@ -370,8 +369,6 @@ class SparseLayer(nn.Module):
         return name + (f"+w{self.bits}" if self.bits else "")
 
     def dense_weight(self) -> torch.Tensor:
-        from modelpress.ops.sparse import scatter_kept, unpack_mask
-
         mask = unpack_mask(self.bitmask, self.numel)
         if self.scale is None:
             return scatter_kept(self.values, mask).reshape(self.weight_shape)
