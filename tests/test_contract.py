@@ -26,6 +26,7 @@ CONTRACT_CONFIGS = {
     "sparsity": mp.SparsityConfig(
         method="sparsegpt", bits=8, layers=("linear", "conv"), calibration_batches=4
     ),
+    "structured": mp.StructuredPruningConfig(ratio=0.5),
     "mixed_precision": mp.MixedPrecisionConfig(
         min_cosine=0.99, holdout=2, scheme={"type": "static_int8", "calibration_batches": 2}
     ),
@@ -38,6 +39,11 @@ NOTHING_TO_DO = {
     ("dynamic_int8", "dcgan_generator"),
     ("awq", "dcgan_generator"),
     ("sparsity", "dcgan_generator"),  # transposed convolutions are not pruned
+    # Structured pruning does not cut recurrent hidden units or transposed convolutions yet, and the
+    # classifier's outputs are the model's.
+    ("structured", "lstm_classifier"),
+    ("structured", "gru_classifier"),
+    ("structured", "dcgan_generator"),
 }
 
 

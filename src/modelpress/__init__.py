@@ -33,6 +33,7 @@ from modelpress.techniques import (
     QATConfig,
     SparsityConfig,
     StaticInt8Config,
+    StructuredPruningConfig,
     WeightOnlyConfig,
 )
 from modelpress.techniques.mixed_precision import FloorNotMetError, search_mixed_precision
@@ -61,6 +62,7 @@ __all__ = [
     "RuntimeUnavailableError",
     "SparsityConfig",
     "StaticInt8Config",
+    "StructuredPruningConfig",
     "WeightOnlyConfig",
     "accuracy",
     "as_predictor",

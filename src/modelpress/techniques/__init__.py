@@ -17,6 +17,7 @@ from modelpress.techniques.mixed_precision import MixedPrecisionConfig, mixed_pr
 from modelpress.techniques.qat import QATConfig, qat
 from modelpress.techniques.sparsity import SparsityConfig, sparsity
 from modelpress.techniques.static_int8 import StaticInt8Config, prepare, static_int8
+from modelpress.techniques.structured import StructuredPruningConfig, structured
 from modelpress.techniques.weight_only import WeightOnlyConfig, weight_only
 
 TechniqueFn = Callable[[nn.Module, Any, Any], nn.Module]
@@ -30,6 +31,7 @@ REGISTRY: dict[str, tuple[type[Any], TechniqueFn]] = {
     GPTQConfig.type: (GPTQConfig, gptq),
     AWQConfig.type: (AWQConfig, awq),
     SparsityConfig.type: (SparsityConfig, sparsity),
+    StructuredPruningConfig.type: (StructuredPruningConfig, structured),
 }
 
 # Float rewrites a technique makes before quantizing (model, config, data) -> model: a search that swaps layers
@@ -96,6 +98,7 @@ __all__ = [
     "QATConfig",
     "SparsityConfig",
     "StaticInt8Config",
+    "StructuredPruningConfig",
     "WeightOnlyConfig",
     "awq",
     "config_from_dict",
@@ -106,5 +109,6 @@ __all__ = [
     "qat",
     "sparsity",
     "static_int8",
+    "structured",
     "weight_only",
 ]

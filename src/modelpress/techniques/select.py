@@ -16,6 +16,11 @@ def _matches(pattern: str, name: str, module: nn.Module) -> bool:
     return name == pattern or name.startswith(pattern + ".")
 
 
+def matches_any(patterns: Sequence[str], name: str, module: nn.Module) -> bool:
+    """Whether any of `patterns` (names, type names, `re:` regexes) selects the module."""
+    return any(_matches(p, name, module) for p in patterns)
+
+
 def select_modules(
     model: nn.Module,
     *,

@@ -1,0 +1,409 @@
+"""Which channels of which layers must be removed together: a channel dependency graph from torch.export.
+
+Every tensor of the exported graph gets, along its channel dimension (dim 1 of a convolution's tensors,
+the last dim of a Linear's), an array of channel ids. A Conv/Linear output starts new ids; ops that keep
+channels in place (BatchNorm, activations, pooling, dropout) pass them on; an elementwise op between two
+tensors (a residual addition, SwiGLU's gate * up) declares their channels the same (union-find); a
+concatenation along the channel dim concatenates the arrays; `flatten` into a Linear repeats each id over
+the spatial positions; a depthwise convolution keeps its input's ids. Channels that reach an op not known
+here, a graph output, or a protected layer are frozen: the graph never cuts through what it does not
+understand.
+
+A `ChannelGroup` is a set of channel ids that are one channel everywhere: removing it slices the output
+rows of every producing layer, the input columns of every consumer, and the BatchNorm entries between.
+
+>>> graph = ChannelGraph(model, (x,))  # doctest: +SKIP
+>>> [g.producers for g in graph.groups()][:2]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from modelpress.errors import GraphError
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+# Ops whose output has the input's channels in the same place (first tensor argument).
+_PASS_THROUGH = {
+    aten.relu.default,
+    aten.relu_.default,
+    aten.hardtanh.default,
+    aten.hardtanh_.default,
+    aten.gelu.default,
+    aten.silu.default,
+    aten.silu_.default,
+    aten.sigmoid.default,
+    aten.tanh.default,
+    aten.hardswish.default,
+    aten.hardsigmoid.default,
+    aten.leaky_relu.default,
+    aten.elu.default,
+    aten.mish.default,
+    aten.dropout.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.max_pool1d.default,
+    aten.max_pool2d.default,
+    aten.max_pool3d.default,
+    aten.avg_pool1d.default,
+    aten.avg_pool2d.default,
+    aten.avg_pool3d.default,
+    aten.adaptive_avg_pool1d.default,
+    aten.adaptive_avg_pool2d.default,
+    aten.adaptive_avg_pool3d.default,
+    aten.adaptive_max_pool2d.default,
+    aten.upsample_nearest2d.vec,
+    aten.upsample_bilinear2d.vec,
+}
+# Elementwise ops of two tensors (broadcasting): tensors that both carry channels share them.
+_ELEMENTWISE = {
+    aten.add.Tensor,
+    aten.add_.Tensor,
+    aten.sub.Tensor,
+    aten.mul.Tensor,
+    aten.mul_.Tensor,
+    aten.div.Tensor,
+}
+_CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+# Nodes that read nothing of the data (shape checks).
+_IGNORED = {aten._assert_tensor_metadata.default}
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n)
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+@dataclass
+class _Channels:
+    ids: np.ndarray  # one id per position of the channel dim
+    axis: int  # the channel dim of the tensor (non-negative)
+    ndim: int
+
+    @property
+    def from_end(self) -> int:
+        return self.axis - self.ndim  # the same for broadcast partners
+
+
+@dataclass
+class LayerUse:
+    """How one module uses channel ids: `out` along its output rows, `inp` along its input columns."""
+
+    name: str
+    module: nn.Module
+    out: np.ndarray | None = None  # ids of output channels (weight dim 0), or None
+    inp: np.ndarray | None = None  # ids of input features (weight dim 1, flattened per group)
+
+
+@dataclass
+class ChannelGroup:
+    """Channel ids that are one channel everywhere; `size` positions per producer row set."""
+
+    root: int
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    frozen: str | None = None  # why it cannot be removed, or None
+    members: list[int] = field(default_factory=list)
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(value, torch.Tensor):
+        try:
+            return tuple(int(d) for d in value.shape)
+        except TypeError:  # symbolic sizes
+            return None
+    return None
+
+
+class ChannelGraph:
+    """The channel ids of every layer of `model`, traced on `example_inputs` with torch.export."""
+
+    def __init__(self, model: nn.Module, example_inputs: Sequence[Any], *, owner: str = "prune") -> None:
+        self.owner = owner
+        try:
+            program = torch.export.export(model, tuple(example_inputs), strict=False)
+        except Exception as exc:  # export raises many types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GraphError(
+                f"{owner}: torch.export cannot trace {type(model).__name__} on the example inputs: "
+                f"{type(exc).__name__}: {first}. Data-dependent control flow in forward is the usual cause; "
+                "rewrite it with torch.cond, or prune a traceable submodule."
+            ) from exc
+        signature = program.graph_signature
+        self._params = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+        self.modules = dict(model.named_modules())
+        self.uf = _UnionFind()
+        self.uses: dict[str, LayerUse] = {}
+        self.frozen: dict[int, str] = {}  # id -> reason (first one found)
+        self._trace(program.graph_module.graph)
+
+    # -- building -------------------------------------------------------------------------------------
+
+    def _owner_of(self, arg: Any) -> str | None:
+        if isinstance(arg, fx.Node) and arg.op == "placeholder" and arg.name in self._params:
+            return self._params[arg.name].rpartition(".")[0]
+        return None
+
+    def _freeze(self, channels: _Channels | None, reason: str) -> None:
+        if channels is None:
+            return
+        for i in channels.ids.tolist():
+            self.frozen.setdefault(int(i), reason)
+
+    def _use(self, name: str, *, out: np.ndarray | None = None, inp: np.ndarray | None = None) -> None:
+        if name in self.uses:  # a module called twice: its channels are tied to both call sites
+            use = self.uses[name]
+            for old, new in ((use.out, out), (use.inp, inp)):
+                if old is not None and new is not None and len(old) == len(new):
+                    for a, b in zip(old.tolist(), new.tolist(), strict=True):
+                        self.uf.union(a, b)
+                else:
+                    if new is not None:
+                        self._freeze(_Channels(new, 0, 1), f"'{name}' is called twice")
+            return
+        self.uses[name] = LayerUse(name, self.modules[name], out, inp)
+
+    def _trace(self, graph: fx.Graph) -> None:
+        chans: dict[fx.Node, _Channels] = {}
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                shape = _shape(node)
+                if node.name not in self._params and shape is not None and len(shape) >= 2:
+                    # Model inputs: their channels are fixed by the caller.
+                    axis = 1 if len(shape) > 2 else len(shape) - 1
+                    chans[node] = _Channels(self.uf.new(shape[axis]), axis, len(shape))
+                    self._freeze(chans[node], "a model input")
+                continue
+            if node.op == "output":
+                for arg in _flat_nodes(node.args):
+                    self._freeze(chans.get(arg), "a model output")
+                continue
+            if node.op != "call_function":
+                continue
+            out = self._visit(node, chans)
+            if out is not None:
+                chans[node] = out
+
+    def _visit(self, node: fx.Node, chans: dict[fx.Node, _Channels]) -> _Channels | None:
+        target = node.target
+        inputs = [a for a in node.all_input_nodes if a in chans]
+        shape = _shape(node)
+        ndim = len(shape) if shape is not None else None
+        if target in _IGNORED:
+            return None
+        if target == aten.linear.default or target in _CONV:
+            return self._layer(node, chans)
+        if target == aten.batch_norm.default:
+            name = self._owner_of(node.args[3]) or self._owner_of(node.args[1])
+            x = chans.get(node.args[0])  # type: ignore[arg-type]
+            if x is None:
+                return None
+            if name is None or x.axis != 1:
+                self._freeze(x, f"an unsupported batch_norm ({node.name})")
+            else:
+                self._use(name, out=x.ids)
+            return _Channels(x.ids, x.axis, x.ndim)
+        if target in _PASS_THROUGH:
+            x = chans.get(node.args[0])  # type: ignore[arg-type]
+            if x is None or ndim != x.ndim:
+                self._freeze(x, f"{target} ({node.name}) changes the rank")
+                return None
+            return _Channels(x.ids, x.axis, x.ndim)
+        if target in _ELEMENTWISE:
+            carried = [chans[a] for a in inputs]
+            if not carried or ndim is None:
+                for c in carried:
+                    self._freeze(c, f"{target} ({node.name})")
+                return None
+            first = carried[0]
+            for other in carried[1:]:
+                if len(other.ids) == len(first.ids) and other.from_end == first.from_end:
+                    for a, b in zip(first.ids.tolist(), other.ids.tolist(), strict=True):
+                        self.uf.union(a, b)
+                else:
+                    self._freeze(first, f"a broadcast {target} ({node.name})")
+                    self._freeze(other, f"a broadcast {target} ({node.name})")
+            if shape is not None and shape[ndim + first.from_end] != len(first.ids):
+                self._freeze(first, f"a broadcast {target} ({node.name})")  # (N, 1) * (N, C): C is new
+                return None
+            return _Channels(first.ids, ndim + first.from_end, ndim)
+        if target == aten.cat.default:
+            tensors = list(node.args[0])  # type: ignore[arg-type]
+            dim = int(node.args[1]) if len(node.args) > 1 else 0  # type: ignore[arg-type]
+            parts = [chans.get(t) for t in tensors]
+            if ndim is not None:
+                dim %= ndim
+            if ndim is not None and all(p is not None and p.axis == dim and p.ndim == ndim for p in parts):
+                return _Channels(np.concatenate([p.ids for p in parts if p is not None]), dim, ndim)
+            for p in parts:
+                self._freeze(p, f"a concatenation that is not along channels ({node.name})")
+            return None
+        if target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+            x = chans.get(node.args[0])  # type: ignore[arg-type]
+            in_shape = _shape(node.args[0])
+            if x is None:
+                return None
+            if in_shape is not None and shape is not None and in_shape == shape:
+                return _Channels(x.ids, x.axis, x.ndim)
+            if (
+                in_shape is not None
+                and shape is not None
+                and x.axis == 1
+                and len(shape) == 2
+                and shape[0] == in_shape[0]
+                and shape[1] == math.prod(in_shape[1:])
+            ):  # (N, C, H, W) -> (N, C*H*W), as flatten
+                return _Channels(np.repeat(x.ids, math.prod(in_shape[2:])), 1, 2)
+            self._freeze(x, f"a reshape that moves channels ({node.name})")
+            return None
+        if target == aten.flatten.using_ints:
+            x = chans.get(node.args[0])  # type: ignore[arg-type]
+            in_shape = _shape(node.args[0])
+            start = int(node.args[1]) if len(node.args) > 1 else 0  # type: ignore[arg-type]
+            end = int(node.args[2]) if len(node.args) > 2 else -1  # type: ignore[arg-type]
+            if x is None or in_shape is None:
+                return None
+            end %= len(in_shape)
+            if x.axis == start == 1 and end == len(in_shape) - 1:
+                spatial = math.prod(in_shape[2:])
+                return _Channels(np.repeat(x.ids, spatial), 1, 2)
+            self._freeze(x, f"a flatten that mixes channels ({node.name})")
+            return None
+        if target == aten.mean.dim:
+            x = chans.get(node.args[0])  # type: ignore[arg-type]
+            dims = node.args[1] if len(node.args) > 1 else None
+            keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+            in_shape = _shape(node.args[0])
+            if x is not None and in_shape is not None and isinstance(dims, (list, tuple)):
+                reduced = {int(d) % len(in_shape) for d in dims}
+                if x.axis not in reduced:
+                    axis = x.axis if keep else x.axis - sum(d < x.axis for d in reduced)
+                    return _Channels(x.ids, axis, x.ndim if keep else x.ndim - len(reduced))
+            self._freeze(x, f"a reduction over channels ({node.name})")
+            return None
+        # Anything else: the channels it reads are frozen, and its output starts fresh ids that are
+        # frozen too (their producer cannot be cut).
+        for a in inputs:
+            self._freeze(chans[a], f"{target} ({node.name}), which the graph does not cut through")
+        return None
+
+    def _layer(self, node: fx.Node, chans: dict[fx.Node, _Channels]) -> _Channels | None:
+        name = self._owner_of(node.args[1])
+        x = chans.get(node.args[0])  # type: ignore[arg-type]
+        shape = _shape(node)
+        module = self.modules.get(name) if name is not None else None
+        if name is None or module is None or shape is None:
+            self._freeze(x, f"a layer whose weight is not a parameter ({node.name})")
+            return None
+        if isinstance(module, nn.Linear):
+            axis = len(shape) - 1
+            if x is not None and x.axis != axis:
+                self._freeze(x, f"'{name}' reads a tensor whose channels are not its features")
+                x = None
+            out = self.uf.new(module.out_features)
+            self._use(name, out=out, inp=None if x is None else x.ids)
+            return _Channels(out, axis, len(shape))
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            groups = module.groups
+            if groups == 1:
+                out = self.uf.new(module.out_channels)
+                self._use(name, out=out, inp=None if x is None else x.ids)
+                return _Channels(out, 1, len(shape))
+            if groups == module.in_channels == module.out_channels and x is not None:
+                # Depthwise: channel i in, channel i out.
+                self._use(name, out=x.ids, inp=None)
+                return _Channels(x.ids, 1, len(shape))
+            self._freeze(x, f"grouped convolution '{name}'")
+            out = self.uf.new(module.out_channels)
+            self._freeze(_Channels(out, 1, len(shape)), f"grouped convolution '{name}'")
+            self._use(name, out=out, inp=None)
+            return _Channels(out, 1, len(shape))
+        self._freeze(x, f"'{name}' ({type(module).__name__})")
+        return None
+
+    # -- groups ---------------------------------------------------------------------------------------
+
+    def groups(self, *, protect: Iterable[str] = ()) -> list[ChannelGroup]:
+        """The removable (and frozen) channel groups; channels of `protect` layers are frozen."""
+        protected = set(protect)
+        members: dict[int, list[int]] = defaultdict(list)
+        producers: dict[int, set[str]] = defaultdict(set)
+        consumers: dict[int, set[str]] = defaultdict(set)
+        frozen: dict[int, str] = {}
+        for i, reason in self.frozen.items():
+            frozen.setdefault(self.uf.find(i), reason)
+        for use in self.uses.values():
+            for ids, side in ((use.out, producers), (use.inp, consumers)):
+                if ids is None:
+                    continue
+                for i in set(ids.tolist()):
+                    root = self.uf.find(int(i))
+                    side[root].add(use.name)
+                    if use.name in protected:
+                        frozen.setdefault(root, f"'{use.name}' is protected (ignore)")
+        for i in range(len(self.uf.parent)):
+            members[self.uf.find(i)].append(i)
+        out = []
+        for root in sorted(set(producers) | set(consumers)):
+            why: str | None = frozen.get(root)
+            if why is None and not any(
+                isinstance(self.modules[p], (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                for p in producers[root]
+            ):
+                why = "no layer produces it"
+            out.append(
+                ChannelGroup(
+                    root,
+                    tuple(sorted(producers[root])),
+                    tuple(sorted(consumers[root])),
+                    why,
+                    members[root],
+                )
+            )
+        return out
+
+
+def _flat_nodes(args: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+
+    def collect(n: fx.Node) -> fx.Node:
+        out.append(n)
+        return n
+
+    fx.node.map_arg(args, collect)
+    return out
+
+
+__all__ = ["ChannelGraph", "ChannelGroup", "LayerUse"]

@@ -1,0 +1,126 @@
+"""Structured pruning: the channel graph cuts coupled channels together and nothing it does not understand."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import zoo
+from torch import nn
+
+import modelpress as mp
+from modelpress.errors import DataError, GraphError, RecipeError
+from modelpress.graph.channels import ChannelGraph
+
+
+class Residual(nn.Module):
+    """conv-BN-ReLU stem, a residual pair of convs, flatten into a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        x = x + self.conv2(torch.relu(self.conv1(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 4), 1))
+
+
+def _residual() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Residual().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.1, 0.1)
+        model.bn.running_var.uniform_(0.5, 1.5)
+        # conv1's channels 0, 2, ..., 14 contribute nothing: removing them must not change the output.
+        model.conv1.weight[::2] = 0
+        model.conv1.bias[::2] = 0
+        model.conv2.weight[:, ::2] = 0
+    return model, torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_removing_dead_channels_keeps_the_output_exactly():
+    model, x = _residual()
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5, targets=("conv1",))], [(x,)])
+    assert small.conv1.out_channels == 8 and small.conv2.in_channels == 8
+    assert small.stem.out_channels == 8  # only conv1 was selected
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-6, rtol=1e-5)
+
+
+def test_residual_channels_are_cut_together_everywhere():
+    model, x = _residual()
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [(x,)])
+    # stem, BN, conv2's output and the head's input columns are one group (the residual addition).
+    assert small.stem.out_channels == small.bn.num_features == small.conv2.out_channels == 4
+    assert small.conv1.in_channels == 4 and small.conv1.out_channels == 8
+    assert small.head.in_features == 4 * 16 and small.head.out_features == 5
+    with torch.no_grad():
+        assert small(x).shape == model(x).shape
+    assert _params(small) < 0.5 * _params(model)
+
+
+def test_round_to_and_ignore(caplog):
+    model, x = _residual()
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.3, round_to=8)], [(x,)])
+    assert small.conv1.out_channels == 16  # keep ceil(0.7 * 16 / 8) * 8 = 16
+    with caplog.at_level(logging.INFO, logger="modelpress.techniques.structured"):
+        small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5, ignore=("conv2",))], [(x,)])
+    assert small.conv2.out_channels == 8 and small.stem.out_channels == 8  # conv2 protects its group
+    assert small.conv1.out_channels == 16  # conv2 reads conv1's channels: protected too
+    assert "'conv2' is protected" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ["resnet_cnn", "inverted_residual_cnn", "bert_encoder", "gpt_decoder"])
+def test_zoo_models_shrink_and_keep_their_output_shape(arch):
+    model, inputs = zoo.ZOO[arch]()
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [inputs])
+    with torch.no_grad():
+        assert small(*inputs).shape == model(*inputs).shape
+    ratio = _params(small) / _params(model)
+    assert ratio < (0.4 if "cnn" in arch else 0.95)  # transformers: FFN neurons only, embeddings stay
+
+
+def test_mlp_neurons_of_a_llama_block_are_cut_in_gate_up_and_down():
+    model, inputs = zoo.gpt_decoder()
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5, round_to=8)], [inputs])
+    mlp = small.lm.model.layers[0].mlp
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 64
+
+
+def test_macs_halve_on_a_cnn():
+    model, x = _residual()
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [(x,)])
+    assert mp.profile(small, (x,)).macs < 0.5 * mp.profile(model, (x,)).macs
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) if x.sum() > 0 else -self.a(x)
+
+
+def test_bad_input_is_named_and_the_model_untouched():
+    with pytest.raises(RecipeError, match="ratio=1.0 must be in"):
+        mp.StructuredPruningConfig(ratio=1.0)
+    model, x = _residual()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DataError, match="example inputs"):
+        mp.compress(model, [mp.StructuredPruningConfig()])
+    with pytest.raises(RecipeError, match="ignore \\['nope'\\] match no module"):
+        mp.compress(model, [mp.StructuredPruningConfig(ignore=("nope",))], [(x,)])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(GraphError, match="torch.export cannot trace DataDependent"):
+        ChannelGraph(DataDependent(), (torch.ones(1, 4),))
