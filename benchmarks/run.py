@@ -98,6 +98,8 @@ class Asset:
     notes: list[str] = field(default_factory=list)
     # model inputs for calibration, disjoint from the evaluation data; empty: no calibrated method runs
     calibration: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    # (inputs, labels) batches for recovery training (one epoch), disjoint from the evaluation data
+    training: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     # set by run(): the temporary folder of this run's artifacts, and the fp32 ONNX the peers start from
     workdir: Path | None = None
     fp32_onnx: Path | None = None
@@ -106,8 +108,9 @@ class Asset:
 def mnist_asset(quick: bool) -> Asset:
     model = assets.mnist_model()
     x, y = assets.mnist_data("test")
-    x_train, _ = assets.mnist_data("train")  # calibration comes from the training split
+    x_train, y_train = assets.mnist_data("train")  # calibration and recovery come from the training split
     n = 2000 if quick else len(x)
+    n_train = 4096 if quick else len(x_train)
     eval_items = [(x[i : i + 256], y[i : i + 256]) for i in range(0, n, 256)]
     ref = CachedReference(model)
     return Asset(
@@ -120,6 +123,7 @@ def mnist_asset(quick: bool) -> Asset:
         fidelity=lambda target: mp.output_fidelity(target, ref, eval_items, labeled=True),
         bench_batches={"b1": [x[:1].numpy()], "b64": [x[:64].numpy()]},
         calibration=[(x_train[i : i + 32],) for i in range(0, 1024, 32)],
+        training=[(x_train[i : i + 64], y_train[i : i + 64]) for i in range(0, n_train, 64)],
     )
 
 
@@ -305,6 +309,21 @@ def build_recipe(recipe: Any) -> Callable[[Asset], Built]:
     return build
 
 
+def build_pruned(ratio: float, *, then: Any = None) -> Callable[[Asset], Built]:
+    """Structured pruning with one epoch of recovery (cross-entropy on the training split), then `then`
+    (a recipe calibrated on the asset's calibration inputs)."""
+
+    def build(asset: Asset) -> Built:
+        start = time.perf_counter()
+        config = mp.StructuredPruningConfig(ratio=ratio, round_to=8, recover="task", recover_lr=1e-3)
+        small = mp.compress(asset.model, [config], asset.training)
+        if then is not None:
+            small = mp.compress(small, then, asset.calibration)
+        return Built(model=small, wall_s=time.perf_counter() - start)
+
+    return build
+
+
 def peer(make: Callable[[Asset], peers.Made]) -> Callable[[Asset], Built]:
     """A peer tool's build function (benchmarks/peers.py) as a `Built`: an artifact path or a torch model."""
 
@@ -436,6 +455,19 @@ METHODS: dict[str, Method] = {
         ),
         needs_calibration=True,
         assets=("smollm2",),
+    ),
+    # Structured pruning (half the channels of every coupled group, multiples of 8) with one epoch of
+    # recovery on the labeled training split; alone and followed by static int8.
+    "pruned-50": Method(
+        "pruned-50", "modelpress", ("onnxruntime", "openvino"), build_pruned(0.5), assets=("mnist",)
+    ),
+    "pruned-50-int8-static": Method(
+        "pruned-50-int8-static",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_pruned(0.5, then="int8-static"),
+        needs_calibration=True,
+        assets=("mnist",),
     ),
     # ---- peer tools, same run, same measurements (benchmarks/peers.py) ----
     "ort-dynamic": Method("ort-dynamic", "onnxruntime", ("onnxruntime",), peer(peers.ort_dynamic)),
@@ -660,6 +692,9 @@ def run(
                     info["linear_bytes"] = linear_bytes(p)
                     info["linear_size_ratio"] = info["linear_bytes"] / linear_bytes(base_profile)
                     info["profile_bytes_by_dtype"] = p.bytes_by_dtype
+                if name.startswith("pruned"):
+                    macs = mp.profile(built.model, asset.example_inputs, repeats=1).macs
+                    info["macs_ratio"] = macs / base_profile.macs
             path = built.path
             if path is None and not torch_only:
                 assert built.model is not None
@@ -703,7 +738,7 @@ def run(
                         }
                     )
                     continue
-                for k in ("quality_torch", "linear_size_ratio", "export_s"):
+                for k in ("quality_torch", "linear_size_ratio", "macs_ratio", "export_s"):
                     if k in info:
                         row[k] = info[k]
                 if runtime == TORCH:
@@ -856,6 +891,54 @@ CRITERIA: list[Criterion] = [
         "<=",
         field_of("ort-static/onnxruntime", "latency_ratio", "b1"),
         "same-run peer",
+    ),
+    # Issue 4: structured pruning with one epoch of recovery, alone and with static int8.
+    Criterion(
+        "mnist",
+        "MACs pruned-50 / fp32",
+        field_of("pruned-50/onnxruntime", "macs_ratio"),
+        "<=",
+        0.5,
+        "issue 4",
+    ),
+    Criterion(
+        "mnist",
+        "accuracy pruned-50 (onnxruntime)",
+        field_of("pruned-50/onnxruntime", "quality"),
+        ">=",
+        0.989,
+        "issue 4",
+    ),
+    *[
+        Criterion(
+            "mnist",
+            f"latency b64 pruned-50 / fp32, both in {rt}",
+            lambda rows, result, rt=rt: (
+                rows[f"pruned-50/{rt}"]["latency_ratio"]["b64"] / rows[f"fp32/{rt}"]["latency_ratio"]["b64"]
+            ),
+            "<=",
+            1 / 1.7,
+            "issue 4",
+        )
+        for rt in ("onnxruntime", "openvino")
+    ],
+    Criterion(
+        "mnist",
+        "latency b64 pruned-50-int8-static (openvino) vs fp32 (onnxruntime)",
+        field_of("pruned-50-int8-static/openvino", "latency_ratio", "b64"),
+        "<=",
+        0.2,
+        "issue 4",
+    ),
+    size_check("mnist", "pruned-50-int8-static", 0.1),
+    Criterion(
+        "mnist",
+        "accuracy pruned-50-int8-static (openvino)",
+        field_of("pruned-50-int8-static/openvino", "quality"),
+        ">=",
+        0.988,
+        "issue 4",
+        full_only=True,
     ),
     # ---- MiniLM ----
     size_check("minilm", "int8-weight-only", 0.27),

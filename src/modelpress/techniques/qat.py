@@ -19,22 +19,19 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import nn
 
 from modelpress.data import Dataset
 from modelpress.environment import cpu_has_vnni
-from modelpress.errors import DataError, ModelpressError, RecipeError
-from modelpress.loading import as_inputs
+from modelpress.errors import DataError, RecipeError
 from modelpress.ops.lsq import affine_range, lsq_fake_quantize, lsq_grad_factor
 from modelpress.ops.observers import MinMaxObserver
 from modelpress.ops.quant import affine_params, qrange, symmetric_scale
+from modelpress.techniques.finetune import LossFn, finetune, labeled
 from modelpress.techniques.quantized import (
     FORWARD_WITH_WEIGHT,
     QUANTIZABLE_TYPES,
@@ -46,9 +43,6 @@ from modelpress.techniques.static_int8 import calibrate_inputs
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[Any, Any], torch.Tensor]  # (model outputs, labels or fp32 outputs) -> scalar loss
-
-_LOG_EVERY = 50  # steps between progress lines
 _ACT_QMIN, _ACT_QMAX = 0, 255  # uint8 inputs, as static_int8 and QuantizedLayer
 
 
@@ -185,85 +179,6 @@ class FakeQuantLayer(nn.Module):
         return f"LSQ fake quantization: {self.bits}-bit weights (axis={self.axis}), {inputs}"
 
 
-def _labeled(item: Any, where: str) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
-        kind = type(item).__name__
-        kind = f"{kind} of {len(item)} elements" if isinstance(item, (tuple, list)) else kind
-        raise DataError(
-            f"qat: loss='task' needs (inputs, labels) items, but {where} is a {kind}. Pass labeled data "
-            "(a transform_fn can return (inputs, labels)), or use loss='distill', which needs no labels."
-        )
-    return as_inputs(item[0], where=where), item[1]
-
-
-def _float_leaves(out: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def _distill_loss(out: Any, reference: Any) -> torch.Tensor:
-    """Relative MSE to the fp32 outputs, summed over float outputs: 0.01 is a 20 dB signal-to-noise ratio."""
-    got, want = _float_leaves(out), _float_leaves(reference)
-    if not want or len(got) != len(want):
-        raise DataError(
-            "qat: loss='distill' needs the model to return floating-point outputs (tensors, or tuples/dicts of "
-            "them); this model returns none. Use loss='task' or pass a loss_fn."
-        )
-    terms = [
-        F.mse_loss(g.float(), w.float()) / w.float().pow(2).mean().clamp(min=1e-12)
-        for g, w in zip(got, want, strict=True)
-    ]
-    return torch.stack(terms).sum()
-
-
-def _task_loss(out: Any, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the first float output (the logits) against class ids or class probabilities."""
-    leaves = _float_leaves(out)
-    if not leaves:
-        raise DataError("qat: loss='task' needs a floating-point output (logits); this model returns none.")
-    logits = leaves[0]
-    if labels.is_floating_point() and labels.shape == logits.shape:
-        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(0, -2).to(logits.dtype))
-    if not labels.is_floating_point() and logits.ndim == labels.ndim + 1:
-        if logits.shape[:-1] == labels.shape:  # (..., classes): classifiers, language models
-            return F.cross_entropy(logits.flatten(0, -2), labels.flatten().long())
-        if logits.shape[:1] + logits.shape[2:] == labels.shape:  # (N, classes, ...): segmentation
-            return F.cross_entropy(logits, labels.long())
-    raise DataError(
-        f"qat: loss='task' cannot pair logits of shape {tuple(logits.shape)} with labels of shape "
-        f"{tuple(labels.shape)} ({labels.dtype}); labels must be class ids shaped like the logits without the "
-        "class dim, or probabilities shaped like the logits. Pass a loss_fn for other targets."
-    )
-
-
-def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], index: int) -> Any:
-    try:
-        return model(*inputs)
-    except ModelpressError:
-        raise
-    except Exception as exc:
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise DataError(
-            f"qat: the model fails on training item {index} of shapes [{shapes}] with {type(exc).__name__}: "
-            f"{first}. Items must be model inputs, or (inputs, labels) pairs for loss='task'."
-        ) from exc
-
-
-def _steps(data: Dataset, config: QATConfig) -> Iterator[tuple[int, int, Any]]:
-    """(epoch, index in epoch, item), stopping after `config.steps` items when set."""
-    done = 0
-    for epoch in range(config.epochs):
-        seen = 0
-        for index, item in enumerate(data):
-            yield epoch, index, item
-            seen += 1
-            done += 1
-            if config.steps is not None and done >= config.steps:
-                return
-        if seen == 0:
-            raise DataError("qat: the training data is empty; pass at least one batch.")
-
-
 def _train(
     model: nn.Module,
     wrappers: dict[str, FakeQuantLayer],
@@ -278,9 +193,6 @@ def _train(
     ]
     ids = {id(p) for p in quantizer_params}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    optimizer = torch.optim.Adam(
-        [{"params": weights, "lr": config.lr}, {"params": quantizer_params, "lr": config.scale_lr}]
-    )
     log.info(
         "qat: training %d layers (%d-bit weights, uint8 inputs) with loss=%s (%d weight tensors, %d scales; "
         "eval mode)",
@@ -290,43 +202,19 @@ def _train(
         len(weights),
         len(quantizer_params),
     )
-    step = 0
-    running = 0.0
-    for epoch, index, item in _steps(data, config):
-        if config.loss == "task":
-            inputs, target = _labeled(item, f"training item {index}")
-        else:
-            inputs = as_inputs(item, where=f"training item {index}")
-            assert teacher is not None
-            with torch.no_grad():
-                target = teacher(*inputs)
-        out = _run(model, inputs, index)
-        if loss_fn is not None:
-            loss = loss_fn(out, target)
-        else:
-            loss = _task_loss(out, target) if config.loss == "task" else _distill_loss(out, target)
-        if not torch.isfinite(loss):
-            if step == 0 or not all(torch.isfinite(t).all() for t in inputs if t.is_floating_point()):
-                raise DataError(
-                    f"qat: the loss is {float(loss.detach())} on training item {index} (epoch {epoch + 1}) "
-                    f"{'before any update' if step == 0 else 'whose inputs hold NaN or Inf'}; check the data, "
-                    "the labels and the model's fp32 outputs on it."
-                )
-            raise RecipeError(
-                f"qat: training diverged: the loss became {float(loss.detach())} at step {step + 1} (epoch {epoch + 1}). "
-                f"Lower lr (now {config.lr}) or scale_lr (now {config.scale_lr})."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        running += float(loss.detach())
-        if step % _LOG_EVERY == 0 or step == 1:
-            log.info(
-                "qat: epoch %d/%d step %d loss %.4g", epoch + 1, config.epochs, step, float(loss.detach())
-            )
-    optimizer.zero_grad(set_to_none=True)
-    log.info("qat: %d steps, mean loss %.4g", step, running / max(step, 1))
+    finetune(
+        model,
+        data,
+        [{"params": weights, "lr": config.lr}, {"params": quantizer_params, "lr": config.scale_lr}],
+        loss=config.loss,
+        epochs=config.epochs,
+        steps=config.steps,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        owner="qat",
+        hint=f"Lower lr (now {config.lr}) or scale_lr (now {config.scale_lr}).",
+        logger=log,
+    )
 
 
 def qat(
@@ -371,7 +259,9 @@ def qat(
     model.eval()
     inputs_only = data
     if config.loss == "task":
-        inputs_only = Dataset(data, transform_fn=lambda item: _labeled(item, "a calibration item")[0])
+        inputs_only = Dataset(
+            data, transform_fn=lambda item: labeled(item, "a calibration item", owner="qat")[0]
+        )
     observers = calibrate_inputs(
         model,
         {n: m for n, m in chosen.items() if n not in transposed},

@@ -15,6 +15,7 @@ and OpenVINO run it faster because there is less to compute.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -30,6 +31,7 @@ from modelpress.data import Dataset, as_dataset
 from modelpress.errors import DataError, RecipeError
 from modelpress.graph.channels import ChannelGraph, ChannelGroup, LayerUse
 from modelpress.loading import as_inputs
+from modelpress.techniques.finetune import finetune, labeled
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
 from modelpress.techniques.select import matches_any, select_modules, unmatched_patterns
 
@@ -52,6 +54,12 @@ class StructuredPruningConfig:
     layers: tuple[Literal["linear", "conv"], ...] = ("linear", "conv")
     targets: tuple[str, ...] | None = None  # layers whose output channels may be cut (default: all)
     ignore: tuple[str, ...] = ()  # layers never cut, nor any channel they read or write
+    # Recovery after the cut: "distill" trains the pruned model to match the unpruned one on the data's
+    # inputs (no labels); "task" trains on (inputs, labels) items by cross-entropy; "none" skips it.
+    recover: Literal["none", "distill", "task"] = "none"
+    recover_epochs: int = 1
+    recover_steps: int | None = None  # stop after this many steps (batches) when set
+    recover_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -199,17 +207,20 @@ def apply_plan(graph: ChannelGraph, remove: set[int]) -> None:
 
 
 def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset | Any = None) -> nn.Module:
-    """Remove channels as `config` says and return the smaller model (the same object, sliced in place).
+    """Remove channels as `config` says, optionally recover by fine-tuning, and return the smaller model
+    (the same object, sliced in place).
 
-    Needs one example batch (`data`) to trace the model.
+    Needs one example batch (`data`) to trace the model, and the training data for `recover`.
     """
     dataset = as_dataset(data)
     first = next(iter(dataset.take(1)), None) if dataset is not None else None
-    if first is None:
+    if first is None or dataset is None:
         raise DataError(
             "structured: tracing the model's channels needs one batch of example inputs: pass `data=` to "
             "compress, or --data file.py:fn on the command line."
         )
+    if config.recover == "task":
+        first = labeled(first, "the first data item", owner="structured")[0]
     missing = unmatched_patterns(model, config.targets)
     if missing:
         raise RecipeError(f"structured: targets {missing} match no module of the model.")
@@ -224,6 +235,7 @@ def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset 
     with torch.no_grad():
         before = model(*example)
     params_before = sum(p.numel() for p in model.parameters())
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.recover == "distill" else None
     graph = ChannelGraph(model, example, owner="structured")
     protected = {n for n, m in graph.modules.items() if n in graph.uses and matches_any(config.ignore, n, m)}
     remove, summary = plan(graph, dataclasses.replace(config, ignore=tuple(sorted(protected))), cuttable)
@@ -252,6 +264,21 @@ def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset 
         log.warning(
             "structured: no channel could be removed; the model is unchanged (see the log lines above)."
         )
+    elif config.recover != "none":
+        model.eval()
+        with torch.enable_grad():
+            finetune(
+                model,
+                dataset,
+                [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.recover_lr}],
+                loss=config.recover,
+                epochs=config.recover_epochs,
+                steps=config.recover_steps,
+                teacher=teacher,
+                owner="structured",
+                hint=f"Lower recover_lr (now {config.recover_lr}).",
+                logger=log,
+            )
     return model
 
 

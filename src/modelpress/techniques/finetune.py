@@ -1,0 +1,182 @@
+"""Fine-tuning loops shared by the techniques that train: QAT and the recovery step of pruning.
+
+The model trains in eval mode (BatchNorm keeps its running statistics, dropout is off, as in deployment)
+with Adam, either matching a frozen teacher's outputs (`loss="distill"`, unlabeled inputs) or by
+cross-entropy on `(inputs, labels)` items (`loss="task"`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import nn
+
+from modelpress.data import Dataset
+from modelpress.errors import DataError, ModelpressError, RecipeError
+from modelpress.loading import as_inputs
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Any], torch.Tensor]  # (model outputs, labels or teacher outputs) -> scalar loss
+LossKind = Literal["distill", "task"]
+
+_LOG_EVERY = 50  # steps between progress lines
+
+
+def labeled(item: Any, where: str, *, owner: str) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
+        kind = type(item).__name__
+        kind = f"{kind} of {len(item)} elements" if isinstance(item, (tuple, list)) else kind
+        raise DataError(
+            f"{owner}: loss='task' needs (inputs, labels) items, but {where} is a {kind}. Pass labeled data "
+            "(a transform_fn can return (inputs, labels)), or use loss='distill', which needs no labels."
+        )
+    return as_inputs(item[0], where=where), item[1]
+
+
+def _float_leaves(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def distill_loss(out: Any, reference: Any, *, owner: str) -> torch.Tensor:
+    """Relative MSE to the teacher's outputs, summed over float outputs: 0.01 is a 20 dB signal-to-noise ratio."""
+    got, want = _float_leaves(out), _float_leaves(reference)
+    if not want or len(got) != len(want):
+        raise DataError(
+            f"{owner}: loss='distill' needs the model to return floating-point outputs (tensors, or tuples/dicts "
+            "of them); this model returns none. Use loss='task' or pass a loss_fn."
+        )
+    terms = [
+        F.mse_loss(g.float(), w.float()) / w.float().pow(2).mean().clamp(min=1e-12)
+        for g, w in zip(got, want, strict=True)
+    ]
+    return torch.stack(terms).sum()
+
+
+def task_loss(out: Any, labels: torch.Tensor, *, owner: str) -> torch.Tensor:
+    """Cross-entropy of the first float output (the logits) against class ids or class probabilities."""
+    leaves = _float_leaves(out)
+    if not leaves:
+        raise DataError(
+            f"{owner}: loss='task' needs a floating-point output (logits); this model returns none."
+        )
+    logits = leaves[0]
+    if labels.is_floating_point() and labels.shape == logits.shape:
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(0, -2).to(logits.dtype))
+    if not labels.is_floating_point() and logits.ndim == labels.ndim + 1:
+        if logits.shape[:-1] == labels.shape:  # (..., classes): classifiers, language models
+            return F.cross_entropy(logits.flatten(0, -2), labels.flatten().long())
+        if logits.shape[:1] + logits.shape[2:] == labels.shape:  # (N, classes, ...): segmentation
+            return F.cross_entropy(logits, labels.long())
+    raise DataError(
+        f"{owner}: loss='task' cannot pair logits of shape {tuple(logits.shape)} with labels of shape "
+        f"{tuple(labels.shape)} ({labels.dtype}); labels must be class ids shaped like the logits without the "
+        "class dim, or probabilities shaped like the logits. Pass a loss_fn for other targets."
+    )
+
+
+def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], index: int, owner: str) -> Any:
+    try:
+        return model(*inputs)
+    except ModelpressError:
+        raise
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(
+            f"{owner}: the model fails on training item {index} of shapes [{shapes}] with {type(exc).__name__}: "
+            f"{first}. Items must be model inputs, or (inputs, labels) pairs for loss='task'."
+        ) from exc
+
+
+def _steps(data: Dataset, epochs: int, steps: int | None, owner: str) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, index in epoch, item), stopping after `steps` items when set."""
+    done = 0
+    for epoch in range(epochs):
+        seen = 0
+        for index, item in enumerate(data):
+            yield epoch, index, item
+            seen += 1
+            done += 1
+            if steps is not None and done >= steps:
+                return
+        if seen == 0:
+            raise DataError(f"{owner}: the training data is empty; pass at least one batch.")
+
+
+def finetune(
+    model: nn.Module,
+    data: Dataset,
+    param_groups: list[dict[str, Any]],
+    *,
+    loss: LossKind,
+    epochs: int,
+    steps: int | None,
+    teacher: nn.Module | None,
+    loss_fn: LossFn | None = None,
+    owner: str,
+    hint: str | None = None,
+    logger: logging.Logger = log,
+) -> float:
+    """Train `param_groups` (Adam groups with their lr) of `model` on `data`; returns the mean loss.
+
+    Raises `DataError` on a non-finite loss before any update (bad data), `RecipeError` when training
+    diverges, ending with `hint` (default: lower the learning rates). Progress goes to `logger`.
+    """
+    optimizer = torch.optim.Adam(param_groups)
+    rates = ", ".join(str(g["lr"]) for g in param_groups)
+    hint = hint or f"Lower the learning rate(s) (now {rates})."
+    step = 0
+    running = 0.0
+    for epoch, index, item in _steps(data, epochs, steps, owner):
+        if loss == "task":
+            inputs, target = labeled(item, f"training item {index}", owner=owner)
+        else:
+            inputs = as_inputs(item, where=f"training item {index}")
+            assert teacher is not None
+            with torch.no_grad():
+                target = teacher(*inputs)
+        if any(t.numel() == 0 for t in inputs):
+            raise DataError(
+                f"{owner}: training item {index} (epoch {epoch + 1}) is empty (shapes "
+                f"{[tuple(t.shape) for t in inputs]}); drop empty batches from the data."
+            )
+        out = _run(model, inputs, index, owner)
+        if loss_fn is not None:
+            value = loss_fn(out, target)
+        elif loss == "task":
+            value = task_loss(out, target, owner=owner)
+        else:
+            value = distill_loss(out, target, owner=owner)
+        if not torch.isfinite(value):
+            if step == 0 or not all(torch.isfinite(t).all() for t in inputs if t.is_floating_point()):
+                raise DataError(
+                    f"{owner}: the loss is {float(value.detach())} on training item {index} (epoch {epoch + 1}) "
+                    f"{'before any update' if step == 0 else 'whose inputs hold NaN or Inf'}; check the data, "
+                    "the labels and the model's fp32 outputs on it."
+                )
+            raise RecipeError(
+                f"{owner}: training diverged: the loss became {float(value.detach())} at step {step + 1} "
+                f"(epoch {epoch + 1}). {hint}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        step += 1
+        running += float(value.detach())
+        if step % _LOG_EVERY == 0 or step == 1:
+            log.info(
+                "%s: epoch %d/%d step %d loss %.4g", owner, epoch + 1, epochs, step, float(value.detach())
+            )
+    optimizer.zero_grad(set_to_none=True)
+    mean = running / max(step, 1)
+    logger.info("%s: %d steps, mean loss %.4g", owner, step, mean)
+    return mean
+
+
+__all__ = ["LossFn", "LossKind", "distill_loss", "finetune", "labeled", "task_loss"]
