@@ -37,7 +37,7 @@ from torch import nn
 
 import modelpress as mp
 
-PEER_PACKAGES = ("onnxruntime", "openvino", "nncf", "torchao", "onnx")
+PEER_PACKAGES = ("onnxruntime", "openvino", "nncf", "torchao", "torch-pruning", "onnx")
 
 
 @dataclass
@@ -379,6 +379,53 @@ def torchao_weight_only(bits: int, group_size: int | None = None) -> Callable[[A
                 "state_dict_bytes": state_dict_bytes(model),
                 "fp32_state_dict_bytes": state_dict_bytes(asset.model),
                 "linear_size_ratio": state_dict_bytes(model, nn.Linear) / base_linear,
+            },
+        )
+
+    return build
+
+
+def torch_pruning(ratio: float, *, round_to: int = 8) -> Callable[[Any], Made]:
+    """Torch-Pruning's `MetaPruner` (DepGraph, group L2 magnitude importance, `pruning_ratio` per layer,
+    the last Linear ignored: its outputs are the model's), then the same recovery as modelpress's row:
+    one epoch of cross-entropy on the asset's training split, Adam lr 1e-3, eval mode (modelpress's
+    loop, so that only the pruning differs)."""
+
+    def build(asset: Any) -> Made:
+        import torch_pruning as tp
+
+        from modelpress.data import Dataset
+        from modelpress.techniques.finetune import finetune
+
+        model = copy.deepcopy(asset.model).eval()
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        start = time.perf_counter()
+        pruner = tp.pruner.MetaPruner(
+            model,
+            asset.example_inputs[0] if len(asset.example_inputs) == 1 else asset.example_inputs,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            ignored_layers=[last],
+            round_to=round_to,
+        )
+        pruner.step()
+        with torch.enable_grad():
+            finetune(
+                model,
+                Dataset(asset.training),
+                [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-3}],
+                loss="task",
+                epochs=1,
+                steps=None,
+                teacher=None,
+                owner="torch-pruning",
+            )
+        return Made(
+            model=model.eval(),
+            wall_s=time.perf_counter() - start,
+            extra={
+                "settings": f"MetaPruner(GroupMagnitudeImportance(p=2), pruning_ratio={ratio}, "
+                f"round_to={round_to}) + 1 epoch task recovery (lr 1e-3)",
             },
         )
 

