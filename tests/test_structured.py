@@ -80,14 +80,18 @@ def test_round_to_and_ignore(caplog):
     assert "'conv2' is protected" in caplog.text
 
 
-@pytest.mark.parametrize("arch", ["resnet_cnn", "inverted_residual_cnn", "bert_encoder", "gpt_decoder"])
+@pytest.mark.parametrize(
+    "arch", ["resnet_cnn", "inverted_residual_cnn", "bert_encoder", "gpt_decoder", "dcgan_generator"]
+)
 def test_zoo_models_shrink_and_keep_their_output_shape(arch):
     model, inputs = zoo.ZOO[arch]()
     small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [inputs])
     with torch.no_grad():
         assert small(*inputs).shape == model(*inputs).shape
     ratio = _params(small) / _params(model)
-    assert ratio < (0.4 if "cnn" in arch else 0.95)  # transformers: FFN neurons only, embeddings stay
+    # Convolutional models lose ~half the channels of each layer (~3/4 of the weights); transformers only
+    # FFN neurons (attention heads and the residual width stay), so their embeddings and attention remain.
+    assert ratio < (0.95 if arch in ("bert_encoder", "gpt_decoder") else 0.4)
 
 
 def test_mlp_neurons_of_a_llama_block_are_cut_in_gate_up_and_down():

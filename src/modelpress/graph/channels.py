@@ -77,7 +77,14 @@ _ELEMENTWISE = {
     aten.mul_.Tensor,
     aten.div.Tensor,
 }
-_CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+_CONV = {
+    aten.conv1d.default,
+    aten.conv2d.default,
+    aten.conv3d.default,
+    aten.conv_transpose1d.default,
+    aten.conv_transpose2d.input,
+    aten.conv_transpose3d.input,
+}
 # Nodes that read nothing of the data (shape checks).
 _IGNORED = {aten._assert_tensor_metadata.default}
 
@@ -335,6 +342,15 @@ class ChannelGraph:
             out = self.uf.new(module.out_features)
             self._use(name, out=out, inp=None if x is None else x.ids)
             return _Channels(out, axis, len(shape))
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            # weight (in, out / groups, k...): rows are inputs here; only groups == 1 is cut.
+            out = self.uf.new(module.out_channels)
+            if module.groups != 1:
+                self._freeze(x, f"grouped transposed convolution '{name}'")
+                self._freeze(_Channels(out, 1, len(shape)), f"grouped transposed convolution '{name}'")
+                x = None
+            self._use(name, out=out, inp=None if x is None else x.ids)
+            return _Channels(out, 1, len(shape))
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             groups = module.groups
             if groups == 1:
@@ -379,8 +395,7 @@ class ChannelGraph:
         for root in sorted(set(producers) | set(consumers)):
             why: str | None = frozen.get(root)
             if why is None and not any(
-                isinstance(self.modules[p], (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
-                for p in producers[root]
+                isinstance(self.modules[p], (nn.Linear, nn.modules.conv._ConvNd)) for p in producers[root]
             ):
                 why = "no layer produces it"
             out.append(

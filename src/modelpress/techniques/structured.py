@@ -90,15 +90,15 @@ def _norms(use: LayerUse, power: int) -> tuple[np.ndarray | None, np.ndarray | N
     if not isinstance(weight, torch.Tensor):
         return None, None
     w = weight.detach().abs().float().pow(power)
-    rows = cols = None
-    if use.out is not None:
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            rows = w.numpy()
-        else:
-            rows = w.reshape(w.shape[0], -1).sum(1).numpy()
-    if use.inp is not None and w.dim() >= 2:
-        cols = w.transpose(0, 1).reshape(w.shape[1], -1).sum(1).numpy()
-    return rows, cols
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (w.numpy() if use.out is not None else None), None
+    by_dim0: np.ndarray | None = w.reshape(w.shape[0], -1).sum(1).numpy()
+    by_dim1: np.ndarray | None = (
+        w.transpose(0, 1).reshape(w.shape[1], -1).sum(1).numpy() if w.dim() >= 2 else None
+    )
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight (in, out, k...)
+        by_dim0, by_dim1 = by_dim1, by_dim0
+    return (by_dim0 if use.out is not None else None), (by_dim1 if use.inp is not None else None)
 
 
 def _importance(graph: ChannelGraph, power: int) -> dict[int, float]:
@@ -170,16 +170,21 @@ def _slice(use: LayerUse, out_keep: torch.Tensor | None, in_keep: torch.Tensor |
         return
     weight = _weight(module)
     w = weight.detach()
-    if out_keep is not None:
-        w = w[out_keep]
-    if in_keep is not None:
-        w = w[:, in_keep]
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)  # weight (in, out, k...)
+    rows, cols = (in_keep, out_keep) if transposed else (out_keep, in_keep)
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
     module.weight = nn.Parameter(w.clone(), requires_grad=weight.requires_grad)
     bias = module.bias
     if isinstance(bias, torch.Tensor) and out_keep is not None:
         module.bias = nn.Parameter(bias.detach()[out_keep].clone(), requires_grad=bias.requires_grad)
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = int(w.shape[0]), int(w.shape[1])
+    elif transposed:
+        assert isinstance(module, nn.modules.conv._ConvTransposeNd)
+        module.in_channels, module.out_channels = int(w.shape[0]), int(w.shape[1])
     else:
         assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
         if module.groups > 1:  # depthwise: one channel in, one out
