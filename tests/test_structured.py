@@ -163,3 +163,31 @@ def test_recovery_improves_accuracy_over_the_unrecovered_model(recover):
     )
     assert plain[0].out_features == recovered[0].out_features == 7  # ceil(0.1 * 64)
     assert mp.accuracy(recovered, held) > mp.accuracy(plain, held) + 0.02
+
+
+def test_gqa_heads_go_with_their_query_heads_and_the_hf_config_round_trips(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model, inputs = zoo.gpt_decoder()  # 4 query heads, 2 key/value heads of 16, FFN 128
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [inputs])
+    attn = small.lm.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == (32, 16, 32)
+    config = small.lm.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 16)
+    assert config.intermediate_size == 64
+    small.lm.save_pretrained(tmp_path / "pruned")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=inputs[0]).logits, small(*inputs))
+    assert model.lm.config.num_attention_heads == 4  # the user's model and config are untouched
+
+
+def test_bert_heads_are_cut_and_the_config_limit_is_said(caplog):
+    model, inputs = zoo.bert_encoder()
+    with caplog.at_level(logging.WARNING, logger="modelpress.techniques.structured"):
+        small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [inputs])
+    attention = small.bert.encoder.layer[0].attention
+    assert attention.self.query.out_features == 32 and attention.output.dense.in_features == 32
+    assert "cannot describe the pruned model" in caplog.text
+    kept = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5, heads=False)], [inputs])
+    assert kept.bert.encoder.layer[0].attention.self.query.out_features == 64

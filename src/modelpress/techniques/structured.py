@@ -30,6 +30,13 @@ from torch import nn
 from modelpress.data import Dataset, as_dataset
 from modelpress.errors import DataError, RecipeError
 from modelpress.graph.channels import ChannelGraph, ChannelGroup, LayerUse
+from modelpress.graph.heads import (
+    find_attention,
+    head_importance,
+    heads_to_keep,
+    prune_heads,
+    update_hf_config,
+)
 from modelpress.loading import as_inputs
 from modelpress.techniques.finetune import finetune, labeled
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
@@ -51,6 +58,9 @@ class StructuredPruningConfig:
     ratio: float = 0.5
     importance: Literal["l1", "l2"] = "l2"
     round_to: int = 1  # channels kept per group: a multiple of this (8 suits int8 and SIMD kernels)
+    # Also remove `ratio` of the attention heads of each Hugging Face style attention module (whole
+    # key/value heads with their query heads under grouped-query attention).
+    heads: bool = True
     layers: tuple[Literal["linear", "conv"], ...] = ("linear", "conv")
     targets: tuple[str, ...] | None = None  # layers whose output channels may be cut (default: all)
     ignore: tuple[str, ...] = ()  # layers never cut, nor any channel they read or write
@@ -211,6 +221,42 @@ def apply_plan(graph: ChannelGraph, remove: set[int]) -> None:
         _slice(use, out_keep, in_keep)
 
 
+def _prune_heads(
+    model: nn.Module, config: StructuredPruningConfig, cuttable: set[str], protected: set[str]
+) -> int:
+    """Remove `ratio` of the key/value heads (with their query heads) of each attention module whose
+    projections are all selected and none protected; returns the heads removed."""
+    power = 1 if config.importance == "l1" else 2
+    names = {id(m): n for n, m in model.named_modules()}
+    removed = 0
+    for att in find_attention(model):
+        layers = [names[id(t)] for t in (att.q, att.k, att.v, att.o)]
+        if any(n not in cuttable or n in protected for n in layers) or matches_any(
+            config.ignore, att.name, att.module
+        ):
+            log.info(
+                "structured: kept every head of '%s' (a projection is protected or not selected)", att.name
+            )
+            continue
+        n = att.kv_heads
+        keep_n = heads_to_keep(n, config.ratio)
+        if keep_n == n:
+            continue
+        order = torch.argsort(head_importance(att, power), descending=True, stable=True)
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[order[:keep_n]] = True
+        prune_heads(att, keep)
+        removed += n - keep_n
+        log.info(
+            "structured: removed %d of %d %sheads of '%s'",
+            n - keep_n,
+            n,
+            "key/value " if att.groups > 1 else "",
+            att.name,
+        )
+    return removed
+
+
 def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset | Any = None) -> nn.Module:
     """Remove channels as `config` says, optionally recover by fine-tuning, and return the smaller model
     (the same object, sliced in place).
@@ -245,6 +291,7 @@ def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset 
     protected = {n for n, m in graph.modules.items() if n in graph.uses and matches_any(config.ignore, n, m)}
     remove, summary = plan(graph, dataclasses.replace(config, ignore=tuple(sorted(protected))), cuttable)
     apply_plan(graph, remove)
+    cut_heads = _prune_heads(model, config, cuttable, protected) if config.heads and config.ratio > 0 else 0
     for producers, n, removed, why in summary:
         label = ", ".join(producers[:3]) + (f" +{len(producers) - 3}" if len(producers) > 3 else "")
         if why:
@@ -265,7 +312,14 @@ def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset 
         params_after,
         params_after / max(params_before, 1),
     )
-    if not remove:
+    problems = update_hf_config(model)
+    for problem in problems:
+        log.warning(
+            "structured: the Hugging Face config cannot describe the pruned model (%s); "
+            "save it with torch.save or export it, not save_pretrained.",
+            problem,
+        )
+    if not remove and not cut_heads:
         log.warning(
             "structured: no channel could be removed; the model is unchanged (see the log lines above)."
         )
