@@ -39,9 +39,6 @@ NOTHING_TO_DO = {
     ("dynamic_int8", "dcgan_generator"),
     ("awq", "dcgan_generator"),
     ("sparsity", "dcgan_generator"),  # transposed convolutions are not pruned
-    # Structured pruning does not cut recurrent hidden units yet, and the classifier's outputs are the model's.
-    ("structured", "lstm_classifier"),
-    ("structured", "gru_classifier"),
 }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ _CONV = {
     aten.conv_transpose2d.input,
     aten.conv_transpose3d.input,
 }
+_RNN = {aten.lstm.input: 4, aten.gru.input: 3}  # gates per hidden unit
 # Nodes that read nothing of the data (shape checks).
 _IGNORED = {aten._assert_tensor_metadata.default}
 
@@ -174,6 +176,7 @@ class ChannelGraph:
         self.uf = _UnionFind()
         self.uses: dict[str, LayerUse] = {}
         self.frozen: dict[int, str] = {}  # id -> reason (first one found)
+        self._tuples: dict[fx.Node, list[_Channels | None]] = {}  # multi-output ops (RNNs)
         self._trace(program.graph_module.graph)
 
     # -- building -------------------------------------------------------------------------------------
@@ -232,6 +235,23 @@ class ChannelGraph:
             return None
         if target == aten.linear.default or target in _CONV:
             return self._layer(node, chans)
+        if target in _RNN:
+            self._rnn(node, chans)
+            return None
+        if target is operator.getitem and node.args[0] in self._tuples:
+            parts = self._tuples[node.args[0]]  # type: ignore[index]
+            index = int(node.args[1])  # type: ignore[arg-type]
+            return parts[index] if index < len(parts) else None
+        if target == aten.select.int:
+            x = chans.get(node.args[0])  # type: ignore[arg-type]
+            dim = int(node.args[1])  # type: ignore[arg-type]
+            if x is None:
+                return None
+            dim %= x.ndim
+            if dim == x.axis:
+                self._freeze(x, f"a select along channels ({node.name})")
+                return None
+            return _Channels(x.ids, x.axis - (dim < x.axis), x.ndim - 1)
         if target == aten.batch_norm.default:
             name = self._owner_of(node.args[3]) or self._owner_of(node.args[1])
             x = chans.get(node.args[0])  # type: ignore[arg-type]
@@ -369,6 +389,33 @@ class ChannelGraph:
         self._freeze(x, f"'{name}' ({type(module).__name__})")
         return None
 
+    def _rnn(self, node: fx.Node, chans: dict[fx.Node, _Channels]) -> None:
+        """One-layer, one-direction LSTM/GRU: its hidden units are channels (of the output, h_n, c_n)."""
+        x = chans.get(node.args[0])  # type: ignore[arg-type]
+        params = node.args[2]
+        name = self._owner_of(params[0]) if isinstance(params, (list, tuple)) and params else None
+        module = self.modules.get(name) if name is not None else None
+        value = node.meta.get("val")
+        hx = node.args[1]
+        for h in _flat_nodes(hx):
+            self._freeze(chans.get(h), f"an initial RNN state ({node.name})")
+        if (
+            name is None
+            or not isinstance(module, (nn.LSTM, nn.GRU))
+            or module.num_layers != 1
+            or module.bidirectional
+            or bool(getattr(module, "proj_size", 0))
+        ):
+            self._freeze(x, f"a multi-layer, bidirectional or projected RNN ({node.name})")
+            return
+        if x is not None and x.axis != x.ndim - 1:
+            self._freeze(x, f"'{name}' reads a tensor whose channels are not its features")
+            x = None
+        hidden = self.uf.new(module.hidden_size)
+        self._use(name, out=hidden, inp=None if x is None else x.ids)
+        shapes = [tuple(int(d) for d in t.shape) for t in value] if isinstance(value, (tuple, list)) else []
+        self._tuples[node] = [_Channels(hidden, len(shape) - 1, len(shape)) for shape in shapes]
+
     # -- groups ---------------------------------------------------------------------------------------
 
     def groups(self, *, protect: Iterable[str] = ()) -> list[ChannelGroup]:
@@ -395,7 +442,8 @@ class ChannelGraph:
         for root in sorted(set(producers) | set(consumers)):
             why: str | None = frozen.get(root)
             if why is None and not any(
-                isinstance(self.modules[p], (nn.Linear, nn.modules.conv._ConvNd)) for p in producers[root]
+                isinstance(self.modules[p], (nn.Linear, nn.modules.conv._ConvNd, nn.LSTM, nn.GRU))
+                for p in producers[root]
             ):
                 why = "no layer produces it"
             out.append(

@@ -44,6 +44,12 @@ from modelpress.techniques.select import matches_any, select_modules, unmatched_
 
 log = logging.getLogger(__name__)
 
+# Layer kinds whose output channels (RNN: hidden units) may be cut.
+_KINDS: dict[str, tuple[type[nn.Module], ...]] = {
+    **QUANTIZABLE_TYPES,
+    "rnn": (nn.LSTM, nn.GRU),
+}
+
 
 @dataclass(frozen=True)
 class StructuredPruningConfig:
@@ -61,7 +67,7 @@ class StructuredPruningConfig:
     # Also remove `ratio` of the attention heads of each Hugging Face style attention module (whole
     # key/value heads with their query heads under grouped-query attention).
     heads: bool = True
-    layers: tuple[Literal["linear", "conv"], ...] = ("linear", "conv")
+    layers: tuple[Literal["linear", "conv", "rnn"], ...] = ("linear", "conv", "rnn")
     targets: tuple[str, ...] | None = None  # layers whose output channels may be cut (default: all)
     ignore: tuple[str, ...] = ()  # layers never cut, nor any channel they read or write
     # Recovery after the cut: "distill" trains the pruned model to match the unpruned one on the data's
@@ -80,10 +86,10 @@ class StructuredPruningConfig:
             raise RecipeError(f"structured: importance={self.importance!r} is unknown; choose 'l1' or 'l2'.")
         if self.round_to < 1:
             raise RecipeError(f"structured: round_to={self.round_to} must be at least 1.")
-        bad = [k for k in self.layers if k not in ("linear", "conv")]
+        bad = [k for k in self.layers if k not in _KINDS]
         if bad or not self.layers:
             raise RecipeError(
-                f"structured: layers={list(self.layers)} is invalid; choose from ['conv', 'linear']."
+                f"structured: layers={list(self.layers)} is invalid; choose from ['conv', 'linear', 'rnn']."
             )
 
 
@@ -93,9 +99,32 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
+def _param(module: nn.Module, name: str) -> torch.Tensor:
+    value = getattr(module, name)
+    assert isinstance(value, torch.Tensor)
+    return value.detach()
+
+
+def _gates(module: nn.Module) -> int:
+    return 4 if isinstance(module, nn.LSTM) else 3
+
+
+def _rnn_norms(use: LayerUse, power: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    module = use.module
+    assert isinstance(module, (nn.LSTM, nn.GRU))
+    h, g = module.hidden_size, _gates(module)
+    ih = _param(module, "weight_ih_l0").abs().float().pow(power)  # (g*H, in)
+    hh = _param(module, "weight_hh_l0").abs().float().pow(power)  # (g*H, H)
+    units = ih.reshape(g, h, -1).sum(dim=(0, 2)) + hh.reshape(g, h, -1).sum(dim=(0, 2)) + hh.sum(dim=0)
+    cols = ih.sum(dim=0)
+    return units.numpy(), (cols.numpy() if use.inp is not None else None)
+
+
 def _norms(use: LayerUse, power: int) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Per output row and per input column (for `use.inp` ids) sums of |w|^power."""
     module = use.module
+    if isinstance(module, (nn.LSTM, nn.GRU)):
+        return _rnn_norms(use, power)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None, None
@@ -162,8 +191,30 @@ def _keep(graph: ChannelGraph, ids: np.ndarray, remove: set[int]) -> torch.Tenso
 
 
 @torch.no_grad()
+def _slice_rnn(module: nn.LSTM | nn.GRU, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> None:
+    h, g = module.hidden_size, _gates(module)
+    unit = out_keep if out_keep is not None else torch.ones(h, dtype=torch.bool)
+    rows = unit.repeat(g)  # the gates are stacked [i, f, g, o] (LSTM) / [r, z, n] (GRU)
+    cols = in_keep if in_keep is not None else torch.ones(module.input_size, dtype=torch.bool)
+
+    def put(name: str, value: torch.Tensor) -> None:
+        old = getattr(module, name)
+        setattr(module, name, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
+
+    put("weight_ih_l0", _param(module, "weight_ih_l0")[rows][:, cols])
+    put("weight_hh_l0", _param(module, "weight_hh_l0")[rows][:, unit])
+    if module.bias:
+        put("bias_ih_l0", _param(module, "bias_ih_l0")[rows])
+        put("bias_hh_l0", _param(module, "bias_hh_l0")[rows])
+    module.hidden_size, module.input_size = int(unit.sum()), int(cols.sum())
+
+
+@torch.no_grad()
 def _slice(use: LayerUse, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> None:
     module = use.module
+    if isinstance(module, (nn.LSTM, nn.GRU)):
+        _slice_rnn(module, out_keep, in_keep)
+        return
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         assert out_keep is not None
         for name in ("weight", "bias", "running_mean", "running_var"):
@@ -279,7 +330,7 @@ def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset 
     if unmatched_ignore:
         raise RecipeError(f"structured: ignore {unmatched_ignore} match no module of the model.")
     example = as_inputs(first, where="calibration item")
-    types = tuple(t for kind in config.layers for t in QUANTIZABLE_TYPES[kind])
+    types = tuple(t for kind in config.layers for t in _KINDS[kind])
     cuttable = {
         n for n, _ in select_modules(model, types=types, targets=config.targets, ignore=config.ignore)
     }
