@@ -21,6 +21,12 @@ def table(paths: list[str]) -> str:
     torch_rows = False
     for path in paths:
         result = json.loads(Path(path).read_text())
+        # A second run on the same asset (its own fp32 rows) is told apart by its file name.
+        label = (
+            result["asset"]
+            if Path(path).stem == result["asset"]
+            else f"{result['asset']} ({Path(path).stem})"
+        )
         for row in result["rows"]:
             fid = row.get("fidelity") or {}
             if "top1_agreement" in fid:
@@ -33,7 +39,7 @@ def table(paths: list[str]) -> str:
                 size += "*"
                 torch_rows = True
             lines.append(
-                f"| {result['asset']} | {row['method']} | {row.get('by', 'modelpress')} | {row['runtime']} | "
+                f"| {label} | {row['method']} | {row.get('by', 'modelpress')} | {row['runtime']} | "
                 f"{row['quality']:.4f} | {fidelity} | {size} | {latency} | {row.get('wall_s') or 0:.1f} |"
             )
     if torch_rows:
