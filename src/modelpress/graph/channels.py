@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from modelpress.errors import GraphError
+from modelpress.graph.trace import export_program
 
 log = logging.getLogger(__name__)
 
@@ -161,15 +161,7 @@ class ChannelGraph:
 
     def __init__(self, model: nn.Module, example_inputs: Sequence[Any], *, owner: str = "prune") -> None:
         self.owner = owner
-        try:
-            program = torch.export.export(model, tuple(example_inputs), strict=False)
-        except Exception as exc:  # export raises many types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GraphError(
-                f"{owner}: torch.export cannot trace {type(model).__name__} on the example inputs: "
-                f"{type(exc).__name__}: {first}. Data-dependent control flow in forward is the usual cause; "
-                "rewrite it with torch.cond, or prune a traceable submodule."
-            ) from exc
+        program = export_program(model, example_inputs, owner=owner, fix="prune a traceable submodule")
         signature = program.graph_signature
         self._params = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
         self.modules = dict(model.named_modules())

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from modelpress.errors import GraphError
+from modelpress.graph.trace import export_program
 from modelpress.techniques.select import set_submodule
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,7 @@ class LayerGraph:
     """The exported graph's nodes that are layers, BatchNorms or homogeneous activations, by module name."""
 
     def __init__(self, model: nn.Module, example_inputs: tuple[Any, ...], *, owner: str) -> None:
-        try:
-            program = torch.export.export(model, tuple(example_inputs), strict=False)
-        except Exception as exc:  # export raises many types (UserError, Unsupported, RuntimeError...)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GraphError(
-                f"{owner}: torch.export cannot trace {type(model).__name__} on the example inputs: "
-                f"{type(exc).__name__}: {first}. Data-dependent control flow in forward is the usual cause; "
-                "rewrite it with torch.cond, or turn this option off."
-            ) from exc
+        program = export_program(model, example_inputs, owner=owner, fix="turn this option off")
         signature = program.graph_signature
         self.owner_of = {
             **{k: v.rpartition(".")[0] for k, v in signature.inputs_to_parameters.items()},

@@ -33,9 +33,9 @@ from modelpress.ops.observers import MinMaxObserver
 from modelpress.ops.quant import affine_params, qrange, symmetric_scale
 from modelpress.techniques.finetune import LossFn, finetune, labeled
 from modelpress.techniques.quantized import (
-    FORWARD_WITH_WEIGHT,
     QUANTIZABLE_TYPES,
     QuantizedLayer,
+    call_with_weight,
     output_axis,
 )
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
@@ -160,11 +160,7 @@ class FakeQuantLayer(nn.Module):
                 grad_factor=factor,
             )
             args = (x, *args[1:])
-        weight = self.quantized_weight()
-        call = FORWARD_WITH_WEIGHT.get(type(self.inner))
-        if call is not None and not kwargs and len(args) == 1:
-            return call(self.inner, args[0], weight)
-        return torch.func.functional_call(self.inner, {"weight": weight}, args, kwargs)
+        return call_with_weight(self.inner, self.quantized_weight(), args, kwargs)
 
     def to_quantized(self) -> QuantizedLayer:
         """The deployable layer: trained weight, trained per-channel scales, the trained input grid."""

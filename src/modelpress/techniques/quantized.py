@@ -69,6 +69,18 @@ FORWARD_WITH_WEIGHT: dict[type[nn.Module], Callable[[Any, torch.Tensor, torch.Te
 }
 
 
+def call_with_weight(
+    inner: nn.Module, weight: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Run `inner` with `weight` in place of its own: the layer's plain maths where known (these trace
+    cleanly under torch.export), else any layer whose forward reads `self.weight`, with the tensor swapped
+    in for this call."""
+    call = FORWARD_WITH_WEIGHT.get(type(inner))
+    if call is not None and not kwargs and len(args) == 1:
+        return call(inner, args[0], weight)
+    return torch.func.functional_call(inner, {"weight": weight}, args, kwargs)
+
+
 class QuantizedLayer(nn.Module):
     """A layer whose fp32 weight was replaced by int8 codes `qweight` and fp32 per-channel `scale`.
 
@@ -138,12 +150,7 @@ class QuantizedLayer(nn.Module):
                 args[0], self.input_scale, self.input_zero_point, qmin=0, qmax=255, dtype=torch.uint8
             )
             args = (x, *args[1:])
-        weight = self.dequantized_weight()
-        call = FORWARD_WITH_WEIGHT.get(type(self.inner))
-        if call is not None and not kwargs and len(args) == 1:
-            return call(self.inner, args[0], weight)
-        # Any other layer whose forward reads self.weight: swap the tensor in for this call.
-        return torch.func.functional_call(self.inner, {"weight": weight}, args, kwargs)
+        return call_with_weight(self.inner, self.dequantized_weight(), args, kwargs)
 
     def extra_repr(self) -> str:
         rng = ", 7-bit weight range" if self.bits == 7 else ""
@@ -378,11 +385,7 @@ class SparseLayer(nn.Module):
         return codes * self.scale.reshape(shape)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        weight = self.dense_weight()
-        call = FORWARD_WITH_WEIGHT.get(type(self.inner))
-        if call is not None and not kwargs and len(args) == 1:
-            return call(self.inner, args[0], weight)
-        return torch.func.functional_call(self.inner, {"weight": weight}, args, kwargs)
+        return call_with_weight(self.inner, self.dense_weight(), args, kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.scheme}, shape={self.weight_shape}, kept={self.values.numel()}"

@@ -22,7 +22,7 @@ from modelpress.graph.equalize import equalize_pairs, find_pairs, fold_batchnorm
 from modelpress.loading import as_inputs
 from modelpress.ops.observers import OBSERVERS, MinMaxObserver, make_observer
 from modelpress.ops.quant import smoothing_factors
-from modelpress.techniques.quantized import FORWARD_WITH_WEIGHT, QUANTIZABLE_TYPES, QuantizedLayer
+from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer, call_with_weight
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
 log = logging.getLogger(__name__)
@@ -201,11 +201,7 @@ def correct_biases(
 
         def hook(m: QuantizedLayer, args: tuple[Any, ...], output: Any, name: str = name) -> None:
             x = args[0]
-            call = FORWARD_WITH_WEIGHT.get(type(m.inner))
-            if call is not None:
-                reference = call(m.inner, x, weights[name])
-            else:
-                reference = torch.func.functional_call(m.inner, {"weight": weights[name]}, (x,))
+            reference = call_with_weight(m.inner, weights[name], (x,), {})
             error = (reference - output).double()
             axis = -1 if isinstance(m.inner, nn.Linear) else 1
             dims = [d for d in range(error.dim()) if d != axis % error.dim()]
