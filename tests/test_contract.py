@@ -27,6 +27,7 @@ CONTRACT_CONFIGS = {
         method="sparsegpt", bits=8, layers=("linear", "conv"), calibration_batches=4
     ),
     "structured": mp.StructuredPruningConfig(ratio=0.5),
+    "depth": mp.DepthPruningConfig(blocks=1),
     "mixed_precision": mp.MixedPrecisionConfig(
         min_cosine=0.99, holdout=2, scheme={"type": "static_int8", "calibration_batches": 2}
     ),
@@ -57,7 +58,11 @@ def test_config_round_trips_through_yaml(technique, tmp_path):
 # Variant configs of a technique already in the matrix run only where they differ from it: int4 groups
 # apply to Linear layers, so on the convolutional and recurrent models (a tiny head) weight_only_int4 is
 # weight_only again. Keeps the suite inside its 15-minute budget.
-VARIANT_ARCHS = {"weight_only_int4": ("bert_encoder", "gpt_decoder")}
+# Depth pruning needs a stack of repeated, shape-keeping blocks: the transformers and the MobileNet-style CNN.
+VARIANT_ARCHS = {
+    "weight_only_int4": ("bert_encoder", "gpt_decoder"),
+    "depth": ("bert_encoder", "gpt_decoder", "inverted_residual_cnn"),
+}
 PAIRS = [
     (technique, arch)
     for technique in sorted(CONTRACT_CONFIGS)
@@ -96,10 +101,11 @@ def test_technique_on_zoo(arch, technique, tmp_path):
         if layer["type"] != before_layers.get(layer["name"], {}).get("type")
         or layer["bytes"] != before_layers.get(layer["name"], {}).get("bytes")
     ]
+    removed = set(before_layers) - {layer["name"] for layer in result["profile"]["compressed"]["layers"]}
     if (technique, arch) in NOTHING_TO_DO:
-        assert not changed
+        assert not changed and not removed
         return
-    assert changed, "the technique changed no layer"
+    assert changed or removed, "the technique changed no layer"
     assert all(layer["type"] in html for layer in changed)
     assert result["profile"]["compressed"]["bytes"] < result["profile"]["baseline"]["bytes"]
     assert result["bench"][f"compressed {mp.available_runtimes()[0]}"]["size_ratio"] < 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 
 import pytest
@@ -12,6 +14,7 @@ from torch import nn
 import modelpress as mp
 from modelpress.errors import DataError, GraphError, RecipeError
 from modelpress.graph.channels import ChannelGraph
+from modelpress.techniques.structured import agp_ratio, prune_gradually
 
 
 class Residual(nn.Module):
@@ -217,3 +220,93 @@ def test_dead_recurrent_units_are_removed_exactly(cell):
     assert small.rnn.hidden_size == 4 and small.fc.in_features == 4
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("importance", ["taylor", "activation"])
+def test_data_driven_importance_removes_the_dead_channels_first(importance):
+    model, x = _residual()
+    # Taylor needs labels: with recover="task" the items are (inputs, labels); the tiny lr keeps the weights.
+    labeled = importance == "taylor"
+    config = mp.StructuredPruningConfig(
+        ratio=0.5,
+        targets=("conv1",),
+        importance=importance,
+        recover="task" if labeled else "none",
+        recover_lr=1e-12,
+    )
+    small = mp.compress(model, [config], [(x, torch.tensor([1, 3]))] if labeled else [(x,)])
+    assert small.conv1.out_channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-6, rtol=1e-5)
+
+
+def test_activation_importance_sees_what_the_weights_hide():
+    """Hidden unit 0 has the largest weights but never fires on the data: magnitude keeps it, activation
+    statistics remove it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        model[0].weight[0] = 5.0
+        model[0].bias[0] = -100.0  # ReLU(5 * sum(x) - 100) = 0 for the data below
+        model[2].weight[:, 0] = 5.0
+    data = [(torch.rand(16, 4),) for _ in range(4)]
+    cut = {"ratio": 0.125, "targets": ("0",)}
+    by_weight = mp.compress(model, [mp.StructuredPruningConfig(**cut, importance="l2")], data)
+    by_activation = mp.compress(model, [mp.StructuredPruningConfig(**cut, importance="activation")], data)
+    assert by_weight[0].out_features == by_activation[0].out_features == 7
+    assert torch.equal(by_weight[0].weight[0], model[0].weight[0])  # kept
+    with torch.no_grad():  # the unit that never fires is gone: the output is unchanged
+        torch.testing.assert_close(by_activation(data[0][0]), model(data[0][0]))
+
+
+def test_taylor_scores_a_language_model_on_next_tokens_and_names_a_missing_loss():
+    model, inputs = zoo.gpt_decoder()
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5, importance="taylor")], [inputs])
+    assert small.lm.model.layers[0].mlp.gate_proj.out_features == 64
+    assert all(p.grad is None for p in small.parameters())
+    cnn, x = _residual()
+    with pytest.raises(DataError, match="importance='taylor' needs a loss"):
+        mp.compress(cnn, [mp.StructuredPruningConfig(importance="taylor")], [(x,)])
+
+
+class TwoBranches(nn.Module):
+    """Two independent hidden layers; branch b has half its units nearly dead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1, self.a2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.b1, self.b2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        with torch.no_grad():
+            self.b1.weight[8:] *= 1e-3
+            self.b2.weight[:, 8:] *= 1e-3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a2(torch.relu(self.a1(x))) + self.b2(torch.relu(self.b1(x)))
+
+
+def test_global_ranking_takes_the_ratio_from_the_least_important_groups():
+    torch.manual_seed(0)
+    model, data = TwoBranches().eval(), [(torch.randn(4, 8),)]
+    config = mp.StructuredPruningConfig(ratio=0.25, targets=("a1", "b1"), global_ranking=True)
+    small = mp.compress(model, [config], data)
+    assert (small.a1.out_features, small.b1.out_features) == (16, 8)  # 8 of 32 channels, all from b
+    capped = mp.compress(model, [dataclasses.replace(config, ratio=0.5, max_ratio=0.25)], data)
+    assert (capped.a1.out_features, capped.b1.out_features) == (12, 12)
+
+
+def test_gradual_rounds_reach_the_one_shot_sizes_and_watch_quality():
+    model, labeled, _ = _task()
+    train = [(xb,) for xb, _ in labeled]
+    one_shot = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.75)], train)
+    config = mp.StructuredPruningConfig(ratio=0.75, schedule_steps=3)
+    rounds: list[int] = []
+    scores = iter([0.9, 0.8, 0.5])
+    gradual = prune_gradually(copy.deepcopy(model), config, train, train=lambda m, step: rounds.append(step))
+    assert rounds == [1, 2, 3]
+    assert [m.out_features for m in gradual if isinstance(m, nn.Linear)] == [
+        m.out_features for m in one_shot if isinstance(m, nn.Linear)
+    ]
+    stopped = prune_gradually(copy.deepcopy(model), config, train, evaluate=lambda m: next(scores), floor=0.7)
+    assert stopped[0].out_features == 64 - round(64 * agp_ratio(0.75, 2, 3))  # the second round's model
+    with pytest.raises(RecipeError, match="floor needs `evaluate`"):
+        prune_gradually(model, config, train, floor=0.5)

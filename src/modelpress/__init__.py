@@ -27,6 +27,7 @@ from modelpress.pipeline.recipe import builtin_recipes, compress, dump_recipe, l
 from modelpress.techniques import (
     REGISTRY,
     AWQConfig,
+    DepthPruningConfig,
     DynamicInt8Config,
     GPTQConfig,
     MixedPrecisionConfig,
@@ -37,6 +38,7 @@ from modelpress.techniques import (
     WeightOnlyConfig,
 )
 from modelpress.techniques.mixed_precision import FloorNotMetError, search_mixed_precision
+from modelpress.techniques.structured import prune_gradually
 
 __version__ = "0.1.0"
 
@@ -45,6 +47,7 @@ __all__ = [
     "AWQConfig",
     "DataError",
     "Dataset",
+    "DepthPruningConfig",
     "DynamicInt8Config",
     "ExportError",
     "FloorNotMetError",
@@ -83,5 +86,6 @@ __all__ = [
     "peak_memory_mb",
     "perplexity",
     "profile",
+    "prune_gradually",
     "search_mixed_precision",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -69,15 +69,16 @@ def find_attention(model: nn.Module) -> Iterator[Attention]:
             yield Attention(name, m, q, k, v, dense, size, 1, "bert")
 
 
-def head_importance(att: Attention, power: int) -> torch.Tensor:
-    """One score per key/value head: |w|^power summed over every weight that head removes."""
+def head_importance(att: Attention, score: Callable[[nn.Linear], torch.Tensor]) -> torch.Tensor:
+    """One score per key/value head: `score(layer)` (one value per weight element) summed over every weight
+    that head removes (its query/key/value rows and its output-projection columns)."""
     d, g = att.head_dim, att.groups
 
     def rows(layer: nn.Linear, per: int) -> torch.Tensor:
-        w = layer.weight.detach().abs().float().pow(power)
+        w = score(layer)
         return w.reshape(-1, per * d, w.shape[1]).sum(dim=(1, 2))
 
-    cols = att.o.weight.detach().abs().float().pow(power)
+    cols = score(att.o)
     o = cols.reshape(cols.shape[0], -1, g * d).sum(dim=(0, 2))
     return rows(att.q, g) + rows(att.k, 1) + rows(att.v, 1) + o
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from modelpress.errors import RecipeError
 from modelpress.techniques.awq import AWQConfig, awq
+from modelpress.techniques.depth import DepthPruningConfig, depth
 from modelpress.techniques.dynamic_int8 import DynamicInt8Config, dynamic_int8
 from modelpress.techniques.gptq import GPTQConfig, gptq
 from modelpress.techniques.mixed_precision import MixedPrecisionConfig, mixed_precision
@@ -32,6 +33,7 @@ REGISTRY: dict[str, tuple[type[Any], TechniqueFn]] = {
     AWQConfig.type: (AWQConfig, awq),
     SparsityConfig.type: (SparsityConfig, sparsity),
     StructuredPruningConfig.type: (StructuredPruningConfig, structured),
+    DepthPruningConfig.type: (DepthPruningConfig, depth),
 }
 
 # Float rewrites a technique makes before quantizing (model, config, data) -> model: a search that swaps layers
@@ -92,6 +94,7 @@ __all__ = [
     "PREPARE",
     "REGISTRY",
     "AWQConfig",
+    "DepthPruningConfig",
     "DynamicInt8Config",
     "GPTQConfig",
     "MixedPrecisionConfig",
@@ -103,6 +106,7 @@ __all__ = [
     "awq",
     "config_from_dict",
     "config_to_dict",
+    "depth",
     "dynamic_int8",
     "gptq",
     "mixed_precision",

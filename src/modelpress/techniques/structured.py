@@ -20,11 +20,14 @@ import dataclasses
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from modelpress.data import Dataset, as_dataset
@@ -38,7 +41,7 @@ from modelpress.graph.heads import (
     update_hf_config,
 )
 from modelpress.loading import as_inputs
-from modelpress.techniques.finetune import finetune, labeled
+from modelpress.techniques.finetune import finetune, labeled, task_loss
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
 from modelpress.techniques.select import matches_any, select_modules, unmatched_patterns
 
@@ -62,7 +65,16 @@ class StructuredPruningConfig:
 
     type: ClassVar[str] = "structured"
     ratio: float = 0.5
-    importance: Literal["l1", "l2"] = "l2"
+    # How a channel's importance is measured: "l1"/"l2" weight magnitude; "taylor" |w * dL/dw| (first-order
+    # Taylor, needs labeled data or token ids for a language model); "activation" the output energy the
+    # channel carries on the data (E[x^2] * |w|^2 over everything it feeds), which needs no labels.
+    importance: Literal["l1", "l2", "taylor", "activation"] = "l2"
+    importance_batches: int = 8  # data batches that "taylor" and "activation" score on
+    # False: every group loses `ratio` of its channels. True: `ratio` of all cuttable channels go, the least
+    # important across groups first (scores normalised by each group's mean), no group losing more than
+    # `max_ratio` of its channels.
+    global_ranking: bool = False
+    max_ratio: float = 0.9
     round_to: int = 1  # channels kept per group: a multiple of this (8 suits int8 and SIMD kernels)
     # Also remove `ratio` of the attention heads of each Hugging Face style attention module (whole
     # key/value heads with their query heads under grouped-query attention).
@@ -70,11 +82,13 @@ class StructuredPruningConfig:
     layers: tuple[Literal["linear", "conv", "rnn"], ...] = ("linear", "conv", "rnn")
     targets: tuple[str, ...] | None = None  # layers whose output channels may be cut (default: all)
     ignore: tuple[str, ...] = ()  # layers never cut, nor any channel they read or write
-    # Recovery after the cut: "distill" trains the pruned model to match the unpruned one on the data's
+    # Pruning rounds: the ratio is reached gradually on the cubic (AGP) schedule, recovering after each.
+    schedule_steps: int = 1
+    # Recovery after each cut: "distill" trains the pruned model to match the unpruned one on the data's
     # inputs (no labels); "task" trains on (inputs, labels) items by cross-entropy; "none" skips it.
     recover: Literal["none", "distill", "task"] = "none"
     recover_epochs: int = 1
-    recover_steps: int | None = None  # stop after this many steps (batches) when set
+    recover_steps: int | None = None  # stop after this many steps (batches) per round when set
     recover_lr: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -82,21 +96,31 @@ class StructuredPruningConfig:
             raise RecipeError(
                 f"structured: ratio={self.ratio} must be in [0, 1): the fraction of each group's channels removed."
             )
-        if self.importance not in ("l1", "l2"):
-            raise RecipeError(f"structured: importance={self.importance!r} is unknown; choose 'l1' or 'l2'.")
+        if self.importance not in ("l1", "l2", "taylor", "activation"):
+            raise RecipeError(
+                f"structured: importance={self.importance!r} is unknown; choose 'l1', 'l2', 'taylor' or "
+                "'activation'."
+            )
         if self.round_to < 1:
             raise RecipeError(f"structured: round_to={self.round_to} must be at least 1.")
+        if self.importance_batches < 1:
+            raise RecipeError(f"structured: importance_batches={self.importance_batches} must be at least 1.")
+        if self.schedule_steps < 1:
+            raise RecipeError(
+                f"structured: schedule_steps={self.schedule_steps} must be at least 1 (1 prunes in one shot)."
+            )
+        if self.recover_steps is not None and self.recover_steps < 1:
+            raise RecipeError(
+                f"structured: recover_steps={self.recover_steps} must be at least 1, or unset (whole epochs); "
+                "use recover: none for no recovery."
+            )
+        if not 0 < self.max_ratio < 1:
+            raise RecipeError(f"structured: max_ratio={self.max_ratio} must be in (0, 1).")
         bad = [k for k in self.layers if k not in _KINDS]
         if bad or not self.layers:
             raise RecipeError(
                 f"structured: layers={list(self.layers)} is invalid; choose from ['conv', 'linear', 'rnn']."
             )
-
-
-def _weight(module: nn.Module) -> torch.Tensor:
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    return weight
 
 
 def _param(module: nn.Module, name: str) -> torch.Tensor:
@@ -109,26 +133,76 @@ def _gates(module: nn.Module) -> int:
     return 4 if isinstance(module, nn.LSTM) else 3
 
 
-def _rnn_norms(use: LayerUse, power: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+def agp_ratio(final: float, step: int, steps: int) -> float:
+    """The ratio reached after `step` of `steps` rounds on the cubic schedule of Zhu & Gupta (AGP): fast
+    at first, while there is redundancy to spare, slow at the end.
+
+    >>> [round(agp_ratio(0.5, k, 4), 3) for k in range(1, 5)]
+    [0.289, 0.438, 0.492, 0.5]
+    """
+    return final * (1 - (1 - step / steps) ** 3)
+
+
+# Per-weight-element scores: (module, parameter name) -> a tensor shaped like the parameter.
+Elementwise = Callable[[nn.Module, str], torch.Tensor]
+
+
+def _magnitude(power: int) -> Elementwise:
+    return lambda module, name: _param(module, name).abs().float().pow(power)
+
+
+def _taylor(module: nn.Module, name: str) -> torch.Tensor:
+    p = getattr(module, name)
+    grad = p.grad if isinstance(p, torch.Tensor) else None
+    if grad is None:
+        return torch.zeros_like(p, dtype=torch.float32)
+    return (p.detach() * grad).abs().float()
+
+
+def _activation(energy: dict[int, torch.Tensor]) -> Elementwise:
+    """w^2 * E[x_in^2] per element: summed over a row, the output energy of that output channel; over a
+    column, the energy that input channel carries through this layer."""
+
+    def score(module: nn.Module, name: str) -> torch.Tensor:
+        w = _param(module, name).float().pow(2)
+        e = energy.get(id(module))
+        if name == "weight_hh_l0" or w.dim() < 2:
+            return torch.zeros_like(
+                w
+            )  # BatchNorm, the recurrent weights: their channels are scored elsewhere
+        if e is None:
+            return w  # not reached by the data: plain L2
+        transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+        grouped = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+        dim = 0 if transposed or grouped else 1  # (in, out, k...) / depthwise (C, 1, k...) / (out, in, k...)
+        if e.numel() != w.shape[dim]:
+            return w
+        shape = [1] * w.dim()
+        shape[dim] = -1
+        return w * e.reshape(shape)
+
+    return score
+
+
+def _rnn_norms(use: LayerUse, elem: Elementwise) -> tuple[np.ndarray | None, np.ndarray | None]:
     module = use.module
     assert isinstance(module, (nn.LSTM, nn.GRU))
     h, g = module.hidden_size, _gates(module)
-    ih = _param(module, "weight_ih_l0").abs().float().pow(power)  # (g*H, in)
-    hh = _param(module, "weight_hh_l0").abs().float().pow(power)  # (g*H, H)
+    ih = elem(module, "weight_ih_l0")  # (g*H, in)
+    hh = elem(module, "weight_hh_l0")  # (g*H, H)
     units = ih.reshape(g, h, -1).sum(dim=(0, 2)) + hh.reshape(g, h, -1).sum(dim=(0, 2)) + hh.sum(dim=0)
     cols = ih.sum(dim=0)
     return units.numpy(), (cols.numpy() if use.inp is not None else None)
 
 
-def _norms(use: LayerUse, power: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Per output row and per input column (for `use.inp` ids) sums of |w|^power."""
+def _norms(use: LayerUse, elem: Elementwise) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per output row and per input column (for `use.inp` ids) sums of the elementwise scores."""
     module = use.module
     if isinstance(module, (nn.LSTM, nn.GRU)):
-        return _rnn_norms(use, power)
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
+        return _rnn_norms(use, elem)
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
         return None, None
-    w = weight.detach().abs().float().pow(power)
+    w = elem(module, "weight")
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return (w.numpy() if use.out is not None else None), None
     by_dim0: np.ndarray | None = w.reshape(w.shape[0], -1).sum(1).numpy()
@@ -140,10 +214,10 @@ def _norms(use: LayerUse, power: int) -> tuple[np.ndarray | None, np.ndarray | N
     return (by_dim0 if use.out is not None else None), (by_dim1 if use.inp is not None else None)
 
 
-def _importance(graph: ChannelGraph, power: int) -> dict[int, float]:
+def _importance(graph: ChannelGraph, elem: Elementwise) -> dict[int, float]:
     score: dict[int, float] = defaultdict(float)
     for use in graph.uses.values():
-        rows, cols = _norms(use, power)
+        rows, cols = _norms(use, elem)
         for ids, values in ((use.out, rows), (use.inp, cols)):
             if ids is None or values is None or len(values) != len(ids):
                 continue
@@ -152,34 +226,173 @@ def _importance(graph: ChannelGraph, power: int) -> dict[int, float]:
     return score
 
 
+def _next_token_loss(out: Any, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """Next-token cross-entropy when the model reads token ids (B, T) and returns logits (B, T, vocab)."""
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    ids = inputs[0] if inputs else None
+    if not leaves or ids is None or ids.is_floating_point() or ids.dim() != 2:
+        return None
+    logits = leaves[0]
+    if logits.dim() != 3 or logits.shape[:2] != ids.shape or ids.shape[1] < 2:
+        return None
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().long())
+
+
+def _taylor_gradients(model: nn.Module, batches: list[Any], *, with_labels: bool) -> None:
+    """Accumulate dL/dw over `batches` into each parameter's .grad: task loss on (inputs, labels) items,
+    next-token loss for a language model fed token ids."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for index, item in enumerate(batches):
+            if with_labels:
+                inputs, labels = labeled(item, f"data item {index}", owner="structured")
+                loss = task_loss(model(*inputs), labels, owner="structured")
+            else:
+                inputs = as_inputs(item, where=f"data item {index}")
+                found = _next_token_loss(model(*inputs), inputs)
+                if found is None:
+                    raise DataError(
+                        "structured: importance='taylor' needs a loss: with recover='task' the items are "
+                        "(inputs, labels); otherwise the model must read token ids (batch, sequence) and return "
+                        "logits (batch, sequence, vocab) (next-token loss). Use importance='activation', which "
+                        "needs no labels."
+                    )
+                loss = found
+            if not torch.isfinite(loss):
+                raise DataError(
+                    f"structured: the loss on data item {index} is {float(loss)}; check the data."
+                )
+            loss.backward()
+
+
+@torch.no_grad()
+def _input_energy(
+    model: nn.Module, modules: Sequence[nn.Module], batches: list[Any], *, with_labels: bool
+) -> dict[int, torch.Tensor]:
+    """E[x^2] per input channel of each module (channel dim 1 for convolutions, last otherwise)."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = defaultdict(int)
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return
+        x = x.detach().float()
+        if isinstance(module, nn.modules.conv._ConvNd):
+            x = x.transpose(0, 1) if x.dim() > 1 else x
+            flat = x.reshape(x.shape[0], -1)  # (C, N * spatial)
+            total, n = flat.pow(2).sum(1), flat.shape[1]
+        else:
+            flat = x.reshape(-1, x.shape[-1])  # (N * positions, C)
+            total, n = flat.pow(2).sum(0), flat.shape[0]
+        key = id(module)
+        sums[key] = sums[key] + total if key in sums else total
+        counts[key] += n
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        for index, item in enumerate(batches):
+            if with_labels:
+                item = labeled(item, f"data item {index}", owner="structured")[0]
+            model(*as_inputs(item, where=f"data item {index}"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {k: v / max(counts[k], 1) for k, v in sums.items()}
+
+
+def _scorer(model: nn.Module, config: StructuredPruningConfig, dataset: Dataset) -> Elementwise:
+    if config.importance in ("l1", "l2"):
+        return _magnitude(1 if config.importance == "l1" else 2)
+    batches = list(dataset.take(config.importance_batches))
+    if config.importance == "taylor":
+        _taylor_gradients(model, batches, with_labels=config.recover == "task")
+        return _taylor
+    layers = [
+        m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.LSTM, nn.GRU))
+    ]
+    return _activation(_input_energy(model, layers, batches, with_labels=config.recover == "task"))
+
+
+@dataclass
+class _Original:
+    """Sizes before the first round, so every round's target is a fraction of the original model."""
+
+    channels: dict[tuple[str, ...], int] = dataclasses.field(default_factory=dict)
+    heads: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _keep_count(n_now: int, n_original: int, ratio: float, round_to: int) -> int:
+    keep = math.ceil((1 - ratio) * n_original / round_to) * round_to
+    return min(n_now, max(keep, round_to, 1))
+
+
 def plan(
-    graph: ChannelGraph, config: StructuredPruningConfig, cuttable: set[str]
+    graph: ChannelGraph,
+    config: StructuredPruningConfig,
+    cuttable: set[str],
+    score: dict[int, float],
+    original: _Original | None = None,
 ) -> tuple[set[int], list[tuple[tuple[str, ...], int, int, str | None]]]:
     """The channel roots to remove, and per producer set: (producers, channels, removed, why kept)."""
-    power = 1 if config.importance == "l1" else 2
-    score = _importance(graph, power)
+    original = original if original is not None else _Original()
     by_producers: dict[tuple[str, ...], list[ChannelGroup]] = defaultdict(list)
     for group in graph.groups(protect=config.ignore):
         if group.producers:
             by_producers[group.producers].append(group)
-    remove: set[int] = set()
-    summary = []
+    summary: list[tuple[tuple[str, ...], int, int, str | None]] = []
+    ranked: dict[tuple[str, ...], list[ChannelGroup]] = {}
     for producers, groups in by_producers.items():
         frozen = next((g.frozen for g in groups if g.frozen), None)
         outside = [p for p in producers if p not in cuttable and not _is_batchnorm(graph, p)]
         if frozen is None and outside:
             frozen = f"{outside[0]} is not selected (targets/layers)"
-        n = len(groups)
+        original.channels.setdefault(producers, len(groups))
         if frozen is not None or config.ratio == 0:
-            summary.append((producers, n, 0, frozen))
+            summary.append((producers, len(groups), 0, frozen))
             continue
-        keep = math.ceil((1 - config.ratio) * n / config.round_to) * config.round_to
-        keep = min(n, max(keep, config.round_to, 1))
-        ranked = sorted(groups, key=lambda g: (score.get(g.root, 0.0), g.root))
-        removed = ranked[: n - keep]
+        ranked[producers] = sorted(groups, key=lambda g: (score.get(g.root, 0.0), g.root))
+    counts = (
+        _global_counts(ranked, config, score, original)
+        if config.global_ranking
+        else {
+            p: len(gs) - _keep_count(len(gs), original.channels[p], config.ratio, config.round_to)
+            for p, gs in ranked.items()
+        }
+    )
+    remove: set[int] = set()
+    for producers, groups in ranked.items():
+        removed = groups[: counts[producers]]
         remove.update(g.root for g in removed)
-        summary.append((producers, n, len(removed), None))
+        summary.append((producers, len(groups), len(removed), None))
     return remove, summary
+
+
+def _global_counts(
+    ranked: dict[tuple[str, ...], list[ChannelGroup]],
+    config: StructuredPruningConfig,
+    score: dict[int, float],
+    original: _Original,
+) -> dict[tuple[str, ...], int]:
+    """How many channels each group loses when `ratio` of all of them go, least important first."""
+    total = sum(original.channels[p] for p in ranked)
+    now = sum(len(gs) for gs in ranked.values())
+    budget = now - math.ceil((1 - config.ratio) * total)
+    candidates: list[tuple[float, int, tuple[str, ...]]] = []
+    for producers, groups in ranked.items():
+        values = np.array([score.get(g.root, 0.0) for g in groups], dtype=np.float64)
+        mean = float(values.mean()) if len(values) else 0.0
+        floor = _keep_count(len(groups), original.channels[producers], config.max_ratio, config.round_to)
+        for rank, value in enumerate(values[: len(groups) - floor].tolist()):
+            candidates.append((value / mean if mean > 0 else 0.0, rank, producers))
+    counts = dict.fromkeys(ranked, 0)
+    for _, _, producers in sorted(candidates)[: max(budget, 0)]:
+        counts[producers] += 1
+    for producers, groups in ranked.items():  # keep a multiple of round_to: give back the excess
+        n, keep = len(groups), len(groups) - counts[producers]
+        keep = min(n, math.ceil(keep / config.round_to) * config.round_to)
+        counts[producers] = n - keep
+    return counts
 
 
 def _is_batchnorm(graph: ChannelGraph, name: str) -> bool:
@@ -229,7 +442,8 @@ def _slice(use: LayerUse, out_keep: torch.Tensor | None, in_keep: torch.Tensor |
                 setattr(module, name, t[out_keep].clone())
         module.num_features = int(out_keep.sum())
         return
-    weight = _weight(module)
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
     w = weight.detach()
     transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)  # weight (in, out, k...)
     rows, cols = (in_keep, out_keep) if transposed else (out_keep, in_keep)
@@ -273,11 +487,15 @@ def apply_plan(graph: ChannelGraph, remove: set[int]) -> None:
 
 
 def _prune_heads(
-    model: nn.Module, config: StructuredPruningConfig, cuttable: set[str], protected: set[str]
+    model: nn.Module,
+    config: StructuredPruningConfig,
+    selected: tuple[set[str], set[str]],
+    elem: Elementwise,
+    original: _Original,
 ) -> int:
     """Remove `ratio` of the key/value heads (with their query heads) of each attention module whose
     projections are all selected and none protected; returns the heads removed."""
-    power = 1 if config.importance == "l1" else 2
+    cuttable, protected = selected
     names = {id(m): n for n, m in model.named_modules()}
     removed = 0
     for att in find_attention(model):
@@ -290,10 +508,12 @@ def _prune_heads(
             )
             continue
         n = att.kv_heads
-        keep_n = heads_to_keep(n, config.ratio)
+        keep_n = min(n, heads_to_keep(original.heads.setdefault(att.name, n), config.ratio))
         if keep_n == n:
             continue
-        order = torch.argsort(head_importance(att, power), descending=True, stable=True)
+        order = torch.argsort(
+            head_importance(att, lambda layer: elem(layer, "weight")), descending=True, stable=True
+        )
         keep = torch.zeros(n, dtype=torch.bool)
         keep[order[:keep_n]] = True
         prune_heads(att, keep)
@@ -308,28 +528,14 @@ def _prune_heads(
     return removed
 
 
-def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset | Any = None) -> nn.Module:
-    """Remove channels as `config` says, optionally recover by fine-tuning, and return the smaller model
-    (the same object, sliced in place).
-
-    Needs one example batch (`data`) to trace the model, and the training data for `recover`.
-    """
-    dataset = as_dataset(data)
-    first = next(iter(dataset.take(1)), None) if dataset is not None else None
-    if first is None or dataset is None:
-        raise DataError(
-            "structured: tracing the model's channels needs one batch of example inputs: pass `data=` to "
-            "compress, or --data file.py:fn on the command line."
-        )
-    if config.recover == "task":
-        first = labeled(first, "the first data item", owner="structured")[0]
-    missing = unmatched_patterns(model, config.targets)
-    if missing:
-        raise RecipeError(f"structured: targets {missing} match no module of the model.")
-    unmatched_ignore = unmatched_patterns(model, config.ignore)
-    if unmatched_ignore:
-        raise RecipeError(f"structured: ignore {unmatched_ignore} match no module of the model.")
-    example = as_inputs(first, where="calibration item")
+def _prune_once(
+    model: nn.Module,
+    config: StructuredPruningConfig,
+    dataset: Dataset,
+    example: tuple[torch.Tensor, ...],
+    original: _Original,
+) -> bool:
+    """One cut to `config.ratio` of the original sizes; returns whether anything was removed."""
     types = tuple(t for kind in config.layers for t in _KINDS[kind])
     cuttable = {
         n for n, _ in select_modules(model, types=types, targets=config.targets, ignore=config.ignore)
@@ -337,12 +543,19 @@ def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset 
     with torch.no_grad():
         before = model(*example)
     params_before = sum(p.numel() for p in model.parameters())
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.recover == "distill" else None
     graph = ChannelGraph(model, example, owner="structured")
     protected = {n for n, m in graph.modules.items() if n in graph.uses and matches_any(config.ignore, n, m)}
-    remove, summary = plan(graph, dataclasses.replace(config, ignore=tuple(sorted(protected))), cuttable)
+    elem = _scorer(model, config, dataset)
+    remove, summary = plan(
+        graph,
+        dataclasses.replace(config, ignore=tuple(sorted(protected))),
+        cuttable,
+        _importance(graph, elem),
+        original,
+    )
     apply_plan(graph, remove)
-    cut_heads = _prune_heads(model, config, cuttable, protected) if config.heads and config.ratio > 0 else 0
+    cut_heads = _prune_heads(model, config, (cuttable, protected), elem, original) if config.heads else 0
+    model.zero_grad(set_to_none=True)  # the Taylor scores' gradients
     for producers, n, removed, why in summary:
         label = ", ".join(producers[:3]) + (f" +{len(producers) - 3}" if len(producers) > 3 else "")
         if why:
@@ -363,33 +576,130 @@ def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset 
         params_after,
         params_after / max(params_before, 1),
     )
-    problems = update_hf_config(model)
-    for problem in problems:
+    return bool(remove) or cut_heads > 0
+
+
+def prune_gradually(
+    model: nn.Module,
+    config: StructuredPruningConfig,
+    data: Dataset | Any = None,
+    *,
+    train: Callable[[nn.Module, int], None] | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    floor: float | None = None,
+) -> nn.Module:
+    """Prune to `config.ratio` in `config.schedule_steps` rounds (cubic AGP schedule), recovering after each
+    round and watching quality.
+
+    `train(model, round)` is your own training loop, called after each round instead of the built-in
+    `recover`; `evaluate(model)` returns a score where higher is better (accuracy, -perplexity), logged
+    after each round. With `floor`, pruning stops at the last round whose score is at least `floor`, and
+    that model is returned (the original one, unpruned, with a warning, if even the first round misses it).
+
+    >>> small = prune_gradually(model, StructuredPruningConfig(ratio=0.5, schedule_steps=4), batches,
+    ...                         train=my_epoch, evaluate=my_accuracy, floor=0.98)  # doctest: +SKIP
+    """
+    dataset = as_dataset(data)
+    first = next(iter(dataset.take(1)), None) if dataset is not None else None
+    if first is None or dataset is None:
+        raise DataError(
+            "structured: tracing the model's channels needs one batch of example inputs: pass `data=` to "
+            "compress, or --data file.py:fn on the command line."
+        )
+    if floor is not None and evaluate is None:
+        raise RecipeError("structured: a quality floor needs `evaluate`, the function that scores the model.")
+    if config.recover == "task":  # the items are (inputs, labels)
+        first = labeled(first, "the first data item", owner="structured")[0]
+    missing = unmatched_patterns(model, config.targets)
+    if missing:
+        raise RecipeError(f"structured: targets {missing} match no module of the model.")
+    unmatched_ignore = unmatched_patterns(model, config.ignore)
+    if unmatched_ignore:
+        raise RecipeError(f"structured: ignore {unmatched_ignore} match no module of the model.")
+    example = as_inputs(first, where="calibration item")
+    teacher = (
+        copy.deepcopy(model).eval().requires_grad_(False)
+        if config.recover == "distill" and train is None
+        else None
+    )
+    last_good = copy.deepcopy(model) if floor is not None else None
+    original = _Original()
+    changed = False
+    steps = config.schedule_steps
+    for step in range(1, steps + 1):
+        ratio = agp_ratio(config.ratio, step, steps)
+        if steps > 1:
+            log.info("structured: round %d/%d, ratio %.3f of the original channels", step, steps, ratio)
+        changed = (
+            _prune_once(model, dataclasses.replace(config, ratio=ratio), dataset, example, original)
+            or changed
+        )
+        if train is not None:
+            model.eval()
+            train(model, step)
+            model.eval()
+        elif config.recover != "none" and changed:
+            _recover(model, config, dataset, teacher)
+        if evaluate is None:
+            continue
+        with torch.no_grad():
+            value = float(evaluate(model))
+        log.info("structured: round %d/%d (ratio %.3f): score %.6g", step, steps, ratio, value)
+        if floor is None:
+            continue
+        if value < floor:
+            log.warning(
+                "structured: round %d (ratio %.3f) scores %.6g, below the floor %.6g; returning %s.",
+                step,
+                ratio,
+                value,
+                floor,
+                f"round {step - 1} (ratio {agp_ratio(config.ratio, step - 1, steps):.3f})"
+                if step > 1
+                else "the unpruned model",
+            )
+            assert last_good is not None
+            return last_good
+        last_good = copy.deepcopy(model)
+    for problem in update_hf_config(model):
         log.warning(
             "structured: the Hugging Face config cannot describe the pruned model (%s); "
             "save it with torch.save or export it, not save_pretrained.",
             problem,
         )
-    if not remove and not cut_heads:
+    if not changed:
         log.warning(
             "structured: no channel could be removed; the model is unchanged (see the log lines above)."
         )
-    elif config.recover != "none":
-        model.eval()
-        with torch.enable_grad():
-            finetune(
-                model,
-                dataset,
-                [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.recover_lr}],
-                loss=config.recover,
-                epochs=config.recover_epochs,
-                steps=config.recover_steps,
-                teacher=teacher,
-                owner="structured",
-                hint=f"Lower recover_lr (now {config.recover_lr}).",
-                logger=log,
-            )
     return model
 
 
-__all__ = ["StructuredPruningConfig", "apply_plan", "plan", "structured"]
+def _recover(
+    model: nn.Module, config: StructuredPruningConfig, dataset: Dataset, teacher: nn.Module | None
+) -> None:
+    model.eval()
+    with torch.enable_grad():
+        finetune(
+            model,
+            dataset,
+            [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.recover_lr}],
+            loss="task" if config.recover == "task" else "distill",
+            epochs=config.recover_epochs,
+            steps=config.recover_steps,
+            teacher=teacher,
+            owner="structured",
+            hint=f"Lower recover_lr (now {config.recover_lr}).",
+            logger=log,
+        )
+
+
+def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset | Any = None) -> nn.Module:
+    """Remove channels as `config` says (in `schedule_steps` rounds), recovering after each round when
+    `recover` is set, and return the smaller model (the same object, sliced in place).
+
+    Needs one example batch (`data`) to trace the model, and the training data for `recover`.
+    """
+    return prune_gradually(model, config, data)
+
+
+__all__ = ["StructuredPruningConfig", "agp_ratio", "apply_plan", "plan", "prune_gradually", "structured"]
