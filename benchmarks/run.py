@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -100,6 +101,8 @@ class Asset:
     calibration: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     # (inputs, labels) batches for recovery training (one epoch), disjoint from the evaluation data
     training: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # unlabeled model inputs for distillation recovery, disjoint from the evaluation and calibration data
+    unlabeled: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     # set by run(): the temporary folder of this run's artifacts, and the fp32 ONNX the peers start from
     workdir: Path | None = None
     fp32_onnx: Path | None = None
@@ -206,7 +209,22 @@ def minilm_asset(quick: bool) -> Asset:
             tuple(assets.minilm_tokenize(tokenizer, calib_sentences[i : i + 8]).values())
             for i in range(0, len(calib_sentences), 8)
         ],
+        unlabeled=minilm_distillation_batches(tokenizer, all_sentences[1280:], quick),
     )
+
+
+def minilm_distillation_batches(
+    tokenizer: Any, background: list[str], quick: bool
+) -> list[tuple[torch.Tensor, ...]]:
+    """Unlabeled text for distillation: Lee background sentences after the fidelity and calibration ones,
+    and the sentences of gensim's Wikipedia sample, shuffled (seed 0), in batches of 32."""
+    wiki = [s.strip() for s in re.split(r"(?<=[.!?])\s+", assets.wiki_text()) if 30 <= len(s.strip()) <= 400]
+    texts = background + wiki
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+    texts = [texts[i] for i in order][: 64 * 32 if quick else None]
+    return [
+        tuple(assets.minilm_tokenize(tokenizer, texts[i : i + 32]).values()) for i in range(0, len(texts), 32)
+    ]
 
 
 class LogitsOnly(nn.Module):
@@ -222,6 +240,7 @@ class LogitsOnly(nn.Module):
 
 SMOLLM2_PPL_TOKENS = 32768  # the peers' figures (fp32 20.75) are over 32k tokens in 1024-token windows
 SMOLLM2_FIDELITY_TOKENS = 8192
+MINILM_DISTILL_STEPS = 200  # batches of 32 sentences
 SMOLLM2_CALIBRATION_WINDOWS = 128  # fidelity keeps the fp32 logits of its windows (200 MB per window)
 
 
@@ -309,14 +328,18 @@ def build_recipe(recipe: Any) -> Callable[[Asset], Built]:
     return build
 
 
-def build_pruned(ratio: float, *, then: Any = None) -> Callable[[Asset], Built]:
-    """Structured pruning with one epoch of recovery (cross-entropy on the training split), then `then`
-    (a recipe calibrated on the asset's calibration inputs)."""
+def build_pruned(ratio: float, *, then: Any = None, distill: Any = None) -> Callable[[Asset], Built]:
+    """Structured pruning with one epoch of recovery (cross-entropy on the training split), or with
+    `distill` (a StructuredPruningConfig recovering by distillation on the asset's unlabeled inputs), then
+    `then` (a recipe calibrated on the asset's calibration inputs)."""
 
     def build(asset: Asset) -> Built:
         start = time.perf_counter()
-        config = mp.StructuredPruningConfig(ratio=ratio, round_to=8, recover="task", recover_lr=1e-3)
-        small = mp.compress(asset.model, [config], asset.training)
+        if distill is not None:
+            small = mp.compress(asset.model, [distill], asset.unlabeled)
+        else:
+            config = mp.StructuredPruningConfig(ratio=ratio, round_to=8, recover="task", recover_lr=1e-3)
+            small = mp.compress(asset.model, [config], asset.training)
         if then is not None:
             small = mp.compress(small, then, asset.calibration)
         return Built(model=small, wall_s=time.perf_counter() - start)
@@ -333,6 +356,18 @@ def peer(make: Callable[[Asset], peers.Made]) -> Callable[[Asset], Built]:
 
     return build
 
+
+# Heads + FFN neurons of MiniLM (see "pruned-50-distill").
+MINILM_PRUNE = mp.StructuredPruningConfig(
+    ratio=0.5,
+    layers=("linear",),
+    importance="activation",
+    reconstruct=True,
+    recover="distill",
+    recover_steps=MINILM_DISTILL_STEPS,
+    recover_lr=1e-4,
+)
+SMOLLM2_SPARSITY_WINDOWS = 64  # of the 128 calibration windows: keeps SparseGPT inside 10 minutes
 
 TORCH = "torch"  # the runtime of rows measured on a torch model (tools without an exportable artifact)
 
@@ -469,6 +504,51 @@ METHODS: dict[str, Method] = {
         needs_calibration=True,
         assets=("mnist",),
     ),
+    # MiniLM: half the attention heads and FFN neurons of every layer (the LayerNorm'd residual width is
+    # kept), ranked by activation statistics, the layers that read them refit by least squares, then
+    # distillation from the unpruned model on unlabeled text (Lee background + Wikipedia sentences).
+    "pruned-50-distill": Method(
+        "pruned-50-distill",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_pruned(0.5, distill=MINILM_PRUNE),
+        assets=("minilm",),
+    ),
+    "pruned-50-distill-int8-static": Method(
+        "pruned-50-distill-int8-static",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_pruned(
+            0.5,
+            distill=MINILM_PRUNE,
+            then=[mp.StaticInt8Config(smooth_alpha=0.75), mp.WeightOnlyConfig(layers=("embedding",))],
+        ),
+        needs_calibration=True,
+        assets=("minilm",),
+    ),
+    # SmolLM2 one-shot sparsity over every decoder Linear (the tied embedding / LM head stays dense),
+    # stored as bitmask + fp32 values; both runtimes run it dense (no speedup expected).
+    **{
+        f"sparse{tag}-{method}": Method(
+            f"sparse{tag}-{method}",
+            "modelpress",
+            ("onnxruntime", "openvino"),
+            build_recipe(
+                [
+                    mp.SparsityConfig(
+                        method=method,
+                        pattern=pattern,
+                        targets=(r"re:.*\.layers\.\d+\..*",),
+                        calibration_batches=SMOLLM2_SPARSITY_WINDOWS,
+                    )
+                ]
+            ),
+            needs_calibration=method != "magnitude",
+            assets=("smollm2",),
+        )
+        for tag, pattern in (("50", "unstructured"), ("24", "2:4"))
+        for method in ("magnitude", "wanda", "sparsegpt")
+    },
     # ---- peer tools, same run, same measurements (benchmarks/peers.py) ----
     "tp-pruned-50": Method(
         "tp-pruned-50",
@@ -957,6 +1037,45 @@ CRITERIA: list[Criterion] = [
         full_only=True,
     ),
     # ---- MiniLM ----
+    # Issue 4: heads + FFN neurons with distillation recovery on unlabeled text.
+    Criterion(
+        "minilm",
+        "Pearson pruned-50-distill (onnxruntime)",
+        field_of("pruned-50-distill/onnxruntime", "quality"),
+        ">=",
+        0.63,
+        "issue 4",
+    ),
+    *[
+        Criterion(
+            "minilm",
+            f"latency b16 pruned-50-distill / fp32, both in {rt}",
+            lambda rows, result, rt=rt: (
+                rows[f"pruned-50-distill/{rt}"]["latency_ratio"]["b16"]
+                / rows[f"fp32/{rt}"]["latency_ratio"]["b16"]
+            ),
+            "<=",
+            1 / 1.7,
+            "issue 4",
+        )
+        for rt in ("onnxruntime", "openvino")
+    ],
+    Criterion(
+        "minilm",
+        "latency b16 pruned-50-distill-int8-static (openvino) vs fp32 (onnxruntime)",
+        field_of("pruned-50-distill-int8-static/openvino", "latency_ratio", "b16"),
+        "<=",
+        1 / 6,
+        "issue 4",
+    ),
+    Criterion(
+        "minilm",
+        "Pearson pruned-50-distill-int8-static (openvino)",
+        field_of("pruned-50-distill-int8-static/openvino", "quality"),
+        ">=",
+        0.62,
+        "issue 4",
+    ),
     size_check("minilm", "int8-weight-only", 0.27),
     *[
         Criterion(
@@ -1020,6 +1139,35 @@ CRITERIA: list[Criterion] = [
         0.02,
     ),
     # ---- SmolLM2 (perplexity over 32k tokens, as the peers' figures) ----
+    # Issue 4: one-shot sparsity of the decoder Linears.
+    Criterion(
+        "smollm2",
+        "perplexity 50% unstructured, best of Wanda / SparseGPT (onnxruntime)",
+        lambda rows, result: min(
+            rows[f"sparse50-{m}/onnxruntime"]["quality"] for m in ("wanda", "sparsegpt")
+        ),
+        "<=",
+        27.0,
+        "issue 4",
+    ),
+    Criterion(
+        "smollm2",
+        "perplexity 2:4, best of Wanda / SparseGPT (onnxruntime)",
+        lambda rows, result: min(
+            rows[f"sparse24-{m}/onnxruntime"]["quality"] for m in ("wanda", "sparsegpt")
+        ),
+        "<=",
+        50.0,
+        "issue 4",
+    ),
+    Criterion(
+        "smollm2",
+        "SparseGPT 50% compression wall time (s)",
+        field_of("sparse50-sparsegpt/onnxruntime", "wall_s"),
+        "<=",
+        600.0,
+        "issue 4",
+    ),
     *[
         Criterion(
             "smollm2",

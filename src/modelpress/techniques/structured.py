@@ -34,6 +34,7 @@ from modelpress.data import Dataset, as_dataset
 from modelpress.errors import DataError, RecipeError
 from modelpress.graph.channels import ChannelGraph, ChannelGroup, LayerUse
 from modelpress.graph.heads import (
+    Attention,
     find_attention,
     head_importance,
     heads_to_keep,
@@ -41,6 +42,7 @@ from modelpress.graph.heads import (
     update_hf_config,
 )
 from modelpress.loading import as_inputs
+from modelpress.ops.refit import refit_columns
 from modelpress.techniques.finetune import finetune, labeled, task_loss
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
 from modelpress.techniques.select import matches_any, select_modules, unmatched_patterns
@@ -82,6 +84,9 @@ class StructuredPruningConfig:
     layers: tuple[Literal["linear", "conv", "rnn"], ...] = ("linear", "conv", "rnn")
     targets: tuple[str, ...] | None = None  # layers whose output channels may be cut (default: all)
     ignore: tuple[str, ...] = ()  # layers never cut, nor any channel they read or write
+    # Refit, by least squares on the data, the Linear layers that read removed channels or heads: the kept
+    # input columns (and the bias) take over what the removed ones did on average (ops/refit.py).
+    reconstruct: bool = False
     # Pruning rounds: the ratio is reached gradually on the cubic (AGP) schedule, recovering after each.
     schedule_steps: int = 1
     # Recovery after each cut: "distill" trains the pruned model to match the unpruned one on the data's
@@ -486,18 +491,18 @@ def apply_plan(graph: ChannelGraph, remove: set[int]) -> None:
         _slice(use, out_keep, in_keep)
 
 
-def _prune_heads(
+def _plan_heads(
     model: nn.Module,
     config: StructuredPruningConfig,
     selected: tuple[set[str], set[str]],
     elem: Elementwise,
     original: _Original,
-) -> int:
-    """Remove `ratio` of the key/value heads (with their query heads) of each attention module whose
-    projections are all selected and none protected; returns the heads removed."""
+) -> list[tuple[Attention, torch.Tensor]]:
+    """The key/value heads to keep (with their query heads) of each attention module whose projections are
+    all selected and none protected: `ratio` of the original heads go, the least important first."""
     cuttable, protected = selected
     names = {id(m): n for n, m in model.named_modules()}
-    removed = 0
+    plans = []
     for att in find_attention(model):
         layers = [names[id(t)] for t in (att.q, att.k, att.v, att.o)]
         if any(n not in cuttable or n in protected for n in layers) or matches_any(
@@ -516,16 +521,111 @@ def _prune_heads(
         )
         keep = torch.zeros(n, dtype=torch.bool)
         keep[order[:keep_n]] = True
+        plans.append((att, keep))
+    return plans
+
+
+def _apply_heads(plans: list[tuple[Attention, torch.Tensor]]) -> int:
+    for att, keep in plans:
         prune_heads(att, keep)
-        removed += n - keep_n
         log.info(
             "structured: removed %d of %d %sheads of '%s'",
-            n - keep_n,
-            n,
+            len(keep) - int(keep.sum()),
+            len(keep),
             "key/value " if att.groups > 1 else "",
             att.name,
         )
-    return removed
+    return sum(len(keep) - int(keep.sum()) for _, keep in plans)
+
+
+@dataclass
+class _Refit:
+    module: nn.Linear
+    in_keep: torch.Tensor
+    out_keep: torch.Tensor | None
+    weight: torch.Tensor  # the original (out, in)
+    bias: torch.Tensor | None
+
+
+def _refits(
+    graph: ChannelGraph, remove: set[int], heads: list[tuple[Attention, torch.Tensor]]
+) -> dict[int, _Refit]:
+    """The Linear layers that lose input columns, with their original weights and masks."""
+    found: dict[int, _Refit] = {}
+
+    def add(module: nn.Linear, in_keep: torch.Tensor, out_keep: torch.Tensor | None) -> None:
+        entry = found.get(id(module))
+        if entry is None:
+            bias = module.bias.detach().clone() if module.bias is not None else None
+            entry = found[id(module)] = _Refit(
+                module, in_keep, out_keep, module.weight.detach().clone(), bias
+            )
+        else:
+            entry.in_keep = entry.in_keep & in_keep
+            entry.out_keep = out_keep if entry.out_keep is None else entry.out_keep
+
+    for use in graph.uses.values():
+        if not isinstance(use.module, nn.Linear) or use.inp is None:
+            continue
+        in_keep = _keep(graph, use.inp, remove)
+        if bool(in_keep.all()):
+            continue
+        add(use.module, in_keep, None if use.out is None else _keep(graph, use.out, remove))
+    for att, keep in heads:
+        add(att.o, keep.repeat_interleave(att.groups * att.head_dim), None)
+    for use in graph.uses.values():  # rows of a refit layer cut by the channel plan
+        entry = found.get(id(use.module))
+        if entry is not None and use.out is not None:
+            out_keep = _keep(graph, use.out, remove)
+            entry.out_keep = None if bool(out_keep.all()) else out_keep
+    return found
+
+
+@torch.no_grad()
+def _input_grams(
+    model: nn.Module, refits: dict[int, _Refit], batches: list[Any], *, with_labels: bool
+) -> dict[int, torch.Tensor]:
+    """E[x~ x~^T] of each refit layer's input (x~ = [x; 1] when the layer has a bias), in float64."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = defaultdict(int)
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().double()
+        flat = x.reshape(-1, x.shape[-1])  # (N * positions, in)
+        if refits[id(module)].bias is not None:
+            flat = torch.cat([flat, torch.ones(len(flat), 1, dtype=flat.dtype)], dim=1)
+        key = id(module)
+        gram = flat.T @ flat
+        sums[key] = sums[key] + gram if key in sums else gram
+        counts[key] += len(flat)
+
+    handles = [r.module.register_forward_pre_hook(hook) for r in refits.values()]
+    try:
+        for index, item in enumerate(batches):
+            if with_labels:
+                item = labeled(item, f"data item {index}", owner="structured")[0]
+            model(*as_inputs(item, where=f"data item {index}"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {k: v / max(counts[k], 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def _apply_refits(refits: dict[int, _Refit], grams: dict[int, torch.Tensor]) -> None:
+    for key, r in refits.items():
+        if key not in grams:
+            continue
+        rows = r.out_keep if r.out_keep is not None else torch.ones(len(r.weight), dtype=torch.bool)
+        bias = r.bias[rows] if r.bias is not None else None
+        weight, bias = refit_columns(r.weight[rows], bias, grams[key], r.in_keep)
+        if weight.shape != r.module.weight.shape:
+            raise AssertionError(
+                f"structured: refit shape {tuple(weight.shape)} != {tuple(r.module.weight.shape)}"
+            )
+        r.module.weight.copy_(weight)
+        if bias is not None and r.module.bias is not None:
+            r.module.bias.copy_(bias)
 
 
 def _prune_once(
@@ -553,9 +653,24 @@ def _prune_once(
         _importance(graph, elem),
         original,
     )
-    apply_plan(graph, remove)
-    cut_heads = _prune_heads(model, config, (cuttable, protected), elem, original) if config.heads else 0
+    heads = _plan_heads(model, config, (cuttable, protected), elem, original) if config.heads else []
     model.zero_grad(set_to_none=True)  # the Taylor scores' gradients
+    refits = _refits(graph, remove, heads) if config.reconstruct else {}
+    grams = (
+        _input_grams(
+            model,
+            refits,
+            list(dataset.take(config.importance_batches)),
+            with_labels=config.recover == "task",
+        )
+        if refits
+        else {}
+    )
+    apply_plan(graph, remove)
+    cut_heads = _apply_heads(heads)
+    _apply_refits(refits, grams)
+    if refits:
+        log.info("structured: refit %d layers that read removed channels (least squares)", len(grams))
     for producers, n, removed, why in summary:
         label = ", ".join(producers[:3]) + (f" +{len(producers) - 3}" if len(producers) > 3 else "")
         if why:
