@@ -90,9 +90,14 @@ def test_zoo_models_shrink_and_keep_their_output_shape(arch):
     with torch.no_grad():
         assert small(*inputs).shape == model(*inputs).shape
     ratio = _params(small) / _params(model)
-    # Convolutional models lose ~half the channels of each layer (~3/4 of the weights); transformers keep
+    # Convolutional models lose ~half the channels of each layer (~3/4 of the weights); transformers (ViT too) keep
     # their residual width and embeddings; the LSTM keeps its embedding.
-    assert ratio < {"bert_encoder": 0.8, "gpt_decoder": 0.85, "lstm_classifier": 0.75}.get(arch, 0.4)
+    assert ratio < {
+        "bert_encoder": 0.8,
+        "gpt_decoder": 0.85,
+        "lstm_classifier": 0.75,
+        "vit_encoder": 0.65,
+    }.get(arch, 0.4)
 
 
 def test_mlp_neurons_of_a_llama_block_are_cut_in_gate_up_and_down():
@@ -337,3 +342,15 @@ def test_reconstruction_refits_what_the_removed_channels_did():
             for r in (False, True)
         ]
     assert errs[1] < errs[0]
+
+
+def test_a_pruned_vit_round_trips_through_its_hf_config(tmp_path):
+    from transformers import ViTModel
+
+    model, inputs = zoo.vit_encoder()
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [inputs])
+    assert (small.vit.config.num_attention_heads, small.vit.config.intermediate_size) == (2, 64)
+    small.vit.save_pretrained(tmp_path / "vit")
+    reloaded = ViTModel.from_pretrained(tmp_path / "vit", add_pooling_layer=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=inputs[0]).last_hidden_state[:, 0], small(*inputs))

@@ -359,6 +359,82 @@ def dcgan_generator() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 # --------------------------------------------------------------------------------------------------
+# dense_unet
+# --------------------------------------------------------------------------------------------------
+
+
+class DenseUNet(nn.Module):
+    """A UNet with a DenseNet-style block: encoder conv-BN-ReLU, a dense block whose layers read the
+    concatenation of everything before them, a strided down conv, a ConvTranspose up, the skip
+    concatenated with the upsampled map, and a 1x1 head -> (N, 2, 16, 16) segmentation logits."""
+
+    def __init__(self, width: int = 16, growth: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.dense1 = nn.Sequential(nn.Conv2d(width, growth, 3, padding=1), nn.BatchNorm2d(growth), nn.ReLU())
+        self.dense2 = nn.Sequential(
+            nn.Conv2d(width + growth, growth, 3, padding=1), nn.BatchNorm2d(growth), nn.ReLU()
+        )
+        skip = width + 2 * growth
+        self.down = nn.Sequential(nn.Conv2d(skip, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.fuse = nn.Sequential(nn.Conv2d(skip + width, width, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(width, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([x, self.dense1(x)], dim=1)
+        skip = torch.cat([x, self.dense2(x)], dim=1)  # (N, width + 2 * growth, H, W)
+        up = self.up(self.down(skip))
+        return self.head(self.fuse(torch.cat([skip, up], dim=1)))
+
+
+def dense_unet() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """UNet with a dense block (concatenations along channels, a strided conv down, a transposed conv
+    up). Input (2, 3, 16, 16) -> logits (2, 2, 16, 16)."""
+    torch.manual_seed(_SEED)
+    model = _finish(DenseUNet())
+    return model, (torch.randn(_BATCH, 3, 16, 16, generator=_gen()),)
+
+
+# --------------------------------------------------------------------------------------------------
+# vit_encoder
+# --------------------------------------------------------------------------------------------------
+
+
+class ViTWrapper(nn.Module):
+    """Wraps a ``transformers.ViTModel``; ``forward(pixel_values)`` returns the [CLS] token's state."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vit(pixel_values=pixel_values, return_dict=True).last_hidden_state[:, 0]
+
+
+def vit_encoder() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Tiny ViT (image 32, patches of 8, hidden 64, 2 layers, 4 heads, FFN 128, eager attention, no
+    pooler). Input (2, 3, 32, 32) -> [CLS] state (2, 64)."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(_SEED)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+    model = ViTWrapper(ViTModel(config, add_pooling_layer=False)).eval()
+    return model, (torch.randn(_BATCH, 3, 32, 32, generator=_gen()),)
+
+
+# --------------------------------------------------------------------------------------------------
 
 ZOO: dict[str, Factory] = {
     "resnet_cnn": resnet_cnn,
@@ -368,6 +444,8 @@ ZOO: dict[str, Factory] = {
     "lstm_classifier": lstm_classifier,
     "gru_classifier": gru_classifier,
     "dcgan_generator": dcgan_generator,
+    "dense_unet": dense_unet,
+    "vit_encoder": vit_encoder,
 }
 
 #: Entries whose inputs are int64 token ids of shape (batch, seq): dim 1 is a sequence length.

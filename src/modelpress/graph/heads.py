@@ -140,7 +140,7 @@ def update_hf_config(model: nn.Module) -> list[str]:
         widths = {
             m.out_features
             for n, m in owner.named_modules()
-            if isinstance(m, nn.Linear) and n.endswith(("mlp.gate_proj", "intermediate.dense"))
+            if isinstance(m, nn.Linear) and n.endswith(("mlp.gate_proj", "mlp.fc1", "intermediate.dense"))
         }
         if len(widths) > 1:
             problems.append(f"FFN widths differ between layers: {sorted(widths)}")
