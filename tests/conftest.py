@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # the workers share the cores
 
 TINY_MODEL = textwrap.dedent(
     """

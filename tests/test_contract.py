@@ -40,6 +40,8 @@ NOTHING_TO_DO = {
     ("dynamic_int8", "dcgan_generator"),
     ("awq", "dcgan_generator"),
     ("sparsity", "dcgan_generator"),  # transposed convolutions are not pruned
+    ("dynamic_int8", "dense_unet"),  # convolutions only
+    ("awq", "dense_unet"),
 }
 
 
@@ -61,7 +63,7 @@ def test_config_round_trips_through_yaml(technique, tmp_path):
 # Depth pruning needs a stack of repeated, shape-keeping blocks: the transformers and the MobileNet-style CNN.
 VARIANT_ARCHS = {
     "weight_only_int4": ("bert_encoder", "gpt_decoder"),
-    "depth": ("bert_encoder", "gpt_decoder", "inverted_residual_cnn"),
+    "depth": ("bert_encoder", "gpt_decoder", "inverted_residual_cnn", "vit_encoder"),
 }
 PAIRS = [
     (technique, arch)

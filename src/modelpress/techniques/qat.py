@@ -35,6 +35,7 @@ from modelpress.techniques.finetune import LossFn, finetune, labeled
 from modelpress.techniques.quantized import (
     QUANTIZABLE_TYPES,
     QuantizedLayer,
+    WeightView,
     call_with_weight,
     output_axis,
 )
@@ -112,7 +113,7 @@ class QATConfig:
             raise RecipeError(f"qat: layers={list(self.layers)} is invalid; choose from ['conv', 'linear'].")
 
 
-class FakeQuantLayer(nn.Module):
+class FakeQuantLayer(WeightView):
     """A Linear/Conv trained under quantization: weight and input go through LSQ fake quantizers.
 
     Scales are stored as logs, so Adam's steps change them by a fraction rather than an absolute amount
@@ -135,6 +136,9 @@ class FakeQuantLayer(nn.Module):
             scale, zero_point = affine_params(*input_range, bits=8, symmetric=False, signed=False)
             self.input_log_scale = nn.Parameter(scale.log().to(weight.device))  # 0-d
             self.input_zero_point = int(zero_point)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.quantized_weight()
 
     def quantized_weight(self) -> torch.Tensor:
         w = self.inner.weight

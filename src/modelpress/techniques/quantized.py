@@ -81,7 +81,20 @@ def call_with_weight(
     return torch.func.functional_call(inner, {"weight": weight}, args, kwargs)
 
 
-class QuantizedLayer(nn.Module):
+class WeightView(nn.Module):
+    """`.weight` of a compressed layer: the float weight it computes with, rebuilt on each read. Model code
+    reads `layer.weight.dtype` / `.device` (Hugging Face ViT's patch embedding, tied-weight checks); the
+    stored form stays what the layer keeps. Subclasses define `dequantized_weight`."""
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantized_weight()
+
+
+class QuantizedLayer(WeightView):
     """A layer whose fp32 weight was replaced by int8 codes `qweight` and fp32 per-channel `scale`.
 
     With `input_scale` set, the input is quantized to uint8 (asymmetric, per tensor) first: the static
@@ -157,7 +170,7 @@ class QuantizedLayer(nn.Module):
         return f"{self.scheme}{rng}, per-channel axis={self.axis}, shape={tuple(self.qweight.shape)}"
 
 
-class GroupQuantizedLinear(nn.Module):
+class GroupQuantizedLinear(WeightView):
     """A Linear whose weight is stored as packed int4 (or int8) codes with a scale per block of
     `group_size` input features: the ONNX artifact runs it as `com.microsoft.MatMulNBits`.
 
@@ -248,7 +261,7 @@ class GroupQuantizedLinear(nn.Module):
         return f"{self.scheme}, in={self.in_features}, out={self.out_features}"
 
 
-class GroupQuantizedEmbedding(nn.Module):
+class GroupQuantizedEmbedding(WeightView):
     """An Embedding table stored as packed int4 (or int8) codes with a scale per block of `group_size`
     features: the ONNX artifact runs it as `com.microsoft.GatherBlockQuantized`."""
 
@@ -297,7 +310,7 @@ class GroupQuantizedEmbedding(nn.Module):
         return f"{self.scheme}, table={tuple(self.packed.shape[:1])}x{self.scales.shape[1] * self.group_size}"
 
 
-class DynamicQuantizedLinear(nn.Module):
+class DynamicQuantizedLinear(WeightView):
     """A Linear with int8 per-output-channel weights whose input is quantized to uint8 at run time (one
     scale per call): ONNX `DynamicQuantizeLinear` + `MatMulInteger`, fused by ONNX Runtime."""
 
@@ -330,7 +343,7 @@ class DynamicQuantizedLinear(nn.Module):
         return f"{self.scheme}{rng}, shape={tuple(self.qweight.shape)}"
 
 
-class SparseLayer(nn.Module):
+class SparseLayer(WeightView):
     """A layer whose weight is stored as a bitmask of kept positions plus the kept values, in order.
 
     The values are fp32, or int8 codes with one fp32 scale per output channel (`bits=8`). Forward
@@ -374,6 +387,9 @@ class SparseLayer(nn.Module):
     def scheme(self) -> str:
         name = f"sparse{round(100 * (1 - self.density))}%"
         return name + (f"+w{self.bits}" if self.bits else "")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.dense_weight()
 
     def dense_weight(self) -> torch.Tensor:
         mask = unpack_mask(self.bitmask, self.numel)
