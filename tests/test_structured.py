@@ -354,3 +354,20 @@ def test_a_pruned_vit_round_trips_through_its_hf_config(tmp_path):
     reloaded = ViTModel.from_pretrained(tmp_path / "vit", add_pooling_layer=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=inputs[0]).last_hidden_state[:, 0], small(*inputs))
+
+
+def test_reconstruction_refits_convolutions_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1, stride=2), nn.Flatten()
+    ).eval()
+    data = [(torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(s)),) for s in range(4)]
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    cut = mp.StructuredPruningConfig(ratio=0.5, targets=("0",))
+    errors = []
+    for reconstruct in (False, True):
+        small = mp.compress(model, [dataclasses.replace(cut, reconstruct=reconstruct)], data)
+        assert small[2].in_channels == 8
+        with torch.no_grad():
+            errors.append(float((small(x) - model(x)).pow(2).mean()))
+    assert errors[1] < 0.7 * errors[0]

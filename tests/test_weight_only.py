@@ -82,3 +82,15 @@ def test_tied_weights_are_stored_once(tmp_path):
     ]
     assert len(int8) == 1
     assert mp.check_parity(small, mp.open_session(path), [(ids,)]).passed
+
+
+def test_compressed_layers_show_the_weight_they_compute_with():
+    """Model code reads `layer.weight.dtype` (Hugging Face ViT does in forward): every compressed layer
+    answers with the float weight it uses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4))
+    small = mp.compress(model, [mp.WeightOnlyConfig()])
+    layer = small[0]
+    assert layer.weight.dtype == torch.float32 and layer.weight.shape == (8, 16)
+    torch.testing.assert_close(layer.weight, layer.dequantized_weight())
+    torch.testing.assert_close(layer.weight, model[0].weight, atol=0.02, rtol=0)

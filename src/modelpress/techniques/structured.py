@@ -540,20 +540,42 @@ def _apply_heads(plans: list[tuple[Attention, torch.Tensor]]) -> int:
 
 @dataclass
 class _Refit:
-    module: nn.Linear
-    in_keep: torch.Tensor
+    module: nn.Linear | nn.Conv2d
+    in_keep: torch.Tensor  # per input feature / channel
     out_keep: torch.Tensor | None
-    weight: torch.Tensor  # the original (out, in)
+    weight: torch.Tensor  # the original (out, in) / (out, in, kh, kw)
     bias: torch.Tensor | None
+
+
+def _refittable(module: nn.Module) -> bool:
+    """Linear, and ordinary convolutions whose input patches `F.unfold` can rebuild."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of what one output position reads: (N * positions, in [* kh * kw])."""
+    if isinstance(module, nn.Conv2d):
+        padding = module.padding
+        assert not isinstance(padding, str)  # _refittable
+        cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (N, C*kh*kw, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
 
 
 def _refits(
     graph: ChannelGraph, remove: set[int], heads: list[tuple[Attention, torch.Tensor]]
 ) -> dict[int, _Refit]:
-    """The Linear layers that lose input columns, with their original weights and masks."""
+    """The Linear/Conv2d layers that lose input columns, with their original weights and masks."""
     found: dict[int, _Refit] = {}
 
-    def add(module: nn.Linear, in_keep: torch.Tensor, out_keep: torch.Tensor | None) -> None:
+    def add(module: nn.Linear | nn.Conv2d, in_keep: torch.Tensor, out_keep: torch.Tensor | None) -> None:
         entry = found.get(id(module))
         if entry is None:
             bias = module.bias.detach().clone() if module.bias is not None else None
@@ -565,8 +587,9 @@ def _refits(
             entry.out_keep = out_keep if entry.out_keep is None else entry.out_keep
 
     for use in graph.uses.values():
-        if not isinstance(use.module, nn.Linear) or use.inp is None:
+        if not _refittable(use.module) or use.inp is None:
             continue
+        assert isinstance(use.module, (nn.Linear, nn.Conv2d))
         in_keep = _keep(graph, use.inp, remove)
         if bool(in_keep.all()):
             continue
@@ -590,8 +613,7 @@ def _input_grams(
     counts: dict[int, int] = defaultdict(int)
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach().double()
-        flat = x.reshape(-1, x.shape[-1])  # (N * positions, in)
+        flat = _patches(module, args[0].detach().double())  # (N * positions, in [* kh * kw])
         if refits[id(module)].bias is not None:
             flat = torch.cat([flat, torch.ones(len(flat), 1, dtype=flat.dtype)], dim=1)
         key = id(module)
@@ -618,7 +640,11 @@ def _apply_refits(refits: dict[int, _Refit], grams: dict[int, torch.Tensor]) -> 
             continue
         rows = r.out_keep if r.out_keep is not None else torch.ones(len(r.weight), dtype=torch.bool)
         bias = r.bias[rows] if r.bias is not None else None
-        weight, bias = refit_columns(r.weight[rows], bias, grams[key], r.in_keep)
+        per_channel = r.weight[0, 0].numel()  # kh * kw for a convolution, 1 for a Linear
+        weight, bias = refit_columns(
+            r.weight[rows].flatten(1), bias, grams[key], r.in_keep.repeat_interleave(per_channel)
+        )
+        weight = weight.reshape(len(weight), -1, *r.weight.shape[2:])
         if weight.shape != r.module.weight.shape:
             raise AssertionError(
                 f"structured: refit shape {tuple(weight.shape)} != {tuple(r.module.weight.shape)}"
