@@ -11,8 +11,9 @@ from torch import nn
 
 import modelpress as mp
 from modelpress.errors import DataError, GraphError, RecipeError
+from modelpress.ops.similarity import block_similarity
 from modelpress.techniques import DepthPruningConfig, config_from_dict, config_to_dict, depth
-from modelpress.techniques.depth import block_similarity, find_stack
+from modelpress.techniques.depth import find_stack
 
 LOGGER = "modelpress.techniques.depth"
 

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modelpress.data import Dataset, as_dataset
 from modelpress.errors import DataError, GraphError, RecipeError
 from modelpress.loading import as_inputs
-from modelpress.techniques.finetune import finetune, labeled
+from modelpress.ops.similarity import block_similarity
+from modelpress.techniques.finetune import labeled, recover
 from modelpress.techniques.select import matches_any, unmatched_patterns
 
 log = logging.getLogger(__name__)
@@ -108,21 +108,6 @@ class Block:
     @property
     def influence(self) -> float:
         return 1.0 - self.similarity / self.count if self.count else math.nan
-
-
-def block_similarity(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-    """Sum and count of the cosine similarities between a block's input `x` and output `y` (same shape):
-    per position over the last dim for hidden states (B, T, D), per sample for feature maps (B, C, H, W).
-
-    >>> block_similarity(torch.ones(2, 3, 4), torch.ones(2, 3, 4))
-    (6.0, 6)
-    """
-    if x.dim() >= 4:
-        a, b = x.flatten(1), y.flatten(1)  # (B, C*H*W)
-    else:
-        a, b = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])  # (B*T, D)
-    cos = F.cosine_similarity(a.float(), b.float(), dim=-1)  # (rows,)
-    return float(cos.sum()), int(cos.numel())
 
 
 def _composite(module: nn.Module) -> bool:
@@ -461,21 +446,18 @@ def depth(model: nn.Module, config: DepthPruningConfig, data: Dataset | Any = No
     )
     if config.recover != "none":
         assert dataset is not None
-        model.eval()
-        with torch.enable_grad():
-            finetune(
-                model,
-                dataset,
-                [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.recover_lr}],
-                loss=config.recover,
-                epochs=config.recover_epochs,
-                steps=config.recover_steps,
-                teacher=teacher,
-                owner="depth",
-                hint=f"Lower recover_lr (now {config.recover_lr}).",
-                logger=log,
-            )
+        recover(
+            model,
+            dataset,
+            loss=config.recover,
+            lr=config.recover_lr,
+            epochs=config.recover_epochs,
+            steps=config.recover_steps,
+            teacher=teacher,
+            owner="depth",
+            logger=log,
+        )
     return model
 
 
-__all__ = ["Block", "DepthPruningConfig", "block_similarity", "depth", "find_stack"]
+__all__ = ["Block", "DepthPruningConfig", "depth", "find_stack"]

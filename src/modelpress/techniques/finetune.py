@@ -179,4 +179,34 @@ def finetune(
     return mean
 
 
-__all__ = ["LossFn", "LossKind", "distill_loss", "finetune", "labeled", "task_loss"]
+def recover(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    loss: LossKind,
+    lr: float,
+    epochs: int,
+    steps: int | None,
+    teacher: nn.Module | None,
+    owner: str,
+    logger: logging.Logger = log,
+) -> float:
+    """The recovery step after pruning: fine-tune every trainable parameter of `model` (eval mode) by
+    distillation from `teacher` or by the task loss; returns the mean loss."""
+    model.eval()
+    with torch.enable_grad():
+        return finetune(
+            model,
+            data,
+            [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}],
+            loss=loss,
+            epochs=epochs,
+            steps=steps,
+            teacher=teacher,
+            owner=owner,
+            hint=f"Lower recover_lr (now {lr}).",
+            logger=logger,
+        )
+
+
+__all__ = ["LossFn", "LossKind", "distill_loss", "finetune", "labeled", "recover", "task_loss"]

@@ -43,7 +43,7 @@ from modelpress.graph.heads import (
 )
 from modelpress.loading import as_inputs
 from modelpress.ops.refit import refit_columns
-from modelpress.techniques.finetune import finetune, labeled, task_loss
+from modelpress.techniques.finetune import labeled, recover, task_loss
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
 from modelpress.techniques.select import matches_any, select_modules, unmatched_patterns
 
@@ -294,6 +294,19 @@ def _input_energy(
         sums[key] = sums[key] + total if key in sums else total
         counts[key] += n
 
+    _run_hooked(model, modules, hook, batches, with_labels=with_labels)
+    return {k: v / max(counts[k], 1) for k, v in sums.items()}
+
+
+def _run_hooked(
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    hook: Callable[[nn.Module, tuple[Any, ...]], None],
+    batches: list[Any],
+    *,
+    with_labels: bool,
+) -> None:
+    """Run `model` over `batches` with `hook` seeing the inputs of each of `modules`."""
     handles = [m.register_forward_pre_hook(hook) for m in modules]
     try:
         for index, item in enumerate(batches):
@@ -303,7 +316,6 @@ def _input_energy(
     finally:
         for handle in handles:
             handle.remove()
-    return {k: v / max(counts[k], 1) for k, v in sums.items()}
 
 
 def _scorer(model: nn.Module, config: StructuredPruningConfig, dataset: Dataset) -> Elementwise:
@@ -621,15 +633,7 @@ def _input_grams(
         sums[key] = sums[key] + gram if key in sums else gram
         counts[key] += len(flat)
 
-    handles = [r.module.register_forward_pre_hook(hook) for r in refits.values()]
-    try:
-        for index, item in enumerate(batches):
-            if with_labels:
-                item = labeled(item, f"data item {index}", owner="structured")[0]
-            model(*as_inputs(item, where=f"data item {index}"))
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_hooked(model, [r.module for r in refits.values()], hook, batches, with_labels=with_labels)
     return {k: v / max(counts[k], 1) for k, v in sums.items()}
 
 
@@ -780,7 +784,17 @@ def prune_gradually(
             train(model, step)
             model.eval()
         elif config.recover != "none" and changed:
-            _recover(model, config, dataset, teacher)
+            recover(
+                model,
+                dataset,
+                loss="task" if config.recover == "task" else "distill",
+                lr=config.recover_lr,
+                epochs=config.recover_epochs,
+                steps=config.recover_steps,
+                teacher=teacher,
+                owner="structured",
+                logger=log,
+            )
         if evaluate is None:
             continue
         with torch.no_grad():
@@ -813,25 +827,6 @@ def prune_gradually(
             "structured: no channel could be removed; the model is unchanged (see the log lines above)."
         )
     return model
-
-
-def _recover(
-    model: nn.Module, config: StructuredPruningConfig, dataset: Dataset, teacher: nn.Module | None
-) -> None:
-    model.eval()
-    with torch.enable_grad():
-        finetune(
-            model,
-            dataset,
-            [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.recover_lr}],
-            loss="task" if config.recover == "task" else "distill",
-            epochs=config.recover_epochs,
-            steps=config.recover_steps,
-            teacher=teacher,
-            owner="structured",
-            hint=f"Lower recover_lr (now {config.recover_lr}).",
-            logger=log,
-        )
 
 
 def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset | Any = None) -> nn.Module:
