@@ -164,7 +164,7 @@ def block_quantize(
     bits: int,
     block_size: int,
     symmetric: bool = True,
-    clip_search: bool = True,
+    clip_search: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Round-to-nearest block quantization of a (N, K) weight: unsigned codes (N, K) uint8 in
     [0, 2^bits - 1], scale (N, n_blocks) fp32 and zero point (N, n_blocks) uint8 (None if symmetric).
@@ -172,7 +172,9 @@ def block_quantize(
     Symmetric blocks use all 2^bits codes: the block's largest-magnitude value maps exactly to the lowest
     code (the sign goes into the scale), as llama.cpp's Q4_0 does, instead of wasting code -8.
     `clip_search` shrinks each block's range over a small grid and keeps the one with the least squared
-    error, which matters at 4 bits where one outlier sets the step of the whole block.
+    weight error. Off by default: the weight error is not the model's. Measured on SmolLM2 (int4 g128,
+    perplexity 31.8 with it, 29.7 without) and MiniLM (Lee Pearson 0.647/0.661 with it at g32/g128,
+    0.654/0.672 without), it clips the large weights that matter most.
 
     >>> u, s, zp = block_quantize(torch.randn(4, 40), bits=4, block_size=16)
     >>> u.shape, s.shape, zp is None

@@ -205,9 +205,17 @@ class GroupQuantizedLinear(WeightView):
 
     @classmethod
     def from_linear(
-        cls, inner: nn.Linear, *, bits: int, group_size: int, symmetric: bool = True
+        cls,
+        inner: nn.Linear,
+        *,
+        bits: int,
+        group_size: int,
+        symmetric: bool = True,
+        clip_search: bool = False,
     ) -> GroupQuantizedLinear:
-        codes, scale, zp = block_quantize(inner.weight, bits=bits, block_size=group_size, symmetric=symmetric)
+        codes, scale, zp = block_quantize(
+            inner.weight, bits=bits, block_size=group_size, symmetric=symmetric, clip_search=clip_search
+        )
         return cls(inner, codes, scale, zp, bits=bits, group_size=group_size)
 
     @classmethod
@@ -270,7 +278,15 @@ class GroupQuantizedEmbedding(WeightView):
     scales: torch.Tensor  # (V, D / group_size) fp32
     zero_points: torch.Tensor | None
 
-    def __init__(self, inner: nn.Embedding, *, bits: int, group_size: int, symmetric: bool = True) -> None:
+    def __init__(
+        self,
+        inner: nn.Embedding,
+        *,
+        bits: int,
+        group_size: int,
+        symmetric: bool = True,
+        clip_search: bool = False,
+    ) -> None:
         super().__init__()
         if inner.max_norm is not None:
             raise ValueError(
@@ -280,7 +296,9 @@ class GroupQuantizedEmbedding(WeightView):
         if d % group_size:
             raise ValueError(f"embedding dim {d} is not divisible by group_size={group_size}.")
         check_block_size(group_size, bits)
-        codes, scale, zp = block_quantize(inner.weight, bits=bits, block_size=group_size, symmetric=symmetric)
+        codes, scale, zp = block_quantize(
+            inner.weight, bits=bits, block_size=group_size, symmetric=symmetric, clip_search=clip_search
+        )
         packed, zp_packed = pack_blocks(codes, zp, bits=bits, block_size=group_size)
         self.register_buffer("packed", packed.reshape(v, -1).contiguous())
         self.register_buffer("scales", scale.float().contiguous())

@@ -47,6 +47,9 @@ class WeightOnlyConfig:
     # Input features sharing one scale; None = one scale per output channel (int8 only).
     group_size: int | None = None
     symmetric: bool = True
+    # Groups only: shrink each group's range to the least weight error. Off by default: it clips the large
+    # weights that matter most (SmolLM2 int4 g128 perplexity 31.8 with it, 29.7 without).
+    clip_search: bool = False
     layers: tuple[LayerKind, ...] = ("linear", "conv", "embedding")
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
@@ -159,14 +162,20 @@ def _grouped(name: str, module: nn.Module, config: WeightOnlyConfig) -> nn.Modul
         return None
     if type(module) is nn.Linear:
         return GroupQuantizedLinear.from_linear(
-            module, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric
+            module,
+            bits=config.bits,
+            group_size=config.group_size,
+            symmetric=config.symmetric,
+            clip_search=config.clip_search,
         )
     if type(module) is nn.Embedding:
         dim = module.weight.shape[1]
         if dim % config.group_size == 0 and module.max_norm is None:
             # Symmetric always: OpenVINO 2026.4 fails to compile GatherBlockQuantized with zero points
             # for a single block per row.
-            return GroupQuantizedEmbedding(module, bits=config.bits, group_size=config.group_size)
+            return GroupQuantizedEmbedding(
+                module, bits=config.bits, group_size=config.group_size, clip_search=config.clip_search
+            )
         log.warning(
             "weight_only: embedding '%s' (dim %d) cannot be split into groups of %d; it stays int8 per channel.",
             name,
