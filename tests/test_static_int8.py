@@ -98,3 +98,62 @@ def test_smoothquant_tames_outlier_features_and_exports(tmp_path):
     path = mp.export_onnx(small, (x_test,), tmp_path / "s.onnx")
     for runtime in mp.available_runtimes():
         assert mp.check_parity(small, mp.open_session(path, runtime), [(x_test,)]).passed
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_gptq_rounding_lowers_output_error_and_exports(tmp_path, reduce_range):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(48, 48, generator=gen)  # correlated inputs: where GPTQ's compensation pays
+    data = []
+    for _ in range(8):
+        x = torch.randn(32, 48, generator=gen) @ base
+        x[:, 5] *= 20  # an outlier feature, for SmoothQuant
+        data.append(x)
+    x_test = torch.randn(64, 48, generator=torch.Generator().manual_seed(4)) @ base
+    errs, built = {}, {}
+    for rounding in ("nearest", "gptq"):
+        config = mp.StaticInt8Config(smooth_alpha=0.75, rounding=rounding, reduce_range=reduce_range)
+        built[rounding] = mp.compress(model, [config], data)
+        errs[rounding] = (built[rounding](x_test) - model(x_test)).pow(2).mean().item()
+    assert errs["gptq"] < 0.8 * errs["nearest"]
+    small = built["gptq"]
+    limit = 63 if reduce_range else 127
+    assert all(int(small[i].qweight.abs().max()) <= limit for i in (0, 2))
+    assert small[0].scheme == "w8a8+smooth"
+    path = mp.export_onnx(small, (x_test,), tmp_path / "g.onnx")
+    for runtime in mp.available_runtimes():
+        assert mp.check_parity(small, mp.open_session(path, runtime), [(x_test,)], min_cosine=0.999).passed
+
+
+def test_gptq_rounding_on_convs_and_unknown_rounding_refused():
+    model, data = _cnn()
+    small = mp.compress(model, [mp.StaticInt8Config(rounding="gptq")], data)
+    assert all(isinstance(small[i], QuantizedLayer) for i in (0, 2, 6))
+    x = torch.randn(4, 3, 12, 12)
+    assert nn.functional.cosine_similarity(small(x).flatten(), model(x).flatten(), dim=0) > 0.99
+    with pytest.raises(mp.RecipeError, match="rounding='adaround' is unknown"):
+        mp.load_recipe([{"type": "static_int8", "rounding": "adaround"}])
+
+
+def test_export_moves_quantizers_above_maxpool(tmp_path):
+    # Conv -> ReLU -> MaxPool -> Flatten -> Linear: the Linear's input quantizer is written after Flatten;
+    # the exported graph has it right after the ReLU, where runtimes fuse it into the conv (exact).
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 5 * 5, 4)
+    ).eval()
+    data = [torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    small = mp.compress(model, [mp.StaticInt8Config()], data)
+    path = mp.export_onnx(small, (data[0],), tmp_path / "m.onnx")
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantizers) == 2
+    assert {producer[q.input[0]].op_type for q in quantizers if q.input[0] in producer} == {"Relu"}
+    for runtime in mp.available_runtimes():
+        report = mp.check_parity(
+            small, mp.open_session(path, runtime), [(d,) for d in data], min_cosine=0.9999
+        )
+        assert report.passed

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from modelpress._files import check_output_path
+from modelpress.deploy.qdq import hoist_quantizers
 from modelpress.errors import ExportError
 from modelpress.loading import Inputs
 
@@ -167,9 +168,10 @@ def _warn_static_dims(program: Any, inputs: Inputs) -> None:
                 )
 
 
-def _strip_debug_info(path: Path) -> None:
-    """Drop the exporter's per-node stack traces and doc strings: they are not part of the model and can
-    be a quarter of a small model's file."""
+def _postprocess(path: Path) -> None:
+    """Drop the exporter's per-node stack traces and doc strings (they are not part of the model and can
+    be a quarter of a small model's file), and move activation quantizers above the ops that commute with
+    them (`deploy.qdq.hoist_quantizers`), so that runtimes fuse them into the layer that produces them."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -193,6 +195,9 @@ def _strip_debug_info(path: Path) -> None:
         for node in fn.node:
             del node.metadata_props[:]
     model.doc_string = ""
+    moves = hoist_quantizers(model)
+    if moves:
+        log.debug("moved %d activation quantizer(s) above MaxPool/reshape-like ops", moves)
     onnx.save(model, str(path))
 
 
@@ -274,7 +279,7 @@ def export_onnx(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         program.save(str(tmp_dir / out.name))
-        _strip_debug_info(tmp_dir / out.name)
+        _postprocess(tmp_dir / out.name)
         for produced in sorted(tmp_dir.iterdir()):
             # The main file goes last, so an interrupted save never leaves a .onnx without its data.
             if produced.name != out.name:

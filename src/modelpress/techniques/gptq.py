@@ -220,7 +220,7 @@ def _conv_pad(module: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, ...] | None, st
     return None, "constant"
 
 
-def _rows(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+def input_rows(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The layer's input as rows (n, K) matching its flattened weight, in chunks of bounded size."""
     if isinstance(module, nn.Linear):
         return [x.reshape(-1, x.shape[-1])]
@@ -269,7 +269,7 @@ def collect_hessians(step: BlockStep) -> dict[str, HessianAccumulator]:
                     "data and the model, or add the layer to ignore."
                 )
             xtx, n = None, 0
-            for rows in _rows(module, x):
+            for rows in input_rows(module, x):
                 g = gram(rows.float(), groups=groups)
                 xtx = g if xtx is None else xtx.add_(g)
                 n += rows.shape[0]
@@ -330,6 +330,23 @@ def quantize_layer(
     w2d = weight.detach().float().reshape(weight.shape[0], -1)  # (out, in * kernel)
     codes, scale, zp = _solve(name, w2d, hessian, scheme, config)
     return _install(module, codes, scale, zp, scheme)
+
+
+def round_per_channel(
+    name: str, module: nn.Module, hessian: torch.Tensor, *, bits: int, owner: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ codes (out, in * kernel) int8 and per-output-channel scales (out,) for the weight of a
+    Linear/Conv1d/Conv2d, symmetric `bits`-bit (7 or 8), with GPTQConfig's defaults (act-order, clipping
+    search, scale refit). Used by static_int8's `rounding: gptq`."""
+    weight = _weight(module)
+    w2d = weight.detach().float().reshape(weight.shape[0], -1)
+    try:
+        codes, scale, _ = _solve(
+            name, w2d, hessian, LayerScheme(bits, None, True), GPTQConfig(bits=8, group_size=None)
+        )
+    except DataError as exc:
+        raise DataError(str(exc).replace("gptq:", f"{owner}:", 1)) from exc
+    return codes, scale[:, 0]
 
 
 def _process(config: GPTQConfig, step: BlockStep) -> dict[str, nn.Module]:

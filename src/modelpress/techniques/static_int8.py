@@ -7,6 +7,7 @@ DequantizeLinear on int8 weights: the pattern ONNX Runtime and OpenVINO run with
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from modelpress.environment import cpu_has_vnni
 from modelpress.errors import DataError, GraphError, RecipeError
 from modelpress.graph.equalize import equalize_pairs, find_pairs, fold_batchnorm
 from modelpress.loading import as_inputs
+from modelpress.ops.gptq import HessianAccumulator
 from modelpress.ops.observers import OBSERVERS, MinMaxObserver, make_observer
 from modelpress.ops.quant import smoothing_factors
+from modelpress.techniques.gptq import input_rows, round_per_channel
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer, call_with_weight
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
@@ -57,6 +60,10 @@ class StaticInt8Config:
     # Shift each quantized layer's bias by the mean output error it makes on the calibration data
     # (per output channel, from the fp32 layer on the same input). Layers without a bias are skipped.
     bias_correction: bool = False
+    # How weights become codes: "nearest", or "gptq": codes chosen with the Hessian of each layer's
+    # calibration inputs (smoothed, when SmoothQuant is on) so that one column's rounding error is
+    # compensated by the others (the learned-rounding step, as AdaRound; Linear, Conv1d, Conv2d).
+    rounding: Literal["nearest", "gptq"] = "nearest"
     layers: tuple[Literal["linear", "conv"], ...] = ("linear", "conv")
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
@@ -76,6 +83,10 @@ class StaticInt8Config:
             raise RecipeError(
                 f"static_int8: calibration_batches={self.calibration_batches} must be at least 1."
             )
+        if self.rounding not in ("nearest", "gptq"):
+            raise RecipeError(
+                f"static_int8: rounding={self.rounding!r} is unknown; choose 'nearest' or 'gptq'."
+            )
         bad = [k for k in self.layers if k not in ("linear", "conv")]
         if bad or not self.layers:
             raise RecipeError(
@@ -87,6 +98,49 @@ def _observer(config: StaticInt8Config) -> Any:
     if config.observer == "percentile":
         return make_observer("percentile", percentile=config.percentile)
     return make_observer(config.observer)
+
+
+class _RangeAndHessian:
+    """An input observer that also accumulates the layer's Hessian (x^T x of its input rows) for GPTQ
+    rounding: ranges and Hessians come from the same calibration pass."""
+
+    def __init__(self, observer: Any, module: nn.Module) -> None:
+        self.observer, self.module = observer, module
+        self.groups = module.groups if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
+        self.hessian: HessianAccumulator | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        self.observer.update(x)
+        for rows in input_rows(self.module, x):
+            if self.hessian is None:
+                self.hessian = HessianAccumulator(rows.shape[1], groups=self.groups)
+            self.hessian.update(rows)
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        result: tuple[torch.Tensor, torch.Tensor] = self.observer.range()
+        return result
+
+
+def _gptq_layer(
+    name: str, module: nn.Module, obs: _RangeAndHessian, smoothing: torch.Tensor | None, bits: int
+) -> QuantizedLayer:
+    """GPTQ-rounded codes installed as the QuantizedLayer's weight: the layer is given the weight those
+    codes dequantize to (divided by the smoothing it multiplies back), which it rounds to the same codes."""
+    assert obs.hessian is not None
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    smoothed = weight.detach() * smoothing[None, :] if smoothing is not None else weight.detach()
+    probe = copy.copy(module)
+    probe.weight = nn.Parameter(smoothed, requires_grad=False)  # what the codes approximate
+    codes, scale = round_per_channel(name, probe, obs.hessian.hessian(), bits=bits, owner="static_int8")
+    target = (codes.float() * scale[:, None]).reshape(weight.shape)
+    if smoothing is not None:
+        target = target / smoothing[None, :]
+    module.weight = nn.Parameter(target.to(weight.dtype), requires_grad=False)
+    layer = QuantizedLayer(module, bits=bits, weight_scale=scale, smoothing=smoothing)
+    if not torch.equal(layer.qweight.reshape(codes.shape), codes.to(torch.int8)):
+        raise AssertionError(f"static_int8: layer '{name}' did not reproduce its GPTQ codes")
+    return layer
 
 
 def calibrate_inputs(
@@ -273,12 +327,27 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
             smoothing[name] = smoothing_factors(
                 torch.maximum(lo.abs(), hi.abs()), weight, alpha=config.smooth_alpha
             )
+    gptq_layers = (
+        {n for n, m in chosen.items() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
+        if config.rounding == "gptq"
+        else set()
+    )
+    if config.rounding == "gptq" and len(gptq_layers) < len(chosen):
+        log.info(
+            "static_int8: %s are rounded to nearest (GPTQ rounding covers Linear, Conv1d and Conv2d)",
+            sorted(set(chosen) - gptq_layers),
+        )
+
+    def observer(name: str) -> Any:
+        obs = _observer(config)
+        return _RangeAndHessian(obs, chosen[name]) if name in gptq_layers else obs
+
     observers = calibrate_inputs(
         model,
         chosen,
         data,
         batches=config.calibration_batches,
-        observer=lambda _n: _observer(config),
+        observer=observer,
         transform={n: 1.0 / s for n, s in smoothing.items()},
     )
     reduce_range = config.reduce_range
@@ -298,7 +367,17 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
         weights[name] = weight.detach()
-        layer = QuantizedLayer(module, bits=bits, input_range=input_range, smoothing=smoothing.get(name))
+        obs = observers[name]
+        if isinstance(obs, _RangeAndHessian) and obs.hessian is not None:
+            layer = _gptq_layer(name, module, obs, smoothing.get(name), bits)
+            if input_range is not None:
+                layer.set_input_range(*input_range)
+        else:
+            if name in gptq_layers:
+                log.warning(
+                    "static_int8: layer '%s' did not run during calibration; rounded to nearest.", name
+                )
+            layer = QuantizedLayer(module, bits=bits, input_range=input_range, smoothing=smoothing.get(name))
         built[name] = layer
         if name:
             set_submodule(model, name, layer)

@@ -1,0 +1,70 @@
+"""Quantizer placement passes on QDQ ONNX graphs (deploy/qdq.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from modelpress.deploy.qdq import hoist_quantizers
+
+
+def _graph(*, per_channel: bool = False, extra_user: bool = False) -> onnx.ModelProto:
+    """x (N, 2, 8, 8) -> Relu -> MaxPool -> Flatten -> Q -> DQ -> Gemm (32 -> 3) [-> y]."""
+    rng = np.random.default_rng(0)
+    scale = np.array([0.02, 0.03], np.float32) if per_channel else np.array(0.02, np.float32)
+    zero = np.zeros(2, np.uint8) if per_channel else np.array(0, np.uint8)
+    inits = [
+        numpy_helper.from_array(scale, "s"),
+        numpy_helper.from_array(zero, "z"),
+        numpy_helper.from_array(rng.standard_normal((3, 32)).astype(np.float32), "w"),
+    ]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("QuantizeLinear", ["f", "s", "z"], ["q"], **({"axis": 1} if per_channel else {})),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], **({"axis": 1} if per_channel else {})),
+        helper.make_node("Gemm", ["d", "w"], ["y"], transB=1),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])]
+    if extra_user:
+        outputs.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, [None, 32]))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 8, 8])], outputs, inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["y"], {"x": x})[0])
+
+
+def test_hoists_above_maxpool_and_flatten_exactly() -> None:
+    model = _graph()
+    before = copy.deepcopy(model)
+    assert hoist_quantizers(model) == 2
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == ["Relu", "QuantizeLinear", "DequantizeLinear", "MaxPool", "Flatten", "Gemm"]
+    x = torch.randn(5, 2, 8, 8, generator=torch.Generator().manual_seed(1)).numpy()
+    np.testing.assert_array_equal(_run(model, x), _run(before, x))
+    assert hoist_quantizers(model) == 0  # nothing left to move
+
+
+@pytest.mark.parametrize("kind", ["per_channel", "extra_user"])
+def test_leaves_quantizers_that_do_not_commute(kind: str) -> None:
+    # A per-channel quantizer's axis changes meaning across Flatten; a tensor other nodes (or the graph
+    # output) also read must keep its float value.
+    model = _graph(per_channel=kind == "per_channel", extra_user=kind == "extra_user")
+    before = [n.op_type for n in model.graph.node]
+    assert hoist_quantizers(model) == 0
+    assert [n.op_type for n in model.graph.node] == before
