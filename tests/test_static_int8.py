@@ -157,3 +157,23 @@ def test_export_moves_quantizers_above_maxpool(tmp_path):
             small, mp.open_session(path, runtime), [(d,) for d in data], min_cosine=0.9999
         )
         assert report.passed
+
+
+def test_symmetric_activations_are_int8_where_the_range_goes_below_zero(tmp_path):
+    model, data = _cnn()  # the first conv reads signed inputs, the others ReLU outputs
+    small = mp.compress(model, [mp.StaticInt8Config(activations="symmetric")], data)
+    assert small[0].input_signed and small[0].input_zero_point == 0
+    assert not small[2].input_signed and small[2].input_zero_point == 0  # uint8 from 0 either way
+    path = mp.export_onnx(small, (data[0],), tmp_path / "s.onnx")
+    graph = onnx.load(str(path)).graph
+    assert "Clip" not in {n.op_type for n in graph.node}
+    zero_points = {i.name: i.data_type for i in graph.initializer}
+    first_q = next(n for n in graph.node if n.op_type == "QuantizeLinear")
+    assert zero_points[first_q.input[2]] == onnx.TensorProto.INT8
+    for runtime in mp.available_runtimes():
+        report = mp.check_parity(
+            small, mp.open_session(path, runtime), [(d,) for d in data], min_cosine=0.999
+        )
+        assert report.passed
+    with pytest.raises(mp.RecipeError, match="activations='signed' is unknown"):
+        mp.load_recipe([{"type": "static_int8", "activations": "signed"}])

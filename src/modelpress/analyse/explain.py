@@ -75,7 +75,8 @@ def explain_quantization(
             clipped = None
             if getattr(layer, "input_scale", None) is not None:
                 scale, zp = float(layer.input_scale), int(layer.input_zero_point)
-                lo, hi = (0 - zp) * scale, (255 - zp) * scale
+                qmin, qmax = layer.input_code_range
+                lo, hi = (qmin - zp) * scale, (qmax - zp) * scale
                 input_range = (lo, hi)
                 xs = torch.cat([_smoothed(layer, x).reshape(-1) for x, _ in pairs])
                 clipped = float(((xs < lo) | (xs > hi)).float().mean())

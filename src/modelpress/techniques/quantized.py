@@ -135,15 +135,26 @@ class QuantizedLayer(WeightView):
         self.inner = inner
         self.input_scale: float | None = None
         self.input_zero_point = 0
+        self.input_signed = False
         if input_range is not None:
             self.set_input_range(*input_range)
 
-    def set_input_range(self, lo: float, hi: float) -> None:
-        """uint8 asymmetric input quantization covering [lo, hi] (always including 0)."""
-        scale, zero_point = affine_params(float(lo), float(hi), bits=8, symmetric=False, signed=False)
+    def set_input_range(self, lo: float, hi: float, *, symmetric: bool = False) -> None:
+        """Input quantization covering [lo, hi] (always including 0): uint8 asymmetric, or with
+        `symmetric` and a range below zero, int8 symmetric (zero point 0, which OpenVINO's integer
+        convolutions run without the zero-point compensation an asymmetric input costs)."""
+        signed = symmetric and lo < 0
+        scale, zero_point = affine_params(float(lo), float(hi), bits=8, symmetric=signed, signed=signed)
         # Python numbers: the exporter writes them as QuantizeLinear constants.
         self.input_scale = float(scale)
         self.input_zero_point = int(zero_point)
+        self.input_signed = signed
+
+    @property
+    def input_code_range(self) -> tuple[int, int]:
+        """(qmin, qmax) of the input codes: int8 [-128, 127] (the scale maps the calibrated range to
+        +-127; the full int8 range keeps the graph free of a Clip between Q and DQ) or uint8 [0, 255]."""
+        return (-128, 127) if self.input_signed else (0, 255)
 
     @property
     def scheme(self) -> str:
@@ -159,8 +170,14 @@ class QuantizedLayer(WeightView):
         if self.input_multiplier is not None:
             args = (args[0] * self.input_multiplier, *args[1:])
         if self.input_scale is not None:
+            qmin, qmax = self.input_code_range
             x = quantize_dequantize_per_tensor(
-                args[0], self.input_scale, self.input_zero_point, qmin=0, qmax=255, dtype=torch.uint8
+                args[0],
+                self.input_scale,
+                self.input_zero_point,
+                qmin=qmin,
+                qmax=qmax,
+                dtype=torch.int8 if self.input_signed else torch.uint8,
             )
             args = (x, *args[1:])
         return call_with_weight(self.inner, self.dequantized_weight(), args, kwargs)

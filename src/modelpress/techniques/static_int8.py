@@ -1,4 +1,4 @@
-"""Static W8A8: int8 per-channel weights and uint8 per-tensor activations with ranges calibrated on data.
+"""Static W8A8: int8 per-channel weights and 8-bit per-tensor activations with ranges calibrated on data.
 
 One calibration pass feeds an observer per quantized layer input (bounded memory: running ranges or
 fixed-size histograms). The exported graph holds QuantizeLinear/DequantizeLinear on each layer input and
@@ -64,6 +64,10 @@ class StaticInt8Config:
     # calibration inputs (smoothed, when SmoothQuant is on) so that one column's rounding error is
     # compensated by the others (the learned-rounding step, as AdaRound; Linear, Conv1d, Conv2d).
     rounding: Literal["nearest", "gptq"] = "nearest"
+    # Inputs whose range goes below zero: "asymmetric" uint8 (the finest grid) or "symmetric" int8 with
+    # zero point 0 (coarser when the range is lopsided; OpenVINO runs such convolutions faster, as NNCF's
+    # performance preset does). Inputs that never go below zero are uint8 with zero point 0 either way.
+    activations: Literal["asymmetric", "symmetric"] = "asymmetric"
     layers: tuple[Literal["linear", "conv"], ...] = ("linear", "conv")
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
@@ -82,6 +86,10 @@ class StaticInt8Config:
         if self.calibration_batches < 1:
             raise RecipeError(
                 f"static_int8: calibration_batches={self.calibration_batches} must be at least 1."
+            )
+        if self.activations not in ("asymmetric", "symmetric"):
+            raise RecipeError(
+                f"static_int8: activations={self.activations!r} is unknown; choose 'asymmetric' or 'symmetric'."
             )
         if self.rounding not in ("nearest", "gptq"):
             raise RecipeError(
@@ -370,14 +378,14 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
         obs = observers[name]
         if isinstance(obs, _RangeAndHessian) and obs.hessian is not None:
             layer = _gptq_layer(name, module, obs, smoothing.get(name), bits)
-            if input_range is not None:
-                layer.set_input_range(*input_range)
         else:
             if name in gptq_layers:
                 log.warning(
                     "static_int8: layer '%s' did not run during calibration; rounded to nearest.", name
                 )
-            layer = QuantizedLayer(module, bits=bits, input_range=input_range, smoothing=smoothing.get(name))
+            layer = QuantizedLayer(module, bits=bits, smoothing=smoothing.get(name))
+        if input_range is not None:
+            layer.set_input_range(*input_range, symmetric=config.activations == "symmetric")
         built[name] = layer
         if name:
             set_submodule(model, name, layer)
