@@ -177,3 +177,36 @@ def test_symmetric_activations_are_int8_where_the_range_goes_below_zero(tmp_path
         assert report.passed
     with pytest.raises(mp.RecipeError, match="activations='signed' is unknown"):
         mp.load_recipe([{"type": "static_int8", "activations": "signed"}])
+
+
+class _SharedInput(nn.Module):
+    """q/k/v-style Linears reading one normalised tensor, and one Linear reading their product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(32)
+        self.q, self.k, self.v, self.o = (
+            nn.Linear(32, 32),
+            nn.Linear(32, 32),
+            nn.Linear(32, 32),
+            nn.Linear(32, 8),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        return self.o(self.q(h) * self.k(h) + self.v(h))
+
+
+def test_smoothing_is_shared_by_layers_reading_one_tensor(tmp_path):
+    torch.manual_seed(0)
+    model = _SharedInput().eval()
+    gen = torch.Generator().manual_seed(5)
+    data = [torch.randn(16, 32, generator=gen) * torch.linspace(0.1, 30, 32) for _ in range(4)]
+    small = mp.compress(model, [mp.StaticInt8Config(smooth_alpha=0.75)], data)
+    assert small.q.input_multiplier is small.k.input_multiplier is small.v.input_multiplier
+    assert small.o.input_multiplier is not small.q.input_multiplier
+    path = mp.export_onnx(small, (data[0],), tmp_path / "s.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Mul") == 3 and ops.count("QuantizeLinear") == 2  # q*k, and one divide per input
+    for runtime in mp.available_runtimes():
+        assert mp.check_parity(small, mp.open_session(path, runtime), [(d,) for d in data]).passed

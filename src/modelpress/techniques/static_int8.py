@@ -208,6 +208,29 @@ def calibrate_inputs(
     return observers
 
 
+def shared_inputs(model: nn.Module, modules: dict[str, nn.Module], data: Dataset) -> list[list[str]]:
+    """`modules` grouped by the input tensor they read on the first item of `data` (q/k/v of an attention
+    block read one tensor): each name once, groups in the order of `modules`."""
+    seen: dict[str, Any] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, args[0]))
+        for name, module in modules.items()
+    ]
+    try:
+        with torch.no_grad():
+            for item in data.take(1):
+                model(*as_inputs(item, where="calibration item"))
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[int, list[str]] = {}
+    for name in modules:
+        # `seen` holds every input alive until here, so equal ids are the same tensor.
+        key = id(seen[name]) if name in seen else id(modules[name])
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
 def prepare(model: nn.Module, config: StaticInt8Config, data: Dataset) -> nn.Module:
     """The float rewrites static_int8 makes before quantizing (BatchNorm folding, equalization), in place;
     the graph is exported on the first item of `data`.
@@ -328,13 +351,17 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
             batches=config.calibration_batches,
             observer=lambda _n: MinMaxObserver(axis=-1),
         )
-        for name, obs in absmax.items():
-            lo, hi = obs.range()
-            weight = linears[name].weight
-            assert isinstance(weight, torch.Tensor)
-            smoothing[name] = smoothing_factors(
-                torch.maximum(lo.abs(), hi.abs()), weight, alpha=config.smooth_alpha
+        for group in shared_inputs(model, linears, data):
+            # Layers reading one tensor (q/k/v) share one factor, from all their weights, as SmoothQuant
+            # does: the graph then divides that tensor once and quantizes it once for all of them.
+            lo, hi = absmax[group[0]].range()
+            readers = [linears[n].weight for n in group]
+            factor = smoothing_factors(
+                torch.maximum(lo.abs(), hi.abs()),
+                torch.cat([w for w in readers if isinstance(w, torch.Tensor)]),
+                alpha=config.smooth_alpha,
             )
+            smoothing.update(dict.fromkeys(group, factor))
     gptq_layers = (
         {n for n, m in chosen.items() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
         if config.rounding == "gptq"
@@ -369,6 +396,7 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
     bits = 7 if reduce_range else 8
     built: dict[str, QuantizedLayer] = {}
     weights: dict[str, torch.Tensor] = {}
+    multipliers: dict[int, torch.Tensor | None] = {}
     for name, module in chosen.items():
         lo, hi = observers[name].range()
         input_range = None if name in transposed else (float(lo), float(hi))
@@ -386,6 +414,9 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
             layer = QuantizedLayer(module, bits=bits, smoothing=smoothing.get(name))
         if input_range is not None:
             layer.set_input_range(*input_range, symmetric=config.activations == "symmetric")
+        if name in smoothing:
+            # One multiplier tensor per smoothing group: the export writes one constant for all of them.
+            layer.input_multiplier = multipliers.setdefault(id(smoothing[name]), layer.input_multiplier)
         built[name] = layer
         if name:
             set_submodule(model, name, layer)
