@@ -1,6 +1,7 @@
 import onnx
 import pytest
 import torch
+import zoo
 from torch import nn
 
 import modelpress as mp
@@ -210,3 +211,47 @@ def test_smoothing_is_shared_by_layers_reading_one_tensor(tmp_path):
     assert ops.count("Mul") == 3 and ops.count("QuantizeLinear") == 2  # q*k, and one divide per input
     for runtime in mp.available_runtimes():
         assert mp.check_parity(small, mp.open_session(path, runtime), [(d,) for d in data]).passed
+
+
+@pytest.mark.parametrize("factory", ["bert_encoder", "gpt_decoder"])
+def test_attention_output_smoothing_folds_into_values(tmp_path, factory):
+    # BERT and a grouped-query LLaMA: the output projection's smoothing lives in V's weights, so the graph
+    # has no Mul before it, and the model still computes the same thing (fp32 check without quantizing).
+    from modelpress.graph.heads import find_attention
+    from modelpress.techniques.static_int8 import fold_into_values
+
+    model, example = getattr(zoo, factory)()
+    names = {id(m): n for n, m in model.named_modules()}
+    attention = list(find_attention(model))
+    before = model(*example)
+    outs = {names[id(a.o)] for a in attention}
+    smoothing = {n: torch.ones(1) for n in outs}
+
+    class _Stats:
+        def __init__(self, width: int) -> None:
+            self.width = width
+
+        def range(self):
+            act = torch.rand(self.width, generator=torch.Generator().manual_seed(0)) * 10
+            return -act, act
+
+    stats = {n: _Stats(model.get_submodule(n).in_features) for n in outs}
+    assert fold_into_values(model, smoothing, stats, alpha=0.75) == len(attention) > 0
+    assert not smoothing
+    torch.testing.assert_close(model(*example), before, rtol=1e-4, atol=1e-4)
+
+    small = mp.compress(model, "int8-static-smooth", [example] * 2)
+    assert all(small.get_submodule(n).input_multiplier is None for n in outs)
+    path = mp.export_onnx(small, example, tmp_path / "m.onnx")
+    for runtime in mp.available_runtimes():
+        assert mp.check_parity(small, mp.open_session(path, runtime), [example]).passed
+
+
+def test_balanced_activations_keep_lopsided_ranges_unsigned():
+    layer = QuantizedLayer(nn.Linear(4, 4), input_range=None)
+    layer.set_input_range(-1.0, 1.2, symmetric=1.5)  # balanced: int8 symmetric
+    assert layer.input_signed and layer.input_zero_point == 0
+    layer.set_input_range(-0.17, 9.0, symmetric=1.5)  # a GELU output: uint8 with a zero point
+    assert not layer.input_signed and layer.input_zero_point > 0
+    layer.set_input_range(-0.17, 9.0, symmetric=True)
+    assert layer.input_signed

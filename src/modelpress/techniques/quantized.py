@@ -139,11 +139,16 @@ class QuantizedLayer(WeightView):
         if input_range is not None:
             self.set_input_range(*input_range)
 
-    def set_input_range(self, lo: float, hi: float, *, symmetric: bool = False) -> None:
+    def set_input_range(self, lo: float, hi: float, *, symmetric: bool | float = False) -> None:
         """Input quantization covering [lo, hi] (always including 0): uint8 asymmetric, or with
         `symmetric` and a range below zero, int8 symmetric (zero point 0, which OpenVINO's integer
-        convolutions run without the zero-point compensation an asymmetric input costs)."""
-        signed = symmetric and lo < 0
+        kernels run without the zero-point compensation an asymmetric input costs). A float `symmetric`
+        is the most the symmetric grid may coarsen the step (2 max(|lo|, hi) / (hi - lo)): lopsided
+        ranges (a GELU's output) stay asymmetric."""
+        if isinstance(symmetric, bool):
+            signed = symmetric and lo < 0
+        else:
+            signed = lo < 0 and 2 * max(-lo, hi) <= symmetric * (hi - lo)
         scale, zero_point = affine_params(float(lo), float(hi), bits=8, symmetric=signed, signed=signed)
         # Python numbers: the exporter writes them as QuantizeLinear constants.
         self.input_scale = float(scale)

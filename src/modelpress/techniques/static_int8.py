@@ -20,6 +20,7 @@ from modelpress.data import Dataset
 from modelpress.environment import cpu_has_vnni
 from modelpress.errors import DataError, GraphError, RecipeError
 from modelpress.graph.equalize import equalize_pairs, find_pairs, fold_batchnorm
+from modelpress.graph.heads import find_attention
 from modelpress.loading import as_inputs
 from modelpress.ops.gptq import HessianAccumulator
 from modelpress.ops.observers import OBSERVERS, MinMaxObserver, make_observer
@@ -67,7 +68,8 @@ class StaticInt8Config:
     # Inputs whose range goes below zero: "asymmetric" uint8 (the finest grid) or "symmetric" int8 with
     # zero point 0 (coarser when the range is lopsided; OpenVINO runs such convolutions faster, as NNCF's
     # performance preset does). Inputs that never go below zero are uint8 with zero point 0 either way.
-    activations: Literal["asymmetric", "symmetric"] = "asymmetric"
+    # "balanced": symmetric only where that coarsens the grid by at most 1.5x (LayerNorm outputs, not GELU's).
+    activations: Literal["asymmetric", "symmetric", "balanced"] = "asymmetric"
     layers: tuple[Literal["linear", "conv"], ...] = ("linear", "conv")
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
@@ -87,9 +89,9 @@ class StaticInt8Config:
             raise RecipeError(
                 f"static_int8: calibration_batches={self.calibration_batches} must be at least 1."
             )
-        if self.activations not in ("asymmetric", "symmetric"):
+        if self.activations not in _SYMMETRIC:
             raise RecipeError(
-                f"static_int8: activations={self.activations!r} is unknown; choose 'asymmetric' or 'symmetric'."
+                f"static_int8: activations={self.activations!r} is unknown; choose from {sorted(_SYMMETRIC)}."
             )
         if self.rounding not in ("nearest", "gptq"):
             raise RecipeError(
@@ -106,6 +108,11 @@ def _observer(config: StaticInt8Config) -> Any:
     if config.observer == "percentile":
         return make_observer("percentile", percentile=config.percentile)
     return make_observer(config.observer)
+
+
+# How set_input_range treats ranges below zero for each `activations` choice: never, always, or where the
+# symmetric grid's step is at most 1.5x the asymmetric one (balanced ranges such as LayerNorm outputs).
+_SYMMETRIC: dict[str, bool | float] = {"asymmetric": False, "symmetric": True, "balanced": 1.5}
 
 
 class _RangeAndHessian:
@@ -206,6 +213,42 @@ def calibrate_inputs(
         raise DataError(f"{owner}: the calibration data is empty; pass at least one batch of model inputs.")
     log.info("%s: calibrated %d layers on %d batches", owner, len(modules), seen)
     return observers
+
+
+def fold_into_values(
+    model: nn.Module, smoothing: dict[str, torch.Tensor], absmax: dict[str, Any], *, alpha: float
+) -> int:
+    """Move the smoothing of each attention output projection into its value projection, in place: the
+    output projection reads softmax(QK^T) V, linear in each feature of V, so dividing V's output features
+    (weight rows and bias) by s divides the projection's input by s with no Mul in the graph. Under
+    grouped-query attention the query heads sharing a key/value head share its factor (the largest
+    statistics over the group). Folded layers leave `smoothing` (their weight columns are multiplied by s
+    here). Returns the number folded."""
+    names = {id(m): n for n, m in model.named_modules()}
+    folded = 0
+    for att in find_attention(model):
+        o_name, v_name = names.get(id(att.o)), names.get(id(att.v))
+        if o_name not in smoothing or v_name is None or not isinstance(att.v, nn.Linear):
+            continue
+        if any(n != o_name and f is smoothing[o_name] for n, f in smoothing.items()):
+            continue  # the factor is shared with another reader of the same tensor
+        kv, g, d = att.v.out_features // att.head_dim, att.groups, att.head_dim
+        if kv * g * d != att.o.in_features:
+            continue
+        lo, hi = absmax[o_name].range()
+        act = torch.maximum(lo.abs(), hi.abs()).reshape(kv, g, d).amax(dim=1).reshape(-1)  # (kv * d,)
+        weight = att.o.weight.detach()
+        w_cols = weight.abs().reshape(weight.shape[0], kv, g, d).amax(dim=2).reshape(weight.shape[0], -1)
+        per_value = smoothing_factors(act, w_cols, alpha=alpha)  # (kv * d,)
+        per_input = per_value.reshape(kv, 1, d).expand(kv, g, d).reshape(-1)  # (heads * d,)
+        with torch.no_grad():
+            att.v.weight.div_(per_value[:, None].to(att.v.weight.dtype))
+            if att.v.bias is not None:
+                att.v.bias.div_(per_value.to(att.v.bias.dtype))
+            att.o.weight.mul_(per_input[None, :].to(weight.dtype))
+        del smoothing[o_name]
+        folded += 1
+    return folded
 
 
 def shared_inputs(model: nn.Module, modules: dict[str, nn.Module], data: Dataset) -> list[list[str]]:
@@ -362,6 +405,9 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
                 alpha=config.smooth_alpha,
             )
             smoothing.update(dict.fromkeys(group, factor))
+        folded = fold_into_values(model, smoothing, absmax, alpha=config.smooth_alpha)
+        if folded:
+            log.info("static_int8: folded the smoothing of %d attention output projection(s) into V", folded)
     gptq_layers = (
         {n for n, m in chosen.items() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
         if config.rounding == "gptq"
@@ -413,7 +459,7 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
                 )
             layer = QuantizedLayer(module, bits=bits, smoothing=smoothing.get(name))
         if input_range is not None:
-            layer.set_input_range(*input_range, symmetric=config.activations == "symmetric")
+            layer.set_input_range(*input_range, symmetric=_SYMMETRIC[config.activations])
         if name in smoothing:
             # One multiplier tensor per smoothing group: the export writes one constant for all of them.
             layer.input_multiplier = multipliers.setdefault(id(smoothing[name]), layer.input_multiplier)
