@@ -1,3 +1,5 @@
+import copy
+
 import onnx
 import pytest
 import torch
@@ -216,32 +218,22 @@ def test_smoothing_is_shared_by_layers_reading_one_tensor(tmp_path):
 @pytest.mark.parametrize("factory", ["bert_encoder", "gpt_decoder"])
 def test_attention_output_smoothing_folds_into_values(tmp_path, factory):
     # BERT and a grouped-query LLaMA: the output projection's smoothing lives in V's weights, so the graph
-    # has no Mul before it, and the model still computes the same thing (fp32 check without quantizing).
+    # has no Mul before it, and the float model still computes the same thing.
     from modelpress.graph.heads import find_attention
-    from modelpress.techniques.static_int8 import fold_into_values
+    from modelpress.techniques.static_int8 import StaticInt8Config, prepare
 
     model, example = getattr(zoo, factory)()
     names = {id(m): n for n, m in model.named_modules()}
-    attention = list(find_attention(model))
+    outs = {names[id(a.o)] for a in find_attention(model)}
     before = model(*example)
-    outs = {names[id(a.o)] for a in attention}
-    smoothing = {n: torch.ones(1) for n in outs}
-
-    class _Stats:
-        def __init__(self, width: int) -> None:
-            self.width = width
-
-        def range(self):
-            act = torch.rand(self.width, generator=torch.Generator().manual_seed(0)) * 10
-            return -act, act
-
-    stats = {n: _Stats(model.get_submodule(n).in_features) for n in outs}
-    assert fold_into_values(model, smoothing, stats, alpha=0.75) == len(attention) > 0
-    assert not smoothing
-    torch.testing.assert_close(model(*example), before, rtol=1e-4, atol=1e-4)
+    config = StaticInt8Config(smooth_alpha=0.75, fold_batchnorm=False)
+    folded = prepare(copy.deepcopy(model), config, mp.Dataset([example] * 2))
+    torch.testing.assert_close(folded(*example), before, rtol=1e-4, atol=1e-5)
+    values = {names[id(a.v)] for a in find_attention(model)}
+    assert all(not torch.equal(folded.get_submodule(n).weight, model.get_submodule(n).weight) for n in values)
 
     small = mp.compress(model, "int8-static-smooth", [example] * 2)
-    assert all(small.get_submodule(n).input_multiplier is None for n in outs)
+    assert outs and all(small.get_submodule(n).input_multiplier is None for n in outs)
     path = mp.export_onnx(small, example, tmp_path / "m.onnx")
     for runtime in mp.available_runtimes():
         assert mp.check_parity(small, mp.open_session(path, runtime), [example]).passed

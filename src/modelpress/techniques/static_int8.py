@@ -215,23 +215,23 @@ def calibrate_inputs(
     return observers
 
 
-def fold_into_values(
-    model: nn.Module, smoothing: dict[str, torch.Tensor], absmax: dict[str, Any], *, alpha: float
-) -> int:
-    """Move the smoothing of each attention output projection into its value projection, in place: the
-    output projection reads softmax(QK^T) V, linear in each feature of V, so dividing V's output features
-    (weight rows and bias) by s divides the projection's input by s with no Mul in the graph. Under
-    grouped-query attention the query heads sharing a key/value head share its factor (the largest
-    statistics over the group). Folded layers leave `smoothing` (their weight columns are multiplied by s
-    here). Returns the number folded."""
+# Set on an attention output projection whose SmoothQuant factor lives in its value projection.
+_IN_VALUES = "_modelpress_smoothed_in_values"
+
+
+def fold_into_values(model: nn.Module, absmax: dict[str, Any], *, alpha: float) -> int:
+    """SmoothQuant for attention output projections (named in `absmax`, with the statistics of their
+    inputs) without a Mul: the output projection reads softmax(QK^T) V, linear in each feature of V, so
+    dividing V's output features (weight rows and bias) by s divides its input by s; its weight columns are
+    multiplied by s. In place, exact in fp32. Under grouped-query attention the query heads that share a
+    key/value head share its factor (the largest statistics over the group). Returns the number folded.
+    """
     names = {id(m): n for n, m in model.named_modules()}
     folded = 0
     for att in find_attention(model):
-        o_name, v_name = names.get(id(att.o)), names.get(id(att.v))
-        if o_name not in smoothing or v_name is None or not isinstance(att.v, nn.Linear):
+        o_name = names.get(id(att.o))
+        if o_name not in absmax or getattr(att.o, _IN_VALUES, False):
             continue
-        if any(n != o_name and f is smoothing[o_name] for n, f in smoothing.items()):
-            continue  # the factor is shared with another reader of the same tensor
         kv, g, d = att.v.out_features // att.head_dim, att.groups, att.head_dim
         if kv * g * d != att.o.in_features:
             continue
@@ -246,7 +246,7 @@ def fold_into_values(
             if att.v.bias is not None:
                 att.v.bias.div_(per_value.to(att.v.bias.dtype))
             att.o.weight.mul_(per_input[None, :].to(weight.dtype))
-        del smoothing[o_name]
+        setattr(att.o, _IN_VALUES, True)
         folded += 1
     return folded
 
@@ -274,13 +274,50 @@ def shared_inputs(model: nn.Module, modules: dict[str, nn.Module], data: Dataset
     return list(groups.values())
 
 
+def _chosen(model: nn.Module, config: StaticInt8Config) -> dict[str, nn.Module]:
+    """The layers the config quantizes, by name."""
+    types = tuple(t for kind in config.layers for t in QUANTIZABLE_TYPES[kind])
+    return {
+        name: module
+        for name, module in select_modules(model, types=types, targets=config.targets, ignore=config.ignore)
+        if isinstance(getattr(module, "weight", None), nn.Parameter)
+    }
+
+
+def _absmax_calibration(
+    model: nn.Module, linears: dict[str, nn.Module], data: Dataset, config: StaticInt8Config
+) -> dict[str, Any]:
+    """Per-feature min/max of each Linear's input (SmoothQuant's statistics)."""
+    return calibrate_inputs(
+        model,
+        linears,
+        data,
+        batches=config.calibration_batches,
+        observer=lambda _n: MinMaxObserver(axis=-1),
+    )
+
+
 def prepare(model: nn.Module, config: StaticInt8Config, data: Dataset) -> nn.Module:
     """The float rewrites static_int8 makes before quantizing (BatchNorm folding, equalization), in place;
     the graph is exported on the first item of `data`.
 
     Folding is skipped with a log line when torch.export cannot trace the model; equalization, asked for
-    by name, raises `GraphError` then.
+    by name, raises `GraphError` then. With SmoothQuant, the factors of attention output projections are
+    folded into their value projections here (`fold_into_values`), so that a mixed-precision search that
+    keeps one of them in float finds it consistent with the rest.
     """
+    if config.smooth_alpha is not None:
+        linears: dict[str, nn.Module] = {
+            n: m for n, m in _chosen(model, config).items() if isinstance(m, nn.Linear)
+        }
+        alone = {g[0] for g in shared_inputs(model, linears, data) if len(g) == 1}
+        names = {id(m): n for n, m in model.named_modules()}
+        outs = {n: linears[n] for a in find_attention(model) if (n := names.get(id(a.o), "")) in alone}
+        if outs:
+            folded = fold_into_values(
+                model, _absmax_calibration(model, outs, data, config), alpha=config.smooth_alpha
+            )
+            log.info("static_int8: folded the smoothing of %d attention output projection(s) into V", folded)
     if not (config.fold_batchnorm or config.equalize):
         return model
     first = next(iter(data.take(1)), None)
@@ -366,12 +403,7 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
     missing = unmatched_patterns(model, config.targets)
     if missing:
         raise RecipeError(f"static_int8: targets {missing} match no module of the model.")
-    types = tuple(t for kind in config.layers for t in QUANTIZABLE_TYPES[kind])
-    chosen = {
-        name: module
-        for name, module in select_modules(model, types=types, targets=config.targets, ignore=config.ignore)
-        if isinstance(getattr(module, "weight", None), nn.Parameter)
-    }
+    chosen = _chosen(model, config)
     # ConvTranspose has no fused integer kernel in either runtime: keep it weight-only rather than pay Q/DQ.
     transposed = [n for n, m in chosen.items() if isinstance(m, nn.modules.conv._ConvTransposeNd)]
     for name, module in chosen.items():
@@ -386,14 +418,10 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
     model = prepare(model, config, data)
     smoothing: dict[str, torch.Tensor] = {}
     if config.smooth_alpha is not None:
-        linears: dict[str, nn.Module] = {n: m for n, m in chosen.items() if isinstance(m, nn.Linear)}
-        absmax = calibrate_inputs(
-            model,
-            linears,
-            data,
-            batches=config.calibration_batches,
-            observer=lambda _n: MinMaxObserver(axis=-1),
-        )
+        linears: dict[str, nn.Module] = {
+            n: m for n, m in chosen.items() if isinstance(m, nn.Linear) and not getattr(m, _IN_VALUES, False)
+        }
+        absmax = _absmax_calibration(model, linears, data, config)
         for group in shared_inputs(model, linears, data):
             # Layers reading one tensor (q/k/v) share one factor, from all their weights, as SmoothQuant
             # does: the graph then divides that tensor once and quantizes it once for all of them.
@@ -405,9 +433,6 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
                 alpha=config.smooth_alpha,
             )
             smoothing.update(dict.fromkeys(group, factor))
-        folded = fold_into_values(model, smoothing, absmax, alpha=config.smooth_alpha)
-        if folded:
-            log.info("static_int8: folded the smoothing of %d attention output projection(s) into V", folded)
     gptq_layers = (
         {n for n, m in chosen.items() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
         if config.rounding == "gptq"
