@@ -11,6 +11,7 @@ batch 64). NNCF places its quantizers the same way ("quantizer propagation").
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # Ops whose output is a selection or rearrangement of their first input's values, so that a per-tensor
@@ -18,15 +19,9 @@ from typing import Any
 _COMMUTING = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 
 
-def _per_tensor(graph: Any, name: str) -> bool:
-    """True when `name` is a scalar (or one-element) initializer: a per-tensor scale or zero point."""
-    for init in graph.initializer:
-        if init.name == name:
-            size = 1
-            for d in init.dims:
-                size *= d
-            return size == 1
-    return False
+def _scalar_initializers(graph: Any) -> set[str]:
+    """Names of the one-element initializers: per-tensor scales and zero points."""
+    return {init.name for init in graph.initializer if math.prod(init.dims) == 1}
 
 
 def hoist_quantizers(model: Any) -> int:
@@ -38,6 +33,7 @@ def hoist_quantizers(model: Any) -> int:
     graph = model.graph
     graph_outputs = {o.name for o in graph.output}
     initializers = {i.name for i in graph.initializer}
+    scalars = _scalar_initializers(graph)
     moves = 0
     stale: set[str] = set()  # tensors whose shape changed: their value_info must go
     changed = True
@@ -50,7 +46,7 @@ def hoist_quantizers(model: Any) -> int:
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
         for q in nodes:
-            if q.op_type != "QuantizeLinear" or not all(_per_tensor(graph, n) for n in q.input[1:]):
+            if q.op_type != "QuantizeLinear" or not all(n in scalars for n in q.input[1:]):
                 continue
             op = producer.get(q.input[0])
             if op is None or op.op_type not in _COMMUTING or len(op.output) != 1 or not op.input:
