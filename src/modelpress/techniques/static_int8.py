@@ -313,7 +313,7 @@ def prepare(model: nn.Module, config: StaticInt8Config, data: Dataset) -> nn.Mod
         names = {id(m): n for n, m in model.named_modules()}
         outs = {n: linears[n] for a in find_attention(model) if (n := names.get(id(a.o), "")) in linears}
         if outs:  # those that read a tensor no other Linear reads (quantized or not)
-            every = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            every: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
             alone = {g[0] for g in shared_inputs(model, every, data) if len(g) == 1}
             outs = {n: m for n, m in outs.items() if n in alone}
         if outs:
