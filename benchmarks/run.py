@@ -974,6 +974,21 @@ class Criterion:
     full_only: bool = False  # an absolute bound on a figure that --quick measures on less data: skipped there
 
 
+def latency_vs_peer(asset: str, key: str, peer: str, batches: tuple[str, ...]) -> list[Criterion]:
+    """Issue 3's "at least as fast as the peer" for row `key` ("method/runtime"), one criterion per batch."""
+    return [
+        Criterion(
+            asset,
+            f"latency {b} {key.replace('/', ' (')}) vs {peer}, same run",
+            field_of(key, "latency_ratio", b),
+            "<=",
+            field_of(peer, "latency_ratio", b),
+            "issue 3, same-run peer",
+        )
+        for b in batches
+    ]
+
+
 def size_check(asset: str, method: str, bound: float) -> Criterion:
     return Criterion(
         asset,
@@ -1017,17 +1032,7 @@ CRITERIA: list[Criterion] = [
         "issue 3",
         full_only=True,
     ),
-    *[
-        Criterion(
-            "mnist",
-            f"latency {b} int8-static-ov (openvino) vs NNCF int8 (openvino), same run",
-            field_of("int8-static-ov/openvino", "latency_ratio", b),
-            "<=",
-            field_of("nncf-int8/openvino", "latency_ratio", b),
-            "issue 3, same-run peer",
-        )
-        for b in ("b1", "b64")
-    ],
+    *latency_vs_peer("mnist", "int8-static-ov/openvino", "nncf-int8/openvino", ("b1", "b64")),
     Criterion(
         "mnist",
         "accuracy w4-linear-int8-conv (onnxruntime)",
@@ -1204,17 +1209,7 @@ CRITERIA: list[Criterion] = [
         0.998,
         "issue 3",
     ),
-    *[
-        Criterion(
-            "minilm",
-            f"latency {b} int8-static-smooth-ov (openvino) vs NNCF int8 (openvino), same run",
-            field_of("int8-static-smooth-ov/openvino", "latency_ratio", b),
-            "<=",
-            field_of("nncf-int8/openvino", "latency_ratio", b),
-            "issue 3, same-run peer",
-        )
-        for b in ("b1", "b16")
-    ],
+    *latency_vs_peer("minilm", "int8-static-smooth-ov/openvino", "nncf-int8/openvino", ("b1", "b16")),
     Criterion(
         "minilm",
         "embedding mean cosine int8-static-smooth-ov (openvino) vs NNCF int8 (openvino), same run",
@@ -1223,14 +1218,7 @@ CRITERIA: list[Criterion] = [
         field_of("nncf-int8/openvino", "fidelity", "mean_cosine"),
         "same-run peer",
     ),
-    Criterion(
-        "minilm",
-        "latency b16 int8-static-smooth (onnxruntime) vs ORT quantize_dynamic (onnxruntime), same run",
-        field_of("int8-static-smooth/onnxruntime", "latency_ratio", "b16"),
-        "<=",
-        field_of("ort-dynamic/onnxruntime", "latency_ratio", "b16"),
-        "issue 3, same-run peer",
-    ),
+    *latency_vs_peer("minilm", "int8-static-smooth/onnxruntime", "ort-dynamic/onnxruntime", ("b16",)),
     Criterion(
         "minilm",
         "latency b16 int8-static-smooth (onnxruntime) / fp32 (>= 1.85x faster)",

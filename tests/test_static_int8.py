@@ -241,9 +241,11 @@ def test_attention_output_smoothing_folds_into_values(tmp_path, factory):
 
 def test_balanced_activations_keep_lopsided_ranges_unsigned():
     layer = QuantizedLayer(nn.Linear(4, 4), input_range=None)
-    layer.set_input_range(-1.0, 1.2, symmetric=1.5)  # balanced: int8 symmetric
+    layer.set_input_range(-1.0, 1.2, symmetric_up_to=1.5)  # balanced: int8 symmetric
     assert layer.input_signed and layer.input_zero_point == 0
-    layer.set_input_range(-0.17, 9.0, symmetric=1.5)  # a GELU output: uint8 with a zero point
+    layer.set_input_range(-0.17, 9.0, symmetric_up_to=1.5)  # a GELU output: uint8 with a zero point
     assert not layer.input_signed and layer.input_zero_point > 0
-    layer.set_input_range(-0.17, 9.0, symmetric=True)
+    layer.set_input_range(-0.17, 9.0, symmetric_up_to=float("inf"))
     assert layer.input_signed
+    layer.set_input_range(-1.0, 1.0)  # the default: asymmetric
+    assert not layer.input_signed

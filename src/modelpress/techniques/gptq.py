@@ -288,7 +288,12 @@ def collect_hessians(step: BlockStep) -> dict[str, HessianAccumulator]:
 
 
 def _solve(
-    name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme: LayerScheme, config: GPTQConfig
+    name: str,
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: LayerScheme,
+    config: GPTQConfig,
+    owner: str = "gptq",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     damp = config.damp
     for attempt in range(_DAMP_RETRIES + 1):
@@ -308,10 +313,11 @@ def _solve(
         except ValueError as exc:
             if "not positive definite" not in str(exc) or attempt == _DAMP_RETRIES:
                 raise DataError(
-                    f"gptq: layer '{name}': {exc} Add the layer to ignore if this persists."
+                    f"{owner}: layer '{name}': {exc} Add the layer to ignore if this persists."
                 ) from exc
             log.warning(
-                "gptq: layer '%s': Hessian not positive definite with damp=%g; retrying with %g",
+                "%s: layer '%s': Hessian not positive definite with damp=%g; retrying with %g",
+                owner,
                 name,
                 damp,
                 damp * 10,
@@ -333,19 +339,14 @@ def quantize_layer(
 
 
 def round_per_channel(
-    name: str, module: nn.Module, hessian: torch.Tensor, *, bits: int, owner: str
+    name: str, weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, owner: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ codes (out, in * kernel) int8 and per-output-channel scales (out,) for the weight of a
-    Linear/Conv1d/Conv2d, symmetric `bits`-bit (7 or 8), with GPTQConfig's defaults (act-order, clipping
-    search, scale refit). Used by static_int8's `rounding: gptq`."""
-    weight = _weight(module)
+    """GPTQ codes (out, in * kernel) int8 and per-output-channel scales (out,) for a Linear/Conv1d/Conv2d
+    weight, symmetric `bits`-bit (7 or 8), with GPTQConfig's defaults (act-order, clipping search, scale
+    refit). Used by static_int8's `rounding: gptq`; `owner` starts the error messages."""
     w2d = weight.detach().float().reshape(weight.shape[0], -1)
-    try:
-        codes, scale, _ = _solve(
-            name, w2d, hessian, LayerScheme(bits, None, True), GPTQConfig(bits=8, group_size=None)
-        )
-    except DataError as exc:
-        raise DataError(str(exc).replace("gptq:", f"{owner}:", 1)) from exc
+    scheme, config = LayerScheme(bits, None, True), GPTQConfig(bits=8, group_size=None)
+    codes, scale, _ = _solve(name, w2d, hessian, scheme, config, owner=owner)
     return codes, scale[:, 0]
 
 

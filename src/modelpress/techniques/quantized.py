@@ -139,16 +139,13 @@ class QuantizedLayer(WeightView):
         if input_range is not None:
             self.set_input_range(*input_range)
 
-    def set_input_range(self, lo: float, hi: float, *, symmetric: bool | float = False) -> None:
-        """Input quantization covering [lo, hi] (always including 0): uint8 asymmetric, or with
-        `symmetric` and a range below zero, int8 symmetric (zero point 0, which OpenVINO's integer
-        kernels run without the zero-point compensation an asymmetric input costs). A float `symmetric`
-        is the most the symmetric grid may coarsen the step (2 max(|lo|, hi) / (hi - lo)): lopsided
-        ranges (a GELU's output) stay asymmetric."""
-        if isinstance(symmetric, bool):
-            signed = symmetric and lo < 0
-        else:
-            signed = lo < 0 and 2 * max(-lo, hi) <= symmetric * (hi - lo)
+    def set_input_range(self, lo: float, hi: float, *, symmetric_up_to: float = 0.0) -> None:
+        """Input quantization covering [lo, hi] (always including 0): uint8 asymmetric, or int8 symmetric
+        (zero point 0, which OpenVINO's integer kernels run without the zero-point compensation an
+        asymmetric input costs) when the range goes below zero and the symmetric grid's step,
+        2 max(|lo|, hi) / (hi - lo) times the asymmetric one, is at most `symmetric_up_to` (0: never,
+        inf: always; lopsided ranges such as a GELU's output stay asymmetric at 1.5)."""
+        signed = lo < 0 and 2 * max(-lo, hi) <= symmetric_up_to * (hi - lo)
         scale, zero_point = affine_params(float(lo), float(hi), bits=8, symmetric=signed, signed=signed)
         # Python numbers: the exporter writes them as QuantizeLinear constants.
         self.input_scale = float(scale)

@@ -7,8 +7,8 @@ DequantizeLinear on int8 weights: the pattern ONNX Runtime and OpenVINO run with
 
 from __future__ import annotations
 
-import copy
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -110,9 +110,9 @@ def _observer(config: StaticInt8Config) -> Any:
     return make_observer(config.observer)
 
 
-# How set_input_range treats ranges below zero for each `activations` choice: never, always, or where the
-# symmetric grid's step is at most 1.5x the asymmetric one (balanced ranges such as LayerNorm outputs).
-_SYMMETRIC: dict[str, bool | float] = {"asymmetric": False, "symmetric": True, "balanced": 1.5}
+# How much coarser than the asymmetric grid a symmetric one may be for each `activations` choice (see
+# QuantizedLayer.set_input_range): never, always, or at most 1.5x (balanced ranges: LayerNorm outputs).
+_SYMMETRIC: dict[str, float] = {"asymmetric": 0.0, "symmetric": math.inf, "balanced": 1.5}
 
 
 class _RangeAndHessian:
@@ -145,9 +145,7 @@ def _gptq_layer(
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     smoothed = weight.detach() * smoothing[None, :] if smoothing is not None else weight.detach()
-    probe = copy.copy(module)
-    probe.weight = nn.Parameter(smoothed, requires_grad=False)  # what the codes approximate
-    codes, scale = round_per_channel(name, probe, obs.hessian.hessian(), bits=bits, owner="static_int8")
+    codes, scale = round_per_channel(name, smoothed, obs.hessian.hessian(), bits=bits, owner="static_int8")
     target = (codes.float() * scale[:, None]).reshape(weight.shape)
     if smoothing is not None:
         target = target / smoothing[None, :]
@@ -487,7 +485,7 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
                 )
             layer = QuantizedLayer(module, bits=bits, smoothing=smoothing.get(name))
         if input_range is not None:
-            layer.set_input_range(*input_range, symmetric=_SYMMETRIC[config.activations])
+            layer.set_input_range(*input_range, symmetric_up_to=_SYMMETRIC[config.activations])
         if name in smoothing:
             # One multiplier tensor per smoothing group: the export writes one constant for all of them.
             layer.input_multiplier = multipliers.setdefault(id(smoothing[name]), layer.input_multiplier)
