@@ -163,3 +163,19 @@ def test_parity_with_reference_accepts_equally_faithful_artifact(exported):
     # the fp32 model is perfectly faithful to itself; the int8 artifact is not, so with no tolerance it fails
     with pytest.raises(mp.ParityError, match="below the torch model's"):
         mp.check_parity(model, session, [inputs], min_cosine=1.0001, reference=model, fidelity_tolerance=0.0)
+
+
+@pytest.mark.skipif("openvino" not in mp.available_runtimes(), reason="OpenVINO is not installed")
+def test_openvino_session_owns_its_outputs_and_converts_inputs(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 3)).eval()
+    path = mp.export_onnx(model, (torch.randint(0, 30, (2, 6)),), tmp_path / "t.onnx")
+    session = mp.open_session(path, "openvino")
+    a, b = torch.randint(0, 30, (3, 5)), torch.randint(0, 30, (3, 5))
+    first = session.run([a.numpy().astype(np.int32)])[0]  # int32 ids into an int64 input: converted
+    second = session.run([b.numpy()])[0]
+    # The zero-copy path must not hand back the request's buffer: the second call would overwrite it.
+    assert np.allclose(first, model(a).detach().numpy(), atol=1e-5)
+    assert np.allclose(second, model(b).detach().numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="takes 1 inputs"):
+        session.run([a.numpy(), b.numpy()])

@@ -104,10 +104,30 @@ class OpenVinoSession:
         self._request = self._compiled.create_infer_request()
         self.input_names = [p.get_any_name() for p in self._compiled.inputs]
         self.output_names = [p.get_any_name() for p in self._compiled.outputs]
+        self._dtypes = [_numpy_dtype(p) for p in self._compiled.inputs]
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        result = self._request.infer(list(inputs))
-        return [np.asarray(result[o]) for o in self._compiled.outputs]
+        # The zero-copy path: each input is wrapped in a tensor that shares the array's memory, and the
+        # outputs are copied out of the request's buffers (the next call overwrites them). The convenience
+        # call `infer(list)` copies every input through Python-side dispatch, which cost 0.1-0.3 ms per
+        # call here: more than a small int8 CNN takes to run at batch 1.
+        import openvino as ov
+
+        if len(inputs) != len(self._dtypes):
+            raise ValueError(f"The artifact takes {len(self._dtypes)} inputs ({self.input_names}); got {len(inputs)}.")
+        for i, (x, dtype) in enumerate(zip(inputs, self._dtypes, strict=True)):
+            x = np.ascontiguousarray(x, dtype=dtype)
+            self._request.set_input_tensor(i, ov.Tensor(x, shared_memory=True))
+        self._request.infer()
+        return [self._request.get_output_tensor(i).data.copy() for i in range(len(self.output_names))]
+
+
+def _numpy_dtype(port: Any) -> np.dtype | None:
+    """The numpy type of an OpenVINO input port (None where the port's type is dynamic)."""
+    try:
+        return np.dtype(port.get_element_type().to_dtype())
+    except Exception:  # a dynamic element type: take the array as it comes
+        return None
 
 
 def open_session(path: str | os.PathLike[str], runtime: str = "onnxruntime", *, threads: int = 2) -> Session:
