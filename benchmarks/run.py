@@ -897,6 +897,7 @@ def run(
         row["latency_ratio"] = {k: t.ratio for k, t in b.latency.items()}
         row["latency_ratio_p10_p90"] = {k: [t.ratio_p10, t.ratio_p90] for k, t in b.latency.items()}
         row["latency_ms"] = {k: t.median_ms for k, t in b.latency.items()}
+        row["latency_round_ms"] = {k: t.round_ms for k, t in b.latency.items()}
         row["peak_rss_mb"] = b.peak_rss_mb
 
     fp32_row = next(r for r in rows if f"{r['method']}/{r['runtime']}" == BASELINE)
@@ -974,15 +975,29 @@ class Criterion:
     full_only: bool = False  # an absolute bound on a figure that --quick measures on less data: skipped there
 
 
+def paired_latency(key: str, peer: str, batch: str) -> Figure:
+    """Median over the timing rounds of row `key`'s time / row `peer`'s time in the same round. Comparing
+    the two rows' medians of (time / fp32 time) instead adds the baseline's noise twice: on the MNIST CNN
+    in OpenVINO, where both compile to the same kernels, that alone moved the comparison by +-15%."""
+
+    def figure(rows: dict[str, dict[str, Any]], result: dict[str, Any]) -> float:
+        ours = np.array(rows[key]["latency_round_ms"][batch])
+        theirs = np.array(rows[peer]["latency_round_ms"][batch])
+        return float(np.median(ours / theirs))
+
+    return figure
+
+
 def latency_vs_peer(asset: str, key: str, peer: str, batches: tuple[str, ...]) -> list[Criterion]:
-    """Issue 3's "at least as fast as the peer" for row `key` ("method/runtime"), one criterion per batch."""
+    """Issue 3's "at least as fast as the peer" for row `key` ("method/runtime"), one criterion per batch:
+    the median per-round time ratio to the peer is at most 1."""
     return [
         Criterion(
             asset,
-            f"latency {b} {key.replace('/', ' (')}) vs {peer}, same run",
-            field_of(key, "latency_ratio", b),
+            f"latency {b} {key.replace('/', ' (')}) / {peer}, paired per round, same run",
+            paired_latency(key, peer, b),
             "<=",
-            field_of(peer, "latency_ratio", b),
+            1.0,
             "issue 3, same-run peer",
         )
         for b in batches
@@ -1045,10 +1060,10 @@ CRITERIA: list[Criterion] = [
     size_check("mnist", "w4-linear-int8-conv", 0.15),
     Criterion(
         "mnist",
-        "latency b1 int8-static (onnxruntime) vs ORT static QDQ (onnxruntime), same run",
-        field_of("int8-static/onnxruntime", "latency_ratio", "b1"),
+        "latency b1 int8-static (onnxruntime) / ORT static QDQ (onnxruntime), paired per round, same run",
+        paired_latency("int8-static/onnxruntime", "ort-static/onnxruntime", "b1"),
         "<=",
-        field_of("ort-static/onnxruntime", "latency_ratio", "b1"),
+        1.0,
         "same-run peer",
     ),
     # Issue 4: structured pruning with one epoch of recovery, alone and with static int8.

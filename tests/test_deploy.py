@@ -116,7 +116,7 @@ def test_interleaved_bench_ratios_and_memory(exported):
 
 def test_benchmark_interleaves_in_rotating_order():
     calls = []
-    mp.benchmark_interleaved(
+    timings = mp.benchmark_interleaved(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
         baseline="a",
         batch=1,
@@ -124,7 +124,9 @@ def test_benchmark_interleaves_in_rotating_order():
         warmup=0,
         min_round_s=0,
     )
-    assert calls[-4:] == ["a", "b", "b", "a"]
+    # Each turn is one untimed call (the runtime comes back from the other runner) and one timed call.
+    assert calls[-8:] == ["a", "a", "b", "b", "b", "b", "a", "a"]
+    assert len(timings["b"].round_ms) == 2 and timings["b"].paired_ratio(timings["b"]) == 1.0
 
 
 def test_written_files_have_ordinary_permissions(tmp_path):

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,14 @@ class Timing:
     ratio_p10: float
     ratio_p90: float
     rounds: int
+    round_ms: list[float] = field(default_factory=list)  # one mean call time per round, in round order
+
+    def paired_ratio(self, other: Timing) -> float:
+        """Median over rounds of this runner's time / `other`'s in the same round: the same-run comparison
+        of two variants with the machine's drift (which moves both) taken out of it."""
+        if len(self.round_ms) != len(other.round_ms) or not self.round_ms:
+            raise ValueError(f"'{self.name}' and '{other.name}' were not timed in the same rounds.")
+        return float(np.median(np.array(self.round_ms) / np.array(other.round_ms)))
 
 
 def _time_once(fn: Callable[[], Any], reps: int) -> float:
@@ -72,6 +80,7 @@ def benchmark_interleaved(
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
+            runners[name]()  # untimed: the runtime's threads and caches come back from the previous runner
             samples[name].append(_time_once(runners[name], reps[name]))
         if progress is not None:
             progress(r + 1, rounds)
@@ -89,6 +98,7 @@ def benchmark_interleaved(
             ratio_p10=float(np.percentile(ratios, 10)),
             ratio_p90=float(np.percentile(ratios, 90)),
             rounds=rounds,
+            round_ms=[float(x * 1e3) for x in s],
         )
     return out
 

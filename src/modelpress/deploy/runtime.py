@@ -114,7 +114,9 @@ class OpenVinoSession:
         import openvino as ov
 
         if len(inputs) != len(self._dtypes):
-            raise ValueError(f"The artifact takes {len(self._dtypes)} inputs ({self.input_names}); got {len(inputs)}.")
+            raise ValueError(
+                f"The artifact takes {len(self._dtypes)} inputs ({self.input_names}); got {len(inputs)}."
+            )
         for i, (x, dtype) in enumerate(zip(inputs, self._dtypes, strict=True)):
             x = np.ascontiguousarray(x, dtype=dtype)
             self._request.set_input_tensor(i, ov.Tensor(x, shared_memory=True))
