@@ -68,3 +68,43 @@ def test_leaves_quantizers_that_do_not_commute(kind: str) -> None:
     before = [n.op_type for n in model.graph.node]
     assert hoist_quantizers(model) == 0
     assert [n.op_type for n in model.graph.node] == before
+
+
+def _int8_linear_model(tmp_path, *, integer_matmul: bool, seq: bool):
+    """A two-Linear model with static int8 (GELU between, as a transformer FFN), exported both ways."""
+    from torch import nn
+
+    import modelpress as mp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    shape = (4, 6, 16) if seq else (4, 16)
+    data = [(torch.randn(*shape),) for _ in range(4)]
+    q = mp.compress(model, [mp.StaticInt8Config(layers=("linear",))], data=data)
+    name = f"{'mmi' if integer_matmul else 'qdq'}{'-seq' if seq else ''}.onnx"
+    return q, data, mp.export_onnx(q, data[0], tmp_path / name, integer_matmul=integer_matmul)
+
+
+@pytest.mark.parametrize("seq", [True, False], ids=["matmul-3d", "gemm-2d"])
+def test_int8_linears_become_matmul_integer_to_float_with_their_bias(tmp_path, seq) -> None:
+    import modelpress as mp
+    from modelpress._files import file_size
+
+    q, data, fused = _int8_linear_model(tmp_path, integer_matmul=True, seq=seq)
+    _, _, plain = _int8_linear_model(tmp_path, integer_matmul=False, seq=seq)
+    graph = onnx.load(str(fused)).graph
+    ops = [n.op_type for n in graph.node if n.op_type != "Constant"]
+    fused_nodes = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused_nodes) == 2 and all(
+        n.domain == "com.microsoft" and len(n.input) == 7 for n in fused_nodes
+    )
+    # No float weight, no separate bias Add, no DequantizeLinear left: the codes feed the integer kernel.
+    assert "Add" not in ops and "DequantizeLinear" not in ops and "Gemm" not in ops and "MatMul" not in ops
+    int8 = [i for i in graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 2]
+    assert sorted(tuple(i.dims) for i in int8) == [(16, 32), (32, 8)]  # (K, N)
+    assert file_size(fused) <= file_size(plain) * 1.02
+    for runtime in mp.available_runtimes():
+        a = mp.open_session(fused, runtime).run([data[1][0].numpy()])[0]
+        b = mp.open_session(plain, runtime).run([data[1][0].numpy()])[0]
+        np.testing.assert_allclose(a, b, atol=1e-4)
+        assert mp.check_parity(q, mp.open_session(fused, runtime), data[:2]).passed

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from modelpress._files import check_output_path
-from modelpress.deploy.qdq import hoist_quantizers
+from modelpress.deploy.qdq import fuse_integer_matmuls, hoist_quantizers
 from modelpress.errors import ExportError
 from modelpress.loading import Inputs
 
@@ -168,7 +168,7 @@ def _warn_static_dims(program: Any, inputs: Inputs) -> None:
                 )
 
 
-def _postprocess(path: Path) -> None:
+def _postprocess(path: Path, *, integer_matmul: bool = True) -> None:
     """Drop the exporter's per-node stack traces and doc strings (they are not part of the model and can
     be a quarter of a small model's file), and move activation quantizers above the ops that commute with
     them (`deploy.qdq.hoist_quantizers`), so that runtimes fuse them into the layer that produces them."""
@@ -198,6 +198,10 @@ def _postprocess(path: Path) -> None:
     moves = hoist_quantizers(model)
     if moves:
         log.debug("moved %d activation quantizer(s) above MaxPool/reshape-like ops", moves)
+    if integer_matmul:
+        fused = fuse_integer_matmuls(model)
+        if fused:
+            log.debug("wrote %d int8 MatMul/Gemm layer(s) as MatMulIntegerToFloat with their bias", fused)
     onnx.save(model, str(path))
 
 
@@ -238,8 +242,14 @@ def export_onnx(
     dynamic: bool = True,
     overwrite: bool = False,
     opset: int | None = None,
+    integer_matmul: bool = True,
 ) -> Path:
     """Export `model` to an ONNX file at `path`, written atomically (with external data if > 2 GB).
+
+    Statically quantized Linear layers (int8 weights, quantized input) are written as ONNX Runtime's
+    `com.microsoft.MatMulIntegerToFloat` with the bias fused (`deploy.qdq.fuse_integer_matmuls`), which
+    ONNX Runtime and OpenVINO execute; `integer_matmul=False` keeps them as standard-ONNX QDQ
+    (QuantizeLinear / DequantizeLinear around MatMul) for other runtimes.
 
     >>> export_onnx(model, (torch.randn(1, 3, 32, 32),), "model.onnx")  # doctest: +SKIP
     """
@@ -279,7 +289,7 @@ def export_onnx(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         program.save(str(tmp_dir / out.name))
-        _postprocess(tmp_dir / out.name)
+        _postprocess(tmp_dir / out.name, integer_matmul=integer_matmul)
         for produced in sorted(tmp_dir.iterdir()):
             # The main file goes last, so an interrupted save never leaves a .onnx without its data.
             if produced.name != out.name:

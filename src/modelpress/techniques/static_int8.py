@@ -27,7 +27,7 @@ from modelpress.ops.observers import OBSERVERS, MinMaxObserver, make_observer
 from modelpress.ops.quant import smoothing_factors
 from modelpress.techniques.gptq import input_rows, round_per_channel
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer, call_with_weight
-from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
+from modelpress.techniques.select import matches_any, select_modules, set_submodule, unmatched_patterns
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ class StaticInt8Config:
     # SmoothQuant strength for Linear layers (None: off). 0.75 suits transformer encoders whose activations
     # have outlier features; clipping observers (mse, percentile, entropy) hurt those models instead.
     smooth_alpha: float | None = None
+    # Which Linear layers SmoothQuant covers (names, type names or `re:` regexes, as `targets`; None: all).
+    # Each smoothed input costs the graph one per-feature Mul that no runtime fuses, unless it is folded
+    # (attention output projections fold into V for free).
+    smooth_targets: tuple[str, ...] | None = None
     calibration_batches: int = 32
     # 7-bit weights, as ONNX Runtime's `reduce_range`: needed where the deployment CPU has no VNNI (AVX2
     # only), whose int8 kernels saturate on full-range weights. None: decide by the CPU compressing now.
@@ -102,6 +106,10 @@ class StaticInt8Config:
             raise RecipeError(
                 f"static_int8: layers={list(self.layers)} is invalid; choose from ['conv', 'linear']."
             )
+
+
+def _smoothed(name: str, module: nn.Module, config: StaticInt8Config) -> bool:
+    return config.smooth_targets is None or matches_any(config.smooth_targets, name, module)
 
 
 def _observer(config: StaticInt8Config) -> Any:
@@ -306,7 +314,9 @@ def prepare(model: nn.Module, config: StaticInt8Config, data: Dataset) -> nn.Mod
     """
     if config.smooth_alpha is not None:
         linears: dict[str, nn.Module] = {
-            n: m for n, m in _chosen(model, config).items() if isinstance(m, nn.Linear)
+            n: m
+            for n, m in _chosen(model, config).items()
+            if isinstance(m, nn.Linear) and _smoothed(n, m, config)
         }
         names = {id(m): n for n, m in model.named_modules()}
         outs = {n: linears[n] for a in find_attention(model) if (n := names.get(id(a.o), "")) in linears}
@@ -404,6 +414,9 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
     missing = unmatched_patterns(model, config.targets)
     if missing:
         raise RecipeError(f"static_int8: targets {missing} match no module of the model.")
+    missing = unmatched_patterns(model, config.smooth_targets)
+    if missing:
+        raise RecipeError(f"static_int8: smooth_targets {missing} match no module of the model.")
     chosen = _chosen(model, config)
     # ConvTranspose has no fused integer kernel in either runtime: keep it weight-only rather than pay Q/DQ.
     transposed = [n for n, m in chosen.items() if isinstance(m, nn.modules.conv._ConvTransposeNd)]
@@ -420,7 +433,9 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
     smoothing: dict[str, torch.Tensor] = {}
     if config.smooth_alpha is not None:
         linears: dict[str, nn.Module] = {
-            n: m for n, m in chosen.items() if isinstance(m, nn.Linear) and not getattr(m, _IN_VALUES, False)
+            n: m
+            for n, m in chosen.items()
+            if isinstance(m, nn.Linear) and not getattr(m, _IN_VALUES, False) and _smoothed(n, m, config)
         }
         absmax = _absmax_calibration(model, linears, data, config)
         for group in shared_inputs(model, linears, data):
