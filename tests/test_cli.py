@@ -38,6 +38,15 @@ def test_export_then_bench(tiny_model_file, tmp_path):
     assert set(json.loads((tmp_path / "b.json").read_text())) == {"artifact onnxruntime", "artifact openvino"}
 
 
+def test_export_standard_ops_flag(tiny_model_file, tmp_path):
+    out = tmp_path / "s.onnx"
+    result = run(
+        "export", f"{tiny_model_file}:build", "-o", str(out), "--recipe", "int8-weight-only", "--standard-ops"
+    )
+    assert result.exit_code == 0, result.output
+    assert "parity ok" in result.output and out.exists()
+
+
 def test_compress_writes_folder_and_report(tiny_model_file, tmp_path):
     out = tmp_path / "run"
     result = run(

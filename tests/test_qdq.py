@@ -70,7 +70,7 @@ def test_leaves_quantizers_that_do_not_commute(kind: str) -> None:
     assert [n.op_type for n in model.graph.node] == before
 
 
-def _int8_linear_model(tmp_path, *, integer_matmul: bool, seq: bool):
+def _int8_linear_model(tmp_path, *, integer_matmul: bool, seq: bool, activations: str = "asymmetric"):
     """A two-Linear model with static int8 (GELU between, as a transformer FFN), exported both ways."""
     from torch import nn
 
@@ -80,8 +80,8 @@ def _int8_linear_model(tmp_path, *, integer_matmul: bool, seq: bool):
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
     shape = (4, 6, 16) if seq else (4, 16)
     data = [(torch.randn(*shape),) for _ in range(4)]
-    q = mp.compress(model, [mp.StaticInt8Config(layers=("linear",))], data=data)
-    name = f"{'mmi' if integer_matmul else 'qdq'}{'-seq' if seq else ''}.onnx"
+    q = mp.compress(model, [mp.StaticInt8Config(layers=("linear",), activations=activations)], data=data)
+    name = f"{'mmi' if integer_matmul else 'qdq'}{'-seq' if seq else ''}-{activations}.onnx"
     return q, data, mp.export_onnx(q, data[0], tmp_path / name, integer_matmul=integer_matmul)
 
 
@@ -108,3 +108,10 @@ def test_int8_linears_become_matmul_integer_to_float_with_their_bias(tmp_path, s
         b = mp.open_session(plain, runtime).run([data[1][0].numpy()])[0]
         np.testing.assert_allclose(a, b, atol=1e-4)
         assert mp.check_parity(q, mp.open_session(fused, runtime), data[:2]).passed
+
+
+def test_int8_inputs_stay_qdq(tmp_path) -> None:
+    # ONNX Runtime shifts int8 QDQ inputs to uint8 itself; inside MatMulIntegerToFloat it could not.
+    _, _, path = _int8_linear_model(tmp_path, integer_matmul=True, seq=True, activations="symmetric")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "MatMulIntegerToFloat" not in ops and ops.count("QuantizeLinear") == 2  # both inputs go below 0

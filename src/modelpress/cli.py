@@ -250,6 +250,12 @@ def compress(
     help="Runtime(s) to check parity in (default: all installed).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@click.option(
+    "--standard-ops",
+    is_flag=True,
+    help="Write static int8 Linear layers as standard-ONNX QDQ instead of ONNX Runtime's MatMulIntegerToFloat "
+    "(for runtimes other than ONNX Runtime and OpenVINO).",
+)
 def export(
     model: str,
     out_path: str,
@@ -257,6 +263,7 @@ def export(
     recipe: str | None,
     runtimes: tuple[str, ...],
     overwrite: bool,
+    standard_ops: bool,
 ) -> None:
     """Export MODEL (optionally compressed) to ONNX and check parity with the torch model in each runtime."""
     from modelpress._files import check_output_path
@@ -275,7 +282,7 @@ def export(
             say("compressing")
             net = run_compress(net, steps)
         say("exporting")
-        path = export_onnx(net, inputs, out_path, overwrite=overwrite)
+        path = export_onnx(net, inputs, out_path, overwrite=overwrite, integer_matmul=not standard_ops)
         failed = []
         for runtime in runtimes or available_runtimes():
             say(f"checking parity in {runtime}")
