@@ -52,6 +52,7 @@ from torch import nn
 
 import modelpress as mp
 from modelpress._files import file_size, write_text_atomic
+from modelpress.deploy.bench import paired_ratio
 from modelpress.environment import environment
 
 THREADS = 2
@@ -981,9 +982,9 @@ def paired_latency(key: str, peer: str, batch: str) -> Figure:
     in OpenVINO, where both compile to the same kernels, that alone moved the comparison by +-15%."""
 
     def figure(rows: dict[str, dict[str, Any]], result: dict[str, Any]) -> float:
-        ours = np.array(rows[key]["latency_round_ms"][batch])
-        theirs = np.array(rows[peer]["latency_round_ms"][batch])
-        return float(np.median(ours / theirs))
+        return paired_ratio(
+            rows[key]["latency_round_ms"][batch], rows[peer]["latency_round_ms"][batch], names=(key, peer)
+        )
 
     return figure
 

@@ -35,11 +35,18 @@ class Timing:
     round_ms: list[float] = field(default_factory=list)  # one mean call time per round, in round order
 
     def paired_ratio(self, other: Timing) -> float:
-        """Median over rounds of this runner's time / `other`'s in the same round: the same-run comparison
-        of two variants with the machine's drift (which moves both) taken out of it."""
-        if len(self.round_ms) != len(other.round_ms) or not self.round_ms:
-            raise ValueError(f"'{self.name}' and '{other.name}' were not timed in the same rounds.")
-        return float(np.median(np.array(self.round_ms) / np.array(other.round_ms)))
+        """`paired_ratio` of this runner's round times to `other`'s."""
+        return paired_ratio(self.round_ms, other.round_ms, names=(self.name, other.name))
+
+
+def paired_ratio(
+    round_ms: Sequence[float], other_round_ms: Sequence[float], *, names: tuple[str, str] = ("a", "b")
+) -> float:
+    """Median over rounds of one runner's time / the other's in the same round: the same-run comparison of
+    two variants with the machine's drift (which moves both) taken out of it."""
+    if len(round_ms) != len(other_round_ms) or not round_ms:
+        raise ValueError(f"'{names[0]}' and '{names[1]}' were not timed in the same rounds.")
+    return float(np.median(np.asarray(round_ms) / np.asarray(other_round_ms)))
 
 
 def _time_once(fn: Callable[[], Any], reps: int) -> float:

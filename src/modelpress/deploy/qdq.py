@@ -147,6 +147,12 @@ def _int8_weight(g: _Graph, node: Any, transposed: bool) -> tuple[Any, Any, Any]
     return np.ascontiguousarray(weight), scale.astype(np.float32), zp.astype(np.int8)
 
 
+def _is_bias(g: _Graph, name: str, n_out: int) -> bool:
+    """A constant (N,) vector: what MatMulIntegerToFloat takes as its bias (ONNX Runtime wants N > 1)."""
+    value = g.value(name)
+    return value is not None and value.ndim == 1 and value.shape[0] == n_out > 1
+
+
 def fuse_integer_matmuls(model: Any) -> int:
     """Rewrite `Q -> DQ -> MatMul(W) -> Add(bias)` (and `Gemm` with a bias) on int8 weights into ONNX
     Runtime's `com.microsoft.MatMulIntegerToFloat` with the bias inside, in place, where the input is
@@ -196,17 +202,18 @@ def fuse_integer_matmuls(model: Any) -> int:
                 weight = _int8_weight(g, tr, transposed=False)
             last = node
             add = g.only_user(node.output[0])
-            if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx"):
+            if (
+                add is not None
+                and add.op_type == "Add"
+                and add.domain in ("", "ai.onnx")
+                and weight is not None
+            ):
                 other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-                value = g.value(other)
-                if (
-                    value is not None
-                    and value.ndim == 1
-                    and weight is not None
-                    and value.shape[0] == weight[0].shape[1] > 1
-                ):
+                if _is_bias(g, other, weight[0].shape[1]):
                     bias, last = other, add
-        if weight is None:
+        if weight is None or (
+            node.op_type == "Gemm" and bias is not None and not _is_bias(g, bias, weight[0].shape[1])
+        ):
             continue
         # The activation: DQ(Q(x)) per tensor, possibly through ops the quantizer was hoisted above (they
         # commute with it, so they run on the int8 codes instead).
@@ -228,10 +235,6 @@ def fuse_integer_matmuls(model: Any) -> int:
             # int8 inputs stay QDQ: ONNX Runtime shifts them to uint8 itself there (its int8 x int8 integer
             # matmul is 3-4x slower), which it cannot do inside MatMulIntegerToFloat; OpenVINO runs both alike.
             continue
-        if bias is not None:
-            bias_value = g.value(bias)
-            if bias_value is None or bias_value.ndim != 1:
-                continue
         w, w_scale, w_zp = weight
         n_out = w.shape[1]
         if w_scale.size not in (1, n_out) or w_zp.size not in (1, n_out):
