@@ -181,3 +181,18 @@ def test_openvino_session_owns_its_outputs_and_converts_inputs(tmp_path):
     assert np.allclose(second, model(b).detach().numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="takes 1 inputs"):
         session.run([a.numpy(), b.numpy()])
+
+
+def test_openvino_session_compiles_repeated_shapes_static(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 3)).eval()
+    path = mp.export_onnx(model, (torch.randint(0, 30, (2, 6)),), tmp_path / "t.onnx")
+    session = mp.open_session(path, "openvino")
+    inputs = [
+        torch.randint(0, 30, shape) for shape in [(3, 5), (3, 5), (4, 7), (3, 5), (4, 7), (1, 2), (1, 2)]
+    ]
+    for x in inputs:  # dynamic for a new shape, static from its second call on; same numbers either way
+        assert np.allclose(session.run([x.numpy()])[0], model(x).detach().numpy(), atol=1e-5)
+    static = session._requests
+    assert len(static) == session.STATIC_SHAPES and ((1, 2),) in static and ((4, 7),) in static
+    assert all(r is not session._request for r in static.values())

@@ -84,27 +84,61 @@ class OpenVinoSession:
 
     OpenVINO would otherwise run bf16 on CPUs that have it and quantize activations of int8-weight layers
     on the fly, both of which change the numbers a parity check sees.
+
+    A model with dynamic input dimensions (the exported batch axis) runs as compiled, dynamic; once the
+    same input shapes come a second time (a serving or benchmark loop), it is also compiled for them, as
+    OpenVINO's own tools do with `-shape`: the CPU plugin's static-shape kernels skip per-call shape
+    inference and memory checks (MNIST int8 CNN here: 20% faster at batch 1, 6% at batch 64). The last
+    `STATIC_SHAPES` such shapes stay compiled; a model that cannot be reshaped keeps running dynamic.
     """
 
     runtime = "openvino"
+    STATIC_SHAPES = 2
 
     def __init__(self, path: str | os.PathLike[str], *, threads: int, precision: str = "f32") -> None:
         import openvino as ov
 
-        core = ov.Core()
-        config: dict[str, Any] = {
+        self._core = ov.Core()
+        self._config: dict[str, Any] = {
             "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": precision,
-            # OpenVINO's CPU plugin would otherwise quantize activations on the fly (groups of 32) for every
-            # layer with compressed weights: a weight-only artifact would silently run as dynamic W8A8.
+            # OpenVINO's CPU plugin would otherwise quantize activations of every layer with compressed
+            # weights on the fly (groups of 32): a weight-only artifact would silently run as dynamic W8A8.
             "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
         }
-        self._compiled = core.compile_model(str(path), "CPU", config)
-        self._request = self._compiled.create_infer_request()
-        self.input_names = [p.get_any_name() for p in self._compiled.inputs]
-        self.output_names = [p.get_any_name() for p in self._compiled.outputs]
-        self._dtypes = [_numpy_dtype(p) for p in self._compiled.inputs]
+        self._model = self._core.read_model(str(path))
+        self._dynamic = any(port.get_partial_shape().is_dynamic for port in self._model.inputs)
+        self._requests: dict[tuple[tuple[int, ...], ...], Any] = {}  # by input shapes, oldest first
+        self._request = self._compile(self._model)  # the model as read (dynamic shapes: any input)
+        self._seen: set[tuple[tuple[int, ...], ...]] = set()  # shapes run once, dynamic
+        self.input_names = [port.get_any_name() for port in self._model.inputs]
+        self.output_names = [port.get_any_name() for port in self._model.outputs]
+        self._dtypes = [_numpy_dtype(port) for port in self._model.inputs]
+
+    def _compile(self, model: Any) -> Any:
+        return self._core.compile_model(model, "CPU", self._config).create_infer_request()
+
+    def _request_for(self, shapes: tuple[tuple[int, ...], ...]) -> Any:
+        if not self._dynamic:
+            return self._request
+        request = self._requests.get(shapes)
+        if request is None:
+            if shapes not in self._seen:
+                if len(self._seen) > 256:  # an evaluation over many shapes: stay dynamic, bounded
+                    self._seen.clear()
+                self._seen.add(shapes)
+                return self._request
+            model = self._model.clone()
+            try:
+                model.reshape({port: list(shape) for port, shape in zip(model.inputs, shapes, strict=True)})
+                request = self._compile(model)
+            except Exception:  # shape-dependent ops that cannot be made static: run the dynamic model
+                request = self._request
+            if len(self._requests) >= self.STATIC_SHAPES:
+                self._requests.pop(next(iter(self._requests)))
+            self._requests[shapes] = request
+        return request
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         # The zero-copy path: each input is wrapped in a tensor that shares the array's memory, and the
@@ -117,11 +151,12 @@ class OpenVinoSession:
             raise ValueError(
                 f"The artifact takes {len(self._dtypes)} inputs ({self.input_names}); got {len(inputs)}."
             )
-        for i, (x, dtype) in enumerate(zip(inputs, self._dtypes, strict=True)):
-            x = np.ascontiguousarray(x, dtype=dtype)
-            self._request.set_input_tensor(i, ov.Tensor(x, shared_memory=True))
-        self._request.infer()
-        return [self._request.get_output_tensor(i).data.copy() for i in range(len(self.output_names))]
+        arrays = [np.ascontiguousarray(x, dtype=dtype) for x, dtype in zip(inputs, self._dtypes, strict=True)]
+        request = self._request_for(tuple(a.shape for a in arrays))
+        for i, x in enumerate(arrays):
+            request.set_input_tensor(i, ov.Tensor(x, shared_memory=True))
+        request.infer()
+        return [request.get_output_tensor(i).data.copy() for i in range(len(self.output_names))]
 
 
 def _numpy_dtype(port: Any) -> np.dtype | None:
