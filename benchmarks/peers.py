@@ -453,15 +453,14 @@ def open_session(path: str | os.PathLike[str], runtime: str, *, threads: int) ->
 
 _IR_PROBE = """
 import json, sys, numpy as np
+from modelpress.deploy.bench import process_memory_mb
 from modelpress.deploy.runtime import OpenVinoSession
 path, threads, data, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 arrays = np.load(data)
 inputs = [arrays[k] for k in sorted(arrays.files, key=lambda k: int(k.split("_")[1]))]
 def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    value = process_memory_mb("VmHWM")
+    return float("nan") if value is None else value
 before = hwm()
 s = OpenVinoSession(path, threads=threads)
 for _ in range(runs):

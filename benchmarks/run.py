@@ -52,7 +52,7 @@ from torch import nn
 
 import modelpress as mp
 from modelpress._files import file_size, write_text_atomic
-from modelpress.deploy.bench import paired_ratio
+from modelpress.deploy.bench import paired_ratio, process_memory_mb, reset_peak_memory
 from modelpress.environment import environment
 
 THREADS = 2
@@ -687,31 +687,6 @@ def profile_summary(p: mp.Profile, top: int = 5) -> dict[str, Any]:
     return d
 
 
-def reset_peak_rss() -> float | None:
-    """Reset this process's peak resident set size (Linux: VmHWM) and return the resident set (MB) at
-    that moment; None where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    return _status_mb("VmRSS")
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident set size (VmHWM) in MB since the last `reset_peak_rss`."""
-    return _status_mb("VmHWM")
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def linear_bytes(p: mp.Profile, *, decoder_only: bool = False) -> int:
     """Bytes held by Linear layers (plain or wrapped by a quantizer: type '...(Linear)'); `decoder_only`:
     those inside the decoder blocks (`.layers.N.`), i.e. without the LM head."""
@@ -829,7 +804,7 @@ def run(
                 skipped.append({"method": name, "reason": f"{asset_name} defines no calibration data"})
                 continue
             say(f"[{name}] building")
-            rss_before = reset_peak_rss()
+            rss_before = reset_peak_memory()
             try:
                 built = method.build(asset)
             except Exception as exc:  # a peer tool failing is a finding, not the end of the run
@@ -843,7 +818,7 @@ def run(
             info: dict[str, Any] = {"by": method.by, "wall_s": built.wall_s, **built.extra}
             # The whole process's peak resident memory while the method ran, and its resident memory before
             # (the harness holds the model, the data and cached reference outputs: on SmolLM2 ~3.7 GB).
-            info["compress_peak_rss_mb"] = peak_rss_mb() if rss_before is not None else None
+            info["compress_peak_rss_mb"] = process_memory_mb("VmHWM") if rss_before is not None else None
             info["compress_rss_before_mb"] = rss_before
             torch_only = method.runtimes == (TORCH,)
             if built.model is not None and name != "fp32" and not torch_only:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -196,3 +198,16 @@ def test_openvino_session_compiles_repeated_shapes_static(tmp_path):
     static = session._requests
     assert len(static) == session.STATIC_SHAPES and ((1, 2),) in static and ((4, 7),) in static
     assert all(r is not session._request for r in static.values())
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_peak_memory_resets_to_what_is_resident_now():
+    from modelpress.deploy.bench import process_memory_mb, reset_peak_memory
+
+    block = np.ones(64 * 2**20 // 8)  # 64 MB touched, then freed
+    del block
+    before = reset_peak_memory()
+    if before is None:
+        pytest.skip("the kernel does not allow resetting the peak")
+    peak = process_memory_mb("VmHWM")
+    assert peak is not None and peak < before + 32  # the 64 MB block is no longer in the peak

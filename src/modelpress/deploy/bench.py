@@ -115,17 +115,39 @@ def session_runner(session: Session, inputs: Sequence[np.ndarray]) -> Callable[[
     return lambda: session.run(arrays)
 
 
+def process_memory_mb(field: str = "VmHWM") -> float | None:
+    """This process's resident memory in MB from /proc/self/status: "VmHWM" (peak) or "VmRSS" (now);
+    None where /proc is not available."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> float | None:
+    """Reset this process's peak resident memory (Linux: VmHWM) and return its resident memory (MB) now,
+    so that a later `process_memory_mb("VmHWM")` is the peak of what ran in between; None where the
+    kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return process_memory_mb("VmRSS")
+
+
 _PROBE = """
 import json, sys, numpy as np
+from modelpress.deploy.bench import process_memory_mb
 from modelpress.deploy.runtime import open_session
 path, runtime, threads, data, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 arrays = np.load(data)
 inputs = [arrays[k] for k in sorted(arrays.files, key=lambda k: int(k.split("_")[1]))]
 def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    value = process_memory_mb("VmHWM")
+    return float("nan") if value is None else value
 before = hwm()
 s = open_session(path, runtime, threads=threads)
 for _ in range(runs):
