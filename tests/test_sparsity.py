@@ -116,6 +116,27 @@ def test_one_shot_pruning_of_a_decoder_block_by_block():
         assert cosine > 0.8
 
 
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_reconstruction_recovers_the_block_outputs_on_held_out_inputs(method):
+    model, inputs = zoo.gpt_decoder()
+    data = mp.parity_inputs(inputs, count=16, seed=1)
+    held_out = mp.parity_inputs(inputs, count=4, seed=7)
+    base = {"method": method, "calibration_batches": 16}
+
+    def error(small: nn.Module) -> float:
+        with torch.no_grad():
+            pairs = [(small(*x), model(*x)) for x in held_out]
+        return sum(float((a - b).pow(2).mean() / b.pow(2).mean()) for a, b in pairs) / len(pairs)
+
+    plain = mp.compress(model, [mp.SparsityConfig(**base)], data)
+    rebuilt = mp.compress(model, [mp.SparsityConfig(**base, reconstruct_epochs=4, reconstruct_lr=3e-3)], data)
+    assert error(rebuilt) < 0.8 * error(plain)
+    for name, layer in rebuilt.named_modules():
+        if isinstance(layer, SparseLayer):  # the masks are kept: same density, the pruned weights stay 0
+            assert abs(layer.density - 0.5) < 0.01, name
+    assert all(not p.requires_grad or p.grad is None for p in rebuilt.parameters())
+
+
 def test_global_magnitude_ranks_layers_together():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
@@ -135,6 +156,8 @@ def test_global_magnitude_ranks_layers_together():
         ({"pattern": "2:4", "ratio": 0.5}, "leave ratio unset"),
         ({"method": "wanda", "scope": "global"}, "method: magnitude"),
         ({"method": "prune"}, "unknown"),
+        ({"reconstruct_epochs": -1}, "reconstruct_epochs"),
+        ({"reconstruct_epochs": 1, "method": "magnitude", "scope": "global"}, "scope: layer"),
     ],
 )
 def test_bad_configs_say_what_to_change(fields, message):
@@ -147,4 +170,6 @@ def test_data_methods_need_data_and_the_model_is_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(DataError, match="method: magnitude"):
         mp.compress(model, [mp.SparsityConfig(method="wanda")])
+    with pytest.raises(DataError, match="reconstruct_epochs needs calibration data"):
+        mp.compress(model, [mp.SparsityConfig(method="magnitude", reconstruct_epochs=1)])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -21,6 +21,7 @@ same keyword arguments; otherwise the whole model is calibrated as one block, wi
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -80,6 +81,13 @@ class BlockStep:
     batches: int = 0
     record_outputs: bool = False
     outputs: list[torch.Tensor] | None = field(default=None, repr=False)
+    # With `targets=True` in calibrate_blockwise: the unmodified model's inputs to this block (carried along
+    # the unmodified blocks, the "dense chain"), and what the unmodified block gives for them. `process`
+    # fills `targets` (`reference_step()` records them while it calibrates on the reference inputs, or
+    # `compute_targets()`) before it changes the block; the driver carries them to the next block.
+    carry_targets: bool = False
+    reference: list[_Call] | None = field(default=None, repr=False)  # None: the step's own inputs
+    targets: list[torch.Tensor] | None = field(default=None, repr=False)
 
     def _inputs(self) -> Iterator[_Call]:
         if self.calls is not None:
@@ -130,6 +138,27 @@ class BlockStep:
                 h.remove()
         if self.record_outputs:
             self.outputs = outputs
+
+    def reference_step(self) -> BlockStep:
+        """This step on the unmodified model's inputs, recording the block's outputs (the targets)."""
+        if self.reference is None:
+            return dataclasses.replace(self, record_outputs=True, outputs=None)
+        return dataclasses.replace(self, calls=self.reference, record_outputs=True, outputs=None)
+
+    def compute_targets(self) -> list[torch.Tensor]:
+        """The unmodified block's outputs for the reference inputs (call before changing the block)."""
+        ref = self.reference_step()
+        self.targets = _outputs(ref, ref.inputs())
+        return self.targets
+
+    def inputs(self) -> list[_Call]:
+        """The step's inputs (cached block inputs, or the calibration items for the whole model)."""
+        return list(self._inputs())
+
+    def forward(self, call: _Call) -> torch.Tensor:
+        """The block's hidden-state output for one input, with the block's current weights (and autograd,
+        if enabled)."""
+        return _first_tensor(self._forward(call))
 
     def forward_first(self, observe: Observe | None = None) -> torch.Tensor:
         """The block's output for the first input, with the block's current weights; `observe` sees the
@@ -346,12 +375,15 @@ def calibrate_blockwise(
     process: Process,
     rerun: bool,
     owner: str,
+    targets: bool = False,
 ) -> nn.Module:
     """Run `process` on each block holding `layers`, in order, and return the model with its replacements.
 
     `rerun=True` feeds the next block from the processed (quantized) block, as GPTQ does; `rerun=False`
     reuses the outputs recorded while `process` called `BlockStep.run` (for algorithms whose changes keep
-    the block's function, such as AWQ's scaling).
+    the block's function, such as AWQ's scaling). `targets=True` also carries the unmodified model's
+    hidden states along the blocks (one more copy of the calibration set's hidden states) and gives each
+    step the unmodified outputs of its block (`BlockStep.targets`).
 
     >>> calibrate_blockwise(model, data, layers=chosen, batches=128, process=fn, rerun=True, owner="gptq")  # doctest: +SKIP
     """
@@ -370,22 +402,34 @@ def calibrate_blockwise(
             blocks = []
     if not blocks:
         step = BlockStep("", model, dict(layers), owner, data=data, batches=batches)
+        if targets and not _tensor_output(step):
+            log.warning("%s: the model does not return a tensor; no reconstruction targets.", owner)
+            targets = False
+        step.carry_targets = targets  # the whole model: its own inputs are the reference
         return _apply(model, process(step))
 
     calls = _capture(model, model.get_submodule(blocks[0]), data, batches, owner)
     log.info("%s: %d blocks, %d calibration items cached", owner, len(blocks), len(calls))
     inside: set[str] = set()
+    dense = [c.hidden() for c in calls] if targets else None  # the unmodified model's hidden states
     for i, name in enumerate(blocks):
         start = time.perf_counter()
         held = {n: m for n, m in layers.items() if n == name or n.startswith(name + ".")}
         inside.update(held)
         outputs = None
+        step = BlockStep(name, model.get_submodule(name), held, owner, calls=calls, record_outputs=not rerun)
+        if dense is not None:
+            step.carry_targets = True
+            step.reference = [c.with_hidden(h) for c, h in zip(calls, dense, strict=True)]
+            if not held:
+                step.compute_targets()
         if held:
-            step = BlockStep(
-                name, model.get_submodule(name), held, owner, calls=calls, record_outputs=not rerun
-            )
             model = _apply(model, process(step))
             outputs = step.outputs
+        if dense is not None:
+            if step.targets is None:
+                raise RuntimeError(f"{owner}: the process did not record the reconstruction targets")
+            dense = step.targets
         if i + 1 < len(blocks):
             if outputs is None:
                 block = model.get_submodule(name)
@@ -401,10 +445,23 @@ def calibrate_blockwise(
             len(held),
             time.perf_counter() - start,
         )
-    del calls
+    del calls, dense
     outside = {n: m for n, m in layers.items() if n not in inside}
     if outside:
         log.info("%s: %d layers outside the blocks, calibrated on the whole model", owner, len(outside))
         step = BlockStep("", model, outside, owner, data=data, batches=batches)
         model = _apply(model, process(step))
     return model
+
+
+def _tensor_output(step: BlockStep) -> bool:
+    try:
+        step.forward_first()
+    except TypeError:
+        return False
+    return True
+
+
+def _outputs(step: BlockStep, calls: list[_Call]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [step.forward(c) for c in calls]

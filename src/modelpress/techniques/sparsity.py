@@ -24,6 +24,7 @@ from modelpress.ops.sparse import lowest_mask, nm_mask, parse_pattern, sparsegpt
 from modelpress.techniques.blockwise import BlockStep, calibrate_blockwise
 from modelpress.techniques.gptq import collect_hessians
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer, SparseLayer
+from modelpress.techniques.reconstruct import reconstruct
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class SparsityConfig:
     calibration_batches: int = 128
     damp: float = 0.01  # sparsegpt: added to the Hessian diagonal, as a fraction of its mean
     block_size: int = 128  # sparsegpt: columns whose mask is chosen together
+    # Local reconstruction after each block is pruned: epochs of Adam on the kept weights, pulling the block
+    # towards the unmodified model's output there (0: off). Needs calibration data, also for magnitude.
+    reconstruct_epochs: int = 0
+    reconstruct_lr: float = 1e-3
     layers: tuple[Literal["linear", "conv"], ...] = ("linear",)
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
@@ -88,6 +93,13 @@ class SparsityConfig:
             raise RecipeError(
                 "sparsity: calibration_batches and block_size must be at least 1, damp in [0, 10)."
             )
+        if self.reconstruct_epochs < 0 or not 0 < self.reconstruct_lr < 1:
+            raise RecipeError(
+                f"sparsity: reconstruct_epochs={self.reconstruct_epochs} must be >= 0 (0: off) and "
+                f"reconstruct_lr={self.reconstruct_lr} in (0, 1); 1 epoch at 1e-3 is a good start."
+            )
+        if self.reconstruct_epochs and self.scope == "global":
+            raise RecipeError("sparsity: reconstruct_epochs works block by block; use scope: layer with it.")
         bad = [k for k in self.layers if k not in _TYPES]
         if bad or not self.layers:
             raise RecipeError(
@@ -141,18 +153,59 @@ def _install(module: nn.Module, weight2d: torch.Tensor, mask2d: torch.Tensor, bi
 
 
 def _process(config: SparsityConfig, step: BlockStep) -> dict[str, nn.Module]:
-    accumulators = collect_hessians(step)
-    out: dict[str, nn.Module] = {}
+    reconstructing = bool(config.reconstruct_epochs) and step.carry_targets
+    pruned = _prune(config, step, reconstructing)
+    if reconstructing:
+        shaped = {
+            name: (w.reshape(_weight(step.layers[name]).shape), m.reshape(_weight(step.layers[name]).shape))
+            for name, (w, m) in pruned.items()
+        }
+        result = reconstruct(
+            step, shaped, epochs=config.reconstruct_epochs, lr=config.reconstruct_lr, owner="sparsity"
+        )
+        pruned = {name: (result.weights[name].reshape(w.shape), m) for name, (w, m) in pruned.items()}
+    elif config.reconstruct_epochs:
+        log.info(
+            "sparsity: %d layers outside the repeated blocks are pruned without reconstruction.", len(pruned)
+        )
+    return {
+        name: _install(step.layers[name], weight, mask, config.bits)
+        for name, (weight, mask) in pruned.items()
+    }
+
+
+def _prune(
+    config: SparsityConfig, step: BlockStep, reconstructing: bool
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The pruned weight and keep-mask (both 2-D) of each of the step's layers. When reconstructing, the
+    statistics come from the unmodified model's inputs (the reference), and that pass records the targets
+    (the reconstruction then fits the pruned chain to them; one pass less than calibrating on both)."""
+    if config.method == "magnitude":
+        if reconstructing:
+            step.compute_targets()
+        return {
+            name: (_flat(module) * mask, mask)
+            for name, module in step.layers.items()
+            for mask in [layer_mask(module, config)]
+        }
+    if reconstructing:
+        reference = step.reference_step()
+        accumulators = collect_hessians(reference)
+        step.targets = reference.outputs
+    else:
+        accumulators = collect_hessians(step)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, module in step.layers.items():
         if name not in accumulators:
             log.warning("sparsity: layer '%s' did not run during calibration; magnitude pruning it.", name)
-            out[name] = _install(module, _flat(module), layer_mask(module, config), config.bits)
+            mask = layer_mask(module, config)
+            out[name] = (_flat(module) * mask, mask)
             continue
         hessian = accumulators[name].hessian()
         weight = _flat(module)
         if config.method == "wanda":
             mask = layer_mask(module, config, wanda_scores(weight, torch.diagonal(hessian).float()))
-            out[name] = _install(module, weight * mask, mask, config.bits)
+            out[name] = (weight * mask, mask)
             continue
         try:
             pruned = sparsegpt_prune(
@@ -167,7 +220,7 @@ def _process(config: SparsityConfig, step: BlockStep) -> dict[str, nn.Module]:
             raise DataError(
                 f"sparsity: layer '{name}': {exc} Add the layer to ignore if this persists."
             ) from exc
-        out[name] = _install(module, pruned, pruned != 0, config.bits)
+        out[name] = (pruned, pruned != 0)
     return out
 
 
@@ -212,7 +265,7 @@ def sparsity(model: nn.Module, config: SparsityConfig, data: Dataset | Any = Non
     if not chosen:
         log.warning("sparsity: no layer matched (layers=%s); the model is unchanged.", list(config.layers))
         return model
-    if config.method == "magnitude":
+    if config.method == "magnitude" and not config.reconstruct_epochs:
         threshold = None
         if config.scope == "global":
             everything = torch.cat([_flat(m).abs().reshape(-1) for m in chosen.values()])
@@ -225,10 +278,11 @@ def sparsity(model: nn.Module, config: SparsityConfig, data: Dataset | Any = Non
     else:
         dataset = as_dataset(data)
         if dataset is None:
+            needs = f"method {config.method}" if config.method != "magnitude" else "reconstruct_epochs"
             raise DataError(
-                f"sparsity: method {config.method} needs calibration data: pass `data=` to compress (about 128 "
+                f"sparsity: {needs} needs calibration data: pass `data=` to compress (about 128 "
                 "samples of typical inputs), or --data file.py:fn on the command line. Without data use "
-                "method: magnitude."
+                "method: magnitude with reconstruct_epochs: 0."
             )
         model = calibrate_blockwise(
             model,
@@ -238,6 +292,7 @@ def sparsity(model: nn.Module, config: SparsityConfig, data: Dataset | Any = Non
             process=partial(_process, config),
             rerun=True,
             owner="sparsity",
+            targets=config.reconstruct_epochs > 0,
         )
     stored = [m for m in model.modules() if isinstance(m, SparseLayer)]
     kept = sum(int(m.values.numel()) for m in stored)
