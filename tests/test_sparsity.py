@@ -143,7 +143,9 @@ def test_reconstruction_of_a_model_without_repeated_blocks():
     data = [(torch.randn(16, 32),) for _ in range(8)]
     config = {"method": "wanda", "calibration_batches": 8}
     plain = mp.compress(model, [mp.SparsityConfig(**config)], data)
-    rebuilt = mp.compress(model, [mp.SparsityConfig(**config, reconstruct_epochs=8, reconstruct_lr=3e-3)], data)
+    rebuilt = mp.compress(
+        model, [mp.SparsityConfig(**config, reconstruct_epochs=8, reconstruct_lr=3e-3)], data
+    )
     x = torch.randn(64, 32)
     with torch.no_grad():
         errors = [float((m(x) - model(x)).pow(2).mean()) for m in (plain, rebuilt)]
