@@ -172,6 +172,8 @@ def test_global_magnitude_ranks_layers_together():
         ({"method": "wanda", "scope": "global"}, "method: magnitude"),
         ({"method": "prune"}, "unknown"),
         ({"reconstruct_epochs": -1}, "reconstruct_epochs"),
+        ({"reconstruct_epochs": 1.5}, "whole number"),
+        ({"reconstruct_lr": 2.0}, "reconstruct_lr"),
         ({"reconstruct_epochs": 1, "method": "magnitude", "scope": "global"}, "scope: layer"),
     ],
 )

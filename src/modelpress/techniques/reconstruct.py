@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelpress.errors import DataError
 from modelpress.techniques.blockwise import BlockStep
+from modelpress.techniques.finetune import distill_loss
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,8 @@ def bf16_supported() -> bool:
     return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
 
 
-def _relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    target = target.float()
-    return (out.float() - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
+def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return distill_loss(out.float(), target, owner="reconstruction")  # relative MSE
 
 
 _PROBE_ITEMS = 4  # inputs whose error is logged before and after
@@ -57,9 +58,7 @@ _PROBE_ITEMS = 4  # inputs whose error is logged before and after
 def _error(step: BlockStep, calls: list[Any], items: list[int]) -> float:
     assert step.targets is not None
     with torch.no_grad():
-        return sum(float(_relative_mse(step.forward(calls[i]), step.targets[i])) for i in items) / max(
-            len(items), 1
-        )
+        return sum(float(_loss(step.forward(calls[i]), step.targets[i])) for i in items) / max(len(items), 1)
 
 
 def reconstruct(
@@ -104,10 +103,11 @@ def reconstruct(
                     optimizer.zero_grad(set_to_none=True)
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                         out = step.forward(calls[index])
-                    loss = _relative_mse(out, step.targets[index])
+                    loss = _loss(out, step.targets[index])
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"{owner}: reconstruction of '{step.name}' diverged (loss {loss})."
+                        raise DataError(
+                            f"{owner}: the reconstruction of '{step.name or 'the model'}' diverged (loss "
+                            f"{float(loss)}); lower reconstruct_lr (now {lr:g}) or set reconstruct_epochs: 0."
                         )
                     loss.backward()
                     optimizer.step()

@@ -93,10 +93,17 @@ class SparsityConfig:
             raise RecipeError(
                 "sparsity: calibration_batches and block_size must be at least 1, damp in [0, 10)."
             )
-        if self.reconstruct_epochs < 0 or not 0 < self.reconstruct_lr < 1:
+        epochs, lr = self.reconstruct_epochs, self.reconstruct_lr
+        if (
+            not isinstance(epochs, int)
+            or isinstance(epochs, bool)
+            or epochs < 0
+            or not isinstance(lr, (int, float))
+            or not 0 < lr < 1
+        ):
             raise RecipeError(
-                f"sparsity: reconstruct_epochs={self.reconstruct_epochs} must be >= 0 (0: off) and "
-                f"reconstruct_lr={self.reconstruct_lr} in (0, 1); 1 epoch at 1e-3 is a good start."
+                f"sparsity: reconstruct_epochs={self.reconstruct_epochs!r} must be a whole number >= 0 (0: off) and "
+                f"reconstruct_lr={self.reconstruct_lr!r} a number in (0, 1); 1 epoch at 1e-3 is a good start."
             )
         if self.reconstruct_epochs and self.scope == "global":
             raise RecipeError("sparsity: reconstruct_epochs works block by block; use scope: layer with it.")
