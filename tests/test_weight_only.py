@@ -94,3 +94,41 @@ def test_compressed_layers_show_the_weight_they_compute_with():
     assert layer.weight.dtype == torch.float32 and layer.weight.shape == (8, 16)
     torch.testing.assert_close(layer.weight, layer.dequantized_weight())
     torch.testing.assert_close(layer.weight, model[0].weight, atol=0.02, rtol=0)
+
+
+def test_reuse_weights_decodes_once_and_sees_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelpress.techniques.quantized import GroupQuantizedLinear, SparseLayer, reuse_weights
+
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 16)
+    mask = torch.rand(16, 64) > 0.5
+    layers = [
+        SparseLayer(nn.Linear(64, 16), mask),
+        SparseLayer(nn.Linear(64, 16), mask, bits=8),
+        GroupQuantizedLinear.from_linear(dense, bits=4, group_size=32, symmetric=False),
+    ]
+    x = torch.randn(3, 64)
+    for layer in layers:
+        expected = layer(x)
+        builds = []
+        original = type(layer).dequantized_weight
+        monkeypatch.setattr(
+            type(layer), "dequantized_weight", lambda self, f=original, b=builds: b.append(1) or f(self)
+        )
+        with reuse_weights():
+            outs = [layer(x) for _ in range(3)]
+            assert len(builds) == 1  # decoded once for three calls
+            stored = layer.scales if isinstance(layer, GroupQuantizedLinear) else layer.scale
+            stored = layer.values if stored is None else stored
+            stored.mul_(2.0)  # an in-place change to a stored tensor is seen
+            changed = layer(x)
+            assert len(builds) == 2
+            stored.div_(2.0)
+        for out in outs:
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        assert not torch.allclose(changed, expected)
+        layer(x)
+        layer(x)
+        if isinstance(layer, SparseLayer):  # (GroupQuantizedLinear runs matmul_nbits there)
+            assert len(builds) == 4  # outside the context: rebuilt on every call
+        monkeypatch.undo()

@@ -35,6 +35,7 @@ from torch import nn
 from modelpress.data import Dataset
 from modelpress.errors import DataError
 from modelpress.loading import as_inputs
+from modelpress.techniques.quantized import reuse_weights
 from modelpress.techniques.select import set_submodule
 
 log = logging.getLogger(__name__)
@@ -414,28 +415,33 @@ def calibrate_blockwise(
     dense = [c.hidden() for c in calls] if targets else None  # the unmodified model's hidden states
     for i, name in enumerate(blocks):
         start = time.perf_counter()
-        held = {n: m for n, m in layers.items() if n == name or n.startswith(name + ".")}
-        inside.update(held)
-        outputs = None
-        step = BlockStep(name, model.get_submodule(name), held, owner, calls=calls, record_outputs=not rerun)
-        if dense is not None:
-            step.carry_targets = True
-            step.reference = [c.with_hidden(h) for c, h in zip(calls, dense, strict=True)]
-            if not held:
-                step.compute_targets()
-        if held:
-            model = _apply(model, process(step))
-            outputs = step.outputs
-        if dense is not None:
-            if step.targets is None:
-                raise RuntimeError(f"{owner}: the process did not record the reconstruction targets")
-            dense = step.targets
-        if i + 1 < len(blocks):
-            if outputs is None:
-                block = model.get_submodule(name)
-                with torch.no_grad():
-                    outputs = [_first_tensor(block(*c.args, **c.kwargs)) for c in calls]
-            calls = [c.with_hidden(o) for c, o in zip(calls, outputs, strict=True)]
+        # Compressed layers (an earlier block's, or this one's once replaced) decode their weight once per
+        # block, not once per input.
+        with reuse_weights():
+            held = {n: m for n, m in layers.items() if n == name or n.startswith(name + ".")}
+            inside.update(held)
+            outputs = None
+            step = BlockStep(
+                name, model.get_submodule(name), held, owner, calls=calls, record_outputs=not rerun
+            )
+            if dense is not None:
+                step.carry_targets = True
+                step.reference = [c.with_hidden(h) for c, h in zip(calls, dense, strict=True)]
+                if not held:
+                    step.compute_targets()
+            if held:
+                model = _apply(model, process(step))
+                outputs = step.outputs
+            if dense is not None:
+                if step.targets is None:
+                    raise RuntimeError(f"{owner}: the process did not record the reconstruction targets")
+                dense = step.targets
+            if i + 1 < len(blocks):
+                if outputs is None:
+                    block = model.get_submodule(name)
+                    with torch.no_grad():
+                        outputs = [_first_tensor(block(*c.args, **c.kwargs)) for c in calls]
+                calls = [c.with_hidden(o) for c, o in zip(calls, outputs, strict=True)]
         log.info(
             "%s: block %d/%d '%s' (%d layers) done in %.1f s",
             owner,
@@ -450,7 +456,8 @@ def calibrate_blockwise(
     if outside:
         log.info("%s: %d layers outside the blocks, calibrated on the whole model", owner, len(outside))
         step = BlockStep("", model, outside, owner, data=data, batches=batches)
-        model = _apply(model, process(step))
+        with reuse_weights():  # the blocks' compressed layers: a float copy each while this pass runs
+            model = _apply(model, process(step))
     return model
 
 
