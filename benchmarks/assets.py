@@ -123,6 +123,17 @@ def torch_predict(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
+class LogitsOnly(nn.Module):
+    """A causal LM as ids (B, T) -> logits (B, T, V): no KV cache, no attention mask (batch 1, unpadded)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
 class SentenceEmbedder(nn.Module):
     """BERT encoder + attention-masked mean pooling + L2 normalisation -> (B, hidden) tensor."""
 
