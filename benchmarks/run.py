@@ -57,6 +57,7 @@ import modelpress as mp
 from modelpress._files import file_size, write_text_atomic
 from modelpress.deploy.bench import paired_ratio, process_memory_mb, reset_peak_memory
 from modelpress.environment import environment
+from modelpress.techniques.quantized import reuse_weights
 
 THREADS = 2
 BASELINE = "fp32/onnxruntime"
@@ -884,7 +885,8 @@ def run(
             torch_only = method.runtimes == (TORCH,)
             if built.model is not None and name != "fp32" and not torch_only:
                 say(f"[{name}] quality of the torch model")
-                info["quality_torch"] = asset.quality(built.model)
+                with reuse_weights():  # compressed layers decode once for the whole evaluation, not per call
+                    info["quality_torch"] = asset.quality(built.model)
                 if asset_name == "smollm2":
                     p = mp.profile(built.model, asset.example_inputs, repeats=1)
                     info["linear_bytes"] = linear_bytes(p)
