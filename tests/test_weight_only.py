@@ -132,3 +132,14 @@ def test_reuse_weights_decodes_once_and_sees_changes(monkeypatch: pytest.MonkeyP
         if isinstance(layer, SparseLayer):  # (GroupQuantizedLinear runs matmul_nbits there)
             assert len(builds) == 4  # outside the context: rebuilt on every call
         monkeypatch.undo()
+
+
+def test_export_inside_reuse_weights_keeps_the_stored_form() -> None:
+    from modelpress.techniques.quantized import GroupQuantizedLinear, reuse_weights
+
+    torch.manual_seed(0)
+    layer = GroupQuantizedLinear.from_linear(nn.Linear(64, 16), bits=4, group_size=32)
+    with reuse_weights():
+        layer(torch.randn(2, 64))  # a cached float weight exists
+        graph = torch.export.export(layer, (torch.randn(2, 64),)).graph
+    assert any("matmul_nbits" in str(node.target) for node in graph.nodes)

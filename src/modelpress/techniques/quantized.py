@@ -115,14 +115,19 @@ class WeightView(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def reusing(self) -> bool:
+        """Whether this forward reuses a built weight: inside `reuse_weights()`, in eager mode on real
+        tensors (never while torch.export / jit trace the layer: the artifact keeps its stored form)."""
+        if _reused is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False
+        return all(type(t) is torch.Tensor for t in self._buffers.values() if t is not None)
+
     def forward_weight(self) -> torch.Tensor:
         """The float weight for a forward: rebuilt, or inside `reuse_weights()` the one built before."""
         cache = _reused
-        if cache is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if cache is None or not self.reusing():
             return self.dequantized_weight()
         stored = tuple(self._buffers.values())
-        if any(type(t) is not torch.Tensor for t in stored if t is not None):  # fake / functional tensors
-            return self.dequantized_weight()
         stamp = tuple((t.data_ptr(), t._version, t.dtype) if t is not None else None for t in stored)
         hit = cache.get(self)
         if hit is not None and hit[0] == stamp:
@@ -323,7 +328,7 @@ class GroupQuantizedLinear(WeightView):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _reused is not None and not torch.compiler.is_compiling():
+        if self.reusing():
             return F.linear(x, self.forward_weight().to(x.dtype), self.inner.bias)  # matmul_nbits' maths
         return torch.ops.modelpress.matmul_nbits(
             x,
