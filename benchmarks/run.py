@@ -414,6 +414,7 @@ MINILM_OV_INT8 = [
     mp.WeightOnlyConfig(layers=("embedding",)),
 ]
 SMOLLM2_SPARSITY_WINDOWS = 80  # of the 128 calibration windows: keeps a build inside 10 minutes on 2 cores
+SMOLLM2_GPTQ_RECON_WINDOWS = 64  # GPTQ + reconstruction: fits 10 minutes on 2 cores (GPTQ alone uses all 128)
 
 TORCH = "torch"  # the runtime of rows measured on a torch model (tools without an exportable artifact)
 
@@ -541,6 +542,30 @@ METHODS: dict[str, Method] = {
         build_recipe(
             [
                 mp.GPTQConfig(bits=4, group_size=128, symmetric=False, targets=(r"re:.*\.layers\.\d+\..*",)),
+                mp.WeightOnlyConfig(bits=8, layers=("linear", "embedding")),
+            ]
+        ),
+        needs_calibration=True,
+        assets=("smollm2",),
+        isolate=True,
+    ),
+    # The same GPTQ, on fewer windows (what fits 10 minutes), then each block's codes (a bounded rounding
+    # shift, straight-through) and group scales trained towards the unquantized model's block output.
+    "int4-g128-gptq-recon": Method(
+        "int4-g128-gptq-recon",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_recipe(
+            [
+                mp.GPTQConfig(
+                    bits=4,
+                    group_size=128,
+                    symmetric=False,
+                    targets=(r"re:.*\.layers\.\d+\..*",),
+                    calibration_batches=SMOLLM2_GPTQ_RECON_WINDOWS,
+                    reconstruct_epochs=1,
+                    reconstruct_lr=1e-3,
+                ),
                 mp.WeightOnlyConfig(bits=8, layers=("linear", "embedding")),
             ]
         ),
@@ -1082,6 +1107,7 @@ def compression_memory(key: str) -> Figure:
     return figure
 
 
+GPTQ_INT4_ROWS = ("int4-g128-gptq", "int4-g128-gptq-recon")
 SPARSE50_ROWS = ("sparse50-wanda", "sparse50-sparsegpt", "sparse50-sparsegpt-recon")
 SPARSE24_ROWS = ("sparse24-wanda", "sparse24-sparsegpt", "sparse24-sparsegpt-recon")
 
@@ -1400,8 +1426,8 @@ CRITERIA: list[Criterion] = [
     # Issue 3: int4 g128 weight-only over every decoder Linear.
     Criterion(
         "smollm2",
-        "perplexity int4 g128 GPTQ (onnxruntime) (RTN 27.8, torchao 27.9 in MEASURING.md)",
-        field_of("int4-g128-gptq/onnxruntime", "quality"),
+        "perplexity int4 g128 GPTQ, best of GPTQ / GPTQ + reconstruction (onnxruntime) (RTN 27.8, torchao 27.9 in MEASURING.md)",
+        best_row(GPTQ_INT4_ROWS, "quality"),
         "<=",
         22.8,
         "issue 3",
@@ -1409,32 +1435,32 @@ CRITERIA: list[Criterion] = [
     ),
     Criterion(
         "smollm2",
-        "decoder Linear bytes int4-g128-gptq / fp32",
-        field_of("int4-g128-gptq/onnxruntime", "decoder_linear_size_ratio"),
+        "decoder Linear bytes / fp32 of the best int4 GPTQ row",
+        best_row(GPTQ_INT4_ROWS, "quality", then="decoder_linear_size_ratio"),
         "<=",
         0.15,
         "issue 3",
     ),
     Criterion(
         "smollm2",
-        "GPTQ int4 compression wall time (s), 2 cores",
-        field_of("int4-g128-gptq/onnxruntime", "wall_s"),
+        "compression wall time (s), 2 cores, of the best int4 GPTQ row",
+        best_row(GPTQ_INT4_ROWS, "quality", then="wall_s"),
         "<=",
         600.0,
         "issue 3",
     ),
     Criterion(
         "smollm2",
-        "GPTQ int4 peak RSS (MB) of the whole build, in a fresh process",
-        compression_memory("int4-g128-gptq/onnxruntime"),
+        "peak RSS (MB) of the whole build, in a fresh process, of the best int4 GPTQ row",
+        best_row(GPTQ_INT4_ROWS, "quality", then=compression_memory),
         "<=",
         4096.0,
         "issue 3",
     ),
     Criterion(
         "smollm2",
-        "perplexity int4 g128 GPTQ vs ORT MatMulNBits RTN (onnxruntime), same run",
-        field_of("int4-g128-gptq/onnxruntime", "quality"),
+        "perplexity of the best int4 GPTQ row vs ORT MatMulNBits RTN (onnxruntime), same run",
+        best_row(GPTQ_INT4_ROWS, "quality"),
         "<=",
         field_of("ort-int4/onnxruntime", "quality"),
         "same-run peer",

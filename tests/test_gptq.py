@@ -378,3 +378,36 @@ def test_unsupported_convolutions_are_rounded_to_nearest(caplog):
     assert isinstance(small[0], QuantizedLayer) and isinstance(small[1], QuantizedLayer)
     expected = QuantizedLayer(copy.deepcopy(model[1]), bits=8)
     assert torch.equal(small[1].qweight, expected.qweight)
+
+
+def test_residuals_say_where_each_code_was_rounded_from():
+    _, w, h = _problem(k=8)
+    residual = torch.zeros(8, 8)
+    codes, _, _ = gptq_quantize(
+        w, h, bits=4, group_size=4, symmetric=False, act_order=True, residual_out=residual
+    )
+    again, _, _ = gptq_quantize(w, h, bits=4, group_size=4, symmetric=False, act_order=True)
+    assert torch.equal(codes, again)  # asking for them changes nothing
+    assert residual.abs().max() <= 0.5 and residual.abs().mean() > 0.05
+    with pytest.raises(ValueError, match="residual_out"):
+        gptq_quantize(w, h, bits=4, group_size=4, symmetric=False, residual_out=torch.zeros(2, 2))
+
+
+def test_reconstruction_after_gptq_lowers_the_held_out_error():
+    model, inputs = zoo.gpt_decoder()
+    data = mp.parity_inputs(inputs, count=16, seed=1)
+    held_out = mp.parity_inputs(inputs, count=4, seed=7)
+    base = {"bits": 4, "group_size": 32, "symmetric": False, "calibration_batches": 16}
+
+    def error(small: nn.Module) -> float:
+        return sum(_rel_err(model, small, x) for x in held_out) / len(held_out)
+
+    plain = gptq(copy.deepcopy(model), GPTQConfig(**base), data)
+    rebuilt = gptq(copy.deepcopy(model), GPTQConfig(**base, reconstruct_epochs=4, reconstruct_lr=1e-2), data)
+    assert error(rebuilt) < 0.9 * error(plain)
+    layers = [m for m in rebuilt.modules() if isinstance(m, GroupQuantizedLinear)]
+    assert len(layers) == sum(isinstance(m, GroupQuantizedLinear) for m in plain.modules()) > 0
+    assert not any(hasattr(m, "parametrizations") for m in rebuilt.modules())  # no training state left
+    assert all(not p.requires_grad or p.grad is None for p in rebuilt.parameters())
+    with pytest.raises(mp.RecipeError, match="reconstruct_lr"):
+        GPTQConfig(reconstruct_epochs=1, reconstruct_lr=0.0)

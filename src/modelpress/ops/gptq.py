@@ -309,6 +309,7 @@ def gptq_quantize(
     act_order: bool = False,
     clip_search: bool = False,
     refit: bool = False,
+    residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize `weight` (N, K) to minimise ||X W^T - X Q^T||^2 for inputs with Hessian `hessian` (K, K).
 
@@ -329,6 +330,10 @@ def gptq_quantize(
 
     Columns whose input is always zero (Hessian diagonal 0) are rounded to nearest and kept, not zeroed
     (the reference zeroes them), so inputs unseen in calibration still meet the original weight.
+
+    `residual_out`, an (N, K) fp32 tensor, receives where each code's (updated) weight lay between grid
+    points when it was rounded: position - code, in [-0.5, 0.5] (clamped codes: the bound). A learned
+    rounding can start there, with GPTQ's choice and how close it was.
 
     >>> x = torch.randn(64, 6); w = torch.randn(8, 6)
     >>> codes, scale, zp = gptq_quantize(w, x.T @ x / 64, bits=4, group_size=None, symmetric=True)
@@ -354,8 +359,19 @@ def gptq_quantize(
         raise ValueError(f"gptq_quantize: damp={damp} must be >= 0 and block_size={block_size} >= 1.")
     grid = WeightGrid(bits=bits, group_size=group_size, symmetric=symmetric)
     w = weight.detach().float().reshape(c, n // c, k)  # (C, R, K): R output rows per Hessian
+    if residual_out is not None and residual_out.shape != (n, k):
+        raise ValueError(
+            f"gptq_quantize: residual_out must have shape {(n, k)}, not {tuple(residual_out.shape)}."
+        )
     codes, scale, zero = _solve(
-        w, h, grid, damp=damp, block_size=block_size, act_order=act_order, clip_search=clip_search
+        w,
+        h,
+        grid,
+        damp=damp,
+        block_size=block_size,
+        act_order=act_order,
+        clip_search=clip_search,
+        residual_out=None if residual_out is None else residual_out.view(c, n // c, k),
     )
     if refit:
         scale = torch.stack(
@@ -429,6 +445,7 @@ def _solve(
     block_size: int,
     act_order: bool,
     clip_search: bool = False,
+    residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ solve on C independent problems: w (C, R, K) fp32, h (C, K, K) fp64. Returns codes
     (C, R, K) fp32, scale and zero point (C, R, G) fp32."""
@@ -482,6 +499,7 @@ def _solve(
     # a matrix product, which costs the same whatever the block size.
     wt = w.transpose(1, 2).contiguous()
     codes_t = torch.empty(c, k, r, device=device)
+    positions_t = torch.empty(c, k, r, device=device) if residual_out is not None else None
     # The scale (and zero point) of each solved column's group, as rows (C, K, R) like `wt`.
     s_cols = scale.gather(2, group_of[:, None, :].expand(c, r, k)).transpose(1, 2).contiguous()
     z_cols = zero.gather(2, group_of[:, None, :].expand(c, r, k)).transpose(1, 2).contiguous()
@@ -501,10 +519,12 @@ def _solve(
                     zero[:, :, col // width] = z.float().reshape(c, r)
                     z_cols[:, col : col + width] = z.float().reshape(c, 1, r)
             x, s_g, z_g = w1[:, i], s_cols[:, col], z_cols[:, col]  # (C, R) views
-            q = torch.div(x, s_g, out=codes_t[:, col]).round_()
+            q = torch.div(x, s_g, out=codes_t[:, col])
             if asymmetric:
                 q.add_(z_g)
-            q.clamp_(qmin, qmax)
+            if positions_t is not None:
+                positions_t[:, col] = q
+            q.round_().clamp_(qmin, qmax)
             e = err1[:, i]
             torch.mul(q - z_g if asymmetric else q, s_g, out=e)  # the dequantized column
             torch.sub(x, e, out=e).div_(hinv1[:, i, i, None])
@@ -518,6 +538,12 @@ def _solve(
             wt[:, i2:].baddbmm_(hinv[:, i1:i2, i2:].transpose(1, 2), err1, alpha=-1.0)
 
     codes = codes_t.transpose(1, 2)
+    if positions_t is not None:
+        assert residual_out is not None
+        residual_out.copy_((positions_t - codes_t).clamp_(-0.5, 0.5).transpose(1, 2))
     if act_order:
-        codes = codes.gather(2, torch.argsort(perm, dim=1)[:, None, :].expand(c, r, k))
+        back = torch.argsort(perm, dim=1)[:, None, :].expand(c, r, k)
+        codes = codes.gather(2, back)
+        if residual_out is not None:
+            residual_out.copy_(residual_out.gather(2, back))
     return codes, scale, zero

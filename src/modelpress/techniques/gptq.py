@@ -20,10 +20,18 @@ from torch import nn
 
 from modelpress.data import Dataset, as_dataset
 from modelpress.errors import DataError, RecipeError
-from modelpress.ops.gptq import HessianAccumulator, conv_input_rows, dequantize_weight, gptq_quantize, gram
+from modelpress.ops.gptq import (
+    HessianAccumulator,
+    WeightGrid,
+    conv_input_rows,
+    dequantize_weight,
+    gptq_quantize,
+    gram,
+)
 from modelpress.ops.nbits import check_block_size
 from modelpress.techniques.blockwise import BlockStep, calibrate_blockwise
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES, GroupQuantizedLinear, QuantizedLayer
+from modelpress.techniques.reconstruct import QuantFit, check_reconstruct, reconstruct
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
 log = logging.getLogger(__name__)
@@ -56,6 +64,12 @@ class GPTQConfig:
     # Refit each group's scale to the codes found, minimising the layer's output error (closed form).
     refit_scales: bool = True
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
+    # Block-wise reconstruction after each block is quantized: epochs of Adam on a float weight seen through
+    # its int grid (straight-through rounding, starting from GPTQ's codes) and on the group scales, pulling
+    # the block towards the unquantized model's output there (0: off). The artifact keeps the codes and
+    # scales the trained weights round to.
+    reconstruct_epochs: int = 0
+    reconstruct_lr: float = 1e-5
     block_size: int = 32  # columns updated lazily together (speed only)
     calibration_batches: int = 128
     layers: tuple[GPTQLayerKind, ...] = ("linear", "conv")
@@ -70,6 +84,7 @@ class GPTQConfig:
             raise RecipeError(f"gptq: block_size={self.block_size} must be at least 1 (128 is usual).")
         if self.calibration_batches < 1:
             raise RecipeError(f"gptq: calibration_batches={self.calibration_batches} must be at least 1.")
+        check_reconstruct("gptq", self.reconstruct_epochs, self.reconstruct_lr, "1 epoch at 1e-5")
         bad = [k for k in self.layers if k not in _SUPPORTED]
         if bad or not self.layers:
             raise RecipeError(f"gptq: layers={list(self.layers)} is invalid; choose from ['conv', 'linear'].")
@@ -294,6 +309,7 @@ def _solve(
     scheme: LayerScheme,
     config: GPTQConfig,
     owner: str = "gptq",
+    residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     damp = config.damp
     for attempt in range(_DAMP_RETRIES + 1):
@@ -309,6 +325,7 @@ def _solve(
                 act_order=config.act_order,
                 clip_search=config.clip_search,
                 refit=config.refit_scales,
+                residual_out=residual_out,
             )
         except ValueError as exc:
             if "not positive definite" not in str(exc) or attempt == _DAMP_RETRIES:
@@ -326,18 +343,6 @@ def _solve(
     raise AssertionError("unreachable")
 
 
-def quantize_layer(
-    name: str, module: nn.Module, hessian: torch.Tensor, scheme: LayerScheme, config: GPTQConfig
-) -> nn.Module:
-    """GPTQ codes for one layer (one Hessian per channel group for grouped convs), installed as its
-    replacement."""
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    w2d = weight.detach().float().reshape(weight.shape[0], -1)  # (out, in * kernel)
-    codes, scale, zp = _solve(name, w2d, hessian, scheme, config)
-    return _install(module, codes, scale, zp, scheme)
-
-
 def round_per_channel(
     name: str, weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, owner: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,11 +355,26 @@ def round_per_channel(
     return codes, scale[:, 0]
 
 
+# Scales' learning rate in reconstruction, as a factor of the weights': a scale moves every weight of
+# its group, and a weight must move half a grid step to change its code.
+_SCALE_LR = 10.0
+
+
 def _process(config: GPTQConfig, step: BlockStep) -> dict[str, nn.Module]:
-    accumulators = collect_hessians(step)
-    out: dict[str, nn.Module] = {}
+    reconstructing = bool(config.reconstruct_epochs) and step.carry_targets
+    if reconstructing:
+        # Hessians from the unquantized model's inputs, recording its outputs as the targets in the same
+        # pass; the reconstruction then fits the quantized chain to them.
+        reference = step.reference_step()
+        accumulators = collect_hessians(reference)
+        step.targets = reference.outputs
+    else:
+        accumulators = collect_hessians(step)
+    solved: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    schemes: dict[str, LayerScheme] = {}
+    offsets: dict[str, torch.Tensor] = {}  # where GPTQ's rounding fell between grid points
     for name, module in step.layers.items():
-        scheme = layer_scheme(module, config.bits, config.group_size, config.symmetric)
+        scheme = schemes[name] = layer_scheme(module, config.bits, config.group_size, config.symmetric)
         if name in accumulators:
             hessian = accumulators[name].hessian()
         else:
@@ -362,8 +382,27 @@ def _process(config: GPTQConfig, step: BlockStep) -> dict[str, nn.Module]:
                 "gptq: layer '%s' did not run during calibration; its weight is rounded to nearest.", name
             )
             hessian = torch.eye(_weight(module)[0].numel())
-        out[name] = quantize_layer(name, module, hessian, scheme, config)
-    return out
+        w2d = _weight(module).detach().float().reshape(_weight(module).shape[0], -1)  # (out, in * kernel)
+        if reconstructing:
+            offsets[name] = torch.zeros_like(w2d)
+        solved[name] = _solve(name, w2d, hessian, scheme, config, residual_out=offsets.get(name))
+    if reconstructing:
+        fits = {
+            name: QuantFit(
+                codes, scale, zp, WeightGrid(s.bits, s.group_size, s.symmetric), offsets[name], _SCALE_LR
+            )
+            for name, (codes, scale, zp) in solved.items()
+            for s in [schemes[name]]
+        }
+        reconstruct(
+            step, fits, epochs=config.reconstruct_epochs, lr=config.reconstruct_lr, owner="gptq", decay=True
+        )
+        solved = {name: (fit.codes, fit.scale, fit.zero_point) for name, fit in fits.items()}
+    elif config.reconstruct_epochs:
+        log.info(
+            "gptq: %d layers outside the repeated blocks are quantized without reconstruction.", len(solved)
+        )
+    return {name: _install(step.layers[name], *solved[name], schemes[name]) for name in step.layers}
 
 
 def gptq(model: nn.Module, config: GPTQConfig, data: Dataset | Any = None) -> nn.Module:
@@ -404,6 +443,7 @@ def gptq(model: nn.Module, config: GPTQConfig, data: Dataset | Any = None) -> nn
         process=partial(_process, config),
         rerun=True,
         owner="gptq",
+        targets=config.reconstruct_epochs > 0,
     )
     log.info("gptq: quantized %d layers (int%d, group %s)", len(chosen), config.bits, config.group_size)
     return model

@@ -24,7 +24,7 @@ from modelpress.ops.sparse import lowest_mask, nm_mask, parse_pattern, sparsegpt
 from modelpress.techniques.blockwise import BlockStep, calibrate_blockwise
 from modelpress.techniques.gptq import collect_hessians
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer, SparseLayer
-from modelpress.techniques.reconstruct import reconstruct
+from modelpress.techniques.reconstruct import SparseFit, check_reconstruct, reconstruct
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
 log = logging.getLogger(__name__)
@@ -93,18 +93,7 @@ class SparsityConfig:
             raise RecipeError(
                 "sparsity: calibration_batches and block_size must be at least 1, damp in [0, 10)."
             )
-        epochs, lr = self.reconstruct_epochs, self.reconstruct_lr
-        if (
-            not isinstance(epochs, int)
-            or isinstance(epochs, bool)
-            or epochs < 0
-            or not isinstance(lr, (int, float))
-            or not 0 < lr < 1
-        ):
-            raise RecipeError(
-                f"sparsity: reconstruct_epochs={self.reconstruct_epochs!r} must be a whole number >= 0 (0: off) and "
-                f"reconstruct_lr={self.reconstruct_lr!r} a number in (0, 1); 1 epoch at 1e-3 is a good start."
-            )
+        check_reconstruct("sparsity", self.reconstruct_epochs, self.reconstruct_lr, "1 epoch at 1e-3")
         if self.reconstruct_epochs and self.scope == "global":
             raise RecipeError("sparsity: reconstruct_epochs works block by block; use scope: layer with it.")
         bad = [k for k in self.layers if k not in _TYPES]
@@ -163,14 +152,14 @@ def _process(config: SparsityConfig, step: BlockStep) -> dict[str, nn.Module]:
     reconstructing = bool(config.reconstruct_epochs) and step.carry_targets
     pruned = _prune(config, step, reconstructing)
     if reconstructing:
-        shaped = {
-            name: (w.reshape(_weight(step.layers[name]).shape), m.reshape(_weight(step.layers[name]).shape))
+        fits = {
+            name: SparseFit(
+                w.reshape(_weight(step.layers[name]).shape), m.reshape(_weight(step.layers[name]).shape)
+            )
             for name, (w, m) in pruned.items()
         }
-        result = reconstruct(
-            step, shaped, epochs=config.reconstruct_epochs, lr=config.reconstruct_lr, owner="sparsity"
-        )
-        pruned = {name: (result.weights[name].reshape(w.shape), m) for name, (w, m) in pruned.items()}
+        reconstruct(step, fits, epochs=config.reconstruct_epochs, lr=config.reconstruct_lr, owner="sparsity")
+        pruned = {name: (fits[name].weight.reshape(w.shape), m) for name, (w, m) in pruned.items()}
     elif config.reconstruct_epochs:
         log.info(
             "sparsity: %d layers outside the repeated blocks are pruned without reconstruction.", len(pruned)
