@@ -355,9 +355,10 @@ def round_per_channel(
     return codes, scale[:, 0]
 
 
-# Scales' learning rate in reconstruction, as a factor of the weights': a scale moves every weight of
-# its group, and a weight must move half a grid step to change its code.
-_SCALE_LR = 10.0
+# The scale factors' learning rate in reconstruction, as a multiple of the rounding shifts' (grid steps
+# per update). SmolLM2 proxy (6 blocks, 32 windows, lr 1e-3): 0 / 3 / 10 -> held-out error 0.0164 /
+# 0.0150 / 0.0154 (GPTQ alone 0.0170).
+_SCALE_LR = 3.0
 
 
 def _process(config: GPTQConfig, step: BlockStep) -> dict[str, nn.Module]:
