@@ -34,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import copy
 import json
+import logging
 import re
 import shlex
 import subprocess
@@ -330,6 +331,12 @@ def build_isolated(asset_name: str, method: str, quick: bool, workdir: Path) -> 
 def build_child(argv: Sequence[str]) -> int:
     """The child side of `build_isolated`: load the asset, build, save the model, wall time and memory."""
     asset_name, method, out = argv[:3]
+    # modelpress's progress (per block for the calibrated builds) into the harness's log, through stderr.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s]   %(message)s", datefmt="%H:%M:%S"))
+    library = logging.getLogger("modelpress")
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
     torch.set_num_threads(THREADS)
     asset = ASSET_BUILDERS[asset_name]("--quick" in argv[3:])
     rss_loaded = process_memory_mb("VmRSS")
