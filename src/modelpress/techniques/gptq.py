@@ -265,9 +265,17 @@ def _signature(module: nn.Module) -> tuple[Any, ...]:
     return (type(module), module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
 
 
-def collect_hessians(step: BlockStep) -> dict[str, HessianAccumulator]:
+def collect_hessians(step: BlockStep, *, record_targets: bool = False) -> dict[str, HessianAccumulator]:
     """Hessian accumulators of the step's layers from one pass over its inputs. Layers that read the same
-    tensor (q/k/v, gate/up) share one x^T x per call."""
+    tensor (q/k/v, gate/up) share one x^T x per call.
+
+    `record_targets` (for reconstruction): the pass runs on the unmodified model's inputs instead, and
+    records the block's outputs there as `step.targets`; one pass less than calibrating on both chains."""
+    if record_targets:
+        reference = step.reference_step()
+        found = collect_hessians(reference)
+        step.targets = reference.outputs
+        return found
     accumulators: dict[str, HessianAccumulator] = {}
     last: dict[str, Any] = {}
 
@@ -363,14 +371,7 @@ _SCALE_LR = 3.0
 
 def _process(config: GPTQConfig, step: BlockStep) -> dict[str, nn.Module]:
     reconstructing = bool(config.reconstruct_epochs) and step.carry_targets
-    if reconstructing:
-        # Hessians from the unquantized model's inputs, recording its outputs as the targets in the same
-        # pass; the reconstruction then fits the quantized chain to them.
-        reference = step.reference_step()
-        accumulators = collect_hessians(reference)
-        step.targets = reference.outputs
-    else:
-        accumulators = collect_hessians(step)
+    accumulators = collect_hessians(step, record_targets=reconstructing)
     solved: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     schemes: dict[str, LayerScheme] = {}
     offsets: dict[str, torch.Tensor] = {}  # where GPTQ's rounding fell between grid points
@@ -390,7 +391,12 @@ def _process(config: GPTQConfig, step: BlockStep) -> dict[str, nn.Module]:
     if reconstructing:
         fits = {
             name: QuantFit(
-                codes, scale, zp, WeightGrid(s.bits, s.group_size, s.symmetric), offsets[name], _SCALE_LR
+                codes,
+                scale,
+                zp,
+                WeightGrid(s.bits, s.group_size, s.symmetric),
+                offsets[name],
+                scale_lr=_SCALE_LR,
             )
             for name, (codes, scale, zp) in solved.items()
             for s in [schemes[name]]

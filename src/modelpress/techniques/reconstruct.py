@@ -85,14 +85,9 @@ class SparseFit:
         self._param = None
 
 
-class _RoundThrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+def _round_through(x: torch.Tensor) -> torch.Tensor:
+    """round(x) exactly (the codes come from it), with the gradient of x (straight-through)."""
+    return torch.round(x).detach() + (x - x.detach())
 
 
 class _FakeQuant(nn.Module):
@@ -131,7 +126,7 @@ class _FakeQuant(nn.Module):
         """The stored codes (N, G, width), straight-through."""
         qmin, qmax = self.grid.code_range
         zp = self.zero_point[..., None]
-        return (_RoundThrough.apply(self.grid.grouped(self.start + shift)) + zp).clamp(qmin, qmax)
+        return (_round_through(self.grid.grouped(self.start + shift)) + zp).clamp(qmin, qmax)
 
     def forward(self, shift: torch.Tensor) -> torch.Tensor:
         n, k = shift.shape

@@ -184,12 +184,7 @@ def _prune(
             for name, module in step.layers.items()
             for mask in [layer_mask(module, config)]
         }
-    if reconstructing:
-        reference = step.reference_step()
-        accumulators = collect_hessians(reference)
-        step.targets = reference.outputs
-    else:
-        accumulators = collect_hessians(step)
+    accumulators = collect_hessians(step, record_targets=reconstructing)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, module in step.layers.items():
         if name not in accumulators:
