@@ -47,6 +47,13 @@ Process = Callable[["BlockStep"], dict[str, nn.Module]]  # a step -> replacement
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
+def bf16_supported() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
+
+
 class _Stop(Exception):
     """Raised by a hook to end a forward early once the wanted inputs are captured."""
 
@@ -438,9 +445,7 @@ def calibrate_blockwise(
                 dense = step.targets
             if i + 1 < len(blocks):
                 if outputs is None:
-                    block = model.get_submodule(name)
-                    with torch.no_grad():
-                        outputs = [_first_tensor(block(*c.args, **c.kwargs)) for c in calls]
+                    outputs = _rerun(model.get_submodule(name), calls, fast=dense is not None)
                 calls = [c.with_hidden(o) for c, o in zip(calls, outputs, strict=True)]
         log.info(
             "%s: block %d/%d '%s' (%d layers) done in %.1f s",
@@ -459,6 +464,17 @@ def calibrate_blockwise(
         with reuse_weights():  # the blocks' compressed layers: a float copy each while this pass runs
             model = _apply(model, process(step))
     return model
+
+
+def _rerun(block: nn.Module, calls: list[_Call], *, fast: bool) -> list[torch.Tensor]:
+    """The block's outputs for the calls: the next block's inputs. `fast` (when reconstructing): under bf16
+    autocast where the CPU has bf16 units, about 1.7x faster. These inputs then only feed reconstruction,
+    which itself trains under autocast, and the residual stream stays fp32 (a SmolLM2 block's output moves
+    by 1e-5 relative MSE, 0.1% of what reconstruction leaves); the Hessians and targets come from the
+    unmodified chain, in fp32."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast and bf16_supported()):
+        outputs = [_first_tensor(block(*c.args, **c.kwargs)) for c in calls]
+    return [o.to(c.hidden().dtype) for o, c in zip(outputs, calls, strict=True)]
 
 
 def _tensor_output(step: BlockStep) -> bool:

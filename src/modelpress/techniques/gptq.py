@@ -69,7 +69,7 @@ class GPTQConfig:
     # the block towards the unquantized model's output there (0: off). The artifact keeps the codes and
     # scales the trained weights round to.
     reconstruct_epochs: int = 0
-    reconstruct_lr: float = 1e-3  # grid steps per update (the rounding shifts)
+    reconstruct_lr: float = 2e-3  # grid steps per update (the rounding shifts)
     block_size: int = 32  # columns updated lazily together (speed only)
     calibration_batches: int = 128
     layers: tuple[GPTQLayerKind, ...] = ("linear", "conv")
@@ -84,7 +84,7 @@ class GPTQConfig:
             raise RecipeError(f"gptq: block_size={self.block_size} must be at least 1 (128 is usual).")
         if self.calibration_batches < 1:
             raise RecipeError(f"gptq: calibration_batches={self.calibration_batches} must be at least 1.")
-        check_reconstruct("gptq", self.reconstruct_epochs, self.reconstruct_lr, "1 epoch at 1e-3")
+        check_reconstruct("gptq", self.reconstruct_epochs, self.reconstruct_lr, "1 epoch at 2e-3")
         bad = [k for k in self.layers if k not in _SUPPORTED]
         if bad or not self.layers:
             raise RecipeError(f"gptq: layers={list(self.layers)} is invalid; choose from ['conv', 'linear'].")
