@@ -6,11 +6,15 @@ installed runtime, and the report shows what the technique did.
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+
 import pytest
 import torch
 import zoo
 
 import modelpress as mp
+import modelpress.pipeline.run as pipeline_run
 from modelpress.pipeline.run import run_job
 
 # At least one representative config per registered technique (keyed by a readable name); a new
@@ -73,6 +77,41 @@ PAIRS = [
 ]
 
 
+def _fingerprint(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> str:
+    digest = hashlib.sha256(repr(model).encode())
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().contiguous().cpu().numpy().tobytes())
+    for t in inputs:
+        digest.update(f"{tuple(t.shape)} {t.dtype}".encode())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def export_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("exports"), {}
+
+
+@pytest.fixture
+def cached_export(monkeypatch, export_cache):
+    """The zoo's seeded fp32 models are exported once per architecture, not once per technique (the ONNX
+    export is most of a transformer's test time): identical models (same modules, same weights) reuse
+    the first export's file. Compressed models differ and are exported as usual."""
+    folder, seen = export_cache
+    export = pipeline_run.export_onnx
+
+    def memoized(model, example_inputs, path, **kwargs):
+        model.eval()  # as export_onnx leaves it
+        key = _fingerprint(model, tuple(example_inputs))
+        if key not in seen:
+            seen[key] = export(model, example_inputs, folder / f"{key[:16]}.onnx", **kwargs)
+        shutil.copyfile(seen[key], path)
+        return path
+
+    monkeypatch.setattr(pipeline_run, "export_onnx", memoized)
+
+
+@pytest.mark.usefixtures("cached_export")
 @pytest.mark.parametrize(("technique", "arch"), PAIRS)
 def test_technique_on_zoo(arch, technique, tmp_path):
     model, inputs = zoo.ZOO[arch]()

@@ -384,6 +384,7 @@ def calibrate_blockwise(
     rerun: bool,
     owner: str,
     targets: bool = False,
+    fast_rerun: bool = False,
 ) -> nn.Module:
     """Run `process` on each block holding `layers`, in order, and return the model with its replacements.
 
@@ -391,7 +392,8 @@ def calibrate_blockwise(
     reuses the outputs recorded while `process` called `BlockStep.run` (for algorithms whose changes keep
     the block's function, such as AWQ's scaling). `targets=True` also carries the unmodified model's
     hidden states along the blocks (one more copy of the calibration set's hidden states) and gives each
-    step the unmodified outputs of its block (`BlockStep.targets`).
+    step the unmodified outputs of its block (`BlockStep.targets`). `fast_rerun` (with `targets`): the
+    rerun runs under bf16 autocast where the CPU has bf16 units (`_rerun`).
 
     >>> calibrate_blockwise(model, data, layers=chosen, batches=128, process=fn, rerun=True, owner="gptq")  # doctest: +SKIP
     """
@@ -445,7 +447,7 @@ def calibrate_blockwise(
                 dense = step.targets
             if i + 1 < len(blocks):
                 if outputs is None:
-                    outputs = _rerun(model.get_submodule(name), calls, fast=dense is not None)
+                    outputs = _rerun(model.get_submodule(name), calls, fast=fast_rerun and dense is not None)
                 calls = [c.with_hidden(o) for c, o in zip(calls, outputs, strict=True)]
         log.info(
             "%s: block %d/%d '%s' (%d layers) done in %.1f s",
@@ -468,7 +470,8 @@ def calibrate_blockwise(
 
 def _rerun(block: nn.Module, calls: list[_Call], *, fast: bool) -> list[torch.Tensor]:
     """The block's outputs for the calls: the next block's inputs. `fast` (when reconstructing): under bf16
-    autocast where the CPU has bf16 units, about 1.7x faster. These inputs then only feed reconstruction,
+    autocast where the CPU has bf16 units, about 1.7x faster (GPTQ's reconstruction uses it; sparsity's was
+    measured without it and keeps fp32). These inputs then only feed reconstruction,
     which itself trains under autocast, and the residual stream stays fp32 (a SmolLM2 block's output moves
     by 1e-5 relative MSE, 0.1% of what reconstruction leaves); the Hessians and targets come from the
     unmodified chain, in fp32."""

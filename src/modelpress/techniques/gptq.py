@@ -402,7 +402,13 @@ def _process(config: GPTQConfig, step: BlockStep) -> dict[str, nn.Module]:
             for s in [schemes[name]]
         }
         reconstruct(
-            step, fits, epochs=config.reconstruct_epochs, lr=config.reconstruct_lr, owner="gptq", decay=True
+            step,
+            fits,
+            epochs=config.reconstruct_epochs,
+            lr=config.reconstruct_lr,
+            owner="gptq",
+            decay=True,
+            loss="token",  # each token's error relative to its size (see reconstruct._loss)
         )
         solved = {name: (fit.codes, fit.scale, fit.zero_point) for name, fit in fits.items()}
     elif config.reconstruct_epochs:
@@ -451,6 +457,7 @@ def gptq(model: nn.Module, config: GPTQConfig, data: Dataset | Any = None) -> nn
         rerun=True,
         owner="gptq",
         targets=config.reconstruct_epochs > 0,
+        fast_rerun=config.reconstruct_epochs > 0,
     )
     log.info("gptq: quantized %d layers (int%d, group %s)", len(chosen), config.bits, config.group_size)
     return model
