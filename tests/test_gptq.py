@@ -346,6 +346,8 @@ def test_config_checks_and_yaml():
         GPTQConfig(bits=8, group_size=None, symmetric=False)
     with pytest.raises(mp.RecipeError, match="layers="):
         GPTQConfig(layers=("embedding",))  # type: ignore[arg-type]
+    with pytest.raises(mp.RecipeError, match="reconstruct_batches=0"):
+        GPTQConfig(reconstruct_epochs=1, reconstruct_batches=0)
 
 
 def test_errors_name_the_problem():

@@ -96,6 +96,10 @@ class BlockStep:
     carry_targets: bool = False
     reference: list[_Call] | None = field(default=None, repr=False)  # None: the step's own inputs
     targets: list[torch.Tensor] | None = field(default=None, repr=False)
+    # The reference pass (`reference_step`) under bf16 autocast where the CPU has bf16 units (its outputs
+    # are returned in fp32).
+    fast_reference: bool = False
+    autocast: bool = False  # `run` under bf16 autocast (what `fast_reference` sets on the reference step)
 
     def _inputs(self) -> Iterator[_Call]:
         if self.calls is not None:
@@ -119,7 +123,8 @@ class BlockStep:
         calls = [0, 0]  # hook calls in this item, and in the first item (0 until it completed)
 
         def counting(name: str, x: torch.Tensor) -> None:
-            observe(name, x)
+            with torch.autocast("cpu", enabled=False):  # statistics (x^T x) stay fp32 under `autocast`
+                observe(name, x)
             calls[0] += 1
             if calls[0] == calls[1] and not self.record_outputs:
                 raise _Stop
@@ -130,7 +135,7 @@ class BlockStep:
         ]
         outputs: list[torch.Tensor] = []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
                 for call in self._inputs():
                     calls[0] = 0
                     try:
@@ -140,7 +145,8 @@ class BlockStep:
                     finally:
                         calls[1] = calls[1] or calls[0]
                     if self.record_outputs:
-                        outputs.append(_first_tensor(out))
+                        first = _first_tensor(out)
+                        outputs.append(first.float() if self.autocast else first)
         finally:
             for h in handles:
                 h.remove()
@@ -149,9 +155,12 @@ class BlockStep:
 
     def reference_step(self) -> BlockStep:
         """This step on the unmodified model's inputs, recording the block's outputs (the targets)."""
+        fast = self.fast_reference and bf16_supported()
         if self.reference is None:
-            return dataclasses.replace(self, record_outputs=True, outputs=None)
-        return dataclasses.replace(self, calls=self.reference, record_outputs=True, outputs=None)
+            return dataclasses.replace(self, record_outputs=True, outputs=None, autocast=fast)
+        return dataclasses.replace(
+            self, calls=self.reference, record_outputs=True, outputs=None, autocast=fast
+        )
 
     def compute_targets(self) -> list[torch.Tensor]:
         """The unmodified block's outputs for the reference inputs (call before changing the block)."""
@@ -385,6 +394,7 @@ def calibrate_blockwise(
     owner: str,
     targets: bool = False,
     fast_rerun: bool = False,
+    fast_reference: bool = False,
 ) -> nn.Module:
     """Run `process` on each block holding `layers`, in order, and return the model with its replacements.
 
@@ -393,7 +403,9 @@ def calibrate_blockwise(
     the block's function, such as AWQ's scaling). `targets=True` also carries the unmodified model's
     hidden states along the blocks (one more copy of the calibration set's hidden states) and gives each
     step the unmodified outputs of its block (`BlockStep.targets`). `fast_rerun` (with `targets`): the
-    rerun runs under bf16 autocast where the CPU has bf16 units (`_rerun`).
+    rerun runs under bf16 autocast where the CPU has bf16 units (`_rerun`); `fast_reference` (with
+    `targets`): so does each step's reference pass (`BlockStep.reference_step`), the layers' input
+    statistics computed in fp32 from its bf16 activations.
 
     >>> calibrate_blockwise(model, data, layers=chosen, batches=128, process=fn, rerun=True, owner="gptq")  # doctest: +SKIP
     """
@@ -435,6 +447,7 @@ def calibrate_blockwise(
             )
             if dense is not None:
                 step.carry_targets = True
+                step.fast_reference = fast_reference
                 step.reference = [c.with_hidden(h) for c, h in zip(calls, dense, strict=True)]
                 if not held:
                     step.compute_targets()
@@ -474,7 +487,7 @@ def _rerun(block: nn.Module, calls: list[_Call], *, fast: bool) -> list[torch.Te
     measured without it and keeps fp32). These inputs then only feed reconstruction,
     which itself trains under autocast, and the residual stream stays fp32 (a SmolLM2 block's output moves
     by 1.4e-5 relative MSE, under 1% of a block's reconstruction loss); the Hessians and targets come from
-    the unmodified chain, in fp32."""
+    the unmodified chain (under autocast too with `fast_reference`)."""
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast and bf16_supported()):
         outputs = [_first_tensor(block(*c.args, **c.kwargs)) for c in calls]
     return [o.to(c.hidden().dtype) for o, c in zip(outputs, calls, strict=True)]

@@ -70,6 +70,10 @@ class GPTQConfig:
     # scales the trained weights round to.
     reconstruct_epochs: int = 0
     reconstruct_lr: float = 2e-3  # grid steps per update (the rounding shifts)
+    # Calibration items the reconstruction trains on (the first ones); None: all of calibration_batches.
+    # Fewer is faster but costs more than fewer Hessian items: on SmolLM2, Hessians on 128 windows and
+    # reconstruction on 64 gave perplexity 22.87, against 22.85 with 72 for both and 22.68 with 128.
+    reconstruct_batches: int | None = None
     block_size: int = 32  # columns updated lazily together (speed only)
     calibration_batches: int = 128
     layers: tuple[GPTQLayerKind, ...] = ("linear", "conv")
@@ -85,6 +89,11 @@ class GPTQConfig:
         if self.calibration_batches < 1:
             raise RecipeError(f"gptq: calibration_batches={self.calibration_batches} must be at least 1.")
         check_reconstruct("gptq", self.reconstruct_epochs, self.reconstruct_lr, "1 epoch at 2e-3")
+        if self.reconstruct_batches is not None and self.reconstruct_batches < 1:
+            raise RecipeError(
+                f"gptq: reconstruct_batches={self.reconstruct_batches} must be at least 1, or null for all of "
+                "calibration_batches."
+            )
         bad = [k for k in self.layers if k not in _SUPPORTED]
         if bad or not self.layers:
             raise RecipeError(f"gptq: layers={list(self.layers)} is invalid; choose from ['conv', 'linear'].")
@@ -367,6 +376,11 @@ def round_per_channel(
 # per update). SmolLM2 proxy (6 blocks, 32 windows; held-out error, GPTQ alone 0.0170): lr 1e-3 with 3 / 10
 # -> 0.0150 / 0.0154; lr 3e-4 with 0 / 10 / 30 -> 0.0164 / 0.0154 / 0.0156.
 _SCALE_LR = 3.0
+# With reconstruction, the reference pass (Hessians and targets, on the unmodified chain) runs its block under
+# bf16 autocast where the CPU has bf16 units; the x^T x stay fp32 and the residual stream fp32. A SmolLM2
+# block's forward over 128 x 512 tokens takes 0.85 s instead of 2.4 s; the whole build 279 s instead of 309 s,
+# perplexity 22.887 instead of 22.875 (128 Hessian windows, 64 reconstruction windows).
+_FAST_REFERENCE = True
 
 
 def _process(config: GPTQConfig, step: BlockStep) -> dict[str, nn.Module]:
@@ -409,6 +423,7 @@ def _process(config: GPTQConfig, step: BlockStep) -> dict[str, nn.Module]:
             owner="gptq",
             decay=True,
             loss="token",  # each token's error relative to its size (see reconstruct._loss)
+            batches=config.reconstruct_batches,
         )
         solved = {name: (fit.codes, fit.scale, fit.zero_point) for name, fit in fits.items()}
     elif config.reconstruct_epochs:
@@ -458,6 +473,7 @@ def gptq(model: nn.Module, config: GPTQConfig, data: Dataset | Any = None) -> nn
         owner="gptq",
         targets=config.reconstruct_epochs > 0,
         fast_rerun=config.reconstruct_epochs > 0,
+        fast_reference=config.reconstruct_epochs > 0 and _FAST_REFERENCE,
     )
     log.info("gptq: quantized %d layers (int%d, group %s)", len(chosen), config.bits, config.group_size)
     return model

@@ -298,6 +298,7 @@ def reconstruct(
     seed: int = 0,
     decay: bool = False,
     loss: ReconstructionLoss = "tensor",
+    batches: int | None = None,
 ) -> ReconstructionResult:
     """Train each layer's fit (by layer name) inside `step.module` towards `step.targets`; the modules are
     left with plain frozen weights set to the result, which the fits hold. `decay`: the lr falls linearly
@@ -307,6 +308,8 @@ def reconstruct(
     calls = step.inputs()
     if len(calls) != len(step.targets):
         raise ValueError(f"{owner}: {len(calls)} inputs but {len(step.targets)} reconstruction targets.")
+    targets = step.targets[:batches]
+    calls = calls[:batches]
     start = time.perf_counter()
     frozen = [p for p in step.module.parameters() if p.requires_grad]
     for p in frozen:
@@ -339,7 +342,7 @@ def reconstruct(
                     optimizer.zero_grad(set_to_none=True)
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                         out = step.forward(calls[index])
-                    error = _loss(out, step.targets[index], loss)
+                    error = _loss(out, targets[index], loss)
                     if not torch.isfinite(error):
                         raise DataError(
                             f"{owner}: the reconstruction of '{step.name or 'the model'}' diverged (loss "
