@@ -559,8 +559,9 @@ METHODS: dict[str, Method] = {
         isolate=True,
     ),
     # The same GPTQ, then each block's codes (a bounded rounding shift, straight-through) and group scales
-    # trained towards the unquantized model's block output; the tied embedding / LM head int8 in groups of
-    # 64 (perplexity 20.717 with only the head quantized, against 20.744 per row and 20.716 fp32).
+    # trained towards the unquantized model's block output; the tied embedding / LM head int8 per row (in
+    # groups of 64 it gains 0.03 perplexity but ONNX Runtime stores the table twice, MatMulNBits + Gather-
+    # BlockQuantized, and its 8-bit MatMulNBits made prefill 1.38x slower than fp32: NOTES.md).
     "int4-g128-gptq-recon": Method(
         "int4-g128-gptq-recon",
         "modelpress",
@@ -576,7 +577,7 @@ METHODS: dict[str, Method] = {
                     reconstruct_epochs=1,
                     reconstruct_lr=2e-3,
                 ),
-                mp.WeightOnlyConfig(bits=8, group_size=64, layers=("linear", "embedding")),
+                mp.WeightOnlyConfig(bits=8, layers=("linear", "embedding")),
             ]
         ),
         needs_calibration=True,
