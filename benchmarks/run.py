@@ -424,9 +424,8 @@ SMOLLM2_SPARSITY_WINDOWS = 80  # of the 128 calibration windows: keeps a build i
 # 50% unstructured + reconstruction: all 128 windows (31.40 in 349 s against 34.25 on 64, NOTES.md); 2:4's
 # SparseGPT pass is slower and keeps 80 until its time is checked at 128.
 SMOLLM2_SPARSITY_50_RECON_WINDOWS = 128
-SMOLLM2_GPTQ_RECON_WINDOWS = (
-    128  # GPTQ + reconstruction: all the calibration windows (the reconstruction's data is what counts)
-)
+# GPTQ + reconstruction: all the calibration windows (the reconstruction's data is what counts).
+SMOLLM2_GPTQ_RECON_WINDOWS = 128
 
 TORCH = "torch"  # the runtime of rows measured on a torch model (tools without an exportable artifact)
 
