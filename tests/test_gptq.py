@@ -264,6 +264,38 @@ def test_blockwise_feeds_each_layer_its_real_inputs(factory, data, blocks, caplo
             assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_blocks_after_the_last_selected_layer_are_not_run():
+    model, _ = zoo.gpt_decoder()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers.0." in n}
+    calls: list[str] = []
+    handles = [
+        model.get_submodule(b).register_forward_pre_hook(lambda *_a, b=b: calls.append(b))
+        for b in ("lm.model.layers.0", "lm.model.layers.1")
+    ]
+    steps: list[str] = []
+
+    def process(step: BlockStep) -> dict[str, nn.Module]:
+        steps.append(step.name)
+        step.compute_targets()
+        return {}
+
+    calibrate_blockwise(
+        model,
+        mp.Dataset(_lm_data()),
+        layers=layers,
+        batches=10,
+        process=process,
+        rerun=True,
+        owner="t",
+        targets=True,
+    )
+    for h in handles:
+        h.remove()
+    assert steps == ["lm.model.layers.0"]
+    # One forward to check the blocks chain runs both; after it, only the first block runs.
+    assert calls.count("lm.model.layers.1") == 1
+
+
 def test_blocks_that_do_not_chain_fall_back_to_one_pass(caplog):
     class Parallel(nn.Module):
         def __init__(self):

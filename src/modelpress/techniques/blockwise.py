@@ -430,6 +430,9 @@ def calibrate_blockwise(
         step.carry_targets = targets  # the whole model: its own inputs are the reference
         return _apply(model, process(step))
 
+    # Blocks after the last one holding selected layers need no pass: nothing reads their inputs.
+    holding = [i for i, b in enumerate(blocks) if any(n == b or n.startswith(b + ".") for n in layers)]
+    blocks = blocks[: holding[-1] + 1]
     calls = _capture(model, model.get_submodule(blocks[0]), data, batches, owner)
     log.info("%s: %d blocks, %d calibration items cached", owner, len(blocks), len(calls))
     inside: set[str] = set()
