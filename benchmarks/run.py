@@ -424,6 +424,8 @@ SMOLLM2_SPARSITY_WINDOWS = 80  # of the 128 calibration windows: keeps a build i
 # 50% unstructured + reconstruction: all 128 windows (31.40 in 349 s against 34.25 on 64, NOTES.md); 2:4's
 # SparseGPT pass is slower and keeps 80 until its time is checked at 128.
 SMOLLM2_SPARSITY_50_RECON_WINDOWS = 128
+# Sensitivity allocation: each layer's ratio within 50% +- this (NOTES.md, 2026-12-03).
+SMOLLM2_ALLOCATION_RANGE = 0.35
 # GPTQ + reconstruction: all the calibration windows (the reconstruction's data is what counts).
 SMOLLM2_GPTQ_RECON_WINDOWS = 128
 
@@ -686,6 +688,29 @@ METHODS: dict[str, Method] = {
             ("24", "2:4", 2e-3, SMOLLM2_SPARSITY_WINDOWS),
         )
     },
+    # 50% SparseGPT + reconstruction with the layers' ratios spread by sensitivity inside each block (each
+    # block still at 50%; every layer between 15% and 85%).
+    "sparse50-sparsegpt-recon-alloc": Method(
+        "sparse50-sparsegpt-recon-alloc",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_recipe(
+            [
+                mp.SparsityConfig(
+                    method="sparsegpt",
+                    targets=(r"re:.*\.layers\.\d+\..*",),
+                    calibration_batches=SMOLLM2_SPARSITY_50_RECON_WINDOWS,
+                    reconstruct_epochs=1,
+                    reconstruct_lr=1e-3,
+                    allocation="sensitivity",
+                    allocation_range=SMOLLM2_ALLOCATION_RANGE,
+                )
+            ]
+        ),
+        needs_calibration=True,
+        assets=("smollm2",),
+        isolate=True,
+    ),
     # ---- peer tools, same run, same measurements (benchmarks/peers.py) ----
     "tp-pruned-50": Method(
         "tp-pruned-50",
@@ -1124,7 +1149,12 @@ def compression_memory(key: str) -> Figure:
 
 
 GPTQ_INT4_ROWS = ("int4-g128-gptq", "int4-g128-gptq-recon")
-SPARSE50_ROWS = ("sparse50-wanda", "sparse50-sparsegpt", "sparse50-sparsegpt-recon")
+SPARSE50_ROWS = (
+    "sparse50-wanda",
+    "sparse50-sparsegpt",
+    "sparse50-sparsegpt-recon",
+    "sparse50-sparsegpt-recon-alloc",
+)
 SPARSE24_ROWS = ("sparse24-wanda", "sparse24-sparsegpt", "sparse24-sparsegpt-recon")
 
 

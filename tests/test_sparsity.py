@@ -152,6 +152,35 @@ def test_reconstruction_of_a_model_without_repeated_blocks():
     assert errors[1] < 0.8 * errors[0]
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_sensitivity_allocation_keeps_each_blocks_ratio_and_lowers_the_error(method):
+    model, inputs = zoo.gpt_decoder()
+    data = mp.parity_inputs(inputs, count=8, seed=1)
+    held_out = mp.parity_inputs(inputs, count=4, seed=7)
+    base = {"method": method, "calibration_batches": 8}
+
+    def error(small: nn.Module) -> float:
+        with torch.no_grad():
+            pairs = [(small(*x), model(*x)) for x in held_out]
+        return sum(float((a - b).pow(2).mean() / b.pow(2).mean()) for a, b in pairs) / len(pairs)
+
+    uniform = mp.compress(model, [mp.SparsityConfig(**base)], data)
+    spread = mp.compress(model, [mp.SparsityConfig(**base, allocation="sensitivity")], data)
+    for block in ("layers.0.", "layers.1."):
+        weights = [
+            (m.dense_weight() if isinstance(m, SparseLayer) else m.weight)
+            for n, m in spread.named_modules()
+            if block in n and isinstance(m, (SparseLayer, nn.Linear)) and not n.endswith(".inner")
+        ]
+        zeros = [float((w == 0).float().mean()) for w in weights]
+        assert len(zeros) == 7
+        assert all(0.15 - 0.01 <= z <= 0.85 + 0.01 for z in zeros)  # ratio +- allocation_range
+        assert max(zeros) - min(zeros) > 0.05  # the layers differ
+        pruned = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        assert abs(pruned - 0.5) < 0.01  # the block's total is kept
+    assert error(spread) < error(uniform)
+
+
 def test_global_magnitude_ranks_layers_together():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
@@ -175,6 +204,10 @@ def test_global_magnitude_ranks_layers_together():
         ({"reconstruct_epochs": 1.5}, "whole number"),
         ({"reconstruct_lr": 2.0}, "reconstruct_lr"),
         ({"reconstruct_epochs": 1, "method": "magnitude", "scope": "global"}, "scope: layer"),
+        ({"allocation": "owl"}, "allocation="),
+        ({"allocation": "sensitivity", "method": "magnitude"}, "wanda or sparsegpt"),
+        ({"allocation": "sensitivity", "pattern": "2:4"}, "pattern: unstructured"),
+        ({"allocation": "sensitivity", "ratio": 0.9}, "allocation_range"),
     ],
 )
 def test_bad_configs_say_what_to_change(fields, message):

@@ -11,6 +11,7 @@ load the model, so sparsity alone buys no speed. The report says so.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, Literal
@@ -23,7 +24,7 @@ from modelpress.errors import DataError, RecipeError
 from modelpress.ops.sparse import lowest_mask, nm_mask, parse_pattern, sparsegpt_prune, wanda_scores
 from modelpress.techniques.blockwise import BlockStep, calibrate_blockwise
 from modelpress.techniques.gptq import collect_hessians
-from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer, SparseLayer
+from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer, SparseLayer, call_with_weight
 from modelpress.techniques.reconstruct import SparseFit, check_reconstruct, reconstruct
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
@@ -58,6 +59,12 @@ class SparsityConfig:
     # towards the unmodified model's output there (0: off). Needs calibration data, also for magnitude.
     reconstruct_epochs: int = 0
     reconstruct_lr: float = 1e-3
+    # How the ratio is spread over the layers: "uniform" (each layer pruned to `ratio`) or "sensitivity"
+    # (wanda/sparsegpt, unstructured: within each block the layers' weights are ranked together by the
+    # error their removal adds to the block's output, so robust layers give more; each layer's ratio stays
+    # within `ratio` +- `allocation_range` and each block's total is exactly `ratio`; `_allocate`).
+    allocation: Literal["uniform", "sensitivity"] = "uniform"
+    allocation_range: float = 0.35
     layers: tuple[Literal["linear", "conv"], ...] = ("linear",)
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
@@ -94,6 +101,23 @@ class SparsityConfig:
                 "sparsity: calibration_batches and block_size must be at least 1, damp in [0, 10)."
             )
         check_reconstruct("sparsity", self.reconstruct_epochs, self.reconstruct_lr, "1 epoch at 1e-3")
+        if self.allocation not in ("uniform", "sensitivity"):
+            raise RecipeError(
+                f"sparsity: allocation={self.allocation!r} is unknown; choose 'uniform' or 'sensitivity'."
+            )
+        if self.allocation == "sensitivity":
+            if self.method == "magnitude" or nm is not None:
+                raise RecipeError(
+                    "sparsity: allocation: sensitivity ranks weights by their effect on each block's output "
+                    "on calibration data; it needs method wanda or sparsegpt and pattern: unstructured (N:M "
+                    "fixes every layer's density)."
+                )
+            target = 1.0 - self.density
+            if not 0 < self.allocation_range <= min(target, 1.0 - target):
+                raise RecipeError(
+                    f"sparsity: allocation_range={self.allocation_range} must be in (0, "
+                    f"{min(target, 1.0 - target):g}]: each layer's ratio stays within ratio +- this, inside [0, 1]."
+                )
         if self.reconstruct_epochs and self.scope == "global":
             raise RecipeError("sparsity: reconstruct_epochs works block by block; use scope: layer with it.")
         bad = [k for k in self.layers if k not in _TYPES]
@@ -126,13 +150,131 @@ def _flat(module: nn.Module) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def layer_mask(module: nn.Module, config: SparsityConfig, scores: torch.Tensor | None = None) -> torch.Tensor:
-    """The keep-mask (out, in * kernel) of one layer from `scores` (default |W|)."""
+def layer_mask(
+    module: nn.Module,
+    config: SparsityConfig,
+    scores: torch.Tensor | None = None,
+    ratio: float | None = None,
+) -> torch.Tensor:
+    """The keep-mask (out, in * kernel) of one layer from `scores` (default |W|), pruning `ratio` (default
+    the config's)."""
     scores = _flat(module).abs() if scores is None else scores
     nm = config.nm
     if nm is not None:
         return nm_mask(scores, *nm)
-    return lowest_mask(scores, 1.0 - config.density, per_row=config.method == "wanda")
+    ratio = 1.0 - config.density if ratio is None else ratio
+    return lowest_mask(scores, ratio, per_row=config.method == "wanda")
+
+
+_GAIN_ITEMS = 4  # calibration items the output gains are measured on
+_GAIN_NOISE = 0.05  # relative size of the weight perturbation that measures them
+
+
+def _output_gains(step: BlockStep) -> dict[str, float]:
+    """For each of the step's layers: how much squared error the block's output gets per unit of squared
+    error in that layer's output, measured by perturbing the layer's weight (seeded noise of 5% of each
+    weight) on a few calibration items of the unmodified block."""
+    calls = (step.reference or step.inputs())[:_GAIN_ITEMS]
+    generator = torch.Generator().manual_seed(0)
+    gains: dict[str, float] = {}
+    with torch.no_grad():
+        base = [step.forward(c).float() for c in calls]
+        for name, module in step.layers.items():
+            weight = _weight(module).detach()
+            noisy = weight + _GAIN_NOISE * weight * torch.randn(weight.shape, generator=generator).to(weight)
+            layer_error = [0.0]
+
+            def perturb(
+                m: nn.Module,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                out: torch.Tensor,
+                noisy: torch.Tensor = noisy,
+                layer_error: list[float] = layer_error,
+            ) -> torch.Tensor:
+                new = call_with_weight(m, noisy, args, kwargs)
+                layer_error[0] += float((new - out).float().pow(2).sum())
+                return new
+
+            handle = module.register_forward_hook(perturb, with_kwargs=True)
+            try:
+                block_error = sum(
+                    float((step.forward(c).float() - b).pow(2).sum())
+                    for c, b in zip(calls, base, strict=True)
+                )
+            finally:
+                handle.remove()
+            gains[name] = block_error / layer_error[0] if layer_error[0] > 0 else 0.0
+    return gains
+
+
+def _allocate(config: SparsityConfig, step: BlockStep, hessians: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-layer pruning ratios for `allocation: sensitivity`.
+
+    Each weight's saliency is the squared error its removal adds to its layer's output (SparseGPT: w^2 /
+    [H^-1]_jj, the OBS cost with the other weights compensating; Wanda: w^2 H_jj, without) times the
+    layer's output gain (`_output_gains`), which puts every layer in units of the block's output error.
+    The block's weights are ranked together and its lowest `ratio` are the ones to prune; each layer's
+    share, clamped to `ratio` +- `allocation_range`, is its ratio (the threshold is found by bisection so
+    that the block's total stays `ratio`). On SmolLM2 (first 10 blocks pruned, SparseGPT + reconstruction,
+    perplexity over 8k tokens, fp32 21.05) uniform 50% gave 24.74; this gave 24.27 with ratios within
+    0.5 +- 0.2 and 24.09 within 0.5 +- 0.35 (it pruned q/k hardest and v least), where fixed splits were
+    worse (attention 70% / MLP 43%: 24.89; 30% / 57%: 26.00).
+    """
+    target = 1.0 - config.density
+    low, high = target - config.allocation_range, target + config.allocation_range
+    gains = _output_gains(step)
+    sorted_scores: dict[str, torch.Tensor] = {}
+    for name, module in step.layers.items():
+        if name not in hessians:
+            continue
+        h = hessians[name].double().clone()
+        diag = torch.diagonal(h)
+        diag[diag == 0] = 1.0
+        if config.method == "sparsegpt":
+            diag.add_(config.damp * diag.mean())
+            cost = torch.linalg.inv(h).diagonal().reciprocal()
+        else:
+            cost = diag
+        scores = _flat(module).double().pow(2) * cost.clamp_min(0)[None, :] * gains[name]
+        sorted_scores[name] = scores.flatten().sort().values
+    if not sorted_scores:
+        return {}
+    sizes = {name: v.numel() for name, v in sorted_scores.items()}
+    total = sum(sizes.values())
+
+    def ratios(threshold: float) -> dict[str, float]:
+        return {
+            name: min(max(float(torch.searchsorted(v, threshold)) / sizes[name], low), high)
+            for name, v in sorted_scores.items()
+        }
+
+    def pruned(threshold: float) -> float:
+        r = ratios(threshold)
+        return sum(r[n] * sizes[n] for n in r) / total
+
+    # Bisection on the log threshold: the pruned fraction grows with it.
+    everything = torch.cat(list(sorted_scores.values()))
+    positive = everything[everything > 0]
+    lo = math.log(float(positive.min())) - 1.0 if positive.numel() else -700.0
+    hi = math.log(float(everything.max()) + 1e-300) + 1.0
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        if pruned(math.exp(mid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    out = ratios(math.exp(hi))
+    # Rounding of the clamps can leave the total a hair off: spread the rest over the unclamped layers.
+    free = [n for n, r in out.items() if low < r < high] or list(out)
+    rest = (target * total - sum(out[n] * sizes[n] for n in out)) / sum(sizes[n] for n in free)
+    out = {n: min(max(r + (rest if n in free else 0.0), 0.0), 1.0) for n, r in out.items()}
+    log.info(
+        "sparsity: '%s' ratios by sensitivity: %s",
+        step.name or "model",
+        ", ".join(f"{n.rsplit('.', 1)[-1]} {r:.2f}" for n, r in out.items()),
+    )
+    return out
 
 
 # Below this many weights the bitmask-decoding graph (~1.5 KB per layer) costs more than it saves: such
@@ -185,6 +327,8 @@ def _prune(
             for mask in [layer_mask(module, config)]
         }
     accumulators = collect_hessians(step, record_targets=reconstructing)
+    hessians = {name: acc.hessian() for name, acc in accumulators.items()}
+    ratios = _allocate(config, step, hessians) if config.allocation == "sensitivity" else {}
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, module in step.layers.items():
         if name not in accumulators:
@@ -192,17 +336,18 @@ def _prune(
             mask = layer_mask(module, config)
             out[name] = (_flat(module) * mask, mask)
             continue
-        hessian = accumulators[name].hessian()
+        hessian = hessians[name]
         weight = _flat(module)
+        ratio = ratios.get(name, 1.0 - config.density)
         if config.method == "wanda":
-            mask = layer_mask(module, config, wanda_scores(weight, torch.diagonal(hessian).float()))
+            mask = layer_mask(module, config, wanda_scores(weight, torch.diagonal(hessian).float()), ratio)
             out[name] = (weight * mask, mask)
             continue
         try:
             pruned = sparsegpt_prune(
                 weight,
                 hessian,
-                ratio=1.0 - config.density,
+                ratio=ratio,
                 nm=config.nm,
                 damp=config.damp,
                 block_size=config.block_size,
