@@ -219,7 +219,8 @@ def _allocate(config: SparsityConfig, step: BlockStep, hessians: dict[str, torch
     that the block's total stays `ratio`). On SmolLM2 (first 10 blocks pruned, SparseGPT + reconstruction,
     perplexity over 8k tokens, fp32 21.05) uniform 50% gave 24.74; this gave 24.27 with ratios within
     0.5 +- 0.2 and 24.09 within 0.5 +- 0.35 (it pruned q/k hardest and v least), where fixed splits were
-    worse (attention 70% / MLP 43%: 24.89; 30% / 57%: 26.00).
+    worse (attention 70% / MLP 43%: 24.89; 30% / 57%: 26.00). The whole model (range 0.35, 128 windows,
+    32k tokens in ONNX Runtime): 31.40 uniform, 30.66 with this (fp32 20.72).
     """
     target = 1.0 - config.density
     low, high = target - config.allocation_range, target + config.allocation_range
@@ -231,11 +232,14 @@ def _allocate(config: SparsityConfig, step: BlockStep, hessians: dict[str, torch
         h = hessians[name].double().clone()
         diag = torch.diagonal(h)
         diag[diag == 0] = 1.0
+        cost = diag
         if config.method == "sparsegpt":
             diag.add_(config.damp * diag.mean())
-            cost = torch.linalg.inv(h).diagonal().reciprocal()
-        else:
-            cost = diag
+            inverse, info = torch.linalg.inv_ex(h)
+            if int(info) == 0:
+                cost = inverse.diagonal().reciprocal()
+            else:  # singular even when damped (SparseGPT will say so): rank it without compensation
+                log.warning("sparsity: layer '%s': Hessian not invertible; ranked by w^2 H_jj.", name)
         scores = _flat(module).double().pow(2) * cost.clamp_min(0)[None, :] * gains[name]
         sorted_scores[name] = scores.flatten().sort().values
     if not sorted_scores:
