@@ -661,8 +661,8 @@ METHODS: dict[str, Method] = {
     # The same with local reconstruction: after each decoder block is pruned, its kept weights are trained
     # (Adam, masks fixed) towards the unpruned model's block output on the same calibration windows.
     **{
-        f"sparse{tag}-sparsegpt-recon": Method(
-            f"sparse{tag}-sparsegpt-recon",
+        f"sparse{tag}-sparsegpt-recon{suffix}": Method(
+            f"sparse{tag}-sparsegpt-recon{suffix}",
             "modelpress",
             ("onnxruntime", "openvino"),
             build_recipe(
@@ -674,6 +674,7 @@ METHODS: dict[str, Method] = {
                         calibration_batches=windows,
                         reconstruct_epochs=1,
                         reconstruct_lr=lr,
+                        **extra,
                     )
                 ]
             ),
@@ -682,35 +683,21 @@ METHODS: dict[str, Method] = {
             isolate=True,
         )
         # 2:4 leaves ~1.8x the error of 50% unstructured to undo: 2e-3 gave 3-5% lower error than 1e-3 on the
-        # first 6 blocks (NOTES.md, 2026-12-01 fifth session); 50% keeps the default.
-        for tag, pattern, lr, windows in (
-            ("50", "unstructured", 1e-3, SMOLLM2_SPARSITY_50_RECON_WINDOWS),
-            ("24", "2:4", 2e-3, SMOLLM2_SPARSITY_WINDOWS),
+        # first 6 blocks (NOTES.md, 2026-12-01 fifth session); 50% keeps the default. "-alloc": the layers'
+        # ratios spread by sensitivity inside each block (each block still at 50%, every layer in 15-85%).
+        for tag, suffix, pattern, lr, windows, extra in (
+            ("50", "", "unstructured", 1e-3, SMOLLM2_SPARSITY_50_RECON_WINDOWS, {}),
+            ("24", "", "2:4", 2e-3, SMOLLM2_SPARSITY_WINDOWS, {}),
+            (
+                "50",
+                "-alloc",
+                "unstructured",
+                1e-3,
+                SMOLLM2_SPARSITY_50_RECON_WINDOWS,
+                {"allocation": "sensitivity", "allocation_range": SMOLLM2_ALLOCATION_RANGE},
+            ),
         )
     },
-    # 50% SparseGPT + reconstruction with the layers' ratios spread by sensitivity inside each block (each
-    # block still at 50%; every layer between 15% and 85%).
-    "sparse50-sparsegpt-recon-alloc": Method(
-        "sparse50-sparsegpt-recon-alloc",
-        "modelpress",
-        ("onnxruntime", "openvino"),
-        build_recipe(
-            [
-                mp.SparsityConfig(
-                    method="sparsegpt",
-                    targets=(r"re:.*\.layers\.\d+\..*",),
-                    calibration_batches=SMOLLM2_SPARSITY_50_RECON_WINDOWS,
-                    reconstruct_epochs=1,
-                    reconstruct_lr=1e-3,
-                    allocation="sensitivity",
-                    allocation_range=SMOLLM2_ALLOCATION_RANGE,
-                )
-            ]
-        ),
-        needs_calibration=True,
-        assets=("smollm2",),
-        isolate=True,
-    ),
     # ---- peer tools, same run, same measurements (benchmarks/peers.py) ----
     "tp-pruned-50": Method(
         "tp-pruned-50",

@@ -62,6 +62,16 @@ def wanda_scores(weight: torch.Tensor, hessian_diag: torch.Tensor) -> torch.Tens
     return weight.abs() * hessian_diag.clamp_min(0).sqrt()[None, :]
 
 
+def damped_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """A float64 copy of `hessian` as SparseGPT solves with it: dead inputs (zero diagonal) get 1, so no
+    error spreads to or from them, and `damp` times the mean diagonal is added to the diagonal."""
+    h = hessian.detach().double().clone()
+    diag = torch.diagonal(h)
+    diag[diag == 0] = 1.0
+    diag.add_(damp * diag.mean())
+    return h
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -86,10 +96,7 @@ def sparsegpt_prune(
         block_size -= block_size % nm[1]
     k = weight.shape[1]
     w = weight.detach().float().clone()
-    h = hessian.detach().double().clone()
-    diag = torch.diagonal(h)
-    diag[diag == 0] = 1.0  # dead inputs: no error spreads to or from them
-    diag.add_(damp * diag.mean())
+    h = damped_hessian(hessian, damp)
     try:
         hinv = upper_cholesky_of_inverse(h[None])[0].float()
     except torch.linalg.LinAlgError as exc:
@@ -143,6 +150,7 @@ def scatter_kept(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "damped_hessian",
     "lowest_mask",
     "nm_mask",
     "pack_mask",
