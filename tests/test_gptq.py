@@ -445,3 +445,29 @@ def test_reconstruction_after_gptq_lowers_the_held_out_error():
     assert all(not p.requires_grad or p.grad is None for p in rebuilt.parameters())
     with pytest.raises(mp.RecipeError, match="reconstruct_lr"):
         GPTQConfig(reconstruct_epochs=1, reconstruct_lr=0.0)
+
+
+def test_blocks_before_the_first_selected_layer_run_once_per_item():
+    model, _ = zoo.gpt_decoder()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers.1." in n}
+    calls: list[str] = []
+    block = model.get_submodule("lm.model.layers.0")
+    handle = block.register_forward_hook(lambda *_a: calls.append("0"))  # runs that complete
+
+    def process(step: BlockStep) -> dict[str, nn.Module]:
+        step.compute_targets()
+        return {}
+
+    calibrate_blockwise(
+        model,
+        mp.Dataset(_lm_data()),
+        layers=layers,
+        batches=10,
+        process=process,
+        rerun=True,
+        owner="t",
+        targets=True,
+    )
+    handle.remove()
+    # The chain check runs it once; then each of the 4 items once: its output is both chains' next input.
+    assert len(calls) == 1 + 4

@@ -437,6 +437,7 @@ def calibrate_blockwise(
     log.info("%s: %d blocks, %d calibration items cached", owner, len(blocks), len(calls))
     inside: set[str] = set()
     dense = [c.hidden() for c in calls] if targets else None  # the unmodified model's hidden states
+    changed = False  # whether a block before this one was processed (the two chains differ from there)
     for i, name in enumerate(blocks):
         start = time.perf_counter()
         # Compressed layers (an earlier block's, or this one's once replaced) decode their weight once per
@@ -457,10 +458,13 @@ def calibrate_blockwise(
             if held:
                 model = _apply(model, process(step))
                 outputs = step.outputs
+                changed = True
             if dense is not None:
                 if step.targets is None:
                     raise RuntimeError(f"{owner}: the process did not record the reconstruction targets")
                 dense = step.targets
+                if not changed:  # both chains are still the unmodified model: one pass serves both
+                    outputs = dense
             if i + 1 < len(blocks):
                 if outputs is None:
                     outputs = _rerun(model.get_submodule(name), calls, fast=fast_rerun and dense is not None)
@@ -486,11 +490,10 @@ def calibrate_blockwise(
 
 def _rerun(block: nn.Module, calls: list[_Call], *, fast: bool) -> list[torch.Tensor]:
     """The block's outputs for the calls: the next block's inputs. `fast` (when reconstructing): under bf16
-    autocast where the CPU has bf16 units, about 1.7x faster (GPTQ's reconstruction uses it; sparsity's was
-    measured without it and keeps fp32). These inputs then only feed reconstruction,
-    which itself trains under autocast, and the residual stream stays fp32 (a SmolLM2 block's output moves
-    by 1.4e-5 relative MSE, under 1% of a block's reconstruction loss); the Hessians and targets come from
-    the unmodified chain (under autocast too with `fast_reference`)."""
+    autocast where the CPU has bf16 units, about 1.7x faster (GPTQ's and sparsity's reconstruction use it).
+    These inputs then only feed reconstruction, which itself trains under autocast, and the residual stream
+    stays fp32 (a SmolLM2 block's output moves by 1.4e-5 relative MSE, under 1% of a block's reconstruction
+    loss); the Hessians and targets come from the unmodified chain (under autocast too with `fast_reference`)."""
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast and bf16_supported()):
         outputs = [_first_tensor(block(*c.args, **c.kwargs)) for c in calls]
     return [o.to(c.hidden().dtype) for o, c in zip(outputs, calls, strict=True)]

@@ -443,6 +443,10 @@ def sparsity(model: nn.Module, config: SparsityConfig, data: Dataset | Any = Non
             rerun=True,
             owner="sparsity",
             targets=config.reconstruct_epochs > 0,
+            # bf16 reference and rerun passes where the CPU has bf16 units: 10 SmolLM2 blocks pruned with
+            # reconstruction, perplexity 24.0948 in fp32 and 24.0957 this way, in 0.8x the time.
+            fast_rerun=config.reconstruct_epochs > 0,
+            fast_reference=config.reconstruct_epochs > 0,
         )
     stored = [m for m in model.modules() if isinstance(m, SparseLayer)]
     kept = sum(int(m.values.numel()) for m in stored)
