@@ -264,14 +264,8 @@ def test_blockwise_feeds_each_layer_its_real_inputs(factory, data, blocks, caplo
             assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_blocks_after_the_last_selected_layer_are_not_run():
-    model, _ = zoo.gpt_decoder()
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers.0." in n}
-    calls: list[str] = []
-    handles = [
-        model.get_submodule(b).register_forward_pre_hook(lambda *_a, b=b: calls.append(b))
-        for b in ("lm.model.layers.0", "lm.model.layers.1")
-    ]
+def _calibrate_recording_targets(model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
+    """Block-wise calibration with targets whose process only records them; the names of the steps."""
     steps: list[str] = []
 
     def process(step: BlockStep) -> dict[str, nn.Module]:
@@ -289,6 +283,18 @@ def test_blocks_after_the_last_selected_layer_are_not_run():
         owner="t",
         targets=True,
     )
+    return steps
+
+
+def test_blocks_after_the_last_selected_layer_are_not_run():
+    model, _ = zoo.gpt_decoder()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers.0." in n}
+    calls: list[str] = []
+    handles = [
+        model.get_submodule(b).register_forward_pre_hook(lambda *_a, b=b: calls.append(b))
+        for b in ("lm.model.layers.0", "lm.model.layers.1")
+    ]
+    steps = _calibrate_recording_targets(model, layers)
     for h in handles:
         h.remove()
     assert steps == ["lm.model.layers.0"]
@@ -453,21 +459,7 @@ def test_blocks_before_the_first_selected_layer_run_once_per_item():
     calls: list[str] = []
     block = model.get_submodule("lm.model.layers.0")
     handle = block.register_forward_hook(lambda *_a: calls.append("0"))  # runs that complete
-
-    def process(step: BlockStep) -> dict[str, nn.Module]:
-        step.compute_targets()
-        return {}
-
-    calibrate_blockwise(
-        model,
-        mp.Dataset(_lm_data()),
-        layers=layers,
-        batches=10,
-        process=process,
-        rerun=True,
-        owner="t",
-        targets=True,
-    )
+    _calibrate_recording_targets(model, layers)
     handle.remove()
     # The chain check runs it once; then each of the 4 items once: its output is both chains' next input.
     assert len(calls) == 1 + 4

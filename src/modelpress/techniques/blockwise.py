@@ -508,5 +508,6 @@ def _tensor_output(step: BlockStep) -> bool:
 
 
 def _outputs(step: BlockStep, calls: list[_Call]) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [step.forward(c) for c in calls]
+    """The step's block outputs for the calls, under bf16 autocast where the step asks for it (as `run`)."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=step.autocast):
+        return [step.forward(c).float() if step.autocast else step.forward(c) for c in calls]
