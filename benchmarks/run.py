@@ -426,6 +426,9 @@ SMOLLM2_SPARSITY_WINDOWS = 80  # of the 128 calibration windows: keeps a build i
 SMOLLM2_SPARSITY_50_RECON_WINDOWS = 128
 # Sensitivity allocation: each layer's ratio within 50% +- this (NOTES.md, 2026-12-03).
 SMOLLM2_ALLOCATION_RANGE = 0.35
+# "-kd": after the block-by-block pass, this many steps (calibration windows) of KL distillation from the
+# unpruned model, masks fixed, at recover_lr 1e-4 (3e-4 was worse, NOTES.md, 2026-12-03 twelfth session).
+SMOLLM2_RECOVER_STEPS = 32
 # GPTQ + reconstruction: all the calibration windows (the reconstruction's data is what counts).
 SMOLLM2_GPTQ_RECON_WINDOWS = 128
 
@@ -695,6 +698,21 @@ METHODS: dict[str, Method] = {
                 1e-3,
                 SMOLLM2_SPARSITY_50_RECON_WINDOWS,
                 {"allocation": "sensitivity", "allocation_range": SMOLLM2_ALLOCATION_RANGE},
+            ),
+            (
+                "50",
+                "-alloc-kd",
+                "unstructured",
+                1e-3,
+                SMOLLM2_SPARSITY_50_RECON_WINDOWS,
+                {
+                    "allocation": "sensitivity",
+                    "allocation_range": SMOLLM2_ALLOCATION_RANGE,
+                    "recover": "distill",
+                    "recover_distill": "kl",
+                    "recover_steps": SMOLLM2_RECOVER_STEPS,
+                    "recover_lr": 1e-4,
+                },
             ),
         )
     },
@@ -1141,6 +1159,7 @@ SPARSE50_ROWS = (
     "sparse50-sparsegpt",
     "sparse50-sparsegpt-recon",
     "sparse50-sparsegpt-recon-alloc",
+    "sparse50-sparsegpt-recon-alloc-kd",
 )
 SPARSE24_ROWS = ("sparse24-wanda", "sparse24-sparsegpt", "sparse24-sparsegpt-recon")
 
@@ -1499,7 +1518,8 @@ CRITERIA: list[Criterion] = [
         "same-run peer",
     ),
     # Issue 4: one-shot sparsity of the decoder Linears. Rows with local reconstruction are one-shot too
-    # (the same calibration windows, inside the same block-by-block pass); the best row present counts.
+    # (the same calibration windows, inside the same block-by-block pass), and so is "-kd", whose short
+    # distillation afterwards trains on those windows inside the same 10 minutes; the best row present counts.
     Criterion(
         "smollm2",
         "perplexity 50% unstructured, best of Wanda / SparseGPT (onnxruntime)",

@@ -18,6 +18,7 @@ from modelpress.ops.sparse import (
     unpack_mask,
     wanda_scores,
 )
+from modelpress.techniques.finetune import kl_loss
 from modelpress.techniques.quantized import SparseLayer
 
 
@@ -154,6 +155,55 @@ def test_reconstruction_of_a_model_without_repeated_blocks():
     assert errors[1] < 0.8 * errors[0]
 
 
+def _held_out_kl(model: nn.Module, small: nn.Module, held_out: list) -> float:
+    with torch.no_grad():
+        return sum(float(kl_loss(small(*x), model(*x), owner="test")) for x in held_out) / len(held_out)
+
+
+def test_recovery_distills_the_kept_weights_with_the_masks_fixed():
+    model, inputs = zoo.gpt_decoder()
+    data = mp.parity_inputs(inputs, count=16, seed=1)
+    held_out = mp.parity_inputs(inputs, count=4, seed=7)
+    base = {"method": "wanda", "calibration_batches": 16}
+    plain = mp.compress(model, [mp.SparsityConfig(**base)], data)
+    recovered = mp.compress(
+        model,
+        [
+            mp.SparsityConfig(
+                **base, recover="distill", recover_distill="kl", recover_epochs=4, recover_lr=3e-3
+            )
+        ],
+        data,
+    )
+    assert _held_out_kl(model, recovered, held_out) < 0.8 * _held_out_kl(model, plain, held_out)
+    sparse = {n: m for n, m in plain.named_modules() if isinstance(m, SparseLayer)}
+    assert len(sparse) == 11  # q, o, gate, up, down of each block (k and v are small) and the LM head
+    for name, layer in recovered.named_modules():
+        if isinstance(layer, SparseLayer):  # the same masks, new kept values
+            assert torch.equal(layer.bitmask, sparse[name].bitmask), name
+            assert not torch.equal(layer.values, sparse[name].values), name
+    assert all(p.grad is None for p in recovered.parameters())
+
+
+def test_task_recovery_trains_on_labeled_items():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    xs = [torch.randn(32, 64) for _ in range(12)]
+    with torch.no_grad():
+        data = [(x, model(x).argmax(-1)) for x in xs]  # the dense model's labels: the task it solves
+    config = {"method": "magnitude", "ratio": 0.7}
+    plain = mp.compress(model, [mp.SparsityConfig(**config)], data)
+    recovered = mp.compress(
+        model, [mp.SparsityConfig(**config, recover="task", recover_epochs=5, recover_lr=3e-3)], data
+    )
+    x = torch.randn(256, 64)
+    with torch.no_grad():
+        labels = model(x).argmax(-1)
+        accuracy = [float((m(x).argmax(-1) == labels).float().mean()) for m in (plain, recovered)]
+    assert accuracy[1] > accuracy[0] + 0.02
+    assert abs(float((recovered[0].dense_weight() == 0).float().mean()) - 0.7) < 0.01
+
+
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
 def test_sensitivity_allocation_keeps_each_blocks_ratio_and_lowers_the_error(method):
     model, inputs = zoo.gpt_decoder()
@@ -206,6 +256,11 @@ def test_global_magnitude_ranks_layers_together():
         ({"allocation": "sensitivity", "pattern": "2:4"}, "pattern: unstructured"),
         ({"allocation": "sensitivity", "ratio": 0.9}, "allocation_range"),
         ({"allocation": "sensitivity", "allocation_range": "wide"}, "allocation_range"),
+        ({"recover": "finetune"}, "recover="),
+        ({"recover_distill": "l2"}, "recover_distill"),
+        ({"recover_epochs": 0}, "recover_epochs"),
+        ({"recover_steps": 0}, "recover_steps"),
+        ({"recover_lr": 0.0}, "recover_lr"),
     ],
 )
 def test_bad_configs_say_what_to_change(fields, message):
@@ -220,4 +275,6 @@ def test_data_methods_need_data_and_the_model_is_untouched():
         mp.compress(model, [mp.SparsityConfig(method="wanda")])
     with pytest.raises(DataError, match="reconstruct_epochs needs calibration data"):
         mp.compress(model, [mp.SparsityConfig(method="magnitude", reconstruct_epochs=1)])
+    with pytest.raises(DataError, match="recover: distill trains on data"):
+        mp.compress(model, [mp.SparsityConfig(method="magnitude", recover="distill")])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

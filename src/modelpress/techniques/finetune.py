@@ -1,12 +1,14 @@
 """Fine-tuning loops shared by the techniques that train: QAT and the recovery step of pruning.
 
 The model trains in eval mode (BatchNorm keeps its running statistics, dropout is off, as in deployment)
-with Adam, either matching a frozen teacher's outputs (`loss="distill"`, unlabeled inputs) or by
+with Adam, either matching a frozen teacher's outputs (`loss="distill"`, unlabeled inputs: relative MSE of
+the outputs, or `distill="kl"`: KL divergence of the softmax over the last dim, for logits) or by
 cross-entropy on `(inputs, labels)` items (`loss="task"`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Any], torch.Tensor]  # (model outputs, labels or teacher outputs) -> scalar loss
 LossKind = Literal["distill", "task"]
+DistillKind = Literal["mse", "kl"]
 
 _LOG_EVERY = 50  # steps between progress lines
 
@@ -56,6 +59,25 @@ def distill_loss(out: Any, reference: Any, *, owner: str) -> torch.Tensor:
         for g, w in zip(got, want, strict=True)
     ]
     return torch.stack(terms).sum()
+
+
+def kl_loss(out: Any, reference: Any, *, owner: str) -> torch.Tensor:
+    """KL(teacher || model) of the softmax over the last dim of the first float output (the logits of a
+    classifier or a language model), averaged over the other positions (rows, tokens).
+
+    For logits this is what matters downstream; relative MSE of the logits weighs the many unlikely classes
+    as much as the likely ones (a pruned SmolLM2 fitted by it got worse: NOTES.md, 2026-12-03)."""
+    got, want = _float_leaves(out), _float_leaves(reference)
+    if not got or not want or got[0].shape != want[0].shape:
+        raise DataError(
+            f"{owner}: distill 'kl' compares the first floating-point outputs (logits) of the model and the "
+            f"teacher, but they are {[tuple(t.shape) for t in got[:1]]} and {[tuple(t.shape) for t in want[:1]]}. "
+            "Use distill 'mse' for other outputs."
+        )
+    classes = got[0].shape[-1] if got[0].ndim else 1
+    log_p = F.log_softmax(got[0].float().reshape(-1, classes), dim=-1)
+    log_q = F.log_softmax(want[0].float().reshape(-1, classes), dim=-1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
 
 
 def task_loss(out: Any, labels: torch.Tensor, *, owner: str) -> torch.Tensor:
@@ -122,13 +144,17 @@ def finetune(
     owner: str,
     hint: str | None = None,
     logger: logging.Logger = log,
+    distill: DistillKind = "mse",
+    autocast: bool = False,
 ) -> float:
     """Train `param_groups` (Adam groups with their lr) of `model` on `data`; returns the mean loss.
 
+    `autocast`: the forward passes (model and teacher) run under bf16 autocast, the loss in fp32.
     Raises `DataError` on a non-finite loss before any update (bad data), `RecipeError` when training
     diverges, ending with `hint` (default: lower the learning rates). Progress goes to `logger`.
     """
-    optimizer = torch.optim.Adam(param_groups)
+    optimizer = torch.optim.Adam(param_groups, fused=True)  # one kernel per step, not one op per moment
+    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
     rates = ", ".join(str(g["lr"]) for g in param_groups)
     hint = hint or f"Lower the learning rate(s) (now {rates})."
     step = 0
@@ -139,18 +165,21 @@ def finetune(
         else:
             inputs = as_inputs(item, where=f"training item {index}")
             assert teacher is not None
-            with torch.no_grad():
+            with torch.no_grad(), precision():
                 target = teacher(*inputs)
         if any(t.numel() == 0 for t in inputs):
             raise DataError(
                 f"{owner}: training item {index} (epoch {epoch + 1}) is empty (shapes "
                 f"{[tuple(t.shape) for t in inputs]}); drop empty batches from the data."
             )
-        out = _run(model, inputs, index, owner)
+        with precision():
+            out = _run(model, inputs, index, owner)
         if loss_fn is not None:
             value = loss_fn(out, target)
         elif loss == "task":
             value = task_loss(out, target, owner=owner)
+        elif distill == "kl":
+            value = kl_loss(out, target, owner=owner)
         else:
             value = distill_loss(out, target, owner=owner)
         if not torch.isfinite(value):
@@ -190,9 +219,12 @@ def recover(
     teacher: nn.Module | None,
     owner: str,
     logger: logging.Logger = log,
+    distill: DistillKind = "mse",
+    autocast: bool = False,
 ) -> float:
     """The recovery step after pruning: fine-tune every trainable parameter of `model` (eval mode) by
-    distillation from `teacher` or by the task loss; returns the mean loss."""
+    distillation from `teacher` (`distill`: "mse" or "kl", see `finetune`) or by the task loss; returns
+    the mean loss."""
     model.eval()
     with torch.enable_grad():
         return finetune(
@@ -206,7 +238,19 @@ def recover(
             owner=owner,
             hint=f"Lower recover_lr (now {lr}).",
             logger=logger,
+            distill=distill,
+            autocast=autocast,
         )
 
 
-__all__ = ["LossFn", "LossKind", "distill_loss", "finetune", "labeled", "recover", "task_loss"]
+__all__ = [
+    "DistillKind",
+    "LossFn",
+    "LossKind",
+    "distill_loss",
+    "finetune",
+    "kl_loss",
+    "labeled",
+    "recover",
+    "task_loss",
+]

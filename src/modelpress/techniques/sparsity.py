@@ -10,8 +10,10 @@ load the model, so sparsity alone buys no speed. The report says so.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, Literal
@@ -27,9 +29,11 @@ from modelpress.ops.sparse import (
     nm_mask,
     parse_pattern,
     sparsegpt_prune,
+    unpack_mask,
     wanda_scores,
 )
-from modelpress.techniques.blockwise import BlockStep, calibrate_blockwise
+from modelpress.techniques.blockwise import BlockStep, bf16_supported, calibrate_blockwise
+from modelpress.techniques.finetune import labeled, recover
 from modelpress.techniques.gptq import collect_hessians
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer, SparseLayer, call_with_weight
 from modelpress.techniques.reconstruct import SparseFit, check_reconstruct, reconstruct
@@ -72,6 +76,16 @@ class SparsityConfig:
     # within `ratio` +- `allocation_range` and each block's total is exactly `ratio`; `_allocate`).
     allocation: Literal["uniform", "sensitivity"] = "uniform"
     allocation_range: float = 0.35
+    # Recovery once the whole model is pruned, the masks fixed (pruned weights stay 0): "distill" trains the
+    # kept weights of the sparse layers to match the unpruned model on the data's inputs (no labels), "task"
+    # by cross-entropy on (inputs, labels) items; `recover_distill`: "mse" (relative MSE of the outputs) or
+    # "kl" (KL divergence of the softmax over the last dim: logits of classifiers and language models).
+    # It runs under bf16 autocast where the CPU has bf16 units.
+    recover: Literal["none", "distill", "task"] = "none"
+    recover_epochs: int = 1
+    recover_steps: int | None = None  # stop after this many steps (batches) when set
+    recover_lr: float = 1e-4
+    recover_distill: Literal["mse", "kl"] = "mse"
     layers: tuple[Literal["linear", "conv"], ...] = ("linear",)
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
@@ -130,6 +144,26 @@ class SparsityConfig:
                     f"sparsity: allocation_range={self.allocation_range} must be in (0, "
                     f"{min(target, 1.0 - target):g}]: each layer's ratio stays within ratio +- this, inside [0, 1]."
                 )
+        if self.recover not in ("none", "distill", "task"):
+            raise RecipeError(
+                f"sparsity: recover={self.recover!r} is unknown; choose 'none', 'distill' or 'task'."
+            )
+        if self.recover_distill not in ("mse", "kl"):
+            raise RecipeError(
+                f"sparsity: recover_distill={self.recover_distill!r} is unknown; choose 'mse' (any outputs) "
+                "or 'kl' (logits)."
+            )
+        if not isinstance(self.recover_epochs, int) or self.recover_epochs < 1:
+            raise RecipeError(f"sparsity: recover_epochs={self.recover_epochs} must be a whole number >= 1.")
+        if self.recover_steps is not None and (
+            not isinstance(self.recover_steps, int) or self.recover_steps < 1
+        ):
+            raise RecipeError(
+                f"sparsity: recover_steps={self.recover_steps} must be a whole number >= 1, or null (whole "
+                "epochs); use recover: none for no recovery."
+            )
+        if not (isinstance(self.recover_lr, (int, float)) and 0 < self.recover_lr < 1):
+            raise RecipeError(f"sparsity: recover_lr={self.recover_lr} must be in (0, 1); 1e-4 is a start.")
         if self.reconstruct_epochs and self.scope == "global":
             raise RecipeError("sparsity: reconstruct_epochs works block by block; use scope: layer with it.")
         bad = [k for k in self.layers if k not in _TYPES]
@@ -406,8 +440,66 @@ def _select(model: nn.Module, config: SparsityConfig) -> dict[str, nn.Module]:
     return chosen
 
 
+def _recover(
+    model: nn.Module, names: list[str], data: Dataset, config: SparsityConfig, teacher: nn.Module | None
+) -> None:
+    """Fine-tune the kept weights of the sparse layers among `names`, masks fixed, and store them again.
+
+    Each `SparseLayer` becomes its dense layer for the duration, its gradient multiplied by the mask, so
+    Adam never moves a pruned weight off 0; every other parameter is frozen."""
+    swapped: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, SparseLayer):  # small layers keep their zeros dense: left as they are
+            continue
+        inner = layer.inner
+        mask = unpack_mask(layer.bitmask, layer.numel).reshape(layer.weight_shape)
+        inner.weight = nn.Parameter(layer.dense_weight())
+        inner.weight.register_hook(partial(torch.mul, other=mask))
+        set_submodule(model, name, inner)
+        swapped[name] = (inner, mask)
+    if not swapped:
+        log.warning("sparsity: no layer is stored sparse, so recovery has nothing to train; skipped.")
+        return
+    trainable = {id(inner.weight) for inner, _ in swapped.values()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
+    for p in frozen:
+        p.requires_grad_(False)
+    start = time.perf_counter()
+    try:
+        recover(
+            model,
+            data,
+            loss="task" if config.recover == "task" else "distill",
+            lr=config.recover_lr,
+            epochs=config.recover_epochs,
+            steps=config.recover_steps,
+            teacher=teacher,
+            owner="sparsity",
+            logger=log,
+            distill=config.recover_distill,
+            autocast=bf16_supported(),
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for name, (inner, mask) in swapped.items():
+            weight = _weight(inner).detach() * mask
+            del inner.weight
+            inner.weight = nn.Parameter(weight, requires_grad=False)
+            set_submodule(model, name, SparseLayer(inner, mask, bits=config.bits))
+    log.info(
+        "sparsity: recovery (%s%s) trained %d sparse layers, masks fixed, in %.1f s",
+        config.recover,
+        f", {config.recover_distill}" if config.recover == "distill" else "",
+        len(swapped),
+        time.perf_counter() - start,
+    )
+
+
 def sparsity(model: nn.Module, config: SparsityConfig, data: Dataset | Any = None) -> nn.Module:
-    """Prune the selected layers to `config.density` and store them as `SparseLayer`s.
+    """Prune the selected layers to `config.density` and store them as `SparseLayer`s; with `recover`,
+    then fine-tune the kept weights (masks fixed) on `data`.
 
     >>> small = sparsity(model, SparsityConfig(method="wanda"), Dataset(batches))  # doctest: +SKIP
     """
@@ -415,6 +507,15 @@ def sparsity(model: nn.Module, config: SparsityConfig, data: Dataset | Any = Non
     if not chosen:
         log.warning("sparsity: no layer matched (layers=%s); the model is unchanged.", list(config.layers))
         return model
+    training = as_dataset(data)
+    if config.recover != "none" and training is None:
+        raise DataError(
+            f"sparsity: recover: {config.recover} trains on data: pass `data=` to compress, or --data "
+            "file.py:fn on the command line; or set recover: none."
+        )
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.recover == "distill" else None
+    if config.recover == "task" and training is not None:  # the items are (inputs, labels)
+        data = Dataset(training, lambda item: labeled(item, "a data item", owner="sparsity")[0])
     if config.method == "magnitude" and not config.reconstruct_epochs:
         threshold = None
         if config.scope == "global":
@@ -449,6 +550,10 @@ def sparsity(model: nn.Module, config: SparsityConfig, data: Dataset | Any = Non
             fast_rerun=config.reconstruct_epochs > 0,
             fast_reference=config.reconstruct_epochs > 0,
         )
+    if config.recover != "none":
+        assert training is not None
+        _recover(model, list(chosen), training, config, teacher)
+        del teacher
     stored = [m for m in model.modules() if isinstance(m, SparseLayer)]
     kept = sum(int(m.values.numel()) for m in stored)
     log.info(
