@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import zoo
@@ -18,6 +20,7 @@ from modelpress.ops.sparse import (
     unpack_mask,
     wanda_scores,
 )
+from modelpress.techniques.blockwise import bf16_supported
 from modelpress.techniques.finetune import kl_loss
 from modelpress.techniques.quantized import SparseLayer
 
@@ -183,6 +186,29 @@ def test_recovery_distills_the_kept_weights_with_the_masks_fixed():
             assert torch.equal(layer.bitmask, sparse[name].bitmask), name
             assert not torch.equal(layer.values, sparse[name].values), name
     assert all(p.grad is None for p in recovered.parameters())
+
+
+def test_the_teacher_is_the_unpruned_model_also_with_int8_values(monkeypatch):
+    sparsity_module = importlib.import_module(
+        "modelpress.techniques.sparsity"
+    )  # the package exports the function
+
+    model, inputs = zoo.gpt_decoder()
+    data = mp.parity_inputs(inputs, count=4, seed=1)
+    seen = []
+
+    def check(pruned, _data, *, teacher, **_kw):  # runs where the recovery would train
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_supported()):
+            seen.append((teacher(*inputs).float(), model(*inputs).float(), pruned(*inputs).float()))
+        return 0.0
+
+    monkeypatch.setattr(sparsity_module, "recover", check)
+    for bits in (None, 8):  # int8: k and v are too small to store sparse (no float weight to swap)
+        config = mp.SparsityConfig(method="wanda", calibration_batches=4, bits=bits, recover="distill")
+        mp.compress(model, [config], data)
+        teacher, unpruned, pruned = seen[-1]
+        torch.testing.assert_close(teacher, unpruned)
+        assert not torch.allclose(pruned, unpruned, atol=1e-3)
 
 
 def test_task_recovery_trains_on_labeled_items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -61,6 +62,36 @@ def distill_loss(out: Any, reference: Any, *, owner: str) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
+_KL_ROWS = 64  # rows (tokens) per chunk in `_LogitKL`: a 64 x 49152 fp32 block is 12 MB
+
+
+class _LogitKL(torch.autograd.Function):
+    """KL(softmax(teacher) || softmax(student)) summed over the rows of (rows, classes) logits, computed in
+    chunks of rows in fp32 and saving only the two logit tensors for the backward: the plain composition
+    (upcast, log_softmax, kl_div) keeps several fp32 copies of the logits, ~0.5 GB for 512 tokens of a
+    49k-token vocabulary. The gradient is softmax(student) - softmax(teacher) per row."""
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32)
+        for start in range(0, student.shape[0], _KL_ROWS):
+            log_p = F.log_softmax(student[start : start + _KL_ROWS].float(), dim=-1)
+            log_q = F.log_softmax(teacher[start : start + _KL_ROWS].float(), dim=-1)
+            total += (log_q.exp() * (log_q - log_p)).sum()
+        ctx.save_for_backward(student, teacher)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        student, teacher = ctx.saved_tensors
+        out = torch.empty_like(student)
+        for start in range(0, student.shape[0], _KL_ROWS):
+            rows = slice(start, start + _KL_ROWS)
+            diff = F.softmax(student[rows].float(), dim=-1) - F.softmax(teacher[rows].float(), dim=-1)
+            out[rows] = (diff * grad).to(out.dtype)
+        return out, None
+
+
 def kl_loss(out: Any, reference: Any, *, owner: str) -> torch.Tensor:
     """KL(teacher || model) of the softmax over the last dim of the first float output (the logits of a
     classifier or a language model), averaged over the other positions (rows, tokens).
@@ -75,9 +106,9 @@ def kl_loss(out: Any, reference: Any, *, owner: str) -> torch.Tensor:
             "Use distill 'mse' for other outputs."
         )
     classes = got[0].shape[-1] if got[0].ndim else 1
-    log_p = F.log_softmax(got[0].float().reshape(-1, classes), dim=-1)
-    log_q = F.log_softmax(want[0].float().reshape(-1, classes), dim=-1)
-    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    student = got[0].reshape(-1, classes)
+    total = _LogitKL.apply(student, want[0].detach().reshape(-1, classes).to(student.dtype))
+    return total / student.shape[0]
 
 
 def task_loss(out: Any, labels: torch.Tensor, *, owner: str) -> torch.Tensor:
@@ -146,17 +177,72 @@ def finetune(
     logger: logging.Logger = log,
     distill: DistillKind = "mse",
     autocast: bool = False,
+    step_in_backward: bool = False,
 ) -> float:
     """Train `param_groups` (Adam groups with their lr) of `model` on `data`; returns the mean loss.
 
     `autocast`: the forward passes (model and teacher) run under bf16 autocast, the loss in fp32.
+    `step_in_backward`: each parameter has its own Adam, stepped as soon as its gradient is complete, so the
+    whole model's gradients never exist at once (same updates; ~0.4 GB less for a 135M-parameter model).
     Raises `DataError` on a non-finite loss before any update (bad data), `RecipeError` when training
     diverges, ending with `hint` (default: lower the learning rates). Progress goes to `logger`.
     """
-    optimizer = torch.optim.Adam(param_groups, fused=True)  # one kernel per step, not one op per moment
+    handles: list[Any] = []
+    optimizer: torch.optim.Optimizer | None = None
+    if step_in_backward:
+        for group in param_groups:
+            for p in group["params"]:
+                own = torch.optim.Adam([{**group, "params": [p]}], fused=True)
+                handles.append(p.register_post_accumulate_grad_hook(partial(_step_now, own)))
+    else:  # fused: one kernel per step, not one op per moment
+        optimizer = torch.optim.Adam(param_groups, fused=True)
+    try:
+        return _train(
+            model,
+            data,
+            optimizer,
+            loss=loss,
+            epochs=epochs,
+            steps=steps,
+            teacher=teacher,
+            loss_fn=loss_fn,
+            owner=owner,
+            hint=hint or _hint(param_groups),
+            logger=logger,
+            distill=distill,
+            autocast=autocast,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _step_now(optimizer: torch.optim.Optimizer, _param: torch.Tensor) -> None:
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _hint(param_groups: list[dict[str, Any]]) -> str:
+    return f"Lower the learning rate(s) (now {', '.join(str(g['lr']) for g in param_groups)})."
+
+
+def _train(
+    model: nn.Module,
+    data: Dataset,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    loss: LossKind,
+    epochs: int,
+    steps: int | None,
+    teacher: nn.Module | None,
+    loss_fn: LossFn | None,
+    owner: str,
+    hint: str,
+    logger: logging.Logger,
+    distill: DistillKind,
+    autocast: bool,
+) -> float:
     precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
-    rates = ", ".join(str(g["lr"]) for g in param_groups)
-    hint = hint or f"Lower the learning rate(s) (now {rates})."
     step = 0
     running = 0.0
     for epoch, index, item in _steps(data, epochs, steps, owner):
@@ -193,16 +279,19 @@ def finetune(
                 f"{owner}: training diverged: the loss became {float(value.detach())} at step {step + 1} "
                 f"(epoch {epoch + 1}). {hint}"
             )
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        value.backward()  # with step_in_backward, each parameter's Adam steps in here
+        if optimizer is not None:
+            optimizer.step()
         step += 1
         running += float(value.detach())
         if step % _LOG_EVERY == 0 or step == 1:
             log.info(
                 "%s: epoch %d/%d step %d loss %.4g", owner, epoch + 1, epochs, step, float(value.detach())
             )
-    optimizer.zero_grad(set_to_none=True)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     mean = running / max(step, 1)
     logger.info("%s: %d steps, mean loss %.4g", owner, step, mean)
     return mean
@@ -221,6 +310,7 @@ def recover(
     logger: logging.Logger = log,
     distill: DistillKind = "mse",
     autocast: bool = False,
+    step_in_backward: bool = False,
 ) -> float:
     """The recovery step after pruning: fine-tune every trainable parameter of `model` (eval mode) by
     distillation from `teacher` (`distill`: "mse" or "kl", see `finetune`) or by the task loss; returns
@@ -240,6 +330,7 @@ def recover(
             logger=logger,
             distill=distill,
             autocast=autocast,
+            step_in_backward=step_in_backward,
         )
 
 
