@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, Literal
@@ -245,6 +246,10 @@ def _train(
     precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
     step = 0
     running = 0.0
+    every = (
+        max(1, min(_LOG_EVERY, steps // 8)) if steps is not None else _LOG_EVERY
+    )  # ~8 lines for short runs
+    start = time.perf_counter()
     for epoch, index, item in _steps(data, epochs, steps, owner):
         if loss == "task":
             inputs, target = labeled(item, f"training item {index}", owner=owner)
@@ -286,9 +291,16 @@ def _train(
             optimizer.step()
         step += 1
         running += float(value.detach())
-        if step % _LOG_EVERY == 0 or step == 1:
+        if step % every == 0 or step == 1:
             log.info(
-                "%s: epoch %d/%d step %d loss %.4g", owner, epoch + 1, epochs, step, float(value.detach())
+                "%s: epoch %d/%d step %d%s loss %.4g (%.0f s)",
+                owner,
+                epoch + 1,
+                epochs,
+                step,
+                f"/{steps}" if steps is not None else "",
+                float(value.detach()),
+                time.perf_counter() - start,
             )
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
