@@ -255,6 +255,10 @@ def test_bad_input_is_named_and_the_model_untouched():
         DepthPruningConfig(importance="l2")  # type: ignore[arg-type]
     with pytest.raises(RecipeError, match="recover_lr=0 must be positive"):
         DepthPruningConfig(recover_lr=0)
+    with pytest.raises(RecipeError, match="recover_distill='ce' is unknown"):
+        DepthPruningConfig(recover_distill="ce")
+    with pytest.raises(RecipeError, match="recover_distill='ce' is unknown"):
+        mp.StructuredPruningConfig(recover_distill="ce")
     model, ids = _llama(layers=2, identity=None)
     before = _state(model)
     with pytest.raises(

@@ -156,17 +156,16 @@ def _task() -> tuple[
     return model.eval(), items[:12], items[12:]
 
 
-@pytest.mark.parametrize("recover", ["task", "distill"])
-def test_recovery_improves_accuracy_over_the_unrecovered_model(recover):
+@pytest.mark.parametrize(("recover", "distill"), [("task", "mse"), ("distill", "mse"), ("distill", "kl")])
+def test_recovery_improves_accuracy_over_the_unrecovered_model(recover, distill):
     model, train, held = _task()
     data = train if recover == "task" else [(xb,) for xb, _ in train]
     cut = mp.StructuredPruningConfig(ratio=0.9)
     plain = mp.compress(model, [cut], data if recover == "distill" else [(xb,) for xb, _ in train])
-    recovered = mp.compress(
-        model,
-        [mp.StructuredPruningConfig(ratio=0.9, recover=recover, recover_epochs=5, recover_lr=1e-2)],
-        data,
+    config = mp.StructuredPruningConfig(
+        ratio=0.9, recover=recover, recover_epochs=5, recover_lr=1e-2, recover_distill=distill
     )
+    recovered = mp.compress(model, [config], data)
     assert plain[0].out_features == recovered[0].out_features == 7  # ceil(0.1 * 64)
     assert mp.accuracy(recovered, held) > mp.accuracy(plain, held) + 0.02
 

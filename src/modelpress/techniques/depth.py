@@ -61,8 +61,16 @@ class DepthPruningConfig:
     recover_epochs: int = 1
     recover_steps: int | None = None  # stop after this many steps (batches) when set
     recover_lr: float = 1e-4
+    # distill's loss: "mse" (relative MSE of the outputs) or "kl" (KL divergence of the softmax over the last
+    # dim: logits of classifiers and language models; the MSE of logits can make an LM worse)
+    recover_distill: Literal["mse", "kl"] = "mse"
 
     def __post_init__(self) -> None:
+        if self.recover_distill not in ("mse", "kl"):
+            raise RecipeError(
+                f"depth: recover_distill={self.recover_distill!r} is unknown; choose 'mse' (any outputs) or "
+                "'kl' (logits)."
+            )
         if self.blocks is not None and (isinstance(self.blocks, bool) or not isinstance(self.blocks, int)):
             raise RecipeError(f"depth: blocks={self.blocks!r} must be a whole number of blocks, or null.")
         if self.blocks is not None and self.blocks < 0:
@@ -451,6 +459,7 @@ def depth(model: nn.Module, config: DepthPruningConfig, data: Dataset | Any = No
             dataset,
             loss=config.recover,
             lr=config.recover_lr,
+            distill=config.recover_distill,
             epochs=config.recover_epochs,
             steps=config.recover_steps,
             teacher=teacher,

@@ -95,8 +95,16 @@ class StructuredPruningConfig:
     recover_epochs: int = 1
     recover_steps: int | None = None  # stop after this many steps (batches) per round when set
     recover_lr: float = 1e-4
+    # distill's loss: "mse" (relative MSE of the outputs) or "kl" (KL divergence of the softmax over the last
+    # dim: logits of classifiers and language models; the MSE of logits can make an LM worse)
+    recover_distill: Literal["mse", "kl"] = "mse"
 
     def __post_init__(self) -> None:
+        if self.recover_distill not in ("mse", "kl"):
+            raise RecipeError(
+                f"structured: recover_distill={self.recover_distill!r} is unknown; choose 'mse' (any outputs) or "
+                "'kl' (logits)."
+            )
         if not 0 <= self.ratio < 1:
             raise RecipeError(
                 f"structured: ratio={self.ratio} must be in [0, 1): the fraction of each group's channels removed."
@@ -789,6 +797,7 @@ def prune_gradually(
                 dataset,
                 loss="task" if config.recover == "task" else "distill",
                 lr=config.recover_lr,
+                distill=config.recover_distill,
                 epochs=config.recover_epochs,
                 steps=config.recover_steps,
                 teacher=teacher,
