@@ -31,7 +31,7 @@ from modelpress.data import Dataset, as_dataset
 from modelpress.errors import DataError, GraphError, RecipeError
 from modelpress.loading import as_inputs
 from modelpress.ops.similarity import block_similarity
-from modelpress.techniques.finetune import labeled, recover
+from modelpress.techniques.finetune import check_recover, labeled, recover
 from modelpress.techniques.select import matches_any, unmatched_patterns
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,6 @@ class DepthPruningConfig:
     recover_distill: Literal["mse", "kl"] = "mse"
 
     def __post_init__(self) -> None:
-        if self.recover_distill not in ("mse", "kl"):
-            raise RecipeError(
-                f"depth: recover_distill={self.recover_distill!r} is unknown; choose 'mse' (any outputs) or "
-                "'kl' (logits)."
-            )
         if self.blocks is not None and (isinstance(self.blocks, bool) or not isinstance(self.blocks, int)):
             raise RecipeError(f"depth: blocks={self.blocks!r} must be a whole number of blocks, or null.")
         if self.blocks is not None and self.blocks < 0:
@@ -90,16 +85,7 @@ class DepthPruningConfig:
             raise RecipeError(
                 f"depth: stack={self.stack!r} must be a module name such as 'model.layers', or null."
             )
-        if self.recover not in ("none", "distill", "task"):
-            raise RecipeError(
-                f"depth: recover={self.recover!r} is unknown; choose 'none', 'distill' or 'task'."
-            )
-        if self.recover_epochs < 1:
-            raise RecipeError(f"depth: recover_epochs={self.recover_epochs} must be at least 1.")
-        if self.recover_steps is not None and self.recover_steps < 1:
-            raise RecipeError(f"depth: recover_steps={self.recover_steps} must be at least 1, or null.")
-        if not self.recover_lr > 0:
-            raise RecipeError(f"depth: recover_lr={self.recover_lr} must be positive.")
+        check_recover("depth", self)
 
 
 @dataclass

@@ -134,6 +134,30 @@ def task_loss(out: Any, labels: torch.Tensor, *, owner: str) -> torch.Tensor:
     )
 
 
+def check_recover(owner: str, config: Any) -> None:
+    """Validate a pruning config's recovery fields (`recover`, `recover_epochs`, `recover_steps`,
+    `recover_lr`, `recover_distill`), shared by sparsity, structured and depth pruning."""
+    if config.recover not in ("none", "distill", "task"):
+        raise RecipeError(
+            f"{owner}: recover={config.recover!r} is unknown; choose 'none', 'distill' or 'task'."
+        )
+    if config.recover_distill not in ("mse", "kl"):
+        raise RecipeError(
+            f"{owner}: recover_distill={config.recover_distill!r} is unknown; choose 'mse' (any outputs) or "
+            "'kl' (logits)."
+        )
+    epochs, steps, lr = config.recover_epochs, config.recover_steps, config.recover_lr
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise RecipeError(f"{owner}: recover_epochs={epochs} must be a whole number, at least 1.")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise RecipeError(
+            f"{owner}: recover_steps={steps} must be a whole number, at least 1, or null (whole epochs); use "
+            "recover: none for no recovery."
+        )
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
+        raise RecipeError(f"{owner}: recover_lr={lr} must be positive and below 1; 1e-4 is a start.")
+
+
 def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...], index: int, owner: str) -> Any:
     try:
         return model(*inputs)
@@ -350,6 +374,7 @@ __all__ = [
     "DistillKind",
     "LossFn",
     "LossKind",
+    "check_recover",
     "distill_loss",
     "finetune",
     "kl_loss",

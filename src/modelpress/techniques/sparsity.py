@@ -33,7 +33,7 @@ from modelpress.ops.sparse import (
     wanda_scores,
 )
 from modelpress.techniques.blockwise import BlockStep, bf16_supported, calibrate_blockwise
-from modelpress.techniques.finetune import labeled, recover
+from modelpress.techniques.finetune import check_recover, labeled, recover
 from modelpress.techniques.gptq import collect_hessians
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer, SparseLayer, call_with_weight
 from modelpress.techniques.reconstruct import SparseFit, check_reconstruct, reconstruct
@@ -144,26 +144,7 @@ class SparsityConfig:
                     f"sparsity: allocation_range={self.allocation_range} must be in (0, "
                     f"{min(target, 1.0 - target):g}]: each layer's ratio stays within ratio +- this, inside [0, 1]."
                 )
-        if self.recover not in ("none", "distill", "task"):
-            raise RecipeError(
-                f"sparsity: recover={self.recover!r} is unknown; choose 'none', 'distill' or 'task'."
-            )
-        if self.recover_distill not in ("mse", "kl"):
-            raise RecipeError(
-                f"sparsity: recover_distill={self.recover_distill!r} is unknown; choose 'mse' (any outputs) "
-                "or 'kl' (logits)."
-            )
-        if not isinstance(self.recover_epochs, int) or self.recover_epochs < 1:
-            raise RecipeError(f"sparsity: recover_epochs={self.recover_epochs} must be a whole number >= 1.")
-        if self.recover_steps is not None and (
-            not isinstance(self.recover_steps, int) or self.recover_steps < 1
-        ):
-            raise RecipeError(
-                f"sparsity: recover_steps={self.recover_steps} must be a whole number >= 1, or null (whole "
-                "epochs); use recover: none for no recovery."
-            )
-        if not (isinstance(self.recover_lr, (int, float)) and 0 < self.recover_lr < 1):
-            raise RecipeError(f"sparsity: recover_lr={self.recover_lr} must be in (0, 1); 1e-4 is a start.")
+        check_recover("sparsity", self)
         if self.reconstruct_epochs and self.scope == "global":
             raise RecipeError("sparsity: reconstruct_epochs works block by block; use scope: layer with it.")
         bad = [k for k in self.layers if k not in _TYPES]

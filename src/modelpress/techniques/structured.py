@@ -43,7 +43,7 @@ from modelpress.graph.heads import (
 )
 from modelpress.loading import as_inputs
 from modelpress.ops.refit import refit_columns
-from modelpress.techniques.finetune import labeled, recover, task_loss
+from modelpress.techniques.finetune import check_recover, labeled, recover, task_loss
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
 from modelpress.techniques.select import matches_any, select_modules, unmatched_patterns
 
@@ -100,11 +100,7 @@ class StructuredPruningConfig:
     recover_distill: Literal["mse", "kl"] = "mse"
 
     def __post_init__(self) -> None:
-        if self.recover_distill not in ("mse", "kl"):
-            raise RecipeError(
-                f"structured: recover_distill={self.recover_distill!r} is unknown; choose 'mse' (any outputs) or "
-                "'kl' (logits)."
-            )
+        check_recover("structured", self)
         if not 0 <= self.ratio < 1:
             raise RecipeError(
                 f"structured: ratio={self.ratio} must be in [0, 1): the fraction of each group's channels removed."
@@ -121,11 +117,6 @@ class StructuredPruningConfig:
         if self.schedule_steps < 1:
             raise RecipeError(
                 f"structured: schedule_steps={self.schedule_steps} must be at least 1 (1 prunes in one shot)."
-            )
-        if self.recover_steps is not None and self.recover_steps < 1:
-            raise RecipeError(
-                f"structured: recover_steps={self.recover_steps} must be at least 1, or unset (whole epochs); "
-                "use recover: none for no recovery."
             )
         if not 0 < self.max_ratio < 1:
             raise RecipeError(f"structured: max_ratio={self.max_ratio} must be in (0, 1).")
