@@ -200,6 +200,10 @@ def test_the_teacher_is_the_unpruned_model_also_with_int8_values(monkeypatch):
     def check(pruned, _data, *, teacher, **_kw):  # runs where the recovery would train
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_supported()):
             seen.append((teacher(*inputs).float(), model(*inputs).float(), pruned(*inputs).float()))
+        # only the kept values train (Adam's moments cover them, not the dense tensors)
+        trained = [p for p in pruned.parameters() if p.requires_grad]
+        kept = [m.values for m in pruned.modules() if isinstance(m, sparsity_module._KeptValues)]
+        assert kept and {id(p) for p in trained} == {id(v) for v in kept}
         return 0.0
 
     monkeypatch.setattr(sparsity_module, "recover", check)

@@ -436,6 +436,49 @@ class _Teacher(nn.Module):
         return torch.func.functional_call(self.model[0], self.originals, args, strict=False)
 
 
+class _KeptValues(nn.Module):
+    """A sparse layer being recovered: only its kept values are a parameter (Adam's moments and the fp32
+    master copy cover the kept half, not the dense tensor: for SmolLM2 at 50% ~0.6 GB less than training
+    the dense weight with its gradient masked), scattered into a dense weight on each forward. A pruned
+    position has no parameter, so it stays exactly 0. The `weight` buffer is None; the teacher sets it to
+    the original weight for its pass (`_Teacher`, by name `<layer>.weight`)."""
+
+    index: torch.Tensor
+    weight: torch.Tensor | None
+
+    def __init__(self, layer: SparseLayer) -> None:
+        super().__init__()
+        mask = unpack_mask(layer.bitmask, layer.numel)
+        # int32 flat positions of the kept values: index_add / index_select take them and run ~10x faster
+        # than masked_scatter / masked_select (SmolLM2 1536 x 576: 0.7 ms and 0.34 ms vs 4.5 and 3.5 ms).
+        self.register_buffer("index", mask.nonzero().squeeze(1).to(torch.int32))
+        self.register_buffer("weight", None)
+        self.values = nn.Parameter(layer.dense_weight().reshape(-1)[mask])
+        self.shape = layer.weight_shape
+        self.inner = layer.inner
+        self.bits = layer.bits
+
+    def dense(self) -> torch.Tensor:
+        """The weight with the kept values in place and zeros elsewhere (positions are unique: add = copy)."""
+        return (
+            self.values.new_zeros(math.prod(self.shape))
+            .index_add(0, self.index, self.values)
+            .reshape(self.shape)
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        weight = self.dense() if self.weight is None else self.weight
+        return call_with_weight(self.inner, weight, args, kwargs)
+
+    def stored(self) -> SparseLayer:
+        """The trained layer stored sparse again (int8 codes again when it held them)."""
+        mask = torch.zeros(math.prod(self.shape), dtype=torch.bool)
+        mask[self.index.long()] = True
+        with torch.no_grad():
+            self.inner.weight = nn.Parameter(self.dense(), requires_grad=False)
+        return SparseLayer(self.inner, mask.reshape(self.shape), bits=self.bits)
+
+
 def _originals(chosen: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     dtype = torch.bfloat16 if bf16_supported() else None
     return {f"{name}.weight": _weight(m).detach().to(dtype=dtype, copy=True) for name, m in chosen.items()}
@@ -468,25 +511,21 @@ def _recover(
 ) -> None:
     """Fine-tune the kept weights of the sparse layers among `names`, masks fixed, and store them again.
 
-    Each `SparseLayer` becomes its dense layer for the duration, its gradient multiplied by the mask, so
-    Adam never moves a pruned weight off 0; every other parameter is frozen. `originals` (distill): the
-    unpruned weights of the layers in `names`, for the teacher."""
+    Each `SparseLayer` becomes a `_KeptValues` for the duration: its kept values are the only trainable
+    tensors, so a pruned weight stays exactly 0; every other parameter is frozen. `originals` (distill):
+    the unpruned weights of the layers in `names`, for the teacher."""
     teacher = _teacher(model, names, originals) if originals is not None else None
-    swapped: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    swapped: dict[str, _KeptValues] = {}
     for name in names:
         layer = model.get_submodule(name)
         if not isinstance(layer, SparseLayer):  # small layers keep their zeros dense: left as they are
             continue
-        inner = layer.inner
-        mask = unpack_mask(layer.bitmask, layer.numel).reshape(layer.weight_shape)
-        inner.weight = nn.Parameter(layer.dense_weight())
-        inner.weight.register_hook(partial(torch.mul, other=mask))
-        set_submodule(model, name, inner)
-        swapped[name] = (inner, mask)
+        swapped[name] = _KeptValues(layer)
+        set_submodule(model, name, swapped[name])
     if not swapped:
         log.warning("sparsity: no layer is stored sparse, so recovery has nothing to train; skipped.")
         return
-    trainable = {id(inner.weight) for inner, _ in swapped.values()}
+    trainable = {id(kept.values) for kept in swapped.values()}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
     for p in frozen:
         p.requires_grad_(False)
@@ -509,11 +548,8 @@ def _recover(
     finally:
         for p in frozen:
             p.requires_grad_(True)
-        for name, (inner, mask) in swapped.items():
-            weight = _weight(inner).detach() * mask
-            del inner.weight
-            inner.weight = nn.Parameter(weight, requires_grad=False)
-            set_submodule(model, name, SparseLayer(inner, mask, bits=config.bits))
+        for name, kept in swapped.items():
+            set_submodule(model, name, kept.stored())
     log.info(
         "sparsity: recovery (%s%s) trained %d sparse layers, masks fixed, in %.1f s",
         config.recover,
