@@ -714,6 +714,19 @@ METHODS: dict[str, Method] = {
                     "recover_lr": 1e-4,
                 },
             ),
+            (
+                "24",
+                "-kd",
+                "2:4",
+                2e-3,
+                SMOLLM2_SPARSITY_WINDOWS,
+                {
+                    "recover": "distill",
+                    "recover_distill": "kl",
+                    "recover_steps": SMOLLM2_RECOVER_STEPS,
+                    "recover_lr": 1e-4,
+                },
+            ),
         )
     },
     # ---- peer tools, same run, same measurements (benchmarks/peers.py) ----
@@ -1161,7 +1174,12 @@ SPARSE50_ROWS = (
     "sparse50-sparsegpt-recon-alloc",
     "sparse50-sparsegpt-recon-alloc-kd",
 )
-SPARSE24_ROWS = ("sparse24-wanda", "sparse24-sparsegpt", "sparse24-sparsegpt-recon")
+SPARSE24_ROWS = (
+    "sparse24-wanda",
+    "sparse24-sparsegpt",
+    "sparse24-sparsegpt-recon",
+    "sparse24-sparsegpt-recon-kd",
+)
 
 
 def best_row(
