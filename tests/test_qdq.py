@@ -115,3 +115,35 @@ def test_int8_inputs_stay_qdq(tmp_path) -> None:
     _, _, path = _int8_linear_model(tmp_path, integer_matmul=True, seq=True, activations="symmetric")
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "MatMulIntegerToFloat" not in ops and ops.count("QuantizeLinear") == 2  # both inputs go below 0
+
+
+def test_int8_feature_maps_flatten_channels_last_into_the_classifier(tmp_path) -> None:
+    # OpenVINO keeps int8 maps channels-last: flattening them (N, H, W, C) with the weight's rows permuted
+    # saves it a reorder; the codes and the sum are the same, so the outputs match the torch model.
+    from torch import nn
+
+    import modelpress as mp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)
+    ).eval()
+    data = [(torch.randn(4, 1, 8, 8),) for _ in range(4)]
+    q = mp.compress(model, [mp.StaticInt8Config()], data=data)
+    path = mp.export_onnx(q, data[0], tmp_path / "cnn.onnx")
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node if n.op_type != "Constant"]
+    assert ops[-3:] == ["Transpose", "Reshape", "MatMulIntegerToFloat"] or ops[-3:] == [
+        "Transpose",
+        "Flatten",
+        "MatMulIntegerToFloat",
+    ]
+    assert [list(_attr_ints(n, "perm")) for n in graph.node if n.op_type == "Transpose"] == [[0, 2, 3, 1]]
+    for runtime in mp.available_runtimes():
+        assert mp.check_parity(q, mp.open_session(path, runtime), data[:2]).passed, runtime
+    plain = mp.export_onnx(q, data[0], tmp_path / "qdq.onnx", integer_matmul=False)
+    assert "Transpose" not in [n.op_type for n in onnx.load(str(plain)).graph.node]
+
+
+def _attr_ints(node: onnx.NodeProto, name: str) -> list[int]:
+    return next(list(a.ints) for a in node.attribute if a.name == name)

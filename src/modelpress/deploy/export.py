@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from modelpress._files import check_output_path
-from modelpress.deploy.qdq import fuse_integer_matmuls, hoist_quantizers
+from modelpress.deploy.qdq import channels_last_flatten, fuse_integer_matmuls, hoist_quantizers
 from modelpress.errors import ExportError
 from modelpress.loading import Inputs
 
@@ -202,6 +202,9 @@ def _postprocess(path: Path, *, integer_matmul: bool = True) -> None:
         fused = fuse_integer_matmuls(model)
         if fused:
             log.debug("wrote %d int8 MatMul/Gemm layer(s) as MatMulIntegerToFloat with their bias", fused)
+            flattened = channels_last_flatten(model)
+            if flattened:
+                log.debug("flattened %d int8 feature map(s) channels-last into their MatMul", flattened)
     onnx.save(model, str(path))
 
 

@@ -301,3 +301,66 @@ def fuse_integer_matmuls(model: Any) -> int:
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return count
+
+
+def channels_last_flatten(model: Any) -> int:
+    """Where an int8 feature map (N, C, H, W) is flattened into a `MatMulIntegerToFloat` (a CNN's
+    classifier), flatten it in (N, H, W, C) order instead, with the weight's rows permuted to match, in
+    place. Returns the count. The product is the same sum of the same int8 terms in another order.
+
+    OpenVINO runs its int8 convolutions and pools in channels-last layout; flattening in channel-first order
+    makes it reorder the feature map first, and the Transpose written here cancels against that reorder.
+    Measured (MNIST CNN, static int8, OpenVINO, interleaved in one run, 40 rounds): 0.94x the latency at
+    batch 1 and at batch 64; ONNX Runtime within noise (1.01x / 0.99x). NNCF's graph has the reorder.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    g = _Graph(graph)
+    shapes: dict[str, list[int | None]] = {}
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input):
+        dims = v.type.tensor_type.shape.dim
+        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    count = 0
+    for node in list(graph.node):
+        if node.op_type != "MatMulIntegerToFloat" or node.domain != "com.microsoft":
+            continue
+        flat = g.producer.get(node.input[0])
+        if flat is None or flat.op_type not in ("Reshape", "Flatten") or g.only_user(flat.output[0]) is None:
+            continue
+        if flat.op_type == "Flatten" and _attr(flat, "axis", 1) != 1:
+            continue
+        shape, out = shapes.get(flat.input[0]), shapes.get(flat.output[0])
+        weight = g.value(node.input[1])
+        if shape is None or len(shape) != 4 or None in shape[1:] or weight is None or weight.ndim != 2:
+            continue
+        _, c, h, w = (int(d) if d is not None else -1 for d in shape)
+        if (
+            h * w == 1
+            or weight.shape[0] != c * h * w
+            or (out is not None and (len(out) != 2 or out[1] != c * h * w))
+        ):
+            continue
+        if flat.op_type == "Reshape":
+            target = g.value(flat.input[1])  # the same target must flatten the transposed map
+            if target is None or target.size != 2 or int(target[1]) not in (-1, c * h * w):
+                continue
+        if len(g.consumers.get(node.input[1], [])) != 1:
+            continue
+        key = f"{node.name or node.output[0]}_nhwc"
+        transpose = helper.make_node(
+            "Transpose", [flat.input[0]], [f"{key}_map"], perm=[0, 2, 3, 1], name=key
+        )
+        flat.input[0] = transpose.output[0]
+        rows = weight.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(weight.shape)
+        init = g.initializers[node.input[1]]
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(rows), init.name))
+        order = list(graph.node)
+        order.insert(order.index(flat), transpose)
+        del graph.node[:]
+        graph.node.extend(order)
+        count += 1
+    return count
