@@ -13,7 +13,7 @@ def test_yaml_round_trip(tmp_path):
 
 def test_builtin_recipe_loads():
     assert "int8-weight-only" in mp.builtin_recipes()
-    assert mp.load_recipe("int8-weight-only") == [mp.WeightOnlyConfig()]
+    assert mp.load_recipe("int8-weight-only") == [mp.WeightOnlyConfig(symmetric=False)]
 
 
 def test_unknown_technique_named(tmp_path):

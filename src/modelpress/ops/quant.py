@@ -38,13 +38,34 @@ def quantize_symmetric(w: torch.Tensor, scale: torch.Tensor, *, axis: int, bits:
     return q.to(torch.int8)
 
 
-def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, *, axis: int, bits: int = 8) -> torch.Tensor:
-    """`q * scale` along `axis`, through the op that ONNX export turns into DequantizeLinear."""
+def dequantize_per_channel(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    axis: int,
+    bits: int = 8,
+    zero_point: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`(q - zero_point) * scale` along `axis` (zero point 0 when None), through the op that ONNX export
+    turns into DequantizeLinear."""
     lo, hi = qrange(bits, symmetric=False)
-    zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.ops.quantized_decomposed.dequantize_per_channel(
-        q, scale, zero_point, axis, lo, hi, torch.int8
-    )
+    zp = torch.zeros_like(scale, dtype=torch.int32) if zero_point is None else zero_point.to(torch.int32)
+    return torch.ops.quantized_decomposed.dequantize_per_channel(q, scale, zp, axis, lo, hi, torch.int8)
+
+
+def asymmetric_params(w: torch.Tensor, *, axis: int, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale fp32, zero_point int32) along `axis` mapping each channel's [min, max] (widened
+    to contain 0) onto the signed codes [-2^(b-1), 2^(b-1)-1]: the grid NNCF's INT8_ASYM weights use,
+    finer than the symmetric one wherever a channel's range is lopsided. Shapes (w.shape[axis],).
+
+    >>> asymmetric_params(torch.tensor([[-1.0, 3.0]]), axis=0)
+    (tensor([0.0157]), tensor([-64], dtype=torch.int32))
+    """
+    reduce_dims = [d for d in range(w.ndim) if d != axis]
+    x = w.detach().float()
+    lo = x.amin(dim=reduce_dims) if reduce_dims else x
+    hi = x.amax(dim=reduce_dims) if reduce_dims else x
+    return affine_params(lo, hi, bits=bits, symmetric=False, signed=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

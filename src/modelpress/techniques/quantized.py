@@ -27,7 +27,9 @@ from modelpress.ops.nbits import (
 )
 from modelpress.ops.quant import (
     affine_params,
+    asymmetric_params,
     dequantize_per_channel,
+    quantize,
     quantize_dequantize_per_tensor,
     quantize_symmetric,
     symmetric_scale,
@@ -142,7 +144,9 @@ class WeightView(nn.Module):
 
 
 class QuantizedLayer(WeightView):
-    """A layer whose fp32 weight was replaced by int8 codes `qweight` and fp32 per-channel `scale`.
+    """A layer whose fp32 weight was replaced by int8 codes `qweight` and fp32 per-channel `scale`, and
+    for an asymmetric weight (`symmetric=False`, weight-only) an int8 per-channel `zero_point`: the weight is
+    `(qweight - zero_point) * scale`.
 
     With `input_scale` set, the input is quantized to uint8 (asymmetric, per tensor) first: the static
     W8A8 scheme. Forward dequantizes and calls the wrapped layer's own maths with that weight, so any layer
@@ -152,6 +156,7 @@ class QuantizedLayer(WeightView):
     _modelpress_atomic = True  # profiled and reported as one layer
     qweight: torch.Tensor  # int8 codes, the layer's weight shape
     scale: torch.Tensor  # fp32, one per output channel
+    zero_point: torch.Tensor | None  # int8, one per output channel, or None (symmetric: 0)
     input_multiplier: torch.Tensor | None  # SmoothQuant's 1 / s per input feature, or None
 
     def __init__(
@@ -162,6 +167,7 @@ class QuantizedLayer(WeightView):
         weight_scale: torch.Tensor | None = None,
         input_range: tuple[float, float] | None = None,
         smoothing: torch.Tensor | None = None,
+        symmetric: bool = True,
     ) -> None:
         super().__init__()
         assert isinstance(inner.weight, torch.Tensor)
@@ -173,10 +179,24 @@ class QuantizedLayer(WeightView):
         self.register_buffer("input_multiplier", None if smoothing is None else (1.0 / smoothing).float())
         self.axis = output_axis(inner)
         self.bits = bits
-        scale = (
-            weight_scale if weight_scale is not None else symmetric_scale(weight, axis=self.axis, bits=bits)
-        )
-        self.register_buffer("qweight", quantize_symmetric(weight, scale, axis=self.axis, bits=bits))
+        if symmetric:
+            scale = (
+                weight_scale
+                if weight_scale is not None
+                else symmetric_scale(weight, axis=self.axis, bits=bits)
+            )
+            self.register_buffer("qweight", quantize_symmetric(weight, scale, axis=self.axis, bits=bits))
+            self.register_buffer("zero_point", None)
+        else:
+            if bits != 8 or weight_scale is not None or input_range is not None or smoothing is not None:
+                raise ValueError(
+                    "QuantizedLayer: symmetric=False is for int8 weight-only layers (bits=8, no input "
+                    "quantizer, smoothing or given scale)."
+                )
+            scale, zp = asymmetric_params(weight, axis=self.axis, bits=bits)
+            codes = quantize(weight, scale, zp, axis=self.axis, bits=bits, signed=True)
+            self.register_buffer("qweight", codes)
+            self.register_buffer("zero_point", zp.to(torch.int8))
         self.register_buffer("scale", scale.float())
         del inner.weight  # the fp32 weight is gone: only codes and scales are kept
         self.inner = inner
@@ -210,10 +230,14 @@ class QuantizedLayer(WeightView):
         # 7-bit weights (reduce_range) are stored and executed as int8: "w8"; extra_repr tells them apart.
         bits = 8 if self.bits == 7 else self.bits
         name = f"w{bits}a8" if self.input_scale is not None else f"w{bits}"
+        if self.zero_point is not None:
+            name += "-asym"
         return name + "+smooth" if self.input_multiplier is not None else name
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_per_channel(self.qweight, self.scale, axis=self.axis, bits=self.bits)
+        return dequantize_per_channel(
+            self.qweight, self.scale, axis=self.axis, bits=self.bits, zero_point=self.zero_point
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inner = self.inner
@@ -223,6 +247,8 @@ class QuantizedLayer(WeightView):
             # Runtime does in a graph with activation quantizers (MiniLM: 4% of its int8 latency).
             ids = args[0]
             rows = F.embedding(ids, self.qweight).float()  # (..., dim) codes
+            if self.zero_point is not None:
+                rows = rows - F.embedding(ids, self.zero_point[:, None]).float()  # (..., 1) per row
             return rows * F.embedding(ids, self.scale[:, None])  # (..., 1) scale per row
         if self.input_multiplier is not None:
             args = (args[0] * self.input_multiplier, *args[1:])
