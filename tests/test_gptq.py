@@ -371,6 +371,30 @@ def test_int8_per_channel_and_partial_groups():
     assert torch.allclose(small8(data[0]), model(data[0]), atol=0.02)
 
 
+@pytest.mark.parametrize("technique", ["gptq", "awq"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_int8_per_channel_asymmetric(technique, runtime, tmp_path):
+    # Lopsided rows (all positive): the asymmetric grid spends all 256 codes on [0, max], half of the
+    # symmetric one's step, and the artifact holds int8 codes with an int8 zero point per channel.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        model[0].weight.abs_()
+    data = [torch.randn(16, 48) for _ in range(4)]
+    config = {"gptq": GPTQConfig, "awq": mp.AWQConfig}[technique]
+    asym = mp.compress(model, [config(bits=8, group_size=None, symmetric=False)], data)
+    sym = mp.compress(model, [config(bits=8, group_size=None)], data)
+    layer = asym[0]
+    assert isinstance(layer, QuantizedLayer) and layer.qweight.dtype == torch.int8
+    assert layer.zero_point is not None and layer.zero_point.dtype == torch.int8
+    assert isinstance(asym[2], QuantizedLayer) and asym[2].zero_point is not None
+    x = torch.cat(data)
+    ref = model(x)
+    assert (asym(x) - ref).pow(2).mean() < 0.6 * (sym(x) - ref).pow(2).mean()
+    path = mp.export_onnx(asym, (data[0],), tmp_path / "m.onnx")
+    assert mp.check_parity(asym, mp.open_session(path, runtime), [(data[0],)]).passed
+
+
 def test_config_checks_and_yaml():
     config = GPTQConfig(bits=4, group_size=64, act_order=False, ignore=("lm_head",))
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()}
@@ -380,8 +404,6 @@ def test_config_checks_and_yaml():
         GPTQConfig(bits=4, group_size=None)
     with pytest.raises(mp.RecipeError, match="power of two"):
         GPTQConfig(group_size=48)
-    with pytest.raises(mp.RecipeError, match="symmetric=false needs a group_size"):
-        GPTQConfig(bits=8, group_size=None, symmetric=False)
     with pytest.raises(mp.RecipeError, match="layers="):
         GPTQConfig(layers=("embedding",))  # type: ignore[arg-type]
     with pytest.raises(mp.RecipeError, match="reconstruct_batches=0"):

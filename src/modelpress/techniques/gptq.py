@@ -56,6 +56,8 @@ class GPTQConfig:
     bits: Literal[4, 8] = 4
     # Input features sharing one scale (Linear layers); None = one scale per output channel (int8 only).
     group_size: int | None = 128
+    # False: unsigned codes and an integer zero point per group (per output channel for int8 without groups,
+    # as NNCF's INT8_ASYM); convolutions stay int8 symmetric per channel.
     symmetric: bool = True
     # Solve the most active input columns first; groups keep the original order (no permutation stored).
     act_order: bool = True
@@ -113,8 +115,6 @@ def check_scheme(owner: str, bits: int, group_size: int | None, symmetric: bool)
             check_block_size(group_size, bits)
         except ValueError as exc:
             raise RecipeError(f"{owner}: {exc}") from exc
-    if group_size is None and not symmetric:
-        raise RecipeError(f"{owner}: symmetric=false needs a group_size (per-channel int8 is symmetric).")
 
 
 @dataclass(frozen=True)
@@ -225,9 +225,19 @@ def _install(
     # rounds back to the same codes.
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
-    dequantized = dequantize_weight(codes, scale, None, group_size=None).reshape(weight.shape)
+    dequantized = dequantize_weight(codes, scale, zero_point, group_size=None).reshape(weight.shape)
     module.weight = nn.Parameter(dequantized.to(weight.dtype), requires_grad=False)  # a new tensor: ties stay
-    layer = QuantizedLayer(module, bits=scheme.bits, weight_scale=scale[:, 0])
+    if zero_point is None:
+        layer = QuantizedLayer(module, bits=scheme.bits, weight_scale=scale[:, 0])
+    else:  # unsigned codes [0, 255] and zero point -> QuantizedLayer's signed ones, both shifted by 128
+        codes = (codes.to(torch.int32) - 128).to(torch.int8)
+        layer = QuantizedLayer(
+            module,
+            bits=8,
+            symmetric=False,
+            weight_scale=scale[:, 0],
+            weight_zero_point=(zero_point[:, 0].to(torch.int32) - 128),
+        )
     if not torch.equal(layer.qweight.reshape(codes.shape), codes.to(torch.int8)):
         raise AssertionError("QuantizedLayer did not reproduce the given codes")
     return layer

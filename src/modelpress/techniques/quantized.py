@@ -168,6 +168,7 @@ class QuantizedLayer(WeightView):
         input_range: tuple[float, float] | None = None,
         smoothing: torch.Tensor | None = None,
         symmetric: bool = True,
+        weight_zero_point: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         assert isinstance(inner.weight, torch.Tensor)
@@ -188,12 +189,17 @@ class QuantizedLayer(WeightView):
             self.register_buffer("qweight", quantize_symmetric(weight, scale, axis=self.axis, bits=bits))
             self.register_buffer("zero_point", None)
         else:
-            if bits != 8 or weight_scale is not None or input_range is not None or smoothing is not None:
+            if bits != 8 or input_range is not None or smoothing is not None:
                 raise ValueError(
                     "QuantizedLayer: symmetric=False is for int8 weight-only layers (bits=8, no input "
-                    "quantizer, smoothing or given scale)."
+                    "quantizer or smoothing)."
                 )
-            scale, zp = asymmetric_params(weight, axis=self.axis, bits=bits)
+            if (weight_scale is None) != (weight_zero_point is None):
+                raise ValueError("QuantizedLayer: give weight_scale and weight_zero_point together.")
+            if weight_scale is not None and weight_zero_point is not None:
+                scale, zp = weight_scale, weight_zero_point
+            else:
+                scale, zp = asymmetric_params(weight, axis=self.axis, bits=bits)
             codes = quantize(weight, scale, zp, axis=self.axis, bits=bits, signed=True)
             self.register_buffer("qweight", codes)
             self.register_buffer("zero_point", zp.to(torch.int8))
