@@ -592,14 +592,28 @@ METHODS: dict[str, Method] = {
         isolate=True,
     ),
     # GPTQ int8 per output channel on every Linear (LM head included); embedding int8 per row. Symmetric:
-    # asymmetric GPTQ int8 (symmetric=False, embedding asymmetric too) measured 20.782 on SmolLM2 against
-    # 20.746 symmetric and 20.719 for asymmetric round-to-nearest (NOTES.md, 2026-12-04).
+    # the asymmetric variant below measured 20.782 on SmolLM2 against 20.746 symmetric and 20.719 for
+    # asymmetric round-to-nearest (NOTES.md, 2026-12-04).
     "int8-gptq": Method(
         "int8-gptq",
         "modelpress",
         ("onnxruntime", "openvino"),
         build_recipe(
             [mp.GPTQConfig(bits=8, group_size=None), mp.WeightOnlyConfig(bits=8, layers=("embedding",))]
+        ),
+        needs_calibration=True,
+        assets=("smollm2",),
+    ),
+    # The same with a zero point per output channel (as NNCF's INT8_ASYM), embedding asymmetric too.
+    "int8-gptq-asym": Method(
+        "int8-gptq-asym",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_recipe(
+            [
+                mp.GPTQConfig(bits=8, group_size=None, symmetric=False),
+                mp.WeightOnlyConfig(bits=8, layers=("embedding",), symmetric=False),
+            ]
         ),
         needs_calibration=True,
         assets=("smollm2",),
@@ -1186,17 +1200,13 @@ SPARSE24_ROWS = (
 
 
 def best_row(
-    methods: tuple[str, ...],
-    field: str,
-    then: str | Callable[[str], Figure] | None = None,
-    *,
-    runtime: str = "onnxruntime",
+    methods: tuple[str, ...], field: str, then: str | Callable[[str], Figure] | None = None
 ) -> Figure:
-    """The lowest `field` among the `runtime` rows of `methods` present in the run (KeyError if none),
+    """The lowest `field` among the ONNX Runtime rows of `methods` present in the run (KeyError if none),
     or, with `then`, that row's `then` field (or figure)."""
 
     def figure(rows: dict[str, dict[str, Any]], result: dict[str, Any]) -> float:
-        keys = [f"{m}/{runtime}" for m in methods if f"{m}/{runtime}" in rows]
+        keys = [f"{m}/onnxruntime" for m in methods if f"{m}/onnxruntime" in rows]
         if not keys:
             raise KeyError(f"any of {list(methods)}")
         best = min(keys, key=lambda k: float(rows[k][field]))
@@ -1620,9 +1630,8 @@ CRITERIA: list[Criterion] = [
     ),
     Criterion(
         "smollm2",
-        f"perplexity int8 weight-only, best of {'/'.join(INT8_WO_ROWS)} (openvino) vs NNCF int8 weight-only "
-        "(openvino), same run",
-        best_row(INT8_WO_ROWS, "quality", runtime="openvino"),
+        "perplexity int8-weight-only (openvino) vs NNCF int8 weight-only (openvino), same run",
+        field_of("int8-weight-only/openvino", "quality"),
         "<=",
         field_of("nncf-wo-int8/openvino", "quality"),
         "same-run peer",

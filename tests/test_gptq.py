@@ -372,7 +372,7 @@ def test_int8_per_channel_and_partial_groups():
 
 
 @pytest.mark.parametrize("technique", ["gptq", "awq"])
-@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("runtime", mp.available_runtimes())
 def test_int8_per_channel_asymmetric(technique, runtime, tmp_path):
     # Lopsided rows (all positive): the asymmetric grid spends all 256 codes on [0, max], half of the
     # symmetric one's step, and the artifact holds int8 codes with an int8 zero point per channel.

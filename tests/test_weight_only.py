@@ -185,3 +185,7 @@ def test_asymmetric_int8_is_finer_and_runs_in_the_runtimes(tmp_path, runtime):
 def test_asymmetric_per_channel_needs_weight_only_int8():
     with pytest.raises(ValueError, match="symmetric=False is for int8 weight-only"):
         QuantizedLayer(nn.Linear(4, 4), bits=7, symmetric=False)
+    with pytest.raises(ValueError, match="together"):
+        QuantizedLayer(nn.Linear(4, 4), symmetric=False, weight_scale=torch.ones(4))
+    with pytest.raises(ValueError, match="weight_zero_point needs symmetric=False"):
+        QuantizedLayer(nn.Linear(4, 4), weight_zero_point=torch.zeros(4, dtype=torch.int32))

@@ -180,6 +180,10 @@ class QuantizedLayer(WeightView):
         self.register_buffer("input_multiplier", None if smoothing is None else (1.0 / smoothing).float())
         self.axis = output_axis(inner)
         self.bits = bits
+        if symmetric and weight_zero_point is not None:
+            raise ValueError(
+                "QuantizedLayer: weight_zero_point needs symmetric=False (symmetric codes have 0)."
+            )
         if symmetric:
             scale = (
                 weight_scale
