@@ -450,3 +450,278 @@ ZOO: dict[str, Factory] = {
 
 #: Entries whose inputs are int64 token ids of shape (batch, seq): dim 1 is a sequence length.
 TOKEN_INPUT_MODELS: set[str] = {"bert_encoder", "gpt_decoder", "lstm_classifier"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The wider zoo: architectures a stranger brings, as they come (raw Hugging Face models returning
+# ModelOutput, GPT-2's Conv1D, windowed attention, bottlenecks, MoE, recurrent speech models).
+# --------------------------------------------------------------------------------------------------
+
+
+def _ids(vocab: int, seq: int = 16) -> torch.Tensor:
+    return torch.randint(0, vocab, (_BATCH, seq), generator=_gen(), dtype=torch.int64)
+
+
+def gpt2_lm() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """GPT2LMHeadModel as transformers builds it (Conv1D projections, tied head, returns a ModelOutput).
+    Input input_ids (2, 16) -> logits (2, 16, 1000)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(_SEED)
+    config = GPT2Config(
+        vocab_size=1000,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
+    return GPT2LMHeadModel(config).eval(), (_ids(1000),)
+
+
+def whisper_encoder() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Whisper-style audio classifier: Conv1d stem over log-mel features, a transformer encoder, a
+    projector and classifier (WhisperForAudioClassification). Input input_features (2, 16, 64) -> logits."""
+    from transformers import WhisperConfig, WhisperForAudioClassification
+
+    torch.manual_seed(_SEED)
+    config = WhisperConfig(
+        vocab_size=100,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        num_mel_bins=16,
+        d_model=64,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_layers=1,
+        decoder_attention_heads=4,
+        decoder_ffn_dim=128,
+        max_source_positions=32,
+        max_target_positions=32,
+        classifier_proj_size=32,
+        num_labels=4,
+        attn_implementation="eager",
+    )
+    model = WhisperForAudioClassification(config).eval()
+    return model, (torch.randn(_BATCH, 16, 64, generator=_gen()),)
+
+
+def swin_classifier() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Swin (windowed, shifted attention with relative position bias, patch merging). Input (2, 3, 32, 32)."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(_SEED)
+    config = SwinConfig(
+        image_size=32,
+        patch_size=4,
+        embed_dim=32,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=4,
+        num_labels=5,
+        attn_implementation="eager",
+    )
+    model = SwinForImageClassification(config).eval()
+    return model, (torch.randn(_BATCH, 3, 32, 32, generator=_gen()),)
+
+
+def mobilebert_encoder() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """MobileBERT (bottleneck in/out projections around narrow attention, stacked FFNs, NoNorm).
+    Inputs input_ids and attention_mask (2, 16) -> a ModelOutput with last_hidden_state."""
+    from transformers import MobileBertConfig, MobileBertModel
+
+    torch.manual_seed(_SEED)
+    config = MobileBertConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        embedding_size=32,
+        intra_bottleneck_size=32,
+        true_hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_feedforward_networks=2,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = MobileBertModel(config, add_pooling_layer=False).eval()
+    mask = torch.ones(_BATCH, 16, dtype=torch.int64)
+    mask[1, 12:] = 0
+    return model, (_ids(1000), mask)
+
+
+def mobilevit_classifier() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """MobileViT: MobileNetV2 inverted residuals with transformer blocks over unfolded patches."""
+    from transformers import MobileViTConfig, MobileViTForImageClassification
+
+    torch.manual_seed(_SEED)
+    config = MobileViTConfig(
+        image_size=32,
+        patch_size=2,
+        hidden_sizes=[32, 48, 64],
+        neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 96],
+        num_attention_heads=2,
+        num_labels=5,
+        expand_ratio=2.0,
+    )
+    model = _finish(MobileViTForImageClassification(config))
+    return model, (torch.randn(_BATCH, 3, 32, 32, generator=_gen()),)
+
+
+def moe_decoder() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Mixtral-style decoder: sparse mixture of experts (4 experts, top-2 routing), GQA, RoPE."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(_SEED)
+    config = MixtralConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    return MixtralForCausalLM(config).eval(), (_ids(1000),)
+
+
+def phi3_decoder() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Phi-3-style decoder: fused qkv_proj and gate_up_proj Linears."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(_SEED)
+    config = Phi3Config(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
+    return Phi3ForCausalLM(config).eval(), (_ids(1000),)
+
+
+class SpeechLSTM(nn.Module):
+    """Keyword-spotting style: per-frame Linear over filterbank features, a 2-layer bidirectional LSTM,
+    mean over time, Linear classifier. Most of the weight bytes are in the LSTM."""
+
+    def __init__(self, features: int = 20, hidden: int = 48, num_classes: int = 6) -> None:
+        super().__init__()
+        self.frontend = nn.Sequential(nn.Linear(features, 32), nn.ReLU())
+        self.lstm = nn.LSTM(32, hidden, num_layers=2, batch_first=True, bidirectional=True)
+        self.classifier = nn.Linear(2 * hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.frontend(x))  # (B, T, 2 * hidden)
+        return self.classifier(out.mean(1))
+
+
+def speech_lstm() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """2-layer bidirectional LSTM over (2, 12, 20) features -> (2, 6) logits."""
+    torch.manual_seed(_SEED)
+    return SpeechLSTM().eval(), (torch.randn(_BATCH, 12, 20, generator=_gen()),)
+
+
+class StackedGRU(nn.Module):
+    """2-layer GRU (not batch-first) over features; the last step's state -> Linear."""
+
+    def __init__(self, features: int = 16, hidden: int = 48, num_classes: int = 5) -> None:
+        super().__init__()
+        self.gru = nn.GRU(features, hidden, num_layers=2)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x.transpose(0, 1))  # (T, B, hidden)
+        return self.fc(out[-1])
+
+
+def stacked_gru() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """2-layer GRU over (2, 12, 16) batch-first features -> (2, 5) logits."""
+    torch.manual_seed(_SEED)
+    return StackedGRU().eval(), (torch.randn(_BATCH, 12, 16, generator=_gen()),)
+
+
+def convnext_classifier() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """ConvNeXt: depthwise 7x7 convs, channels-last LayerNorm, Linear pointwise MLPs, layer scale."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    torch.manual_seed(_SEED)
+    config = ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5, image_size=32)
+    return ConvNextForImageClassification(config).eval(), (torch.randn(_BATCH, 3, 32, 32, generator=_gen()),)
+
+
+def segformer_segmenter() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """SegFormer: overlapping patch embeddings, efficient (spatially reduced) attention, an all-MLP decoder."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    torch.manual_seed(_SEED)
+    config = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[16, 32],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=32,
+        num_labels=3,
+    )
+    model = _finish(SegformerForSemanticSegmentation(config))
+    return model, (torch.randn(_BATCH, 3, 32, 32, generator=_gen()),)
+
+
+def wav2vec2_encoder() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """wav2vec2: a strided Conv1d feature encoder over raw audio, positional conv, transformer encoder."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(_SEED)
+    config = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=4,
+        do_stable_layer_norm=True,
+        feat_extract_norm="layer",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    return Wav2Vec2Model(config).eval(), (torch.randn(_BATCH, 400, generator=_gen()),)
+
+
+#: Architectures as users bring them, for the generality test: every technique on each is either `ok`
+#: (compressed, exported, parity in every runtime) or a clear modelpress refusal.
+WIDE_ZOO: dict[str, Factory] = {
+    **ZOO,
+    "gpt2_lm": gpt2_lm,
+    "whisper_encoder": whisper_encoder,
+    "swin_classifier": swin_classifier,
+    "mobilebert_encoder": mobilebert_encoder,
+    "mobilevit_classifier": mobilevit_classifier,
+    "moe_decoder": moe_decoder,
+    "phi3_decoder": phi3_decoder,
+    "speech_lstm": speech_lstm,
+    "stacked_gru": stacked_gru,
+    "convnext_classifier": convnext_classifier,
+    "segformer_segmenter": segformer_segmenter,
+    "wav2vec2_encoder": wav2vec2_encoder,
+}

@@ -7,13 +7,16 @@ MEASURING.md), so only the dynamo path is used, and every export is meant to be 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from modelpress._files import check_output_path
 from modelpress.deploy.qdq import channels_last_flatten, fuse_integer_matmuls, hoist_quantizers
 from modelpress.errors import ExportError
 from modelpress.loading import Inputs
+from modelpress.outputs import FlatOutputs, named_outputs, no_cache
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +241,86 @@ def _optimize(model: Any) -> None:
     onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
+def _input_names(model: nn.Module, count: int) -> list[str] | None:
+    """The forward's parameter names for `count` positional inputs (input_ids, attention_mask, ...), which
+    the exporter would otherwise lose behind a wrapper; None when the forward takes *args."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < count:
+        return None
+    return [p.name for p in positional[:count]]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _cause(exc: BaseException) -> str:
+    """The deepest cause of an export failure, first line, without the exporter's terminal colours: the
+    exporter's own message only says which of its steps failed."""
+    inner = exc
+    while inner.__cause__ is not None and inner.__cause__ is not inner:
+        inner = inner.__cause__
+    text = _ANSI.sub("", str(inner)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    return f"{type(inner).__name__}: {first}" if first else type(inner).__name__
+
+
+def _dynamic_plans(inputs: Inputs) -> list[tuple[str, tuple[dict[int, Any], ...] | None]]:
+    """Shapes to try, most dynamic first: batch and sequence, batch only, all static."""
+    full = dynamic_shapes_for(inputs)
+    batch_only = tuple({d: v for d, v in dims.items() if d == 0} for dims in full)
+    plans: list[tuple[str, tuple[dict[int, Any], ...] | None]] = [("batch and sequence", full)]
+    if batch_only != full:
+        plans.append(("batch", batch_only))
+    if any(full):
+        plans.append(("static", None))
+    return plans
+
+
+def dynamic_axes(path: str | os.PathLike[str]) -> dict[str, dict[int, str]]:
+    """Which axes of each graph input of an ONNX file are dynamic: {input: {axis: symbol}}.
+
+    >>> dynamic_axes("model.onnx")  # doctest: +SKIP
+    {'input_ids': {0: 'batch', 1: 'sequence'}}
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+    out: dict[str, dict[int, str]] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        out[value.name] = {
+            i: d.dim_param for i, d in enumerate(dims) if d.dim_param or not d.HasField("dim_value")
+        }
+    return out
+
+
+@contextlib.contextmanager
+def _exportable_experts(model: nn.Module) -> Iterator[None]:
+    """Hugging Face mixture-of-experts layers default to a grouped-matmul kernel (a custom op with no ONNX
+    form); within this context they run as batched matmuls over each token's selected experts, which
+    export as Gather + MatMul with the same result."""
+    configs = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_experts_implementation", None) == "grouped_mm" and config not in configs:
+            configs.append(config)
+    for config in configs:
+        config._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        for config in configs:
+            config._experts_implementation = "grouped_mm"
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Inputs,
@@ -249,6 +333,13 @@ def export_onnx(
 ) -> Path:
     """Export `model` to an ONNX file at `path`, written atomically (with external data if > 2 GB).
 
+    Any model that torch.export can trace: outputs may be tensors, tuples, dicts or Hugging Face
+    `ModelOutput`s (the graph's outputs take their names, `logits`, `last_hidden_state`, ...; caches are
+    turned off and left out), inputs take the forward's parameter names. With `dynamic`, the batch dim of
+    every input (and the sequence dim of token inputs) is dynamic where the model allows it: if tracing
+    fails that way, the export falls back to a dynamic batch only, then to static shapes, and says so;
+    `dynamic_axes(path)` tells which axes stayed dynamic.
+
     Statically quantized Linear layers (int8 weights, quantized input) are written as ONNX Runtime's
     `com.microsoft.MatMulIntegerToFloat` with the bias fused (`deploy.qdq.fuse_integer_matmuls`), which
     ONNX Runtime and OpenVINO execute; `integer_matmul=False` keeps them as standard-ONNX QDQ
@@ -258,36 +349,65 @@ def export_onnx(
     """
     out = check_output_path(path, overwrite=overwrite)
     model = model.eval()
-    inputs = _widen(example_inputs) if dynamic else example_inputs
-    kwargs: dict[str, Any] = {
-        "dynamo": True,
-        "verbose": False,
-        "optimize": False,  # done below, as the exporter would, except for sparse weights
-        "custom_translation_table": _translations(),
-    }
-    if dynamic:
-        kwargs["dynamic_shapes"] = dynamic_shapes_for(inputs)
-    if opset is not None:
-        kwargs["opset_version"] = opset
-    captured = io.StringIO()
-    # The exporter logs a warning per torchvision op it cannot register when torchvision is absent.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    try:
-        # The exporter prints progress and warns about optional packages; keep the user's terminal clean.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, inputs, **kwargs)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(
-            f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: {first}. torch.export must be able "
-            "to trace the model: avoid data-dependent Python control flow on tensor values in forward, or "
-            "return plain tensors instead of custom objects."
-        ) from exc
+    with no_cache(model), _exportable_experts(model), torch.no_grad():
+        try:
+            sample = model(*example_inputs)
+        except Exception as exc:
+            shapes = ", ".join(
+                f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in example_inputs
+            )
+            raise ExportError(
+                f"{type(model).__name__} fails on the example inputs [{shapes}] before export "
+                f"({_cause(exc)}). Give example inputs of the shapes and dtypes its forward expects."
+            ) from exc
+        names = [name for name, _ in named_outputs(sample)]
+        if not names:
+            raise ExportError(
+                f"{type(model).__name__} returned {type(sample).__name__}, which holds no tensor to export. "
+                "Return a tensor, a tuple/dict of tensors or a ModelOutput."
+            )
+        traced: nn.Module = model if isinstance(sample, torch.Tensor) else FlatOutputs(model)
+        kwargs: dict[str, Any] = {
+            "dynamo": True,
+            "verbose": False,
+            "optimize": False,  # done below, as the exporter would, except for sparse weights
+            "custom_translation_table": _translations(),
+            "output_names": names if len(set(names)) == len(names) else None,
+            "input_names": _input_names(model, len(example_inputs)),
+        }
+        if opset is not None:
+            kwargs["opset_version"] = opset
+        plans = _dynamic_plans(example_inputs) if dynamic else [("static", None)]
+        failures: list[str] = []
+        program = None
+        for label, shapes in plans:
+            inputs = _widen(example_inputs) if shapes is not None else example_inputs
+            if shapes is not None and traced is not model:
+                shapes = (shapes,)  # FlatOutputs.forward(*args): the inputs are one tuple argument
+            try:
+                program = _trace(traced, inputs, {**kwargs, "dynamic_shapes": shapes})
+            except Exception as exc:
+                failures.append(f"{label}: {_cause(exc)}")
+                log.debug("export with dynamic %s failed", label, exc_info=True)
+                continue
+            if failures:
+                log.warning(
+                    "%s: export with dynamic %s failed (%s); exported with %s dims instead.",
+                    type(model).__name__,
+                    plans[0][0],
+                    failures[0],
+                    "a dynamic batch" if label == "batch" else "static",
+                )
+            break
     if program is None:
-        raise ExportError("torch.onnx.export returned no program; update torch/onnxscript.")
+        raise ExportError(
+            f"ONNX export of {type(model).__name__} failed: {failures[-1]}"
+            + (f" (with dynamic shapes: {failures[0]})" if len(failures) > 1 else "")
+            + ". torch.export must be able to trace the model: avoid data-dependent Python control flow on "
+            "tensor values in forward and return tensors, tuples, dicts or ModelOutputs."
+        )
     _optimize(program.model)
-    if dynamic:
+    if dynamic and not failures:
         _warn_static_dims(program, example_inputs)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -302,3 +422,16 @@ def export_onnx(
         shutil.rmtree(tmp_dir, ignore_errors=True)
     log.info("exported %s", out)
     return out
+
+
+def _trace(model: nn.Module, inputs: Inputs, kwargs: dict[str, Any]) -> Any:
+    captured = io.StringIO()
+    # The exporter logs a warning per torchvision op it cannot register when torchvision is absent.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    # The exporter prints progress and warns about optional packages; keep the user's terminal clean.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, inputs, **kwargs)
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program; update torch/onnxscript.")
+    return program

@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from modelpress.deploy.runtime import Session
 from modelpress.errors import ParityError
 from modelpress.loading import Inputs, as_inputs
+from modelpress.outputs import output_tensors
 
 
 @dataclass
@@ -36,6 +36,7 @@ class ParityReport:
     outputs: list[OutputParity] = field(default_factory=list)
     passed: bool = True
     message: str = ""
+    skipped_samples: int = 0  # samples whose shapes a static artifact does not take
 
     @property
     def worst(self) -> OutputParity:
@@ -49,7 +50,7 @@ def torch_outputs(model: nn.Module, inputs: Inputs) -> list[np.ndarray]:
     """Run the torch model and flatten its outputs in the order the ONNX exporter uses (pytree order)."""
     with torch.no_grad():
         out = model(*inputs)
-    leaves = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+    leaves = output_tensors(out)
     return [leaf.detach().float().numpy() if leaf.is_floating_point() else leaf.numpy() for leaf in leaves]
 
 
@@ -88,9 +89,12 @@ def check_parity(
     >>> report = check_parity(model, open_session("m.onnx"), [example_inputs])  # doctest: +SKIP
     """
     acc: dict[int, dict[str, list[Any]]] = {}
-    n = 0
+    n = skipped = 0
     for sample in samples:
         inputs = as_inputs(sample, where="parity sample")
+        if not _fits(inputs, session):
+            skipped += 1  # a static artifact (export fell back from dynamic shapes) takes only its own shapes
+            continue
         ref = torch_outputs(model, inputs)
         got = session.run([t.numpy() for t in inputs])
         base = torch_outputs(reference, inputs) if reference is not None else None
@@ -116,8 +120,13 @@ def check_parity(
                 slot["top1"].append((r.argmax(-1) == g.argmax(-1)).reshape(-1))
         n += 1
     if n == 0:
+        if skipped:
+            raise ParityError(
+                f"None of the {skipped} parity samples fits the artifact's fixed input shapes "
+                f"{_shapes_text(session)} in {session.runtime}; give samples of those shapes."
+            )
         raise ParityError("No samples were given to the parity check; pass at least one input batch.")
-    report = ParityReport(runtime=session.runtime, samples=n)
+    report = ParityReport(runtime=session.runtime, samples=n, skipped_samples=skipped)
     for i, slot in acc.items():
         diffs = np.concatenate(slot["abs"])
         cos = np.concatenate(slot["cos"])
@@ -163,6 +172,23 @@ def check_parity(
         if raise_on_failure:
             raise ParityError(report.message)
     return report
+
+
+def _fits(inputs: Inputs, session: Session) -> bool:
+    shapes = getattr(session, "input_shapes", None)
+    if shapes is None or len(shapes) != len(inputs):
+        return True  # the runtime will say what is wrong
+    return all(
+        len(want) == t.ndim and all(w is None or w == d for w, d in zip(want, t.shape, strict=True))
+        for want, t in zip(shapes, inputs, strict=True)
+    )
+
+
+def _shapes_text(session: Session) -> str:
+    return ", ".join(
+        f"{name} {tuple('?' if d is None else d for d in shape)}"
+        for name, shape in zip(session.input_names, session.input_shapes, strict=True)
+    )
 
 
 def parity_inputs(example: Inputs, *, count: int = 4, seed: int = 0) -> list[Inputs]:

@@ -20,6 +20,7 @@ class Session(Protocol):
     runtime: str
     input_names: list[str]
     output_names: list[str]
+    input_shapes: list[tuple[int | None, ...]]  # None where a dim is dynamic
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]: ...
 
@@ -72,6 +73,9 @@ class OrtSession:
             options.add_session_config_entry("session.disable_quant_qdq", "1")
         self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self._session.get_inputs()]
+        self.input_shapes = [
+            tuple(d if isinstance(d, int) else None for d in i.shape) for i in self._session.get_inputs()
+        ]
         self.output_names = [o.name for o in self._session.get_outputs()]
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -113,6 +117,10 @@ class OpenVinoSession:
         self._request = self._compile(self._model)  # the model as read (dynamic shapes: any input)
         self._seen: set[tuple[tuple[int, ...], ...]] = set()  # shapes run once, dynamic
         self.input_names = [port.get_any_name() for port in self._model.inputs]
+        self.input_shapes = [
+            tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+            for port in self._model.inputs
+        ]
         self.output_names = [port.get_any_name() for port in self._model.outputs]
         self._dtypes = [_numpy_dtype(port) for port in self._model.inputs]
 

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import nn
 
 from modelpress.deploy.runtime import Session
 from modelpress.errors import DataError
 from modelpress.loading import Inputs, as_inputs
+from modelpress.outputs import output_tensors
 
 Predictor = Callable[[Inputs], torch.Tensor]
 
@@ -32,7 +32,7 @@ def as_predictor(target: nn.Module | Session | Predictor) -> Predictor:
         def run_torch(inputs: Inputs) -> torch.Tensor:
             with torch.no_grad():
                 out = model(*inputs)
-            return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)).float()
+            return output_tensors(out)[0].float()
 
         return run_torch
     if hasattr(target, "run") and hasattr(target, "input_names"):

@@ -10,11 +10,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
 from modelpress.data import Dataset, as_dataset
 from modelpress.errors import RecipeError
+from modelpress.outputs import no_cache
 from modelpress.techniques import REGISTRY, config_from_dict, config_to_dict
 
 log = logging.getLogger(__name__)
@@ -92,9 +94,25 @@ def compress(
     dataset = as_dataset(data)
     out = model if inplace else copy.deepcopy(model)
     out.eval()
-    for config in steps:
-        _, fn = REGISTRY[config.type]
-        start = time.perf_counter()
-        out = fn(out, config, dataset)
-        log.info("%s done in %.1f s", config.type, time.perf_counter() - start)
+    _drop_inference_mode(out)
+    # Calibration and tracing want results, not a Hugging Face key/value cache; the setting comes back after.
+    with no_cache(out):
+        for config in steps:
+            _, fn = REGISTRY[config.type]
+            start = time.perf_counter()
+            out = fn(out, config, dataset)
+            log.info("%s done in %.1f s", config.type, time.perf_counter() - start)
     return out
+
+
+def _drop_inference_mode(model: nn.Module) -> None:
+    """Make tensors created under `torch.inference_mode()` ordinary ones: techniques that save tensors for
+    backward (equalization, bias correction, QAT, reconstruction) cannot use inference tensors."""
+    with torch.no_grad():
+        for module in model.modules():
+            for key, param in module._parameters.items():
+                if param is not None and param.is_inference():
+                    module._parameters[key] = nn.Parameter(param.clone(), requires_grad=param.requires_grad)
+            for key, buf in module._buffers.items():
+                if buf is not None and buf.is_inference():
+                    module._buffers[key] = buf.clone()

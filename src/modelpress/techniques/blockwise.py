@@ -35,6 +35,7 @@ from torch import nn
 from modelpress.data import Dataset
 from modelpress.errors import DataError
 from modelpress.loading import as_inputs
+from modelpress.outputs import first_output
 from modelpress.techniques.quantized import reuse_weights
 from modelpress.techniques.select import set_submodule
 
@@ -222,12 +223,12 @@ def _layer_hook(name: str, observe: Observe) -> Callable[..., None]:
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
-    """A block's hidden-state output: the tensor itself, or the first element of a tuple."""
-    while isinstance(out, (tuple, list)) and out:
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
+    """A block's hidden-state output: the tensor itself, the first element of a tuple, or the first tensor of
+    a mapping (a Hugging Face ModelOutput)."""
+    found = first_output(out)
+    if found is None:
         raise TypeError(f"a block returned {type(out).__name__}; expected a tensor or a tuple of tensors")
-    return out
+    return found
 
 
 def _run_model(model: nn.Module, inputs: tuple[Any, ...], owner: str) -> Any:

@@ -17,12 +17,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import nn
 
 from modelpress.data import Dataset
 from modelpress.errors import DataError, ModelpressError, RecipeError
 from modelpress.loading import as_inputs
+from modelpress.outputs import output_tensors
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def labeled(item: Any, where: str, *, owner: str) -> tuple[tuple[torch.Tensor, .
 
 
 def _float_leaves(out: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t for t in output_tensors(out) if t.is_floating_point()]
 
 
 def distill_loss(out: Any, reference: Any, *, owner: str) -> torch.Tensor:

@@ -142,6 +142,17 @@ class WeightView(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.dequantized_weight()
 
+    def __getattr__(self, name: str) -> Any:
+        # Model code reads the layer's settings (Whisper's `conv1.stride`, `in_features`, `padding_idx`):
+        # answer from the wrapped layer, as the layer the user gave would.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("inner")
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)
+
 
 class QuantizedLayer(WeightView):
     """A layer whose fp32 weight was replaced by int8 codes `qweight` and fp32 per-channel `scale`, and

@@ -27,7 +27,6 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import nn
 
 from modelpress.data import Dataset, as_dataset
@@ -43,6 +42,7 @@ from modelpress.graph.heads import (
 )
 from modelpress.loading import as_inputs
 from modelpress.ops.refit import refit_columns
+from modelpress.outputs import output_tensors
 from modelpress.techniques.finetune import check_recover, labeled, recover, task_loss
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
 from modelpress.techniques.select import matches_any, select_modules, unmatched_patterns
@@ -232,7 +232,7 @@ def _importance(graph: ChannelGraph, elem: Elementwise) -> dict[int, float]:
 
 def _next_token_loss(out: Any, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     """Next-token cross-entropy when the model reads token ids (B, T) and returns logits (B, T, vocab)."""
-    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    leaves = [t for t in output_tensors(out) if t.is_floating_point()]
     ids = inputs[0] if inputs else None
     if not leaves or ids is None or ids.is_floating_point() or ids.dim() != 2:
         return None
