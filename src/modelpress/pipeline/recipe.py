@@ -14,10 +14,12 @@ import torch
 import yaml
 from torch import nn
 
+from modelpress.analyse.coverage import check_coverage, coverage, weight_layers
 from modelpress.data import Dataset, as_dataset
 from modelpress.errors import RecipeError
 from modelpress.outputs import no_cache
 from modelpress.techniques import REGISTRY, config_from_dict, config_to_dict
+from modelpress.techniques.select import conv1d_as_linear
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +86,26 @@ def compress(
     data: Dataset | Iterable[Any] | None = None,
     *,
     inplace: bool = False,
+    allow_partial: bool = False,
 ) -> nn.Module:
     """Apply each step of `recipe` in order; the user's model is left untouched unless `inplace`.
+
+    Every weight-bearing layer ends up compressed, removed, or listed in the log as left alone with the
+    reason (`analyse.coverage`). A recipe that changes nothing is refused with a RecipeError, and so is one
+    whose quantization or sparsity steps leave most weight bytes untouched, unless `allow_partial`.
 
     >>> from modelpress import WeightOnlyConfig
     >>> small = compress(nn.Sequential(nn.Linear(16, 4)), [WeightOnlyConfig()])
     """
     steps = load_recipe(recipe)
     dataset = as_dataset(data)
+    before = weight_layers(model)
     out = model if inplace else copy.deepcopy(model)
     out.eval()
     _drop_inference_mode(out)
+    converted = conv1d_as_linear(out)
+    if converted:
+        log.info("GPT-2 Conv1D layers taken as the Linear layers they are: %d", len(converted))
     # Calibration and tracing want results, not a Hugging Face key/value cache; the setting comes back after.
     with no_cache(out):
         for config in steps:
@@ -102,6 +113,10 @@ def compress(
             start = time.perf_counter()
             out = fn(out, config, dataset)
             log.info("%s done in %.1f s", config.type, time.perf_counter() - start)
+    cov = coverage(before, out, steps)
+    for row in cov.left_alone:
+        log.info("left alone: %s (%s, %d bytes): %s", row.name, row.type, row.bytes, row.reason)
+    check_coverage(cov, steps, allow_partial=allow_partial)
     return out
 
 

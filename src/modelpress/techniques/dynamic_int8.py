@@ -16,7 +16,7 @@ from torch import nn
 
 from modelpress.environment import cpu_has_vnni
 from modelpress.errors import RecipeError
-from modelpress.techniques.quantized import DynamicQuantizedLinear
+from modelpress.techniques.quantized import DynamicQuantizedLinear, QuantizedRNN
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DynamicInt8Config:
-    """Dynamic W8A8 of Linear layers.
+    """Dynamic W8A8 of Linear layers; LSTM/GRU/RNN layers get int8 weights (the runtimes' recurrent ops
+    compute in fp32 with them: ONNX Runtime's DynamicQuantizeLSTM has no OpenVINO counterpart).
 
     >>> DynamicInt8Config(ignore=("classifier",))
     DynamicInt8Config(reduce_range=None, targets=None, ignore=('classifier',))
@@ -50,21 +51,23 @@ def dynamic_int8(model: nn.Module, config: DynamicInt8Config, data: Any = None) 
             f"dynamic_int8: targets {missing} match no module of the model. Check the names "
             "(see `modelpress profile` for the layer list), or use a type name such as 'Linear' or a 're:' regex."
         )
-    chosen = [
-        (name, module)
-        for name, module in select_modules(
-            model, types=(nn.Linear,), targets=config.targets, ignore=config.ignore
-        )
-        if type(module) is nn.Linear
-    ]
+    selected = list(
+        select_modules(model, types=(nn.Linear, nn.RNNBase), targets=config.targets, ignore=config.ignore)
+    )
+    chosen = [(name, module) for name, module in selected if type(module) is nn.Linear]
+    recurrent = [(name, module) for name, module in selected if isinstance(module, nn.RNNBase)]
     for name, module in chosen:
         if not torch.isfinite(module.weight).all():
             raise RecipeError(
                 f"dynamic_int8: layer '{name}' has NaN or Inf in its weight; fix the checkpoint, or add "
                 f"'{name}' to ignore."
             )
-    if not chosen:
-        log.warning("dynamic_int8: no Linear layer matched; the model is unchanged.")
+    if not chosen and not recurrent:
+        log.warning(
+            "dynamic_int8: no Linear or recurrent layer matched (targets=%s, ignore=%s); the model is unchanged.",
+            None if config.targets is None else list(config.targets),
+            list(config.ignore),
+        )
         return model
     reduce_range = not cpu_has_vnni() if config.reduce_range is None else config.reduce_range
     if reduce_range and config.reduce_range is None:
@@ -78,5 +81,11 @@ def dynamic_int8(model: nn.Module, config: DynamicInt8Config, data: Any = None) 
             set_submodule(model, name, layer)
         else:
             model = layer
-    log.info("dynamic_int8: quantized %d Linear layers", len(chosen))
+    for name, module in recurrent:
+        layer_rnn = QuantizedRNN(module, bits=8)  # fp32 maths in the runtimes: no saturation to avoid
+        if name:
+            set_submodule(model, name, layer_rnn)
+        else:
+            model = layer_rnn
+    log.info("dynamic_int8: quantized %d Linear and %d recurrent layers", len(chosen), len(recurrent))
     return model

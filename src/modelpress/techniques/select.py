@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
 
@@ -52,3 +53,31 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D (GPT-2, GPT-J's ancestors): a Linear with its weight stored (in, out).
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+    )
+
+
+def conv1d_as_linear(model: nn.Module) -> list[str]:
+    """Replace every GPT-2-style `Conv1D` (y = x @ W + b, W stored (in, out)) by the `nn.Linear` it is (the
+    weight transposed), in place, so techniques that compress Linear layers compress it; returns the names."""
+    names = [name for name, module in model.named_modules() if name and is_conv1d(module)]
+    for name in names:
+        old = model.get_submodule(name)
+        weight = old.weight.detach()  # (in, out)
+        bias = getattr(old, "bias", None)
+        new = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None, dtype=weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(weight.t())
+            if bias is not None:
+                new.bias.copy_(bias.detach())
+        set_submodule(model, name, new)
+    return names

@@ -26,12 +26,13 @@ from modelpress.techniques.quantized import (
     GroupQuantizedEmbedding,
     GroupQuantizedLinear,
     QuantizedLayer,
+    QuantizedRNN,
 )
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
 log = logging.getLogger(__name__)
 
-LayerKind = Literal["linear", "conv", "embedding"]
+LayerKind = Literal["linear", "conv", "embedding", "rnn"]
 
 _KIND_TYPES = QUANTIZABLE_TYPES
 
@@ -52,7 +53,7 @@ class WeightOnlyConfig:
     # Groups only: shrink each group's range to the least weight error. Off by default: it clips the large
     # weights that matter most (SmolLM2 int4 g128 perplexity 31.8 with it, 29.7 without).
     clip_search: bool = False
-    layers: tuple[LayerKind, ...] = ("linear", "conv", "embedding")
+    layers: tuple[LayerKind, ...] = ("linear", "conv", "embedding", "rnn")
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
 
@@ -92,11 +93,9 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
             "(see `modelpress profile` for the layer list), or use a type name such as 'Linear' or a 're:' regex."
         )
     types = tuple(t for kind in config.layers for t in _KIND_TYPES[kind])
-    chosen = [
-        (name, module)
-        for name, module in select_modules(model, types=types, targets=config.targets, ignore=config.ignore)
-        if isinstance(getattr(module, "weight", None), nn.Parameter)
-    ]
+    selected = list(select_modules(model, types=types, targets=config.targets, ignore=config.ignore))
+    recurrent = [(name, m) for name, m in selected if isinstance(m, nn.RNNBase)]
+    chosen = [(name, m) for name, m in selected if isinstance(getattr(m, "weight", None), nn.Parameter)]
     for name, module in chosen:
         weight = module.weight
         if isinstance(weight, torch.Tensor) and not torch.isfinite(weight).all():
@@ -104,8 +103,21 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
                 f"weight_only: layer '{name}' has NaN or Inf in its weight; fix the checkpoint, or add "
                 f"'{name}' to ignore."
             )
-    if not chosen:
-        log.warning("weight_only: no layer matched (layers=%s); the model is unchanged.", list(config.layers))
+    if not chosen and not recurrent:
+        log.warning(
+            "weight_only: no layer matched (layers=%s, targets=%s, ignore=%s); the model is unchanged.",
+            list(config.layers),
+            None if config.targets is None else list(config.targets),
+            list(config.ignore),
+        )
+    for name, module in recurrent:
+        # The runtimes' LSTM/GRU ops take whole matrices: int8 per row whatever the group size.
+        model = _replace(model, name, QuantizedRNN(module, bits=8))
+    if recurrent and config.group_size is not None:
+        log.info(
+            "weight_only: recurrent layers stay int8 per row (no grouped kernel): %s",
+            [n for n, _ in recurrent],
+        )
     # Tied weights (an LM's embedding and head share one Parameter) are quantized once and the codes
     # shared, so the artifact stores them once, as the fp32 model did.
     first_user: dict[int, QuantizedLayer] = {}
@@ -145,7 +157,10 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
             kept_int8,
         )
     log.info(
-        "weight_only: quantized %d layers (int%d, group %s)", len(chosen), config.bits, config.group_size
+        "weight_only: quantized %d layers (int%d, group %s)",
+        len(chosen) + len(recurrent),
+        config.bits,
+        config.group_size,
     )
     return model
 
