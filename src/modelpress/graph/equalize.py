@@ -29,7 +29,6 @@ import torch
 from torch import fx, nn
 
 from modelpress.graph.trace import export_program
-from modelpress.techniques.select import set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,21 @@ _HOMOGENEOUS_OPS = {
     aten.clone.default,
     aten.contiguous.default,
 }
+
+
+# Channel gains a float rewrite leaves on the layer it rescales, so per-layer error analysis
+# (analyse/explain.py) can still compare with the user's layer: where the user's layer maps x to y, the
+# rewritten one maps `input_gain * x` to `output_gain * y` (per input / output channel). Plain attributes:
+# not in the state dict, not exported.
+OUTPUT_GAIN = "_modelpress_output_gain"
+INPUT_GAIN = "_modelpress_input_gain"
+
+
+def note_gain(module: nn.Module, attr: str, gain: torch.Tensor) -> None:
+    """Multiply `module`'s recorded channel gain `attr` (OUTPUT_GAIN or INPUT_GAIN) by `gain`."""
+    old = getattr(module, attr, None)
+    gain = gain.detach().double()
+    setattr(module, attr, gain if old is None else old * gain)
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,10 @@ def fold_batchnorm(
     The BatchNorm becomes `nn.Identity`; the layer gains a bias if it had none. Returns the folded
     BatchNorm names. Raises `GraphError` if the model cannot be exported.
     """
+    # Imported here: modelpress.techniques imports this module (static_int8), so a module-level import of
+    # it would make `import modelpress.graph` circular.
+    from modelpress.techniques.select import set_submodule
+
     if not any(isinstance(m, _BATCHNORMS) and not m.training for m in model.modules()):
         return []
     graph = LayerGraph(model, example_inputs, owner=owner)
@@ -286,6 +304,8 @@ def _rescale(producer: nn.Module, consumer: nn.Module, s: torch.Tensor) -> None:
     index, _ = _consumer_index(consumer)
     factor = s[index].to(cw.dtype)
     cw.mul_(factor.reshape(factor.shape + (1,) * (cw.dim() - 2)))
+    note_gain(producer, OUTPUT_GAIN, 1.0 / s)
+    note_gain(consumer, INPUT_GAIN, 1.0 / s)
 
 
 def equalize_pairs(

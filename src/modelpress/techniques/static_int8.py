@@ -19,7 +19,14 @@ from torch import nn
 from modelpress.data import Dataset
 from modelpress.environment import cpu_has_vnni
 from modelpress.errors import DataError, GraphError, RecipeError
-from modelpress.graph.equalize import equalize_pairs, find_pairs, fold_batchnorm
+from modelpress.graph.equalize import (
+    INPUT_GAIN,
+    OUTPUT_GAIN,
+    equalize_pairs,
+    find_pairs,
+    fold_batchnorm,
+    note_gain,
+)
 from modelpress.graph.heads import find_attention
 from modelpress.loading import as_inputs
 from modelpress.ops.gptq import HessianAccumulator
@@ -252,6 +259,8 @@ def fold_into_values(model: nn.Module, absmax: dict[str, Any], *, alpha: float) 
             if att.v.bias is not None:
                 att.v.bias.div_(per_value.to(att.v.bias.dtype))
             att.o.weight.mul_(per_input[None, :].to(weight.dtype))
+        note_gain(att.v, OUTPUT_GAIN, 1.0 / per_value)
+        note_gain(att.o, INPUT_GAIN, 1.0 / per_input)
         setattr(att.o, _IN_VALUES, True)
         folded += 1
     return folded
