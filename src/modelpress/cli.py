@@ -380,22 +380,34 @@ def bench(
 @click.option("--out", "-o", "out_path", required=True, type=click.Path(), help="The new .html file.")
 @click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
 def report(result_json: str, out_path: str, overwrite: bool) -> None:
-    """Render a report.json (written by `compress` or `demo`) as a single self-contained HTML file."""
-    from modelpress.errors import DataError
-    from modelpress.report.html import write_report
+    """Render JSON that modelpress wrote as a single self-contained HTML file (inline plots, no network).
 
+    RESULT_JSON is a report.json (from `compress` or `demo`), or the --json output of `bench` or `profile`;
+    the kind is told from its keys.
+    """
+    from modelpress.errors import DataError
+    from modelpress.report.html import report_kind, write_report
+
+    expected = (
+        "Give the report.json written by `modelpress compress` or `modelpress demo`, or the --json output of "
+        "`modelpress bench` or `modelpress profile`."
+    )
     path = Path(result_json)
     if not path.is_file():
-        raise DataError(f"'{path}' does not exist. Give the report.json written by `modelpress compress`.")
+        raise DataError(f"'{path}' does not exist. {expected}")
     try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-        write_report(result, out_path, overwrite=overwrite)
-    except (json.JSONDecodeError, KeyError, TypeError, StopIteration) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"'{path}' is not a modelpress result: it is not JSON ({exc}). {expected}") from exc
+    kind = report_kind(data, source=f"'{path}'")
+    try:
+        write_report(data, out_path, overwrite=overwrite)
+    except (KeyError, TypeError, StopIteration) as exc:
         raise DataError(
-            f"'{path}' is not a modelpress result ({type(exc).__name__}: {exc}). Give the report.json written "
-            "by `modelpress compress` or `modelpress demo`."
+            f"'{path}' is not a modelpress result: it looks like a {kind} result but lacks a field "
+            f"({type(exc).__name__}: {exc}). {expected}"
         ) from exc
-    out.print(f"wrote {out_path}")
+    out.print(f"wrote {out_path} ({kind} report)")
 
 
 @main.command()

@@ -11,6 +11,8 @@ from modelpress.analyse.profile import human_bytes, human_count
 
 
 def print_summary(result: dict[str, Any], console: Console) -> None:
+    """The artifact table, the findings (speed with its spread, fidelity to the original model), the worst
+    layers and the original and compressed model's size and MACs."""
     bench = result["bench"]
     batches = list(next(iter(bench.values()))["latency"])
     q = result.get("quality") or {}
@@ -37,16 +39,18 @@ def print_summary(result: dict[str, Any], console: Console) -> None:
     from modelpress.report.html import findings
 
     for line in findings(result):
-        console.print(f"- {line}")
+        console.print(f"- {line}", highlight=False)
     worst = result.get("explain", [])[:3]
     if worst:
         console.print(
             "worst layers (output SQNR): "
             + ", ".join(f"{row['name']} {row['output_sqnr_db']:.1f} dB" for row in worst)
         )
-    prof = result["profile"]
+    base, small = result["profile"]["baseline"], result["profile"]["compressed"]
     console.print(
-        f"params {human_count(prof['baseline']['params'])}, MACs {human_count(prof['baseline']['macs'])}; "
+        f"params {human_count(base['params'])} -> {human_count(small['params'])}, "
+        f"MACs {human_count(base['macs'])} -> {human_count(small['macs'])}, "
+        f"torch bytes {human_bytes(base['bytes'])} -> {human_bytes(small['bytes'])} (original -> compressed); "
         f"parity: {'all passed' if all(p['passed'] for p in result['parity']) else 'FAILED'}; "
         f"compression took {result['compress_wall_s']:.2f} s"
     )
