@@ -307,7 +307,7 @@ def _exportable_experts(model: nn.Module) -> Iterator[None]:
     """Hugging Face mixture-of-experts layers default to a grouped-matmul kernel (a custom op with no ONNX
     form); within this context they run as batched matmuls over each token's selected experts, which
     export as Gather + MatMul with the same result."""
-    configs = []
+    configs: list[Any] = []
     for module in model.modules():
         config = getattr(module, "config", None)
         if getattr(config, "_experts_implementation", None) == "grouped_mm" and config not in configs:
@@ -377,7 +377,7 @@ def export_onnx(
         }
         if opset is not None:
             kwargs["opset_version"] = opset
-        plans = _dynamic_plans(example_inputs) if dynamic else [("static", None)]
+        plans: list[tuple[str, Any]] = _dynamic_plans(example_inputs) if dynamic else [("static", None)]
         failures: list[str] = []
         program = None
         for label, shapes in plans:

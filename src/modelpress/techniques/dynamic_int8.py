@@ -81,8 +81,9 @@ def dynamic_int8(model: nn.Module, config: DynamicInt8Config, data: Any = None) 
             set_submodule(model, name, layer)
         else:
             model = layer
-    for name, module in recurrent:
-        layer_rnn = QuantizedRNN(module, bits=8)  # fp32 maths in the runtimes: no saturation to avoid
+    for name, rnn in recurrent:
+        assert isinstance(rnn, nn.RNNBase)
+        layer_rnn = QuantizedRNN(rnn, bits=8)  # fp32 maths in the runtimes: no saturation to avoid
         if name:
             set_submodule(model, name, layer_rnn)
         else:

@@ -553,25 +553,45 @@ class SparseLayer(WeightView):
         return f"{self.scheme}, shape={self.weight_shape}, kept={self.values.numel()}"
 
 
-class QuantizedRNN(_Wrapper):
-    """An LSTM, GRU or RNN whose weight matrices (`weight_ih_l{k}`, `weight_hh_l{k}`, and `_reverse` for a
-    bidirectional layer) are stored as int8 codes with one fp32 scale per row (per gate unit); the biases
-    stay fp32. Forward runs the wrapped layer's own maths with the dequantized matrices, so the ONNX
-    export is the runtime's `LSTM` / `GRU` / `RNN` op reading int8 initializers through DequantizeLinear,
-    which ONNX Runtime and OpenVINO fold once at load: ~4x smaller, fp32 speed."""
+_LAYER_TYPES: tuple[type[nn.Module], ...] = tuple(t for types in QUANTIZABLE_TYPES.values() for t in types)
+
+
+def own_matrices(module: nn.Module) -> list[str]:
+    """The >= 2-D parameters a module of no known layer type holds itself (a mixture of experts' stacked
+    weights, a router), where it can be wrapped without renaming anything: none of its children has
+    parameters. Empty for Linear/conv/embedding/RNN layers, wrappers and parameter-free modules."""
+    if isinstance(module, (_LAYER_TYPES, _Wrapper)) or any(
+        True for child in module.children() for _ in child.parameters()
+    ):
+        return []
+    return [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+
+
+class QuantizedMatrices(_Wrapper):
+    """A module whose own matrices are stored as int8 codes with one fp32 scale per row (over the last
+    dim), the rest of its parameters (biases, norms) left fp32: an LSTM/GRU/RNN's `weight_ih_l{k}` /
+    `weight_hh_l{k}`, or the raw parameters of any other layer, such as a mixture-of-experts layer's stacked
+    expert weights (E, out, in). Forward runs the wrapped module's own maths with the dequantized matrices,
+    so the ONNX export is the same graph (an `LSTM` / `GRU` op, Gather + MatMul over experts) reading int8
+    initializers through DequantizeLinear, which ONNX Runtime and OpenVINO fold once at load: ~4x smaller,
+    fp32 speed."""
 
     _modelpress_atomic = True
 
-    def __init__(self, inner: nn.RNNBase, *, bits: int = 8) -> None:
+    def __init__(self, inner: nn.Module, names: list[str] | None = None, *, bits: int = 8) -> None:
         super().__init__()
         self.bits = bits
-        self.names = [n for n in inner._flat_weights_names if n.startswith("weight_")]
-        for name in self.names:
+        if names is None:
+            names = [n for n, p in inner.named_parameters(recurse=False) if p.dim() >= 2]
+        self.names = names
+        for name in names:
             weight = getattr(inner, name).detach()
-            scale = symmetric_scale(weight, axis=0, bits=bits)
-            self.register_buffer(f"{name}_q", quantize_symmetric(weight, scale, axis=0, bits=bits))
+            rows = weight.reshape(-1, weight.shape[-1])  # (rows, in): one scale per row
+            scale = symmetric_scale(rows, axis=0, bits=bits)
+            codes = quantize_symmetric(rows, scale, axis=0, bits=bits).reshape(weight.shape)
+            self.register_buffer(f"{name}_q", codes)
             self.register_buffer(f"{name}_scale", scale.float())
-        for name in self.names:
+        for name in names:
             delattr(inner, name)  # the fp32 matrices are gone: only codes and scales are kept
         self.inner = inner
 
@@ -580,16 +600,26 @@ class QuantizedRNN(_Wrapper):
         return "w8"
 
     def dequantized_weights(self) -> dict[str, torch.Tensor]:
-        return {
-            name: dequantize_per_channel(
-                getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"), axis=0, bits=self.bits
-            )
-            for name in self.names
-        }
+        out = {}
+        for name in self.names:
+            codes: torch.Tensor = getattr(self, f"{name}_q")
+            rows = codes.reshape(-1, codes.shape[-1])
+            out[name] = dequantize_per_channel(
+                rows, getattr(self, f"{name}_scale"), axis=0, bits=self.bits
+            ).reshape(codes.shape)
+        return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return torch.func.functional_call(self.inner, self.dequantized_weights(), args, kwargs)
 
     def extra_repr(self) -> str:
         rng = ", 7-bit weight range" if self.bits == 7 else ""
-        return f"{self.scheme}{rng}, per-row, {len(self.names)} matrices"
+        return f"{self.scheme}{rng}, per-row, {', '.join(self.names)}"
+
+
+class QuantizedRNN(QuantizedMatrices):
+    """An LSTM, GRU or RNN with its weight matrices (`weight_ih_l{k}`, `weight_hh_l{k}`, `_reverse` for a
+    bidirectional layer) int8 per row (per gate unit), biases fp32 (see `QuantizedMatrices`)."""
+
+    def __init__(self, inner: nn.RNNBase, *, bits: int = 8) -> None:
+        super().__init__(inner, [n for n in inner._flat_weights_names if n.startswith("weight_")], bits=bits)

@@ -72,7 +72,7 @@ def conv1d_as_linear(model: nn.Module) -> list[str]:
     names = [name for name, module in model.named_modules() if name and is_conv1d(module)]
     for name in names:
         old = model.get_submodule(name)
-        weight = old.weight.detach()  # (in, out)
+        weight: torch.Tensor = old.weight.detach()  # type: ignore[operator]  # (in, out)
         bias = getattr(old, "bias", None)
         new = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None, dtype=weight.dtype)
         with torch.no_grad():

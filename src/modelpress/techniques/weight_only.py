@@ -26,13 +26,17 @@ from modelpress.techniques.quantized import (
     GroupQuantizedEmbedding,
     GroupQuantizedLinear,
     QuantizedLayer,
+    QuantizedMatrices,
     QuantizedRNN,
+    own_matrices,
 )
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
 log = logging.getLogger(__name__)
 
-LayerKind = Literal["linear", "conv", "embedding", "rnn"]
+# "other": the matrices (>= 2-D parameters) a module of any other type holds itself, such as a mixture of
+# experts' stacked expert weights; int8 per row.
+LayerKind = Literal["linear", "conv", "embedding", "rnn", "other"]
 
 _KIND_TYPES = QUANTIZABLE_TYPES
 
@@ -53,7 +57,7 @@ class WeightOnlyConfig:
     # Groups only: shrink each group's range to the least weight error. Off by default: it clips the large
     # weights that matter most (SmolLM2 int4 g128 perplexity 31.8 with it, 29.7 without).
     clip_search: bool = False
-    layers: tuple[LayerKind, ...] = ("linear", "conv", "embedding", "rnn")
+    layers: tuple[LayerKind, ...] = ("linear", "conv", "embedding", "rnn", "other")
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
 
@@ -72,10 +76,10 @@ class WeightOnlyConfig:
                 check_block_size(self.group_size, self.bits)
             except ValueError as exc:
                 raise RecipeError(f"weight_only: {exc}") from exc
-        bad = [k for k in self.layers if k not in _KIND_TYPES]
+        bad = [k for k in self.layers if k not in _KIND_TYPES and k != "other"]
         if bad or not self.layers:
             raise RecipeError(
-                f"weight_only: layers={list(self.layers)} is invalid; choose from {sorted(_KIND_TYPES)}."
+                f"weight_only: layers={list(self.layers)} is invalid; choose from {[*sorted(_KIND_TYPES), 'other']}."
             )
 
 
@@ -92,8 +96,19 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
             f"weight_only: targets {missing} match no module of the model. Check the names "
             "(see `modelpress profile` for the layer list), or use a type name such as 'Linear' or a 're:' regex."
         )
-    types = tuple(t for kind in config.layers for t in _KIND_TYPES[kind])
+    types = tuple(t for kind in config.layers for t in _KIND_TYPES.get(kind, ()))
     selected = list(select_modules(model, types=types, targets=config.targets, ignore=config.ignore))
+    others = (
+        [
+            (name, m)
+            for name, m in select_modules(
+                model, types=(nn.Module,), targets=config.targets, ignore=config.ignore
+            )
+            if own_matrices(m)
+        ]
+        if "other" in config.layers
+        else []
+    )
     recurrent = [(name, m) for name, m in selected if isinstance(m, nn.RNNBase)]
     chosen = [(name, m) for name, m in selected if isinstance(getattr(m, "weight", None), nn.Parameter)]
     for name, module in chosen:
@@ -103,7 +118,7 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
                 f"weight_only: layer '{name}' has NaN or Inf in its weight; fix the checkpoint, or add "
                 f"'{name}' to ignore."
             )
-    if not chosen and not recurrent:
+    if not chosen and not recurrent and not others:
         log.warning(
             "weight_only: no layer matched (layers=%s, targets=%s, ignore=%s); the model is unchanged.",
             list(config.layers),
@@ -150,6 +165,9 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
         else:
             first_user[id(weight)] = wrapped
         model = _replace(model, name, wrapped)
+    for name, module in others:
+        # Last: wrapping a module does not rename anything below it (it holds no parameterised child).
+        model = _replace(model, name, QuantizedMatrices(module, bits=8))
     if kept_int8:
         log.info(
             "weight_only: %d layers have no block-quantized kernel and stay int8 per channel: %s",
@@ -158,7 +176,7 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
         )
     log.info(
         "weight_only: quantized %d layers (int%d, group %s)",
-        len(chosen) + len(recurrent),
+        len(chosen) + len(recurrent) + len(others),
         config.bits,
         config.group_size,
     )
