@@ -353,11 +353,11 @@ def export_onnx(
         try:
             sample = model(*example_inputs)
         except Exception as exc:
-            shapes = ", ".join(
+            described = ", ".join(
                 f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in example_inputs
             )
             raise ExportError(
-                f"{type(model).__name__} fails on the example inputs [{shapes}] before export "
+                f"{type(model).__name__} fails on the example inputs [{described}] before export "
                 f"({_cause(exc)}). Give example inputs of the shapes and dtypes its forward expects."
             ) from exc
         names = [name for name, _ in named_outputs(sample)]
