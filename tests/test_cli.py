@@ -1,6 +1,12 @@
 import json
+import os
+import statistics
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from modelpress.cli import main
@@ -66,13 +72,21 @@ def test_compress_writes_folder_and_report(tiny_model_file, tmp_path):
         "onnxruntime",
     )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == [
-        "build.compressed.onnx",
-        "build.onnx",
+    assert sorted(p.name for p in out.iterdir()) == [  # as `compress --help` lists them
+        "model.compressed.onnx",
+        "model.compressed.safetensors",
+        "model.onnx",
+        "recipe.yaml",
         "report.html",
         "report.json",
     ]
+    help_text = " ".join(run("compress", "--help").output.split())
+    for name in ("model.onnx", "model.compressed.onnx", "model.compressed.safetensors", "recipe.yaml", "hf/"):
+        assert name in help_text
     report = json.loads((out / "report.json").read_text())
+    assert report["model"]["name"] == "build"
+    # the summary's params/MACs of the compressed model
+    assert report["profile"]["compressed"]["params"] > 0 and report["profile"]["compressed"]["macs"] > 0
     assert report["quality"]["metric"] == "accuracy"
     assert report["quality"]["onnxruntime compressed"] == pytest.approx(report["quality"]["torch compressed"])
     html = (out / "report.html").read_text()
@@ -172,6 +186,23 @@ def test_compress_static_with_calibration_data(tiny_model_file, tmp_path):
     assert [step["type"] for step in report["recipe"]] == ["static_int8", "weight_only"]
     assert any("[w8a8]" in layer["type"] for layer in report["profile"]["compressed"]["layers"])
 
+    # The saved PyTorch model reloads: the same recipe and data rebuild its modules, the file fills them.
+    import modelpress as mp
+    from modelpress.loading import apply_state_dict, import_callable, load_model, load_state_dict_file
+
+    recipe = mp.load_recipe(out / "recipe.yaml")
+    assert [c.type for c in recipe] == ["static_int8", "weight_only"]
+    model, inputs = load_model(f"{tiny_model_file}:build")
+    calib = list(import_callable(f"{tiny_model_file}:calib")())
+    expected = mp.compress(model, recipe, calib)
+    rebuilt = mp.compress(model, recipe, calib)
+    with torch.no_grad():
+        for tensor in rebuilt.state_dict().values():
+            tensor.zero_()  # so that equal outputs prove the file holds every value
+    apply_state_dict(rebuilt, load_state_dict_file(out / "model.compressed.safetensors"), source="saved")
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(*inputs), expected(*inputs), rtol=0, atol=0)
+
 
 def test_corrupt_artifact_and_bad_calibration_items_get_clear_messages(tiny_model_file, tmp_path):
     junk = tmp_path / "junk.onnx"
@@ -196,3 +227,79 @@ def test_corrupt_artifact_and_bad_calibration_items_get_clear_messages(tiny_mode
     assert "calibration item must be a tensor or a tuple of tensors, got Tiny" in message
     assert "from the factory" not in message
     assert not (tmp_path / "o").exists()
+
+
+def test_export_takes_calibration_data(tiny_model_file, tmp_path):
+    args = ["export", f"{tiny_model_file}:build", "-o", str(tmp_path / "s.onnx"), "--recipe", "int8-static"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "static_int8 needs calibration data" in " ".join(result.output.split())
+    assert not (tmp_path / "s.onnx").exists()
+    result = run(*args, "--data", f"{tiny_model_file}:calib")
+    assert result.exit_code == 0, result.output
+    assert "parity ok" in result.output and (tmp_path / "s.onnx").exists()
+    result = CliRunner().invoke(
+        main, ["export", f"{tiny_model_file}:build", "-o", str(tmp_path / "t.onnx"), "--data", "x.py:f"]
+    )
+    assert result.exit_code == 2 and "--data calibrates a --recipe" in result.output
+
+
+def test_allow_partial_flag(tiny_model_file, tmp_path):
+    # only the 4x8 Linear of the tiny CNN: most weight bytes (the convolution) stay fp32
+    (tmp_path / "fc_only.yaml").write_text("- {type: weight_only, bits: 8, targets: [fc]}\n")
+    model = f"{tiny_model_file}:build"
+    recipe = str(tmp_path / "fc_only.yaml")
+    compress = ["compress", model, "-r", recipe, "--batch", "1", "--rounds", "2", "--runtime", "onnxruntime"]
+    export = ["export", model, "-r", recipe, "--runtime", "onnxruntime"]
+    for args in ([*compress, "-o", str(tmp_path / "run")], [*export, "-o", str(tmp_path / "m.onnx")]):
+        refused = CliRunner().invoke(main, args)
+        assert refused.exit_code == 2, refused.output
+        assert "--allow-partial" in " ".join(refused.output.split())
+        assert run(*args, "--allow-partial").exit_code == 0
+    assert (tmp_path / "run" / "model.compressed.onnx").exists() and (tmp_path / "m.onnx").exists()
+
+
+def test_progress_lines_when_not_a_terminal(tiny_model_file, tmp_path):
+    # CliRunner's streams are not terminals, as in a CI log: one plain line per step, with elapsed seconds
+    result = run(
+        "export", f"{tiny_model_file}:build", "-o", str(tmp_path / "m.onnx"), "--runtime", "onnxruntime"
+    )
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("modelpress [")]
+    steps = [line.split("] ", 1)[1] for line in lines]
+    assert steps == ["loading the model", "exporting", "checking parity in onnxruntime"]
+    seconds = [float(line.split("[", 1)[1].split("s]", 1)[0]) for line in lines]
+    assert seconds == sorted(seconds) and seconds[0] >= 0
+    assert "modelpress [" not in result.stdout  # progress goes to stderr, results to stdout
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+
+
+def test_help_is_fast_and_imports_no_torch():
+    loaded = _python("import sys, modelpress.cli, modelpress; print('torch' in sys.modules)")
+    assert loaded.stdout.strip() == "False"
+    walls = []
+    for _ in range(3):
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "modelpress.cli", "--help"], capture_output=True, text=True, check=True
+        )
+        walls.append(time.perf_counter() - start)
+        assert "compress" in done.stdout
+    assert statistics.median(walls) < 1.0, walls
+
+
+def test_package_names_load_on_first_use():
+    code = (
+        "import sys, modelpress as mp; assert 'torch' not in sys.modules; "
+        "assert mp.compress is mp.pipeline.recipe.compress and mp.WeightOnlyConfig(bits=8).bits == 8; "
+        "assert sorted(mp.__all__) == sorted(mp._SOURCES) and set(mp.__all__) <= set(dir(mp)); "
+        "from modelpress import *; print(export_onnx.__module__)"
+    )
+    assert _python(code).stdout.strip() == "modelpress.deploy.export"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import modelpress
+
+        modelpress.nope  # noqa: B018

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import modelpress as mp
-from modelpress.loading import load_model
+from modelpress.loading import apply_state_dict, load_model, load_state_dict_file
 
 
 def test_load_file_factory(tiny_model_file):
@@ -69,3 +69,51 @@ def test_bad_checkpoints(tiny_model_file, tmp_path):
     torch.save({"model": argparse.Namespace(x=1)}, tmp_path / "pickled.pt")  # arbitrary objects are refused
     with pytest.raises(mp.ModelLoadError, match="weights_only"):
         load_model(ref, tmp_path / "pickled.pt")
+
+
+def test_shared_tensors_are_stored_once_and_come_back_on_load(tmp_path):
+    from safetensors.torch import save_model
+
+    from modelpress.pipeline.run import save_compressed, storable_state_dict
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight  # tied, as in a language model
+            self.register_buffer("table", torch.arange(12.0))
+            self.register_buffer("tail", self.table[6:])  # part of another tensor's memory
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(x)) + self.tail.sum()
+
+    torch.manual_seed(0)
+    model = Tied()
+    tensors, aliases = storable_state_dict(model)
+    assert aliases == {"head.weight": "embed.weight"} and "head.weight" not in tensors
+    assert tensors["tail"].untyped_storage().data_ptr() != tensors["table"].untyped_storage().data_ptr()
+    save_compressed(model, [mp.WeightOnlyConfig(bits=8)], tmp_path)
+    assert mp.load_recipe(tmp_path / "recipe.yaml") == [mp.WeightOnlyConfig(bits=8)]
+    fresh = Tied()
+    state = load_state_dict_file(tmp_path / "model.compressed.safetensors")
+    apply_state_dict(fresh, state, source="saved")  # strict: every name is there again
+    x = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(fresh(x), model(x))
+    # files written by safetensors' own save_model (which records dropped names the same way) load too
+    save_model(model, str(tmp_path / "st.safetensors"))
+    assert set(load_state_dict_file(tmp_path / "st.safetensors")) == set(model.state_dict())
+
+
+def test_state_entries_that_are_not_tensors_are_refused():
+    from modelpress.pipeline.run import storable_state_dict
+
+    class Extra(torch.nn.Linear):
+        def get_extra_state(self) -> dict[str, int]:
+            return {"version": 2}
+
+        def set_extra_state(self, state: dict[str, int]) -> None:
+            del state
+
+    with pytest.raises(mp.ExportError, match=r"State entry '_extra_state' is a dict, not a tensor"):
+        storable_state_dict(Extra(2, 2))

@@ -3,44 +3,118 @@
 >>> import modelpress as mp
 >>> small = mp.compress(model, [mp.WeightOnlyConfig(bits=8)])          # doctest: +SKIP
 >>> mp.export_onnx(small, example_inputs, "small.onnx")                 # doctest: +SKIP
+
+The public names are imported on first use (PEP 562), so `import modelpress` and the command line's
+`--help` do not pay for importing torch.
 """
 
-from modelpress.analyse.profile import LayerProfile, Profile, profile
-from modelpress.data import Dataset
-from modelpress.deploy.bench import benchmark_interleaved, compare_artifacts, peak_memory_mb
-from modelpress.deploy.export import export_onnx
-from modelpress.deploy.parity import ParityReport, check_parity, parity_inputs
-from modelpress.deploy.runtime import available_runtimes, open_session
-from modelpress.errors import (
-    DataError,
-    ExportError,
-    GraphError,
-    ModelLoadError,
-    ModelpressError,
-    ParityError,
-    RecipeError,
-    RuntimeUnavailableError,
-)
-from modelpress.evaluate.metrics import accuracy, as_predictor, evaluate, output_fidelity, perplexity
-from modelpress.loading import load_model
-from modelpress.pipeline.recipe import builtin_recipes, compress, dump_recipe, load_recipe
-from modelpress.techniques import (
-    REGISTRY,
-    AWQConfig,
-    DepthPruningConfig,
-    DynamicInt8Config,
-    GPTQConfig,
-    MixedPrecisionConfig,
-    QATConfig,
-    SparsityConfig,
-    StaticInt8Config,
-    StructuredPruningConfig,
-    WeightOnlyConfig,
-)
-from modelpress.techniques.mixed_precision import FloorNotMetError, search_mixed_precision
-from modelpress.techniques.structured import prune_gradually
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from modelpress.analyse.profile import LayerProfile, Profile, profile
+    from modelpress.data import Dataset
+    from modelpress.deploy.bench import benchmark_interleaved, compare_artifacts, peak_memory_mb
+    from modelpress.deploy.export import export_onnx
+    from modelpress.deploy.parity import ParityReport, check_parity, parity_inputs
+    from modelpress.deploy.runtime import available_runtimes, open_session
+    from modelpress.errors import (
+        DataError,
+        ExportError,
+        GraphError,
+        ModelLoadError,
+        ModelpressError,
+        ParityError,
+        RecipeError,
+        RuntimeUnavailableError,
+    )
+    from modelpress.evaluate.metrics import accuracy, as_predictor, evaluate, output_fidelity, perplexity
+    from modelpress.loading import load_model
+    from modelpress.pipeline.recipe import builtin_recipes, compress, dump_recipe, load_recipe
+    from modelpress.techniques import (
+        REGISTRY,
+        AWQConfig,
+        DepthPruningConfig,
+        DynamicInt8Config,
+        GPTQConfig,
+        MixedPrecisionConfig,
+        QATConfig,
+        SparsityConfig,
+        StaticInt8Config,
+        StructuredPruningConfig,
+        WeightOnlyConfig,
+    )
+    from modelpress.techniques.mixed_precision import FloorNotMetError, search_mixed_precision
+    from modelpress.techniques.structured import prune_gradually
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_SOURCES: dict[str, str] = {
+    **dict.fromkeys(["LayerProfile", "Profile", "profile"], "modelpress.analyse.profile"),
+    "Dataset": "modelpress.data",
+    **dict.fromkeys(
+        ["benchmark_interleaved", "compare_artifacts", "peak_memory_mb"], "modelpress.deploy.bench"
+    ),
+    "export_onnx": "modelpress.deploy.export",
+    **dict.fromkeys(["ParityReport", "check_parity", "parity_inputs"], "modelpress.deploy.parity"),
+    **dict.fromkeys(["available_runtimes", "open_session"], "modelpress.deploy.runtime"),
+    **dict.fromkeys(
+        [
+            "DataError",
+            "ExportError",
+            "GraphError",
+            "ModelLoadError",
+            "ModelpressError",
+            "ParityError",
+            "RecipeError",
+            "RuntimeUnavailableError",
+        ],
+        "modelpress.errors",
+    ),
+    **dict.fromkeys(
+        ["accuracy", "as_predictor", "evaluate", "output_fidelity", "perplexity"],
+        "modelpress.evaluate.metrics",
+    ),
+    "load_model": "modelpress.loading",
+    **dict.fromkeys(
+        ["builtin_recipes", "compress", "dump_recipe", "load_recipe"], "modelpress.pipeline.recipe"
+    ),
+    **dict.fromkeys(
+        [
+            "REGISTRY",
+            "AWQConfig",
+            "DepthPruningConfig",
+            "DynamicInt8Config",
+            "GPTQConfig",
+            "MixedPrecisionConfig",
+            "QATConfig",
+            "SparsityConfig",
+            "StaticInt8Config",
+            "StructuredPruningConfig",
+            "WeightOnlyConfig",
+        ],
+        "modelpress.techniques",
+    ),
+    **dict.fromkeys(["FloorNotMetError", "search_mixed_precision"], "modelpress.techniques.mixed_precision"),
+    "prune_gradually": "modelpress.techniques.structured",
+}
+
+
+def __getattr__(name: str) -> Any:
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module 'modelpress' has no attribute '{name}'")
+    value = getattr(importlib.import_module(source), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "REGISTRY",

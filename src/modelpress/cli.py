@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,8 +30,20 @@ EXIT_PARITY = 3
 
 @contextmanager
 def _status(message: str) -> Iterator[Callable[[str], None]]:
-    with console.status(message) as status:
-        yield lambda msg: status.update(f"{msg} ...")
+    """Report progress: a spinner on a terminal, else one line per message on stderr (CI logs)."""
+    if console.is_terminal:
+        with console.status(message) as status:
+            yield lambda msg: status.update(f"{msg} ...")
+        return
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.obj if ctx is not None and isinstance(ctx.obj, dict) else {}
+    start: float = obj.get("started", time.perf_counter())  # seconds are counted from the command's start
+
+    def say(msg: str) -> None:
+        click.echo(f"modelpress [{time.perf_counter() - start:7.1f} s] {msg}", err=True)
+
+    say(message)
+    yield say
 
 
 def _batches(text: str) -> list[int]:
@@ -49,6 +62,14 @@ def _load(model_ref: str, weights: str | None) -> tuple[Any, Any]:
     from modelpress.loading import load_model
 
     return load_model(model_ref, weights)
+
+
+def _model_name(model_ref: str) -> str:
+    """A short name for MODEL: the factory's name, or the model folder's name."""
+    path = Path(model_ref)
+    if path.is_dir():
+        return path.resolve().name
+    return Path(model_ref.rpartition(":")[2]).name
 
 
 def _call_data(ref: str | None, what: str) -> Any:
@@ -89,6 +110,19 @@ _runtime_option = click.option(
 )
 
 
+_data_option = click.option(
+    "--data",
+    "data_ref",
+    help="'file.py:fn' returning calibration batches (model inputs), for recipes that calibrate "
+    "(static_int8, gptq, awq ...).",
+)
+_allow_partial_option = click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="Accept a recipe that changes nothing or leaves most weight bytes untouched (refused by default).",
+)
+
+
 def _timing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--batch, --rounds and --threads, shared by every command that times artifacts."""
     fn = click.option("--threads", default=2, show_default=True, help="Threads for every runtime.")(fn)
@@ -110,8 +144,10 @@ def main(ctx: click.Context, verbose: bool, debug: bool) -> None:
     Start with:   modelpress demo
     Your model:   modelpress profile models.py:build
                   modelpress compress models.py:build --recipe int8-weight-only --out run1
+    A Hugging Face model folder (saved with save_pretrained) works as MODEL too:
+                  modelpress compress ./my-bert --recipe int8-dynamic --out run2
     """
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "started": time.perf_counter()}
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
@@ -125,8 +161,9 @@ def main(ctx: click.Context, verbose: bool, debug: bool) -> None:
 def profile(model: str, weights: str | None, json_out: str | None, top: int) -> None:
     """Parameters, bytes, MACs, per-layer latency and peak activation memory of MODEL.
 
-    MODEL is 'path/to/file.py:factory' or 'package.module:factory'; the factory takes no argument and returns
-    (model, example_inputs). Try 'modelpress.demo:digits_cnn'.
+    MODEL is 'path/to/file.py:factory' or 'package.module:factory' (the factory takes no argument and returns
+    (model, example_inputs)), or a Hugging Face model folder with a config.json (loaded offline; example
+    inputs are built from the config). Try 'modelpress.demo:digits_cnn'.
     """
     from modelpress._files import write_text_atomic
     from modelpress.analyse.profile import human_bytes, human_count
@@ -179,13 +216,14 @@ def profile(model: str, weights: str | None, json_out: str | None, top: int) -> 
     "--out", "-o", "out_dir", required=True, type=click.Path(), help="A new folder for the results."
 )
 @click.option("--weights", type=click.Path(), help="A state dict (.pt/.pth weights_only, or .safetensors).")
-@click.option("--data", "data_ref", help="'file.py:fn' returning calibration batches (model inputs).")
+@_data_option
 @click.option("--eval", "eval_ref", help="'file.py:fn' returning (inputs, labels) batches for quality.")
 @click.option(
     "--metric", type=click.Choice(["accuracy", "perplexity"]), default="accuracy", show_default=True
 )
 @_runtime_option
 @_timing_options
+@_allow_partial_option
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 def compress(
     model: str,
@@ -199,12 +237,23 @@ def compress(
     batch_text: str,
     rounds: int,
     threads: int,
+    allow_partial: bool,
     overwrite: bool,
 ) -> None:
     """Compress MODEL with a recipe, export fp32 and compressed ONNX, check parity, benchmark, report.
 
-    Writes OUT/model.onnx, OUT/model.compressed.onnx, OUT/report.html and OUT/report.json. OUT appears only
-    when everything succeeded. MODEL is 'path/to/file.py:factory' or 'package.module:factory'.
+    \b
+    Writes into the new folder OUT (which appears only when everything succeeded):
+      model.onnx                    the original model, exported
+      model.compressed.onnx         the compressed model, exported
+      model.compressed.safetensors  the compressed PyTorch state dict
+      recipe.yaml                   the recipe it was compressed with
+      hf/                           save_pretrained of the compressed model (Hugging Face models only)
+      report.json, report.html      every measurement, and the report of them
+
+    MODEL is 'path/to/file.py:factory', 'package.module:factory' or a Hugging Face model folder. To reload
+    the compressed PyTorch model, build MODEL, compress it with OUT/recipe.yaml (and the same --data), then
+    load OUT/model.compressed.safetensors with modelpress.loading.load_state_dict_file.
     """
     from modelpress.pipeline.recipe import load_recipe
     from modelpress.pipeline.run import run_job
@@ -222,7 +271,7 @@ def compress(
             inputs,
             steps,
             out_dir=out_dir,
-            name=Path(model.rpartition(":")[2]).name,
+            name=_model_name(model),
             data=data,
             eval_data=eval_data,
             metric=metric if eval_data is not None else None,
@@ -231,6 +280,7 @@ def compress(
             rounds=rounds,
             threads=threads,
             overwrite=overwrite,
+            allow_partial=allow_partial,
             progress=say,
         )
     print_summary(result, out)
@@ -242,6 +292,8 @@ def compress(
 @click.option("--out", "-o", "out_path", required=True, type=click.Path(), help="The new .onnx file.")
 @click.option("--weights", type=click.Path(), help="A state dict (.pt/.pth weights_only, or .safetensors).")
 @click.option("--recipe", "-r", help="Compress with this recipe before exporting.")
+@_data_option
+@_allow_partial_option
 @click.option(
     "--runtime",
     "runtimes",
@@ -261,11 +313,16 @@ def export(
     out_path: str,
     weights: str | None,
     recipe: str | None,
+    data_ref: str | None,
+    allow_partial: bool,
     runtimes: tuple[str, ...],
     overwrite: bool,
     standard_ops: bool,
 ) -> None:
-    """Export MODEL (optionally compressed) to ONNX and check parity with the torch model in each runtime."""
+    """Export MODEL (optionally compressed) to ONNX and check parity with the torch model in each runtime.
+
+    MODEL is 'path/to/file.py:factory', 'package.module:factory' or a Hugging Face model folder.
+    """
     from modelpress._files import check_output_path
     from modelpress.deploy.export import export_onnx
     from modelpress.deploy.parity import check_parity, parity_inputs, summary_line
@@ -273,14 +330,17 @@ def export(
     from modelpress.pipeline.recipe import compress as run_compress
     from modelpress.pipeline.recipe import load_recipe
 
+    if data_ref and not recipe:
+        raise click.UsageError("--data calibrates a --recipe; add --recipe, or leave out --data.")
     check_output_path(out_path, overwrite=overwrite)
     steps = load_recipe(recipe) if recipe else None
     with _status("loading the model") as say:
         net, inputs = _load(model, weights)
         original = net if steps else None
         if steps:
+            data = _call_data(data_ref, "--data")
             say("compressing")
-            net = run_compress(net, steps)
+            net = run_compress(net, steps, data, allow_partial=allow_partial)
         say("exporting")
         path = export_onnx(net, inputs, out_path, overwrite=overwrite, integer_matmul=not standard_ops)
         failed = []

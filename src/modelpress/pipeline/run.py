@@ -28,11 +28,18 @@ from modelpress.deploy.runtime import available_runtimes, open_session
 from modelpress.environment import environment
 from modelpress.errors import ExportError
 from modelpress.evaluate.metrics import evaluate
-from modelpress.loading import Inputs
-from modelpress.pipeline.recipe import compress, load_recipe
+from modelpress.loading import Inputs, quiet_transformers
+from modelpress.pipeline.recipe import Recipe, compress, dump_recipe, load_recipe
 from modelpress.techniques import config_to_dict
 
 log = logging.getLogger(__name__)
+
+# The folder's files, by name (the command line's --help lists the same).
+FP32_ONNX = "model.onnx"
+COMPRESSED_ONNX = "model.compressed.onnx"
+COMPRESSED_WEIGHTS = "model.compressed.safetensors"
+RECIPE = "recipe.yaml"
+HF_FOLDER = "hf"
 
 Progress = Callable[[str], None]
 
@@ -60,6 +67,83 @@ def publish_dir(work: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(work, final)
+
+
+def is_hugging_face(model: nn.Module) -> bool:
+    """A transformers PreTrainedModel (or anything that saves itself the same way)."""
+    return callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config")
+
+
+def storable_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each tensor stored once, plus `{dropped name: kept name}` for tied tensors.
+
+    safetensors refuses tensors that share memory. A name that is the very same tensor as an earlier one
+    (tied embeddings and their quantized buffers) is dropped and recorded, as `safetensors.torch.save_model`
+    records it, and `loading.load_state_dict_file` puts it back; a tensor that shares only part of another's
+    memory is copied.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    storages: set[tuple[str, int]] = set()
+    for key, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            raise ExportError(
+                f"State entry '{key}' is a {type(value).__name__}, not a tensor; safetensors stores only "
+                "tensors. Keep that state in a buffer instead of get_extra_state."
+            )
+        ptr = value.untyped_storage().data_ptr() if value.numel() else 0
+        same = (
+            str(value.device),
+            ptr,
+            value.storage_offset(),
+            tuple(value.shape),
+            value.stride(),
+            value.dtype,
+        )
+        if ptr and same in seen:
+            aliases[key] = seen[same]
+            continue
+        if ptr:
+            seen[same] = key
+        if not ptr or (str(value.device), ptr) not in storages:
+            storages.add((str(value.device), ptr))
+            tensors[key] = value.detach().contiguous()
+        else:  # part of a storage already stored under another name
+            tensors[key] = value.detach().clone(memory_format=torch.contiguous_format)
+    return tensors, aliases
+
+
+def save_compressed(model: nn.Module, recipe: Recipe, folder: Path) -> list[Path]:
+    """Write the compressed PyTorch model into `folder`: its state dict, the recipe, and `hf/` for HF models.
+
+    Reload: build the original model, `compress(model, recipe, data)` it to get the same modules, then
+    `apply_state_dict(model, load_state_dict_file(folder / "model.compressed.safetensors"), ...)`.
+    """
+    from safetensors.torch import save_file
+
+    tensors, aliases = storable_state_dict(model)
+    weights = folder / COMPRESSED_WEIGHTS
+    save_file(tensors, str(weights), metadata={"format": "pt", **aliases})
+    (folder / RECIPE).write_text(dump_recipe(recipe), encoding="utf-8")
+    written = [weights, folder / RECIPE]
+    if is_hugging_face(model):
+        hf = folder / HF_FOLDER
+        try:
+            with quiet_transformers():
+                # our de-duplicated state dict: transformers' own check refuses tied quantized buffers
+                model.save_pretrained(str(hf), state_dict=tensors)  # type: ignore[operator]
+        except Exception as exc:
+            raise ExportError(
+                f"save_pretrained of the compressed {type(model).__name__} failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}). {COMPRESSED_WEIGHTS} holds the same weights; "
+                "please report this with the model's config."
+            ) from exc
+        written.append(hf)
+    for path in [weights, *(folder / HF_FOLDER).rglob("*")]:
+        if path.is_file():
+            make_public(path)  # safetensors writes its files readable by their owner only
+    return written
 
 
 def benchmark_batches(example: Inputs, sizes: Sequence[int]) -> dict[str, list[np.ndarray]]:
@@ -90,12 +174,16 @@ def run_job(
     threads: int = 2,
     memory: bool = True,
     overwrite: bool = False,
+    allow_partial: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run the whole job and write `model.onnx`, `model.compressed.onnx`, `report.json`, `report.html`.
+    """Run the whole job and write `model.onnx`, `model.compressed.onnx`, the compressed PyTorch model
+    (`model.compressed.safetensors`, `recipe.yaml`, `hf/` for a Hugging Face model), `report.json` and
+    `report.html` into `out_dir`.
 
     Every figure is measured on the exported artifacts, the fp32 baseline beside the compressed one, in
-    this one run; speed is a ratio of interleaved timings.
+    this one run; speed is a ratio of interleaved timings. `allow_partial` accepts a recipe that leaves
+    most weight bytes untouched (see `compress`).
     """
     from modelpress.report.html import write_report
 
@@ -109,14 +197,17 @@ def run_job(
 
         say(f"compressing ({', '.join(c.type for c in steps)})")
         start = time.perf_counter()
-        small = compress(model, steps, data)
+        small = compress(model, steps, data, allow_partial=allow_partial)
         compress_s = time.perf_counter() - start
         small_profile = profile(small, example_inputs)
         explain = [row.to_dict() for row in explain_quantization(model, small, parity_inputs(example_inputs))]
 
+        say("saving the compressed model")
+        save_compressed(small, steps, work)
+
         say("exporting to ONNX")
-        fp32_path = export_onnx(model, example_inputs, work / f"{name}.onnx")
-        small_path = export_onnx(small, example_inputs, work / f"{name}.compressed.onnx")
+        fp32_path = export_onnx(model, example_inputs, work / FP32_ONNX)
+        small_path = export_onnx(small, example_inputs, work / COMPRESSED_ONNX)
 
         say(f"checking parity in {', '.join(runtimes)}")
         samples = parity_inputs(example_inputs)
