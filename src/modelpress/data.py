@@ -10,6 +10,8 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
+
 from modelpress.errors import DataError
 
 
@@ -38,11 +40,23 @@ class Dataset:
 
     def __iter__(self) -> Iterator[Any]:
         for item in self.source:
-            yield self.transform_fn(item) if self.transform_fn is not None else item
+            yield _ordinary(self.transform_fn(item) if self.transform_fn is not None else item)
 
     def take(self, n: int) -> Iterator[Any]:
         """The first `n` items (after the transform)."""
         return itertools.islice(iter(self), n)
+
+
+def _ordinary(item: Any) -> Any:
+    """The item with tensors made under `torch.inference_mode()` copied to ordinary ones: calibration that
+    saves tensors for backward (QAT, equalization, reconstruction) cannot use inference tensors."""
+    if isinstance(item, torch.Tensor):
+        return item.clone() if item.is_inference() else item
+    if isinstance(item, (tuple, list)):
+        return type(item)(_ordinary(x) for x in item)
+    if isinstance(item, dict):
+        return {k: _ordinary(v) for k, v in item.items()}
+    return item
 
 
 def as_dataset(data: Dataset | Iterable[Any] | None) -> Dataset | None:
