@@ -11,6 +11,8 @@ The public names are imported on first use (PEP 562), so `import modelpress` and
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -114,6 +116,24 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """`evaluate` names both a public function and the subpackage that defines it: importing the subpackage
+    sets the package attribute, which would hide the function (`mp.evaluate(...)`); the function wins."""
+
+    @property
+    def evaluate(self) -> Any:
+        from modelpress.evaluate.metrics import evaluate
+
+        return evaluate
+
+    @evaluate.setter
+    def evaluate(self, value: Any) -> None:
+        pass  # the import system recording the subpackage: it stays reachable through sys.modules
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
