@@ -978,6 +978,7 @@ def run(
     torch.set_num_threads(THREADS)
     t_start = time.perf_counter()
     source = git_state()  # read before anything runs: the code measured is the code imported now
+    load_before = os.getloadavg()  # how busy the machine was: other processes widen the timing spread
     say(f"loading {asset_name}")
     asset = ASSET_BUILDERS[asset_name](quick)
 
@@ -1149,6 +1150,7 @@ def run(
             "torch_threads": torch.get_num_threads(),
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
             "rounds": rounds,
+            "load_average_1_5_15min": {"start": list(load_before), "end": list(os.getloadavg())},
             "modelpress_source": source,
             "peer_versions": peers.versions(),
         },
