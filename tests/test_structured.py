@@ -74,10 +74,13 @@ def test_residual_channels_are_cut_together_everywhere():
 
 def test_round_to_and_ignore(caplog):
     model, x = _residual()
-    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.3, round_to=8)], [(x,)])
+    # Nothing changes in either (compress would refuse such a recipe), so the step runs alone.
+    small = prune_gradually(copy.deepcopy(model), mp.StructuredPruningConfig(ratio=0.3, round_to=8), [(x,)])
     assert small.conv1.out_channels == 16  # keep ceil(0.7 * 16 / 8) * 8 = 16
     with caplog.at_level(logging.INFO, logger="modelpress.techniques.structured"):
-        small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5, ignore=("conv2",))], [(x,)])
+        small = prune_gradually(
+            copy.deepcopy(model), mp.StructuredPruningConfig(ratio=0.5, ignore=("conv2",)), [(x,)]
+        )
     assert small.conv2.out_channels == 8 and small.stem.out_channels == 8  # conv2 protects its group
     assert small.conv1.out_channels == 16  # conv2 reads conv1's channels: protected too
     assert "'conv2' is protected" in caplog.text

@@ -5,9 +5,12 @@ the last dim of a Linear's), an array of channel ids. A Conv/Linear output start
 channels in place (BatchNorm, activations, pooling, dropout) pass them on; an elementwise op between two
 tensors (a residual addition, SwiGLU's gate * up) declares their channels the same (union-find); a
 concatenation along the channel dim concatenates the arrays; `flatten` into a Linear repeats each id over
-the spatial positions; a depthwise convolution keeps its input's ids. Channels that reach an op not known
-here, a graph output, or a protected layer are frozen: the graph never cuts through what it does not
-understand.
+the spatial positions; a depthwise convolution keeps its input's ids; `chunk(n)` along channels (a fused
+gate|up projection) ties position i of every part together, since the forward splits whatever width it
+gets; a parameter applied elementwise along channels (`x * weight + bias`, a layer scale) is sliced with
+them. Channels that reach an op not known here, a slice or split with constant bounds, a graph output, a
+protected layer, or an elementwise op with a tensor the graph does not follow are frozen: the graph never
+cuts through what it does not understand.
 
 A `ChannelGroup` is a set of channel ids that are one channel everywhere: removing it slices the output
 rows of every producing layer, the input columns of every consumer, and the BatchNorm entries between.
@@ -68,6 +71,33 @@ _PASS_THROUGH = {
     aten.adaptive_max_pool2d.default,
     aten.upsample_nearest2d.vec,
     aten.upsample_bilinear2d.vec,
+    # elementwise functions of one tensor (GPT-2's tanh GELU is written with pow, tanh and scalar mul/add)
+    aten.pow.Tensor_Scalar,
+    aten.neg.default,
+    aten.abs.default,
+    aten.exp.default,
+    aten.log.default,
+    aten.sqrt.default,
+    aten.rsqrt.default,
+    aten.erf.default,
+    aten.square.default,
+    aten.reciprocal.default,
+    aten.softplus.default,
+    aten.relu6.default,
+    aten.clamp.default,
+    aten.clamp_min.default,
+    aten.clamp_max.default,
+    aten.mul.Scalar,
+    aten.add.Scalar,
+    aten.sub.Scalar,
+    aten.div.Scalar,
+    aten.rsub.Scalar,
+    # dtype and memory-format casts
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten._to_copy.default,
+    aten.type_as.default,
+    aten.detach.default,
 }
 # Elementwise ops of two tensors (broadcasting): tensors that both carry channels share them.
 _ELEMENTWISE = {
@@ -87,6 +117,27 @@ _CONV = {
     aten.conv_transpose3d.input,
 }
 _RNN = {aten.lstm.input: 4, aten.gru.input: 3}  # gates per hidden unit
+# Reshapes: channels survive one that keeps their dim whole.
+_RESHAPES = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.flatten.using_ints,
+    aten.unflatten.int,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+}
+# Casts: a parameter seen through one is still that parameter.
+_CASTS = {
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten._to_copy.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.contiguous.default,
+    aten.detach.default,
+}
 # Nodes that read nothing of the data (shape checks).
 _IGNORED = {aten._assert_tensor_metadata.default}
 
@@ -136,6 +187,27 @@ class LayerUse:
 
 
 @dataclass
+class AffineUse:
+    """A parameter applied elementwise along channels (`x * weight + bias` of MobileBERT's NoNorm, a layer
+    scale): entry `ids[i]` of its dim `dim` goes with channel `ids[i]`, and is sliced with it."""
+
+    qualname: str  # "encoder.layer.0.norm.weight"
+    module: str  # the module that holds it
+    attr: str  # its attribute name there
+    dim: int
+    ids: np.ndarray
+
+
+@dataclass
+class _ParamRef:
+    """A parameter or buffer, or a view of one: `dims[d]` is the parameter dim that dim d of this tensor
+    is, or None for a size-1 dim that a view inserted."""
+
+    qualname: str
+    dims: tuple[int | None, ...]
+
+
+@dataclass
 class ChannelGroup:
     """Channel ids that are one channel everywhere; `size` positions per producer row set."""
 
@@ -168,7 +240,10 @@ class ChannelGraph:
         self.uf = _UnionFind()
         self.uses: dict[str, LayerUse] = {}
         self.frozen: dict[int, str] = {}  # id -> reason (first one found)
-        self._tuples: dict[fx.Node, list[_Channels | None]] = {}  # multi-output ops (RNNs)
+        self._tuples: dict[fx.Node, list[_Channels | None]] = {}  # multi-output ops (RNNs, chunk)
+        self.affine: dict[str, AffineUse] = {}  # parameter name -> its per-channel elementwise use
+        self._refs: dict[fx.Node, _ParamRef] = {}  # parameters and views of them
+        self._opaque: set[str] = set()  # parameters read by anything but an elementwise op along channels
         self._trace(program.graph_module.graph)
 
     # -- building -------------------------------------------------------------------------------------
@@ -202,6 +277,8 @@ class ChannelGraph:
         for node in graph.nodes:
             if node.op == "placeholder":
                 shape = _shape(node)
+                if node.name in self._params and shape is not None:
+                    self._refs[node] = _ParamRef(self._params[node.name], tuple(range(len(shape))))
                 if node.name not in self._params and shape is not None and len(shape) >= 2:
                     # Model inputs: their channels are fixed by the caller.
                     axis = 1 if len(shape) > 2 else len(shape) - 1
@@ -214,6 +291,14 @@ class ChannelGraph:
                 continue
             if node.op != "call_function":
                 continue
+            refs = [a for a in node.all_input_nodes if a in self._refs]
+            if refs:
+                derived = self._view_of_param(node)
+                if derived is not None:
+                    self._refs[node] = derived
+                    continue
+                if node.target not in _ELEMENTWISE:  # a weight, or something the graph does not follow
+                    self._opaque.update(self._refs[a].qualname for a in refs)
             out = self._visit(node, chans)
             if out is not None:
                 chans[node] = out
@@ -261,23 +346,31 @@ class ChannelGraph:
                 return None
             return _Channels(x.ids, x.axis, x.ndim)
         if target in _ELEMENTWISE:
-            carried = [chans[a] for a in inputs]
-            if not carried or ndim is None:
-                for c in carried:
-                    self._freeze(c, f"{target} ({node.name})")
+            return self._elementwise(node, chans)
+        if target == aten.chunk.default:
+            self._chunk(node, chans)
+            return None
+        if target == aten.slice.Tensor:
+            x = chans.get(node.args[0])  # type: ignore[arg-type]
+            dim = int(node.args[1]) if len(node.args) > 1 else 0  # type: ignore[arg-type]
+            if x is None or ndim != x.ndim:
+                self._freeze(x, f"a slice ({node.name})")
                 return None
-            first = carried[0]
-            for other in carried[1:]:
-                if len(other.ids) == len(first.ids) and other.from_end == first.from_end:
-                    for a, b in zip(first.ids.tolist(), other.ids.tolist(), strict=True):
-                        self.uf.union(a, b)
-                else:
-                    self._freeze(first, f"a broadcast {target} ({node.name})")
-                    self._freeze(other, f"a broadcast {target} ({node.name})")
-            if shape is not None and shape[ndim + first.from_end] != len(first.ids):
-                self._freeze(first, f"a broadcast {target} ({node.name})")  # (N, 1) * (N, C): C is new
+            if dim % x.ndim == x.axis:  # its bounds are constants of the forward: they would not follow a cut
+                self._freeze(x, f"a slice along channels ({node.name})")
                 return None
-            return _Channels(first.ids, ndim + first.from_end, ndim)
+            return _Channels(x.ids, x.axis, x.ndim)
+        if target in (aten.transpose.int, aten.permute.default):
+            x = chans.get(node.args[0])  # type: ignore[arg-type]
+            if x is None:
+                return None
+            if target == aten.transpose.int:
+                d0, d1 = (int(d) % x.ndim for d in node.args[1:3])  # type: ignore[arg-type]
+                axis = d1 if x.axis == d0 else d0 if x.axis == d1 else x.axis
+            else:
+                order = [int(d) % x.ndim for d in node.args[1]]  # type: ignore[arg-type, union-attr]
+                axis = order.index(x.axis)
+            return _Channels(x.ids, axis, x.ndim)
         if target == aten.cat.default:
             tensors = list(node.args[0])  # type: ignore[arg-type]
             dim = int(node.args[1]) if len(node.args) > 1 else 0  # type: ignore[arg-type]
@@ -289,13 +382,16 @@ class ChannelGraph:
             for p in parts:
                 self._freeze(p, f"a concatenation that is not along channels ({node.name})")
             return None
-        if target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        if target in _RESHAPES:
             x = chans.get(node.args[0])  # type: ignore[arg-type]
             in_shape = _shape(node.args[0])
             if x is None:
                 return None
-            if in_shape is not None and shape is not None and in_shape == shape:
-                return _Channels(x.ids, x.axis, x.ndim)
+            kept = _kept_axis(in_shape, shape, x.axis)
+            if (
+                kept is not None and shape is not None
+            ):  # the channel dim survives whole: (B, N, C) <-> (B, H, W, C)
+                return _Channels(x.ids, kept, len(shape))
             if (
                 in_shape is not None
                 and shape is not None
@@ -306,19 +402,6 @@ class ChannelGraph:
             ):  # (N, C, H, W) -> (N, C*H*W), as flatten
                 return _Channels(np.repeat(x.ids, math.prod(in_shape[2:])), 1, 2)
             self._freeze(x, f"a reshape that moves channels ({node.name})")
-            return None
-        if target == aten.flatten.using_ints:
-            x = chans.get(node.args[0])  # type: ignore[arg-type]
-            in_shape = _shape(node.args[0])
-            start = int(node.args[1]) if len(node.args) > 1 else 0  # type: ignore[arg-type]
-            end = int(node.args[2]) if len(node.args) > 2 else -1  # type: ignore[arg-type]
-            if x is None or in_shape is None:
-                return None
-            end %= len(in_shape)
-            if x.axis == start == 1 and end == len(in_shape) - 1:
-                spatial = math.prod(in_shape[2:])
-                return _Channels(np.repeat(x.ids, spatial), 1, 2)
-            self._freeze(x, f"a flatten that mixes channels ({node.name})")
             return None
         if target == aten.mean.dim:
             x = chans.get(node.args[0])  # type: ignore[arg-type]
@@ -332,11 +415,109 @@ class ChannelGraph:
                     return _Channels(x.ids, axis, x.ndim if keep else x.ndim - len(reduced))
             self._freeze(x, f"a reduction over channels ({node.name})")
             return None
-        # Anything else: the channels it reads are frozen, and its output starts fresh ids that are
-        # frozen too (their producer cannot be cut).
+        # Anything else: the channels it reads are frozen; its output carries no channels, and an
+        # elementwise op that meets it along channels freezes those (see _elementwise).
         for a in inputs:
             self._freeze(chans[a], f"{target} ({node.name}), which the graph does not cut through")
         return None
+
+    def _view_of_param(self, node: fx.Node) -> _ParamRef | None:
+        """The parameter view `node` is (a cast, unsqueeze, or a reshape that only adds or drops size-1
+        dims), or None."""
+        target = node.target
+        source = node.args[0] if node.args else None
+        ref = self._refs.get(source) if isinstance(source, fx.Node) else None
+        if ref is None:
+            return None
+        if target in _CASTS:
+            return ref
+        shape, in_shape = _shape(node), _shape(source)
+        if shape is None or in_shape is None:
+            return None
+        if target == aten.unsqueeze.default:
+            dim = int(node.args[1]) % len(shape)  # type: ignore[arg-type]
+            return _ParamRef(ref.qualname, (*ref.dims[:dim], None, *ref.dims[dim:]))
+        if target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+            kept = [(n, d) for n, d in zip(in_shape, ref.dims, strict=True) if n != 1]
+            if [n for n in shape if n != 1] != [n for n, _ in kept]:
+                return None
+            sources = iter(d for _, d in kept)
+            return _ParamRef(ref.qualname, tuple(None if n == 1 else next(sources) for n in shape))
+        return None
+
+    def _elementwise(self, node: fx.Node, chans: dict[fx.Node, _Channels]) -> _Channels | None:
+        """Tensors that both carry channels share them; a parameter along the channels (`x * weight`) is
+        sliced with them; any other tensor that spans the channel dim freezes them."""
+        target, shape = node.target, _shape(node)
+        carried = [chans[a] for a in node.all_input_nodes if a in chans]
+        others = [a for a in node.all_input_nodes if a not in chans]
+        if not carried or shape is None:
+            for c in carried:
+                self._freeze(c, f"{target} ({node.name})")
+            self._opaque.update(self._refs[a].qualname for a in others if a in self._refs)
+            return None
+        ndim = len(shape)
+        first = carried[0]
+        for other in carried[1:]:
+            if len(other.ids) == len(first.ids) and other.from_end == first.from_end:
+                for a, b in zip(first.ids.tolist(), other.ids.tolist(), strict=True):
+                    self.uf.union(a, b)
+            else:
+                self._freeze(first, f"a broadcast {target} ({node.name})")
+                self._freeze(other, f"a broadcast {target} ({node.name})")
+        if shape[ndim + first.from_end] != len(first.ids):
+            self._freeze(first, f"a broadcast {target} ({node.name})")  # (N, 1) * (N, C): C is new
+            self._opaque.update(self._refs[a].qualname for a in others if a in self._refs)
+            return None
+        for arg in others:
+            arg_shape = _shape(arg)
+            ref = self._refs.get(arg)
+            dim = None if arg_shape is None else len(arg_shape) + first.from_end
+            size = 1 if dim is None or dim < 0 or arg_shape is None else arg_shape[dim]
+            if size == 1:  # broadcast along the channels: nothing to slice
+                if ref is not None:
+                    self._opaque.add(ref.qualname)
+                continue
+            source = ref.dims[dim] if ref is not None and dim is not None else None
+            if ref is not None and source is not None and size == len(first.ids):
+                self._affine(ref.qualname, source, first.ids)
+                continue
+            if ref is not None:
+                self._opaque.add(ref.qualname)
+            self._freeze(first, f"{target} ({node.name}) with a tensor the graph does not follow")
+        return _Channels(first.ids, ndim + first.from_end, ndim)
+
+    def _affine(self, qualname: str, dim: int, ids: np.ndarray) -> None:
+        use = self.affine.get(qualname)
+        if use is None:
+            module, _, attr = qualname.rpartition(".")
+            self.affine[qualname] = AffineUse(qualname, module, attr, dim, ids)
+        elif use.dim == dim and len(use.ids) == len(ids):  # one parameter on two tensors: one channel
+            for a, b in zip(use.ids.tolist(), ids.tolist(), strict=True):
+                self.uf.union(a, b)
+        else:
+            self._opaque.add(qualname)
+            self._freeze(_Channels(ids, 0, 1), f"'{qualname}' is applied along different dims")
+
+    def _chunk(self, node: fx.Node, chans: dict[fx.Node, _Channels]) -> None:
+        """`chunk(n)` along channels (SwiGLU's fused gate|up): the forward splits whatever width it gets in
+        n equal parts, so position i of every part is removed together (one channel)."""
+        x = chans.get(node.args[0])  # type: ignore[arg-type]
+        if x is None:
+            return
+        n = int(node.args[1])  # type: ignore[arg-type]
+        dim = int(node.args[2]) % x.ndim if len(node.args) > 2 else 0  # type: ignore[arg-type]
+        if dim != x.axis:
+            self._tuples[node] = [_Channels(x.ids, x.axis, x.ndim)] * n
+            return
+        if n < 1 or len(x.ids) % n:
+            self._freeze(x, f"a chunk into unequal parts ({node.name})")
+            return
+        parts = x.ids.reshape(n, -1)
+        for part in parts[1:]:
+            for a, b in zip(parts[0].tolist(), part.tolist(), strict=True):
+                self.uf.union(a, b)
+        self._tuples[node] = [_Channels(part, x.axis, x.ndim) for part in parts]
 
     def _layer(self, node: fx.Node, chans: dict[fx.Node, _Channels]) -> _Channels | None:
         name = self._owner_of(node.args[1])
@@ -428,6 +609,19 @@ class ChannelGraph:
                     side[root].add(use.name)
                     if use.name in protected:
                         frozen.setdefault(root, f"'{use.name}' is protected (ignore)")
+        for affine in self.affine.values():
+            held = (
+                f"'{affine.qualname}' is also read by an op the graph does not cut through"
+                if affine.qualname in self._opaque
+                else f"'{affine.module}' is protected (ignore)"
+                if affine.module in protected
+                else None
+            )
+            for i in set(affine.ids.tolist()):
+                root = self.uf.find(int(i))
+                consumers[root].add(affine.qualname)
+                if held is not None:
+                    frozen.setdefault(root, held)
         for i in range(len(self.uf.parent)):
             members[self.uf.find(i)].append(i)
         out = []
@@ -450,6 +644,18 @@ class ChannelGraph:
         return out
 
 
+def _kept_axis(before: tuple[int, ...] | None, after: tuple[int, ...] | None, axis: int) -> int | None:
+    """Where dim `axis` of a tensor shaped `before` is after a reshape to `after`, when it stays one whole
+    dim there (the same size, with as many elements before it), else None."""
+    if before is None or after is None:
+        return None
+    prefix = math.prod(before[:axis])
+    for i, size in enumerate(after):
+        if size == before[axis] and math.prod(after[:i]) == prefix:
+            return i
+    return None
+
+
 def _flat_nodes(args: Any) -> list[fx.Node]:
     out: list[fx.Node] = []
 
@@ -461,4 +667,4 @@ def _flat_nodes(args: Any) -> list[fx.Node]:
     return out
 
 
-__all__ = ["ChannelGraph", "ChannelGroup", "LayerUse"]
+__all__ = ["AffineUse", "ChannelGraph", "ChannelGroup", "LayerUse"]

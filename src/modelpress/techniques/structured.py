@@ -30,13 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelpress.data import Dataset, as_dataset
-from modelpress.errors import DataError, RecipeError
+from modelpress.errors import DataError, GraphError, RecipeError
 from modelpress.graph.channels import ChannelGraph, ChannelGroup, LayerUse
 from modelpress.graph.heads import (
     Attention,
+    Experts,
+    expert_importance,
     find_attention,
+    find_experts,
     head_importance,
     heads_to_keep,
+    prune_experts,
     prune_heads,
     update_hf_config,
 )
@@ -45,7 +49,7 @@ from modelpress.ops.refit import refit_columns
 from modelpress.outputs import output_tensors
 from modelpress.techniques.finetune import check_recover, labeled, recover, task_loss
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
-from modelpress.techniques.select import matches_any, select_modules, unmatched_patterns
+from modelpress.techniques.select import conv1d_as_linear, matches_any, select_modules, unmatched_patterns
 
 log = logging.getLogger(__name__)
 
@@ -343,20 +347,30 @@ def _keep_count(n_now: int, n_original: int, ratio: float, round_to: int) -> int
     return min(n_now, max(keep, round_to, 1))
 
 
+@dataclass
+class GroupPlan:
+    """What the plan does with the channels of one set of producer layers."""
+
+    producers: tuple[str, ...]
+    channels: int
+    removed: list[int]  # roots of the channel groups removed
+    why_kept: str | None = None  # why none can be removed, or None
+
+
 def plan(
     graph: ChannelGraph,
     config: StructuredPruningConfig,
     cuttable: set[str],
     score: dict[int, float],
     original: _Original | None = None,
-) -> tuple[set[int], list[tuple[tuple[str, ...], int, int, str | None]]]:
-    """The channel roots to remove, and per producer set: (producers, channels, removed, why kept)."""
+) -> tuple[set[int], list[GroupPlan]]:
+    """The channel roots to remove, and what happens to the channels of each set of producers."""
     original = original if original is not None else _Original()
     by_producers: dict[tuple[str, ...], list[ChannelGroup]] = defaultdict(list)
     for group in graph.groups(protect=config.ignore):
         if group.producers:
             by_producers[group.producers].append(group)
-    summary: list[tuple[tuple[str, ...], int, int, str | None]] = []
+    summary: list[GroupPlan] = []
     ranked: dict[tuple[str, ...], list[ChannelGroup]] = {}
     for producers, groups in by_producers.items():
         frozen = next((g.frozen for g in groups if g.frozen), None)
@@ -365,7 +379,7 @@ def plan(
             frozen = f"{outside[0]} is not selected (targets/layers)"
         original.channels.setdefault(producers, len(groups))
         if frozen is not None or config.ratio == 0:
-            summary.append((producers, len(groups), 0, frozen))
+            summary.append(GroupPlan(producers, len(groups), [], frozen))
             continue
         ranked[producers] = sorted(groups, key=lambda g: (score.get(g.root, 0.0), g.root))
     counts = (
@@ -378,9 +392,9 @@ def plan(
     )
     remove: set[int] = set()
     for producers, groups in ranked.items():
-        removed = groups[: counts[producers]]
-        remove.update(g.root for g in removed)
-        summary.append((producers, len(groups), len(removed), None))
+        removed = [g.root for g in groups[: counts[producers]]]
+        remove.update(removed)
+        summary.append(GroupPlan(producers, len(groups), removed))
     return remove, summary
 
 
@@ -500,6 +514,17 @@ def apply_plan(graph: ChannelGraph, remove: set[int]) -> None:
         ):
             raise AssertionError(f"structured: the plan removes every channel of '{use.name}'")
         _slice(use, out_keep, in_keep)
+    for affine in graph.affine.values():
+        keep = _keep(graph, affine.ids, remove)
+        if bool(keep.all()):
+            continue
+        module = graph.modules[affine.module]
+        value = getattr(module, affine.attr)
+        sliced = value.detach().index_select(affine.dim, keep.nonzero().flatten()).clone()
+        if isinstance(value, nn.Parameter):
+            setattr(module, affine.attr, nn.Parameter(sliced, requires_grad=value.requires_grad))
+        else:
+            setattr(module, affine.attr, sliced)
 
 
 def _plan_heads(
@@ -508,23 +533,31 @@ def _plan_heads(
     selected: tuple[set[str], set[str]],
     elem: Elementwise,
     original: _Original,
-) -> list[tuple[Attention, torch.Tensor]]:
+) -> list[_Unit]:
     """The key/value heads to keep (with their query heads) of each attention module whose projections are
-    all selected and none protected: `ratio` of the original heads go, the least important first."""
+    all selected and none protected: `ratio` of the original heads go, the least important first. Phi-3's
+    forward reads its head counts from the config all layers share: their heads go together or not at all."""
     cuttable, protected = selected
     names = {id(m): n for n, m in model.named_modules()}
-    plans = []
-    for att in find_attention(model):
+    units: list[_Unit] = []
+    shared: dict[int, list[tuple[Attention, torch.Tensor]]] = defaultdict(list)
+    blocked: dict[int, str] = {}
+    for att in find_attention(model, fused=True):
         layers = [names[id(t)] for t in (att.q, att.k, att.v, att.o)]
-        if any(n not in cuttable or n in protected for n in layers) or matches_any(
-            config.ignore, att.name, att.module
+        why = att.refused
+        if why is None and (
+            any(n not in cuttable or n in protected for n in layers)
+            or matches_any(config.ignore, att.name, att.module)
         ):
-            log.info(
-                "structured: kept every head of '%s' (a projection is protected or not selected)", att.name
-            )
-            continue
+            why = "a projection is protected or not selected"
         n = att.kv_heads
         keep_n = min(n, heads_to_keep(original.heads.setdefault(att.name, n), config.ratio))
+        key = id(getattr(att.module, "config", None))
+        if why is not None:
+            log.info("structured: kept every head of '%s': %s", att.name, why)
+            if att.style == "phi3":
+                blocked[key] = f"'{att.name}' keeps its heads ({why})"
+            continue
         if keep_n == n:
             continue
         order = torch.argsort(
@@ -532,21 +565,160 @@ def _plan_heads(
         )
         keep = torch.zeros(n, dtype=torch.bool)
         keep[order[:keep_n]] = True
-        plans.append((att, keep))
-    return plans
-
-
-def _apply_heads(plans: list[tuple[Attention, torch.Tensor]]) -> int:
-    for att, keep in plans:
-        prune_heads(att, keep)
-        log.info(
-            "structured: removed %d of %d %sheads of '%s'",
-            len(keep) - int(keep.sum()),
-            len(keep),
-            "key/value " if att.groups > 1 else "",
-            att.name,
+        if att.style == "phi3":
+            shared[key].append((att, keep))
+        else:
+            units.append(_Unit(f"the heads of '{att.name}'", heads=[(att, keep)]))
+    for key, plans in shared.items():
+        counts = {int(keep.sum()) for _, keep in plans}
+        every = sum(
+            1 for a in find_attention(model, fused=True) if id(getattr(a.module, "config", None)) == key
         )
-    return sum(len(keep) - int(keep.sum()) for _, keep in plans)
+        if key in blocked or len(counts) > 1 or len(plans) != every:
+            log.info(
+                "structured: kept every head of %d attention modules that read their head counts from one "
+                "config: %s",
+                len(plans),
+                blocked.get(key, "their head counts would differ"),
+            )
+            continue
+        units.append(
+            _Unit(f"the heads of {len(plans)} attention modules ({plans[0][0].name}, ...)", heads=plans)
+        )
+    return units
+
+
+def _plan_experts(
+    model: nn.Module, config: StructuredPruningConfig, elem: Elementwise, original: _Original
+) -> list[_Unit]:
+    """The FFN neurons each expert of each MoE block keeps: `ratio` of the original width goes, the least
+    important of each expert first, the same count in every expert."""
+    units: list[_Unit] = []
+    for ex in find_experts(model):
+        selected = (
+            "linear" in config.layers
+            and (config.targets is None or matches_any(config.targets, ex.name, ex.module))
+            and not matches_any(config.ignore, ex.name, ex.module)
+        )
+        if ex.refused is not None or not selected:
+            log.info(
+                "structured: kept every expert neuron of '%s': %s",
+                ex.name,
+                ex.refused or "not selected (layers/targets/ignore)",
+            )
+            continue
+        n = ex.intermediate
+        keep_n = _keep_count(n, original.channels.setdefault((ex.name,), n), config.ratio, config.round_to)
+        if keep_n >= n:
+            continue
+        order = torch.argsort(expert_importance(ex, elem), dim=1, descending=True, stable=True)  # (E, I)
+        keep = torch.zeros_like(order, dtype=torch.bool)
+        keep.scatter_(1, order[:, :keep_n], True)
+        units.append(_Unit(f"the expert neurons of '{ex.name}'", experts=[(ex, keep)]))
+    return units
+
+
+@dataclass
+class _Unit:
+    """One part of the plan that can be cut, or kept, on its own: the channels of one producer set, the
+    heads of one attention module (of every module sharing a Phi-3 config), one MoE block's neurons."""
+
+    label: str
+    roots: set[int] = dataclasses.field(default_factory=set)
+    heads: list[tuple[Attention, torch.Tensor]] = dataclasses.field(default_factory=list)
+    experts: list[tuple[Experts, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+    @property
+    def removed(self) -> int:
+        return (
+            len(self.roots)
+            + sum(len(k) - int(k.sum()) for _, k in self.heads)
+            + sum(k.numel() - int(k.sum()) for _, k in self.experts)
+        )
+
+
+def _apply(graph: ChannelGraph, units: list[_Unit]) -> None:
+    """Cut every unit of `units`: channels first (their masks index the traced shapes), then heads and experts."""
+    apply_plan(graph, set().union(*(u.roots for u in units)) if units else set())
+    for unit in units:
+        for att, keep in unit.heads:
+            prune_heads(att, keep)
+        for ex, neurons in unit.experts:
+            prune_experts(ex, neurons)
+
+
+class _Snapshot:
+    """Every module's parameters, buffers and attributes, and every config's fields, as they are now: the
+    cuts replace tensors and set attributes rather than write into them, so this restores them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [
+            (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+            for m in model.modules()
+        ]
+        configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "__dict__")}
+        self.configs = [(c, dict(c.__dict__)) for c in configs.values()]
+
+    def restore(self) -> None:
+        for m, attrs, params, buffers, children in self.modules:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            m.__dict__.update(_parameters=dict(params), _buffers=dict(buffers), _modules=dict(children))
+        for c, fields in self.configs:
+            c.__dict__.clear()
+            c.__dict__.update(fields)
+
+
+def _fails(model: nn.Module, example: tuple[torch.Tensor, ...], shapes: list[tuple[int, ...]]) -> str | None:
+    """Why `model` no longer runs `example` with outputs of `shapes`, or None when it does."""
+    try:
+        with torch.no_grad():
+            out = model(*example)
+    except Exception as exc:  # whatever the user's forward raises: the cut that caused it is undone
+        text = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {text[0] if text else ''}"
+    now = [tuple(t.shape) for t in output_tensors(out)]
+    return None if now == shapes else f"the outputs' shapes change from {shapes} to {now}"
+
+
+def _cut_what_runs(
+    model: nn.Module,
+    graph: ChannelGraph,
+    units: list[_Unit],
+    example: tuple[torch.Tensor, ...],
+    shapes: list[tuple[int, ...]],
+) -> list[_Unit]:
+    """Apply `units`; when the pruned model fails its forward, keep (with a warning) each unit that fails
+    alone and cut the rest. Returns the units cut; a combination that fails when each part runs alone is a
+    GraphError, with the model as it was."""
+    snapshot = _Snapshot(model)
+    _apply(graph, units)
+    problem = _fails(model, example, shapes)
+    if problem is None:
+        return units
+    snapshot.restore()
+    log.warning("structured: the pruned model fails its forward (%s); trying each cut alone", problem)
+    good = []
+    for unit in units:
+        _apply(graph, [unit])
+        alone = _fails(model, example, shapes)
+        snapshot.restore()
+        if alone is None:
+            good.append(unit)
+        else:
+            log.warning(
+                "structured: kept %s: cutting them breaks the model's forward (%s)", unit.label, alone
+            )
+    _apply(graph, good)
+    problem = _fails(model, example, shapes)
+    if problem is not None:
+        snapshot.restore()
+        raise GraphError(
+            f"structured: {len(good)} cuts that each leave {type(model).__name__} runnable break it together "
+            f"({problem}); first of them: {good[0].label if good else '-'}. Prune fewer layers (targets/ignore) "
+            "or report the architecture."
+        )
+    return good
 
 
 @dataclass
@@ -657,6 +829,41 @@ def _apply_refits(refits: dict[int, _Refit], grams: dict[int, torch.Tensor]) -> 
             r.module.bias.copy_(bias)
 
 
+def _label(producers: tuple[str, ...]) -> str:
+    return ", ".join(producers[:3]) + (f" +{len(producers) - 3}" if len(producers) > 3 else "")
+
+
+def _report(summary: list[GroupPlan], units: list[_Unit], cut: list[_Unit]) -> None:
+    done = {id(u) for u in cut}
+    for group in summary:
+        label = _label(group.producers)
+        if group.why_kept:
+            log.info("structured: kept all %d channels of [%s]: %s", group.channels, label, group.why_kept)
+        elif group.removed:
+            unit = next(u for u in units if u.roots == set(group.removed))
+            if id(unit) in done:
+                log.info(
+                    "structured: removed %d of %d channels of [%s]", len(group.removed), group.channels, label
+                )
+    for unit in cut:
+        for att, keep in unit.heads:
+            log.info(
+                "structured: removed %d of %d %sheads of '%s'",
+                len(keep) - int(keep.sum()),
+                len(keep),
+                "key/value " if att.groups > 1 else "",
+                att.name,
+            )
+        for ex, neurons in unit.experts:
+            log.info(
+                "structured: removed %d of %d FFN neurons of each of the %d experts of '%s'",
+                neurons.shape[1] - int(neurons[0].sum()),
+                neurons.shape[1],
+                neurons.shape[0],
+                ex.name,
+            )
+
+
 def _prune_once(
     model: nn.Module,
     config: StructuredPruningConfig,
@@ -670,57 +877,54 @@ def _prune_once(
         n for n, _ in select_modules(model, types=types, targets=config.targets, ignore=config.ignore)
     }
     with torch.no_grad():
-        before = model(*example)
+        shapes = [tuple(t.shape) for t in output_tensors(model(*example))]
     params_before = sum(p.numel() for p in model.parameters())
     graph = ChannelGraph(model, example, owner="structured")
     protected = {n for n, m in graph.modules.items() if n in graph.uses and matches_any(config.ignore, n, m)}
     elem = _scorer(model, config, dataset)
-    remove, summary = plan(
+    _, summary = plan(
         graph,
         dataclasses.replace(config, ignore=tuple(sorted(protected))),
         cuttable,
         _importance(graph, elem),
         original,
     )
-    heads = _plan_heads(model, config, (cuttable, protected), elem, original) if config.heads else []
+    units = [_Unit(f"[{_label(g.producers)}]", roots=set(g.removed)) for g in summary if g.removed]
+    if config.heads:
+        units += _plan_heads(model, config, (cuttable, protected), elem, original)
+    units += _plan_experts(model, config, elem, original)
     model.zero_grad(set_to_none=True)  # the Taylor scores' gradients
-    refits = _refits(graph, remove, heads) if config.reconstruct else {}
-    grams = (
-        _input_grams(
-            model,
-            refits,
-            list(dataset.take(config.importance_batches)),
-            with_labels=config.recover == "task",
+    before = _Snapshot(model) if config.reconstruct else None
+    cut = _cut_what_runs(model, graph, units, example, shapes)
+    if before is not None and cut:
+        # Least squares on the unpruned layers' inputs: back to the unpruned model, measure, cut again.
+        before.restore()
+        remove: set[int] = set().union(*(u.roots for u in cut))
+        refits = _refits(graph, remove, [h for u in cut for h in u.heads])
+        grams = (
+            _input_grams(
+                model,
+                refits,
+                list(dataset.take(config.importance_batches)),
+                with_labels=config.recover == "task",
+            )
+            if refits
+            else {}
         )
-        if refits
-        else {}
-    )
-    apply_plan(graph, remove)
-    cut_heads = _apply_heads(heads)
-    _apply_refits(refits, grams)
-    if refits:
-        log.info("structured: refit %d layers that read removed channels (least squares)", len(grams))
-    for producers, n, removed, why in summary:
-        label = ", ".join(producers[:3]) + (f" +{len(producers) - 3}" if len(producers) > 3 else "")
-        if why:
-            log.info("structured: kept all %d channels of [%s]: %s", n, label, why)
-        else:
-            log.info("structured: removed %d of %d channels of [%s]", removed, n, label)
-    with torch.no_grad():
-        after = model(*example)
-    if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.shape != after.shape:
-        raise AssertionError(
-            f"structured: output shape changed {tuple(before.shape)} -> {tuple(after.shape)}"
-        )
+        _apply(graph, cut)
+        _apply_refits(refits, grams)
+        if refits:
+            log.info("structured: refit %d layers that read removed channels (least squares)", len(grams))
+    _report(summary, units, cut)
     params_after = sum(p.numel() for p in model.parameters())
     log.info(
-        "structured: %d channel groups cut; parameters %d -> %d (%.2fx)",
-        sum(1 for s in summary if s[2]),
+        "structured: %d cuts; parameters %d -> %d (%.2fx)",
+        len(cut),
         params_before,
         params_after,
         params_after / max(params_before, 1),
     )
-    return bool(remove) or cut_heads > 0
+    return bool(cut)
 
 
 def prune_gradually(
@@ -761,6 +965,8 @@ def prune_gradually(
     if unmatched_ignore:
         raise RecipeError(f"structured: ignore {unmatched_ignore} match no module of the model.")
     example = as_inputs(first, where="calibration item")
+    if conv1d_as_linear(model):  # GPT-2's Conv1D: its rows are the Linear's (compress has done this already)
+        log.info("structured: GPT-2 Conv1D layers taken as the Linear layers they are")
     teacher = (
         copy.deepcopy(model).eval().requires_grad_(False)
         if config.recover == "distill" and train is None
@@ -838,4 +1044,12 @@ def structured(model: nn.Module, config: StructuredPruningConfig, data: Dataset 
     return prune_gradually(model, config, data)
 
 
-__all__ = ["StructuredPruningConfig", "agp_ratio", "apply_plan", "plan", "prune_gradually", "structured"]
+__all__ = [
+    "GroupPlan",
+    "StructuredPruningConfig",
+    "agp_ratio",
+    "apply_plan",
+    "plan",
+    "prune_gradually",
+    "structured",
+]
