@@ -109,3 +109,15 @@ def test_pruned_layers_are_left_out():
     )
     rows = explain_quantization(model, small, [(torch.randn(4, 16),)])
     assert rows == []  # both Linears changed shape: no channel-by-channel counterpart
+
+
+def test_gpt2_conv1d_compares_with_its_transposed_weight():
+    # GPT-2's Conv1D stores (in, out); compressed, it is the nn.Linear it is, (out, in). c_proj is square,
+    # where comparing the untransposed weights would not even fail on the shape.
+    import zoo
+
+    model, example = zoo.gpt2_lm()
+    small = mp.compress(model, "int8-weight-only")
+    rows = {r.name: r for r in explain_quantization(model, small, [example])}
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc"):
+        assert rows[name].weight_sqnr_db > 35 and rows[name].output_sqnr_db > 35, name

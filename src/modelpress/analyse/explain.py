@@ -34,6 +34,7 @@ from modelpress.graph.equalize import INPUT_GAIN, OUTPUT_GAIN, _fold
 from modelpress.loading import Inputs
 from modelpress.ops.quant import sqnr_db
 from modelpress.techniques.quantized import output_axis
+from modelpress.techniques.select import is_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +178,16 @@ def explain_quantization(
 
 
 def _user_weight(user: nn.Module, batchnorms: list[nn.Module]) -> torch.Tensor:
-    """The user's layer weight, with the BatchNorms that follow it (and were folded) folded in fp32."""
+    """The user's layer weight as an (out, in, ...) weight, with the BatchNorms that follow it (and were
+    folded) folded in fp32."""
     layer = copy.deepcopy(user) if batchnorms else user
     for bn in batchnorms:
         assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
         _fold(layer, bn)
     weight = layer.weight
     assert isinstance(weight, torch.Tensor)
-    return weight.detach()
+    # GPT-2's Conv1D stores (in, out); the compressed model holds it as the nn.Linear it is, (out, in)
+    return weight.detach().t() if is_conv1d(user) else weight.detach()
 
 
 def _channel_dim(inner: nn.Module, ndim: int) -> int:
