@@ -179,3 +179,71 @@ def test_bias_correction_removes_the_mean_output_error():
     batches = [b if isinstance(b, tuple) else (b,) for b in data]
     before, after = _channel_bias(plain, model, batches), _channel_bias(corrected, model, batches)
     assert after.mean() < 0.5 * before.mean()
+
+
+# -- the channel graph (graph/channels.py) -------------------------------------------------------------
+
+
+class _Gated(nn.Module):
+    """A fused gate|up Linear split by chunk, an elementwise scale (NoNorm: x * w + b), a down Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(6, 16)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.shift = nn.Parameter(torch.linspace(-0.1, 0.1, 8))
+        self.down = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(torch.nn.functional.silu(gate) * up * self.scale + self.shift)
+
+
+def test_chunked_halves_and_elementwise_parameters_go_with_their_channels():
+    from modelpress.graph.channels import ChannelGraph
+
+    torch.manual_seed(0)
+    model = _Gated().eval()
+    x = torch.randn(3, 6)
+    graph = ChannelGraph(model, (x,))
+    groups = [g for g in graph.groups() if g.producers == ("gate_up",)]
+    assert len(groups) == 8 and not any(g.frozen for g in groups)  # neuron i = gate row i + up row 8 + i
+    assert all({"down", "scale", "shift"} <= set(g.consumers) for g in groups)
+    with torch.no_grad():  # neurons 0, 2, 4, 6 are dead: removing them keeps the output exactly
+        for rows in (slice(0, 8, 2), slice(8, 16, 2)):  # their gate and up rows
+            model.gate_up.weight[rows] = 0
+            model.gate_up.bias[rows] = 0
+        model.shift[::2] = 0
+        model.down.weight[:, ::2] = 0
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [(x,)])
+    assert small.gate_up.out_features == 8 and small.down.in_features == 4
+    assert small.scale.shape == small.shift.shape == (4,)
+    torch.testing.assert_close(_out(small, x), _out(model, x))
+
+
+class _Untracked(nn.Module):
+    """Hidden channels meet a tensor the graph does not follow (a table lookup) and a whole-dim reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(4, 8)
+        self.table = nn.Embedding(10, 8)
+        self.mid = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 3)
+        self.out2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        h = self.up(x) + self.table(ids)  # (B, T, 8): the lookup's 8 columns cannot be cut
+        m = torch.relu(self.mid(x)).reshape(x.shape[0], 2, -1, 8)  # (B, 2, T/2, 8): channels stay whole
+        return self.out(h) + self.out2(m.reshape(x.shape[0], -1, 8))
+
+
+def test_channels_meeting_an_untracked_tensor_are_frozen_and_whole_reshapes_are_followed():
+    from modelpress.graph.channels import ChannelGraph
+
+    torch.manual_seed(0)
+    x, ids = torch.randn(2, 4, 4), torch.randint(0, 10, (2, 4))
+    graph = ChannelGraph(_Untracked().eval(), (x, ids))
+    by = {g.producers: g for g in graph.groups()}
+    assert "does not follow" in (by[("up",)].frozen or "")
+    assert by[("mid",)].frozen is None and by[("mid",)].consumers == ("out2",)

@@ -12,6 +12,7 @@ import zoo
 from torch import nn
 
 import modelpress as mp
+from modelpress.deploy.export import dynamic_axes
 from modelpress.errors import DataError, GraphError, RecipeError
 from modelpress.graph.channels import ChannelGraph
 from modelpress.techniques.structured import agp_ratio, prune_gradually
@@ -201,15 +202,20 @@ def test_bert_heads_are_cut_and_the_config_limit_is_said(caplog):
     assert kept.bert.encoder.layer[0].attention.self.query.out_features == 64
 
 
-@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
-def test_dead_recurrent_units_are_removed_exactly(cell):
+@pytest.mark.parametrize(
+    ("cell", "layers", "bidirectional"),
+    [(nn.LSTM, 1, False), (nn.GRU, 1, False), (nn.LSTM, 2, True), (nn.GRU, 2, False)],
+)
+def test_dead_recurrent_units_are_removed_exactly(cell, layers, bidirectional):
+    # Stacked and bidirectional too: unit i of every layer and direction is one channel (hidden_size is shared).
     torch.manual_seed(0)
+    directions = 2 if bidirectional else 1
 
     class Recurrent(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.rnn = cell(6, 8, batch_first=True)
-            self.fc = nn.Linear(8, 3)
+            self.rnn = cell(6, 8, num_layers=layers, batch_first=True, bidirectional=bidirectional)
+            self.fc = nn.Linear(8 * directions, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out, _ = self.rnn(x)
@@ -218,13 +224,15 @@ def test_dead_recurrent_units_are_removed_exactly(cell):
     model = Recurrent().eval()
     gates = 4 if cell is nn.LSTM else 3
     with torch.no_grad():  # units 0, 2, 4, 6 see nothing and say nothing: their state stays 0
-        for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
-            getattr(model.rnn, name).view(gates, 8, -1)[:, ::2] = 0
-        model.rnn.weight_hh_l0[:, ::2] = 0
+        for name, p in model.rnn.named_parameters():
+            p.view(gates, 8, -1)[:, ::2] = 0
+            if name.startswith("weight_hh") or (name.startswith("weight_ih") and "_l0" not in name):
+                p[:, ::2] = 0  # what reads them: the recurrence, the layer above (forward | backward)
         model.fc.weight[:, ::2] = 0
     x = torch.randn(2, 5, 6)
     small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [(x,)])
-    assert small.rnn.hidden_size == 4 and small.fc.in_features == 4
+    assert small.rnn.hidden_size == 4 and small.fc.in_features == 4 * directions
+    assert all(p.shape[0] == gates * 4 for p in small.rnn.parameters())
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), atol=1e-6, rtol=1e-5)
 
@@ -373,3 +381,167 @@ def test_reconstruction_refits_convolutions_too():
         with torch.no_grad():
             errors.append(float((small(x) - model(x)).pow(2).mean()))
     assert errors[1] < 0.7 * errors[0]
+
+
+# -- the wider zoo: fused projections, MoE experts, per-head tables, bottlenecks ---------------------------
+
+WIDE = sorted(set(zoo.WIDE_ZOO) - set(zoo.ZOO))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", WIDE)
+def test_wide_zoo_is_pruned_runs_exports_and_keeps_parity(arch, tmp_path):
+    # ok: pruned, the forward runs, the export has a dynamic batch and matches in every runtime; or a modelpress
+    # error that names a layer. Every architecture here is ok today.
+    model, inputs = zoo.WIDE_ZOO[arch]()
+    try:
+        small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], mp.parity_inputs(inputs))
+        path = mp.export_onnx(small, inputs, tmp_path / "m.onnx")
+        results = [
+            mp.check_parity(small, mp.open_session(path, runtime), mp.parity_inputs(inputs), reference=model)
+            for runtime in mp.available_runtimes()
+        ]
+    except mp.ModelpressError as exc:
+        assert "'" in str(exc) and len(str(exc)) > 60, f"unclear refusal: {exc}"
+        pytest.fail(f"{arch} is refused: {exc}")
+    assert results and all(r.passed for r in results)
+    assert all(0 in dims for dims in dynamic_axes(path).values())
+    assert _params(small) < 0.9 * _params(model)
+
+
+def _rows_kept(pruned: torch.Tensor, original: torch.Tensor) -> list[int]:
+    """The original row each row of `pruned` is (rows are copied, not changed, by pruning)."""
+    return [int((original - row).abs().sum(dim=1).argmin()) for row in pruned]
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_gpt2_heads_are_rows_of_the_fused_c_attn_and_ffn_neurons_of_c_fc():
+    # Removing a head or an FFN neuron is zeroing what reads it: the pruned GPT-2 computes exactly what the
+    # original does with c_proj's inputs from the removed heads (attention) and neurons (MLP) zeroed.
+    model, (ids,) = zoo.gpt2_lm()
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [(ids,)])
+    reference = copy.deepcopy(model)
+    for block, pruned, ref in zip(
+        model.transformer.h, small.transformer.h, reference.transformer.h, strict=True
+    ):
+        attn = pruned.attn
+        assert (attn.num_heads, attn.head_dim, attn.split_size) == (2, 16, 32)
+        assert attn.c_attn.weight.shape == (96, 64) and attn.c_proj.weight.shape == (64, 32)
+        c_attn = block.attn.c_attn.weight.detach().t()  # Conv1D (in, out) -> rows q | k | v
+        rows = _rows_kept(attn.c_attn.weight.detach(), c_attn)
+        heads = sorted({r // 16 for r in rows[:32]})
+        assert len(heads) == 2
+        assert rows == [part * 64 + h * 16 + i for part in range(3) for h in heads for i in range(16)]
+        neurons = _rows_kept(pruned.mlp.c_fc.weight.detach(), block.mlp.c_fc.weight.detach().t())
+        assert len(set(neurons)) == 128
+        with torch.no_grad():  # Conv1D weights are (in, out): zero the input rows
+            dropped = [i for i in range(64) if i // 16 not in heads]
+            ref.attn.c_proj.weight[dropped] = 0
+            ref.mlp.c_proj.weight[[i for i in range(256) if i not in set(neurons)]] = 0
+    assert small.config.n_inner == 128 and model.config.n_inner is None
+    torch.testing.assert_close(_logits(small, ids), _logits(reference, ids), atol=1e-5, rtol=1e-4)
+
+
+def test_phi3_gate_up_halves_and_fused_qkv_heads_are_cut_together(tmp_path):
+    from transformers import Phi3ForCausalLM
+
+    model, (ids,) = zoo.phi3_decoder()  # 4 query heads, 2 key/value heads of 16; gate_up 2 x 128
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [(ids,)])
+    reference = copy.deepcopy(model)
+    for layer, pruned, ref in zip(
+        model.model.layers, small.model.layers, reference.model.layers, strict=True
+    ):
+        # gate_up = gate | up: the same neurons leave both halves, and down_proj's columns.
+        gate_up = layer.mlp.gate_up_proj.weight.detach()
+        rows = _rows_kept(pruned.mlp.gate_up_proj.weight.detach(), gate_up)
+        gate, up = rows[:64], rows[64:]
+        assert up == [128 + r for r in gate] and pruned.mlp.down_proj.in_features == 64
+        # qkv = q (4 heads) | k (2) | v (2): a key/value head leaves with its 2 query heads.
+        qkv = layer.self_attn.qkv_proj.weight.detach()
+        rows = _rows_kept(pruned.self_attn.qkv_proj.weight.detach(), qkv)
+        kv = sorted({(r - 64) // 16 for r in rows[32:48]})
+        assert len(kv) == 1 and rows[:32] == [
+            h * 16 + i for h in (2 * kv[0], 2 * kv[0] + 1) for i in range(16)
+        ]
+        assert rows[48:] == [96 + kv[0] * 16 + i for i in range(16)]
+        with torch.no_grad():
+            ref.mlp.down_proj.weight[:, [i for i in range(128) if i not in set(gate)]] = 0
+            ref.self_attn.o_proj.weight[:, [i for i in range(64) if i // 32 != kv[0]]] = 0
+    config = small.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 16)
+    assert config.intermediate_size == 64 and model.config.num_attention_heads == 4
+    torch.testing.assert_close(_logits(small, ids), _logits(reference, ids), atol=1e-5, rtol=1e-4)
+    small.save_pretrained(tmp_path / "phi3")
+    reloaded = Phi3ForCausalLM.from_pretrained(tmp_path / "phi3").eval()
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(small, ids))
+
+
+def test_mixtral_experts_lose_their_own_least_important_neurons():
+    model, (ids,) = zoo.moe_decoder()  # 4 experts, gate_up (4, 128, 64), down (4, 64, 64)
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [(ids,)])
+    reference = copy.deepcopy(model)
+    for layer, pruned, ref in zip(
+        model.model.layers, small.model.layers, reference.model.layers, strict=True
+    ):
+        experts = pruned.mlp.experts
+        assert experts.gate_up_proj.shape == (4, 64, 64) and experts.down_proj.shape == (4, 64, 32)
+        assert experts.intermediate_dim == 32
+        chosen = []
+        for e in range(4):
+            rows = _rows_kept(experts.gate_up_proj[e].detach(), layer.mlp.experts.gate_up_proj[e].detach())
+            assert rows[32:] == [64 + r for r in rows[:32]]  # gate and up rows of the same neurons
+            chosen.append(frozenset(rows[:32]))
+            with torch.no_grad():
+                ref.mlp.experts.down_proj[e][:, [i for i in range(64) if i not in chosen[-1]]] = 0
+        assert len(set(chosen)) > 1  # each expert keeps its own neurons
+        att = pruned.self_attn  # GQA: one key/value head of two, with its query heads
+        kv = _rows_kept(att.k_proj.weight.detach(), layer.self_attn.k_proj.weight.detach())[0] // 16
+        with torch.no_grad():
+            ref.self_attn.o_proj.weight[:, [i for i in range(64) if i // 32 != kv]] = 0
+    assert small.config.intermediate_size == 32
+    torch.testing.assert_close(_logits(small, ids), _logits(reference, ids), atol=1e-5, rtol=1e-4)
+
+
+def test_swin_relative_position_bias_loses_the_columns_of_removed_heads():
+    model, inputs = zoo.swin_classifier()
+    small = mp.compress(model, [mp.StructuredPruningConfig(ratio=0.5)], [inputs])
+    for name, att in small.named_modules():
+        if name.endswith("blocks.0.attention"):
+            table = att.relative_position_bias.relative_position_bias_table
+            assert table.shape[1] == att.q_proj.out_features // att.head_dim == att.num_attention_heads
+    with torch.no_grad():
+        assert small(*inputs).logits.shape == model(*inputs).logits.shape
+
+
+class _Checked(nn.Module):
+    """Two hidden layers; forward checks one's width in Python, a check torch.export does not see."""
+
+    def __init__(self, together: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.c, self.d = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.together = together
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, g = torch.relu(self.a(x)), torch.relu(self.c(x))
+        if (h.shape[-1] == g.shape[-1] == 8) if self.together else h.shape[-1] != 16:
+            raise ValueError("hidden width must be 16")
+        return self.b(h) + self.d(g)
+
+
+def test_a_cut_that_breaks_the_forward_is_kept_and_named(caplog):
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    with caplog.at_level(logging.WARNING, logger="modelpress.techniques.structured"):
+        small = mp.compress(_Checked().eval(), [mp.StructuredPruningConfig(ratio=0.5)], [(x,)])
+    assert small.a.out_features == 16 and small.c.out_features == 8
+    assert (
+        "kept [a]: cutting them breaks the model's forward (ValueError: hidden width must be 16)"
+        in caplog.text
+    )
+    with pytest.raises(GraphError, match="break it together"):
+        mp.compress(_Checked(together=True).eval(), [mp.StructuredPruningConfig(ratio=0.5)], [(x,)])

@@ -563,7 +563,9 @@ class ChannelGraph:
         return None
 
     def _rnn(self, node: fx.Node, chans: dict[fx.Node, _Channels]) -> None:
-        """One-layer, one-direction LSTM/GRU: its hidden units are channels (of the output, h_n, c_n)."""
+        """LSTM/GRU: its hidden units are channels (of the output, h_n, c_n). Every layer and direction has
+        `hidden_size` units, so unit i of all of them is one channel; a bidirectional output (forward |
+        backward) carries the ids twice."""
         x = chans.get(node.args[0])  # type: ignore[arg-type]
         params = node.args[2]
         name = self._owner_of(params[0]) if isinstance(params, (list, tuple)) and params else None
@@ -572,14 +574,8 @@ class ChannelGraph:
         hx = node.args[1]
         for h in _flat_nodes(hx):
             self._freeze(chans.get(h), f"an initial RNN state ({node.name})")
-        if (
-            name is None
-            or not isinstance(module, (nn.LSTM, nn.GRU))
-            or module.num_layers != 1
-            or module.bidirectional
-            or bool(getattr(module, "proj_size", 0))
-        ):
-            self._freeze(x, f"a multi-layer, bidirectional or projected RNN ({node.name})")
+        if name is None or not isinstance(module, (nn.LSTM, nn.GRU)) or bool(getattr(module, "proj_size", 0)):
+            self._freeze(x, f"a projected RNN, or one whose weights are not its own ({node.name})")
             return
         if x is not None and x.axis != x.ndim - 1:
             self._freeze(x, f"'{name}' reads a tensor whose channels are not its features")
@@ -587,7 +583,10 @@ class ChannelGraph:
         hidden = self.uf.new(module.hidden_size)
         self._use(name, out=hidden, inp=None if x is None else x.ids)
         shapes = [tuple(int(d) for d in t.shape) for t in value] if isinstance(value, (tuple, list)) else []
-        self._tuples[node] = [_Channels(hidden, len(shape) - 1, len(shape)) for shape in shapes]
+        self._tuples[node] = [
+            _Channels(np.tile(hidden, shape[-1] // module.hidden_size), len(shape) - 1, len(shape))
+            for shape in shapes
+        ]
 
     # -- groups ---------------------------------------------------------------------------------------
 

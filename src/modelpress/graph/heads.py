@@ -353,6 +353,9 @@ _FFN_FIELDS = {  # name suffix of an FFN's first layer -> (config field, outputs
 }
 
 
+_HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim")
+
+
 def _wanted(owner: nn.Module, config: Any) -> tuple[dict[str, int], list[str]]:
     """The config fields the pruned `owner` has uniform new values for, and what is not uniform."""
     problems: list[str] = []
@@ -403,7 +406,8 @@ def _mismatch(owner: nn.Module, config: Any) -> str | None:
 def update_hf_config(model: nn.Module) -> list[str]:
     """Write uniform pruned sizes into each Hugging Face config found in `model`; returns what could not
     be written (per-layer sizes differ, or a model built from the config would not have the pruned
-    shapes, so `from_pretrained` could not load it)."""
+    shapes, so `from_pretrained` could not load it: then head counts are left as they were, FFN widths
+    are still written)."""
     problems: list[str] = []
     seen: set[int] = set()
     for owner in model.modules():
@@ -426,7 +430,11 @@ def update_hf_config(model: nn.Module) -> list[str]:
             written[name] = (had, old)
         mismatch = _mismatch(owner, config)
         if mismatch is not None:
+            # Widths are facts of the pruned model; head counts may be read differently (GPT-2 and BERT derive
+            # the head size from hidden_size / heads): those go back to what they were.
             for name, (had, old) in written.items():
+                if name not in _HEAD_FIELDS:
+                    continue
                 if had:
                     setattr(config, name, old)
                 else:

@@ -174,12 +174,11 @@ def _activation(energy: dict[int, torch.Tensor]) -> Elementwise:
     def score(module: nn.Module, name: str) -> torch.Tensor:
         w = _param(module, name).float().pow(2)
         e = energy.get(id(module))
-        if name == "weight_hh_l0" or w.dim() < 2:
-            return torch.zeros_like(
-                w
-            )  # BatchNorm, the recurrent weights: their channels are scored elsewhere
-        if e is None:
-            return w  # not reached by the data: plain L2
+        if name.startswith("weight_hh") or w.dim() < 2:
+            # BatchNorm, the recurrent weights: their channels are scored elsewhere
+            return torch.zeros_like(w)
+        if e is None or (name.startswith("weight_ih") and not name.startswith("weight_ih_l0")):
+            return w  # not reached by the data (or an upper RNN layer, which reads the one below): plain L2
         transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
         grouped = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
         dim = 0 if transposed or grouped else 1  # (in, out, k...) / depthwise (C, 1, k...) / (out, in, k...)
@@ -192,14 +191,26 @@ def _activation(energy: dict[int, torch.Tensor]) -> Elementwise:
     return score
 
 
+def _rnn_weights(module: nn.LSTM | nn.GRU) -> list[tuple[int, str]]:
+    """(layer, suffix) of every layer and direction: weight_ih_l{layer}{suffix}."""
+    suffixes = ("", "_reverse") if module.bidirectional else ("",)
+    return [(layer, sfx) for layer in range(module.num_layers) for sfx in suffixes]
+
+
 def _rnn_norms(use: LayerUse, elem: Elementwise) -> tuple[np.ndarray | None, np.ndarray | None]:
     module = use.module
     assert isinstance(module, (nn.LSTM, nn.GRU))
     h, g = module.hidden_size, _gates(module)
-    ih = elem(module, "weight_ih_l0")  # (g*H, in)
-    hh = elem(module, "weight_hh_l0")  # (g*H, H)
-    units = ih.reshape(g, h, -1).sum(dim=(0, 2)) + hh.reshape(g, h, -1).sum(dim=(0, 2)) + hh.sum(dim=0)
-    cols = ih.sum(dim=0)
+    units = torch.zeros(h)
+    cols = torch.zeros(module.input_size)
+    for layer, sfx in _rnn_weights(module):
+        ih = elem(module, f"weight_ih_l{layer}{sfx}")  # (g*H, in): in = input_size, or H * directions
+        hh = elem(module, f"weight_hh_l{layer}{sfx}")  # (g*H, H)
+        units += ih.reshape(g, h, -1).sum(dim=(0, 2)) + hh.reshape(g, h, -1).sum(dim=(0, 2)) + hh.sum(dim=0)
+        if layer == 0:
+            cols += ih.sum(dim=0)
+        else:  # the columns reading the layer below's units (forward | backward)
+            units += ih.sum(dim=0).reshape(-1, h).sum(dim=0)
     return units.numpy(), (cols.numpy() if use.inp is not None else None)
 
 
@@ -439,16 +450,19 @@ def _slice_rnn(module: nn.LSTM | nn.GRU, out_keep: torch.Tensor | None, in_keep:
     unit = out_keep if out_keep is not None else torch.ones(h, dtype=torch.bool)
     rows = unit.repeat(g)  # the gates are stacked [i, f, g, o] (LSTM) / [r, z, n] (GRU)
     cols = in_keep if in_keep is not None else torch.ones(module.input_size, dtype=torch.bool)
+    below = unit.repeat(2 if module.bidirectional else 1)  # a layer above reads forward | backward units
 
     def put(name: str, value: torch.Tensor) -> None:
         old = getattr(module, name)
         setattr(module, name, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
 
-    put("weight_ih_l0", _param(module, "weight_ih_l0")[rows][:, cols])
-    put("weight_hh_l0", _param(module, "weight_hh_l0")[rows][:, unit])
-    if module.bias:
-        put("bias_ih_l0", _param(module, "bias_ih_l0")[rows])
-        put("bias_hh_l0", _param(module, "bias_hh_l0")[rows])
+    for layer, sfx in _rnn_weights(module):
+        ih, hh = f"weight_ih_l{layer}{sfx}", f"weight_hh_l{layer}{sfx}"
+        put(ih, _param(module, ih)[rows][:, cols if layer == 0 else below])
+        put(hh, _param(module, hh)[rows][:, unit])
+        if module.bias:
+            for b in (f"bias_ih_l{layer}{sfx}", f"bias_hh_l{layer}{sfx}"):
+                put(b, _param(module, b)[rows])
     module.hidden_size, module.input_size = int(unit.sum()), int(cols.sum())
 
 
@@ -647,13 +661,18 @@ def _apply(graph: ChannelGraph, units: list[_Unit]) -> None:
             prune_experts(ex, neurons)
 
 
+def _copied(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, list) else v for k, v in attrs.items()}
+
+
 class _Snapshot:
     """Every module's parameters, buffers and attributes, and every config's fields, as they are now: the
     cuts replace tensors and set attributes rather than write into them, so this restores them."""
 
     def __init__(self, model: nn.Module) -> None:
+        # Lists (an RNN's _flat_weights) are updated in place by the cuts: copied too.
         self.modules = [
-            (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+            (m, _copied(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
             for m in model.modules()
         ]
         configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "__dict__")}
@@ -662,7 +681,7 @@ class _Snapshot:
     def restore(self) -> None:
         for m, attrs, params, buffers, children in self.modules:
             m.__dict__.clear()
-            m.__dict__.update(attrs)
+            m.__dict__.update(_copied(attrs))
             m.__dict__.update(_parameters=dict(params), _buffers=dict(buffers), _modules=dict(children))
         for c, fields in self.configs:
             c.__dict__.clear()
@@ -1022,11 +1041,12 @@ def prune_gradually(
             assert last_good is not None
             return last_good
         last_good = copy.deepcopy(model)
-    for problem in update_hf_config(model):
+    problems = update_hf_config(model)
+    if problems:
         log.warning(
             "structured: the Hugging Face config cannot describe the pruned model (%s); "
             "save it with torch.save or export it, not save_pretrained.",
-            problem,
+            "; ".join(problems),
         )
     if not changed:
         log.warning(
