@@ -38,8 +38,8 @@ CONTRACT_CONFIGS = {
 }
 
 
-# (technique, arch) pairs with nothing to quantize: dynamic int8 and AWQ are for Linear layers; the generator
-# has none.
+# (technique, arch) pairs with nothing to compress: dynamic int8 and AWQ are for Linear layers; the
+# generator has none. The recipe is refused, naming the layers it left alone.
 NOTHING_TO_DO = {
     ("dynamic_int8", "dcgan_generator"),
     ("awq", "dcgan_generator"),
@@ -118,6 +118,10 @@ def test_technique_on_zoo(arch, technique, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = CONTRACT_CONFIGS[technique]
     calibration = mp.parity_inputs(inputs, count=4, seed=1)
+    if (technique, arch) in NOTHING_TO_DO:
+        with pytest.raises(mp.RecipeError, match="changed none of the model's"):
+            mp.compress(model, [config], calibration, allow_partial=True)
+        return
     result = run_job(
         model,
         inputs,
@@ -128,6 +132,7 @@ def test_technique_on_zoo(arch, technique, tmp_path):
         batch_sizes=(2,),
         rounds=2,
         memory=False,
+        allow_partial=True,  # one technique alone may leave a tiny model's embeddings as they are
     )
     # the user's model is untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -143,9 +148,6 @@ def test_technique_on_zoo(arch, technique, tmp_path):
         or layer["bytes"] != before_layers.get(layer["name"], {}).get("bytes")
     ]
     removed = set(before_layers) - {layer["name"] for layer in result["profile"]["compressed"]["layers"]}
-    if (technique, arch) in NOTHING_TO_DO:
-        assert not changed and not removed
-        return
     assert changed or removed, "the technique changed no layer"
     assert all(layer["type"] in html for layer in changed)
     assert result["profile"]["compressed"]["bytes"] < result["profile"]["baseline"]["bytes"]
