@@ -140,7 +140,14 @@ def _check_per_head(att: Attention) -> Attention:
     projections = {id(t) for t in (att.q, att.k, att.v, att.o)}
     skip = {prefix for prefix, sub in att.module.named_modules() if id(sub) in projections and prefix}
     n = att.q_heads
-    for pname, tensor in [*att.module.named_parameters(), *att.module.named_buffers()]:
+    # Parameters and saved buffers; a non-persistent buffer (rotary inv_freq) is recomputed from the config.
+    saved = [
+        (f"{prefix}.{b}" if prefix else b, tensor)
+        for prefix, sub in att.module.named_modules()
+        for b, tensor in sub.named_buffers(recurse=False)
+        if b not in sub._non_persistent_buffers_set
+    ]
+    for pname, tensor in [*att.module.named_parameters(), *saved]:
         if any(pname.startswith(prefix + ".") for prefix in skip):
             continue
         dim = next((d for suffix, d in _PER_HEAD.items() if pname.endswith(suffix)), None)
