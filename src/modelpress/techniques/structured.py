@@ -5,7 +5,12 @@ entries are one channel; each group of channels produced by the same layers lose
 channels, the least important first, keeping a multiple of `round_to`. Importance is the L1 or L2 norm
 of everything the channel removes (its producers' rows and consumers' columns). Channels the graph cannot
 cut safely (model outputs, residual streams read by LayerNorm, attention reshapes, protected layers) are
-kept, and the log says why for each group.
+kept, and the log says why for each group. Attention heads (separate or fused q|k|v projections, GQA)
+and the FFN neurons of MoE experts held as 3D parameters are cut as units of their own (`graph/heads.py`).
+
+The pruned model must run: after the cuts it is run on the example batch, and when that fails (a width
+checked or read in Python, which the trace cannot see) each cut is tried alone and the ones that break
+the forward are undone, with a warning naming them; cuts that only fail together are a GraphError.
 
 The pruned model is an ordinary smaller model: it runs and exports like the original, and ONNX Runtime
 and OpenVINO run it faster because there is less to compute.
