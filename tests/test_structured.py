@@ -545,3 +545,18 @@ def test_a_cut_that_breaks_the_forward_is_kept_and_named(caplog):
     )
     with pytest.raises(GraphError, match="break it together"):
         mp.compress(_Checked(together=True).eval(), [mp.StructuredPruningConfig(ratio=0.5)], [(x,)])
+
+
+def test_mobilebert_bottleneck_norms_and_heads_are_cut_and_refit():
+    # MobileBERT's NoNorm (x * weight + bias) is sliced with the bottleneck channels it scales; its query
+    # projection loses input columns (bottleneck) and rows (heads) at once, and reconstruction refits both.
+    model, inputs = zoo.mobilebert_encoder()
+    config = mp.StructuredPruningConfig(ratio=0.5, reconstruct=True)
+    small = mp.compress(model, [config], mp.parity_inputs(inputs, count=2))
+    layer = small.encoder.layer[0]
+    assert layer.attention.self.query.weight.shape == (16, 16)
+    assert layer.bottleneck.attention.LayerNorm.weight.shape == (16,)
+    with torch.no_grad():
+        assert small(*inputs).last_hidden_state.shape == model(*inputs).last_hidden_state.shape
+    with pytest.raises(DataError, match="importance='taylor' needs a loss"):  # hidden states are not logits
+        mp.compress(model, [mp.StructuredPruningConfig(importance="taylor")], [inputs])

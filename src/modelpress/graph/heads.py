@@ -206,6 +206,24 @@ def _set_int(obj: Any, name: str, old: int, new: int) -> None:
         setattr(obj, name, new)
 
 
+def head_rows(att: Attention, keep: torch.Tensor) -> list[tuple[nn.Linear, torch.Tensor]]:
+    """The output rows of the q/k/v Linear(s) that keeping the key/value heads `keep` keeps (one mask per
+    Linear: a fused one gets its q, k and v parts in one)."""
+    d, g = att.head_dim, att.groups
+    kv_rows = keep.repeat_interleave(d)
+    q_rows = keep.repeat_interleave(g * d)
+    masks: dict[int, tuple[nn.Linear, torch.Tensor]] = {}
+    parts = (
+        (att.q, att.offsets[0], q_rows),
+        (att.k, att.offsets[1], kv_rows),
+        (att.v, att.offsets[2], kv_rows),
+    )
+    for layer, start, rows in parts:
+        _, mask = masks.setdefault(id(layer), (layer, torch.ones(layer.out_features, dtype=torch.bool)))
+        mask[start : start + len(rows)] = rows
+    return list(masks.values())
+
+
 @torch.no_grad()
 def prune_heads(att: Attention, keep: torch.Tensor) -> None:
     """Keep the key/value heads where `keep` is True (with their query heads); slice in place, and update
@@ -213,17 +231,9 @@ def prune_heads(att: Attention, keep: torch.Tensor) -> None:
     was: find it again to see the new layout."""
     d, g = att.head_dim, att.groups
     q_heads, kv_heads = att.q_heads, att.kv_heads
-    kv_rows = keep.repeat_interleave(d)
     q_rows = keep.repeat_interleave(g * d)
-    masks: dict[int, tuple[nn.Linear, torch.Tensor]] = {}
-    for layer, start, rows in (
-        (att.q, att.offsets[0], q_rows),
-        (att.k, att.offsets[1], kv_rows),
-        (att.v, att.offsets[2], kv_rows),
-    ):
-        _, mask = masks.setdefault(id(layer), (layer, torch.ones(layer.out_features, dtype=torch.bool)))
-        mask[start : start + len(rows)] = rows
-    for layer, mask in masks.values():
+    masks = head_rows(att, keep)
+    for layer, mask in masks:
         _replace(layer, "weight", layer.weight.detach()[mask])
         if layer.bias is not None:
             _replace(layer, "bias", layer.bias.detach()[mask])
@@ -459,6 +469,7 @@ __all__ = [
     "find_attention",
     "find_experts",
     "head_importance",
+    "head_rows",
     "heads_to_keep",
     "prune_experts",
     "prune_heads",

@@ -44,6 +44,7 @@ from modelpress.graph.heads import (
     find_attention,
     find_experts,
     head_importance,
+    head_rows,
     heads_to_keep,
     prune_experts,
     prune_heads,
@@ -51,7 +52,7 @@ from modelpress.graph.heads import (
 )
 from modelpress.loading import as_inputs
 from modelpress.ops.refit import refit_columns
-from modelpress.outputs import output_tensors
+from modelpress.outputs import named_outputs, output_tensors
 from modelpress.techniques.finetune import check_recover, labeled, recover, task_loss
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
 from modelpress.techniques.select import conv1d_as_linear, matches_any, select_modules, unmatched_patterns
@@ -252,12 +253,14 @@ def _importance(graph: ChannelGraph, elem: Elementwise) -> dict[int, float]:
 
 def _next_token_loss(out: Any, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     """Next-token cross-entropy when the model reads token ids (B, T) and returns logits (B, T, vocab)."""
-    leaves = [t for t in output_tensors(out) if t.is_floating_point()]
+    leaves = [(n, t) for n, t in named_outputs(out) if t.is_floating_point()]
     ids = inputs[0] if inputs else None
     if not leaves or ids is None or ids.is_floating_point() or ids.dim() != 2:
         return None
-    logits = leaves[0]
+    logits = next((t for n, t in leaves if n == "logits"), leaves[0][1])
     if logits.dim() != 3 or logits.shape[:2] != ids.shape or ids.shape[1] < 2:
+        return None
+    if int(ids.max()) >= logits.shape[-1] or int(ids.min()) < 0:  # hidden states, not a vocabulary
         return None
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().long())
 
@@ -808,6 +811,11 @@ def _refits(
         if entry is not None and use.out is not None:
             out_keep = _keep(graph, use.out, remove)
             entry.out_keep = None if bool(out_keep.all()) else out_keep
+    for att, keep in heads:  # and by the heads (a query projection whose inputs were cut too)
+        for layer, rows in head_rows(att, keep):
+            entry = found.get(id(layer))
+            if entry is not None:
+                entry.out_keep = rows if entry.out_keep is None else entry.out_keep & rows
     return found
 
 
