@@ -147,3 +147,31 @@ def test_int8_feature_maps_flatten_channels_last_into_the_classifier(tmp_path) -
 
 def _attr_ints(node: onnx.NodeProto, name: str) -> list[int]:
     return next(list(a.ints) for a in node.attribute if a.name == name)
+
+
+@pytest.mark.parametrize("integer_matmul", [True, False])
+def test_a_reduction_after_a_bias_free_int8_layer_is_right_in_every_runtime(tmp_path, integer_matmul) -> None:
+    # Linear (no bias) -> mean over tokens -> Linear, both int8 with int8 inputs: OpenVINO's low-precision
+    # rewrite got this wrong (cosine -0.09 to the torch model) until the export guards the reduction.
+    from torch import nn
+
+    import modelpress as mp
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(64, 32, bias=False)
+            self.classifier = nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(self.proj(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Head().eval()
+    data = [(torch.randn(2, 32, 64),) for _ in range(4)]
+    q = mp.compress(model, [mp.StaticInt8Config()], data=data)
+    path = mp.export_onnx(q, data[0], tmp_path / "head.onnx", integer_matmul=integer_matmul)
+    assert "ReduceMean" in [n.op_type for n in onnx.load(str(path)).graph.node]
+    for runtime in mp.available_runtimes():
+        report = mp.check_parity(q, mp.open_session(path, runtime), data[:2], raise_on_failure=False)
+        assert report.passed, (runtime, report.message)

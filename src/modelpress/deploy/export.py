@@ -24,7 +24,12 @@ import torch
 from torch import nn
 
 from modelpress._files import check_output_path
-from modelpress.deploy.qdq import channels_last_flatten, fuse_integer_matmuls, hoist_quantizers
+from modelpress.deploy.qdq import (
+    channels_last_flatten,
+    fuse_integer_matmuls,
+    guard_reductions,
+    hoist_quantizers,
+)
 from modelpress.errors import ExportError
 from modelpress.loading import Inputs
 from modelpress.outputs import FlatOutputs, named_outputs, no_cache
@@ -200,6 +205,9 @@ def _postprocess(path: Path, *, integer_matmul: bool = True) -> None:
             del node.metadata_props[:]
     model.doc_string = ""
     moves = hoist_quantizers(model)
+    guarded = guard_reductions(model)
+    if guarded:
+        log.debug("guarded %d reduction(s) after int8 products against OpenVINO's LP rewrite", guarded)
     if moves:
         log.debug("moved %d activation quantizer(s) above MaxPool/reshape-like ops", moves)
     if integer_matmul:

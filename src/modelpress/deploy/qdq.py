@@ -364,3 +364,58 @@ def channels_last_flatten(model: Any) -> int:
         graph.node.extend(order)
         count += 1
     return count
+
+
+_REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"})
+_PRODUCTS = frozenset({"MatMul", "Gemm", "MatMulIntegerToFloat", "MatMulInteger", "Conv"})
+GUARD = 1e-30  # added to the product: a normal fp32 number far below any output's resolution
+
+
+def guard_reductions(model: Any) -> int:
+    """Put an `Add` of 1e-30 between an int8 product layer without a bias (MatMul, Gemm, Conv) and a
+    Reduce{Mean,Sum,Max,Min} reading it, in place; returns how many.
+
+    OpenVINO 2026.4's low-precision transformations compute such a graph wrongly when the reduction feeds
+    another quantized layer (a mean-pooled classifier head of zero-bias Linears gave cosine -0.1 to ONNX
+    Runtime's result; the same graph with any non-zero bias, or with OpenVINO's LP transformations off, is
+    right). A constant Add, which OpenVINO cannot fold away, stops the faulty rewrite; the output changes by
+    1e-30, nothing at fp32 resolution.
+
+    >>> guard_reductions(onnx.load("int8.onnx"))  # doctest: +SKIP
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    if not any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for n in graph.node):
+        return 0
+    producers = {out: node for node in graph.node for out in node.output}
+    zeros = _zero_initializers(graph)
+    guarded = 0
+    for node in list(graph.node):
+        if node.op_type not in _REDUCTIONS or not node.input:
+            continue
+        source = producers.get(node.input[0])
+        if source is not None and source.op_type == "Add" and any(i in zeros for i in source.input):
+            source = producers.get(next(i for i in source.input if i not in zeros))
+        if source is None or source.op_type not in _PRODUCTS:
+            continue
+        name = f"{node.input[0]}_guarded"
+        constant = f"{name}_eps"
+        graph.initializer.append(helper.make_tensor(constant, TensorProto.FLOAT, [], [GUARD]))
+        add = helper.make_node("Add", [node.input[0], constant], [name], name=f"{name}_add")
+        graph.node.insert(list(graph.node).index(node), add)
+        node.input[0] = name
+        guarded += 1
+    return guarded
+
+
+def _zero_initializers(graph: Any) -> set[str]:
+    from onnx import numpy_helper
+
+    out = set()
+    for init in graph.initializer:
+        if math.prod(init.dims) <= 1 << 16:
+            value = numpy_helper.to_array(init)
+            if value.dtype.kind == "f" and not value.any():
+                out.add(init.name)
+    return out
