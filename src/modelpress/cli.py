@@ -119,7 +119,8 @@ _data_option = click.option(
 _allow_partial_option = click.option(
     "--allow-partial",
     is_flag=True,
-    help="Accept a recipe that changes nothing or leaves most weight bytes untouched (refused by default).",
+    help="Accept a recipe whose quantization leaves most weight bytes untouched (refused by default; one that "
+    "changes nothing is always refused).",
 )
 
 
