@@ -140,6 +140,9 @@ def test_technique_on_zoo(arch, technique, tmp_path):
     assert {p["runtime"] for p in result["parity"]} == set(mp.available_runtimes())
     html = (tmp_path / "out" / "report.html").read_text()
     assert f"&#x27;type&#x27;: &#x27;{config.type}&#x27;" in html
+    # every weight layer is accounted for: compressed, removed, or left alone with a reason
+    assert "Layers the recipe left alone" in html
+    assert all(row["status"] != "left alone" or row["reason"] for row in result["coverage"]["layers"])
     before_layers = {layer["name"]: layer for layer in result["profile"]["baseline"]["layers"]}
     changed = [
         layer

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from modelpress._files import make_public
+from modelpress.analyse.coverage import coverage
 from modelpress.analyse.explain import explain_quantization
 from modelpress.analyse.profile import profile
 from modelpress.deploy.bench import compare_artifacts
@@ -201,6 +202,7 @@ def run_job(
         compress_s = time.perf_counter() - start
         small_profile = profile(small, example_inputs)
         explain = [row.to_dict() for row in explain_quantization(model, small, parity_inputs(example_inputs))]
+        covered = coverage(model, small, steps).to_dict()
 
         say("saving the compressed model")
         save_compressed(small, steps, work)
@@ -256,6 +258,7 @@ def run_job(
             "profile": {"baseline": base_profile.to_dict(), "compressed": small_profile.to_dict()},
             "compress_wall_s": compress_s,
             "explain": explain,
+            "coverage": covered,
             "parity": parity,
             "quality": quality,
             "bench": {k: {**v.to_dict(), "path": Path(v.path).name} for k, v in bench.items()},

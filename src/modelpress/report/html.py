@@ -586,6 +586,7 @@ def render_html(result: dict[str, Any]) -> str:
         *_artifact_table(result, h),
         *_parity_table(result),
         *_layer_plots(result),
+        *_coverage_table(result),
         *_layer_tables(result),
     ]
     parts.append("<h2>Environment</h2>")
@@ -699,6 +700,34 @@ def _parity_table(result: dict[str, Any]) -> list[str]:
         "original, uncompressed model.</p>"
     )
 
+    return parts
+
+
+def coverage_line(result: dict[str, Any]) -> str | None:
+    """What the recipe did to the weight layers, in one sentence (None for results without coverage)."""
+    cov = result.get("coverage")
+    if not cov or not cov.get("layers"):
+        return None
+    layers = cov["layers"]
+    done = [row for row in layers if row["status"] != "left alone"]
+    return (
+        f"{len(done)} of {len(layers)} weight layers compressed or removed, {1 - cov['untouched_share']:.0%} of "
+        f"the weight bytes; {len(layers) - len(done)} left alone."
+    )
+
+
+def _coverage_table(result: dict[str, Any]) -> list[str]:
+    line = coverage_line(result)
+    if line is None:
+        return []
+    alone = sorted(
+        (row for row in result["coverage"]["layers"] if row["status"] == "left alone"),
+        key=lambda r: -r["bytes"],
+    )
+    parts = ["<h2>Layers the recipe left alone</h2>", f"<p class='muted'>{_e(line)}</p>"]
+    if alone:
+        rows = [[_e(r["name"]), _e(r["type"]), human_bytes(r["bytes"]), _e(r["reason"])] for r in alone]
+        parts.append(_table(["layer", "type", "weight bytes", "why"], rows))
     return parts
 
 

@@ -36,10 +36,16 @@ def print_summary(result: dict[str, Any], console: Console) -> None:
             row.append(f"{val:.4f}" if isinstance(val, float) else "-")
         table.add_row(*row)
     console.print(table)
-    from modelpress.report.html import findings
+    from modelpress.report.html import coverage_line, findings
 
     for line in findings(result):
         console.print(f"- {line}", highlight=False)
+    covered = coverage_line(result)
+    if covered:
+        alone = [row for row in result["coverage"]["layers"] if row["status"] == "left alone"]
+        largest = max(alone, key=lambda row: row["bytes"], default=None)
+        tail = f" Largest left alone: {largest['name']} ({largest['reason']})." if largest else ""
+        console.print(f"- {covered}{tail}", highlight=False)
     worst = result.get("explain", [])[:3]
     if worst:
         console.print(
