@@ -137,3 +137,21 @@ def test_bad_timing_arguments_are_refused():
 
     with pytest.raises(ModelpressError, match="threads=0"):
         profile(nn.Linear(2, 2), (torch.randn(1, 2),), threads=0)
+
+
+def test_recurrent_layers_count_their_gates_macs():
+    # torch's FLOP counter skips LSTM/GRU: each step, item, layer and direction runs every gate's input and
+    # hidden matmul; an int8 LSTM does the same work.
+    from torch import nn
+
+    import modelpress as mp
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True, bidirectional=True).eval()
+    x = (torch.randn(3, 5, 8),)
+    expected = 5 * 3 * (2 * 4 * 16 * (8 + 16) + 2 * 4 * 16 * (32 + 16))
+    assert mp.profile(lstm, x).macs == expected
+    gru = nn.GRU(8, 16).eval()
+    assert mp.profile(gru, (torch.randn(5, 3, 8),)).macs == 5 * 3 * 3 * 16 * (8 + 16)
+    small = mp.compress(nn.Sequential(lstm), [mp.WeightOnlyConfig(layers=("rnn",))])
+    assert mp.profile(small, x).macs == expected
