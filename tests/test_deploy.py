@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 import modelpress as mp
+import modelpress.deploy.export as export
 from modelpress._files import file_size
 from modelpress.deploy.bench import synthetic_inputs
+from modelpress.deploy.export import dynamic_axes
 
 
 @pytest.fixture()
@@ -79,9 +81,65 @@ def test_untraceable_model_gives_clear_error(tmp_path):
                 return x * 2
             return x
 
-    with pytest.raises(mp.ExportError, match="ONNX export of DataDependent failed"):
+    with pytest.raises(mp.ExportError, match="ONNX export of DataDependent failed") as failure:
         mp.export_onnx(DataDependent(), (torch.randn(2, 3),), tmp_path / "d.onnx")
     assert list(tmp_path.iterdir()) == []
+    # the cause (data-dependent control flow), not the exporter's step banner, and no terminal colours
+    assert "data-dependent" in str(failure.value).lower() and "\x1b" not in str(failure.value)
+
+
+def test_export_falls_back_to_static_shapes_and_says_so(tmp_path, monkeypatch, caplog):
+    trace = export._trace
+
+    def no_dynamic(model, inputs, kwargs):
+        if kwargs.get("dynamic_shapes") is not None:
+            raise RuntimeError("Constraints violated (batch)")
+        return trace(model, inputs, kwargs)
+
+    monkeypatch.setattr(export, "_trace", no_dynamic)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 3)).eval()
+    ids = torch.randint(0, 30, (2, 6))
+    path = mp.export_onnx(model, (ids,), tmp_path / "static.onnx")
+    assert "static dims instead" in caplog.text and "Constraints violated" in caplog.text
+    assert dynamic_axes(path) == {"input": {}}
+    session = mp.open_session(path)
+    report = mp.check_parity(model, session, mp.parity_inputs((ids,)))
+    assert (
+        report.passed and report.skipped_samples == 1
+    )  # the batch + 1 sample does not fit a static artifact
+
+
+def test_hugging_face_outputs_are_named_and_caches_left_out(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    model = GPT2LMHeadModel(config).eval()
+    assert model.config.use_cache  # the model returns its key/value cache unless told otherwise
+    ids = torch.randint(0, 50, (2, 5))
+    path = mp.export_onnx(model, (ids,), tmp_path / "gpt2.onnx")
+    assert model.config.use_cache  # the user's setting is back
+    session = mp.open_session(path)
+    assert session.input_names == ["input_ids"] and session.output_names == ["logits"]
+    assert mp.check_parity(model, session, mp.parity_inputs((ids,))).passed
+    assert set(dynamic_axes(path)["input_ids"]) == {0, 1}  # batch and sequence
+
+
+def test_inference_mode_models_and_data_calibrate(tmp_path):
+    # A model (and data) made under torch.inference_mode(): techniques that save tensors for backward work.
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+        data = [torch.randn(2, 3, 12, 12) for _ in range(3)]
+    for config in (
+        mp.StaticInt8Config(calibration_batches=3, equalize=True, bias_correction=True),
+        mp.QATConfig(calibration_batches=3),
+    ):
+        small = mp.compress(model, [config], data)
+        assert small(torch.randn(1, 3, 12, 12)).shape == (1, 8, 8, 8)
 
 
 def test_token_inputs_get_dynamic_sequence(tmp_path):
