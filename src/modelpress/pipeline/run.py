@@ -194,13 +194,13 @@ def run_job(
     try:
         runtimes = list(runtimes or available_runtimes())
         say("profiling the original model")
-        base_profile = profile(model, example_inputs)
+        base_profile = profile(model, example_inputs, threads=threads)
 
         say(f"compressing ({', '.join(c.type for c in steps)})")
         start = time.perf_counter()
         small = compress(model, steps, data, allow_partial=allow_partial)
         compress_s = time.perf_counter() - start
-        small_profile = profile(small, example_inputs)
+        small_profile = profile(small, example_inputs, threads=threads)
         explain = [row.to_dict() for row in explain_quantization(model, small, parity_inputs(example_inputs))]
         covered = coverage(model, small, steps).to_dict()
 
