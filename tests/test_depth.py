@@ -123,10 +123,13 @@ def test_ratio_counts_the_stack_and_zero_leaves_the_model(caplog):
     model, x = _stage()
     small = mp.compress(model, [DepthPruningConfig(ratio=0.5)], [(x,)])
     assert len(small.stage) == 2  # keep ceil(0.5 * 4)
+    # removing nothing is said, and compress refuses a recipe that changed nothing
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        same = mp.compress(model, [DepthPruningConfig(ratio=0.2)], [(x,)])
-        zero = mp.compress(model, [DepthPruningConfig(blocks=0)])
-    assert len(same.stage) == len(zero.stage) == 4
+        with pytest.raises(mp.RecipeError, match="changed none of the model's"):
+            mp.compress(model, [DepthPruningConfig(ratio=0.2)], [(x,)])
+        with pytest.raises(mp.RecipeError, match="changed none of the model's"):
+            mp.compress(model, [DepthPruningConfig(blocks=0)])
+    assert len(model.stage) == 4
     assert "ratio=0.2 of 4 BasicBlock blocks of 'stage' removes none; the model is unchanged" in caplog.text
     assert "blocks=0 removes no block; the model is unchanged" in caplog.text
 

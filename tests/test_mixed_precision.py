@@ -205,7 +205,7 @@ def test_bert_encoder_meets_a_floor_between_int8_and_fp32():
         for _ in range(3)
     ]
     # Every Linear quantized, measured as the search measures it, to place the floor halfway to fp32.
-    int8 = mp.compress(model, [mp.StaticInt8Config()], data[1:])
+    int8 = mp.compress(model, [mp.StaticInt8Config()], data[1:], allow_partial=True)
     with torch.no_grad():
         cos = F.cosine_similarity(int8(*data[0]).flatten(1), model(*data[0]).flatten(1), dim=1)
     all_quantized = float(cos.double().mean())

@@ -60,12 +60,13 @@ class Coverage:
         }
 
 
-Snapshot = dict[str, tuple[nn.Module, int, int]]
+Snapshot = dict[str, tuple[nn.Module, int, int, int]]
 
 
 def weight_layers(model: nn.Module) -> Snapshot:
     """Modules owning a parameter of >= 2 dims: (module, those parameters' bytes with shared ones counted
-    once, all bytes the module stores). Taken before compressing, it is what `coverage` compares with."""
+    once, all bytes the module stores, their zero entries). Taken before compressing, it is what
+    `coverage` compares with."""
     seen: set[int] = set()
     out: Snapshot = {}
     for name, module in model.named_modules():
@@ -75,8 +76,12 @@ def weight_layers(model: nn.Module) -> Snapshot:
                 seen.add(id(param))
                 size += param.numel() * param.element_size()
         if size:
-            out[name] = (module, size, _stored_bytes(module))
+            out[name] = (module, size, _stored_bytes(module), _zeros(module))
     return out
+
+
+def _zeros(module: nn.Module) -> int:
+    return sum(int((p == 0).sum()) for p in module.parameters(recurse=False) if p.dim() >= 2)
 
 
 def _stored_bytes(module: nn.Module) -> int:
@@ -126,13 +131,16 @@ def coverage(original: nn.Module | Snapshot, compressed: nn.Module, steps: Seque
     before = weight_layers(original) if isinstance(original, nn.Module) else original
     after = dict(compressed.named_modules())
     result = Coverage()
-    for name, (module, size, stored) in before.items():
+    for name, (module, size, stored, zeros) in before.items():
         new = after.get(name)
         kind = type(module).__name__
         if new is None:
             result.layers.append(LayerCoverage(name, kind, size, "removed"))
         elif type(new) is not type(module) and not (type(new) is nn.Linear and is_conv1d(module)):
             result.layers.append(LayerCoverage(name, kind, size, "compressed", now=type(new).__name__))
+        elif _stored_bytes(new) == stored and _zeros(new) > zeros + size // 40:
+            # pruned in place (a layer too small for the bitmask format keeps its zeros dense)
+            result.layers.append(LayerCoverage(name, kind, size, "compressed", now="zeros, stored dense"))
         elif _stored_bytes(new) < stored:
             result.layers.append(
                 LayerCoverage(name, kind, size, "compressed", now=f"{_stored_bytes(new) / stored:.2f}x bytes")
