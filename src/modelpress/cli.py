@@ -387,6 +387,7 @@ def bench(
     from modelpress._files import check_output_path, write_text_atomic
     from modelpress.analyse.profile import human_bytes
     from modelpress.deploy.bench import compare_artifacts, synthetic_inputs
+    from modelpress.deploy.integer import integer_kernels
     from modelpress.deploy.runtime import available_runtimes
     from modelpress.errors import ExportError
 
@@ -432,8 +433,15 @@ def bench(
             (n for n in results if n.startswith("artifact")), key=lambda n: results[n].latency[b].median_ms
         )
         out.print(f"fastest at {b}: [bold]{fastest.removeprefix('artifact ')}[/]")
+    integer = {f"artifact {rt}": integer_kernels(artifact, rt, threads=threads) for rt in runtimes_list}
+    for report in integer.values():
+        out.print(report.summary(), highlight=False)
     if json_out:
-        write_text_atomic(json_out, json.dumps({k: v.to_dict() for k, v in results.items()}, indent=2))
+        data = {
+            k: {**v.to_dict(), **({"integer": integer[k].to_dict()} if k in integer else {})}
+            for k, v in results.items()
+        }
+        write_text_atomic(json_out, json.dumps(data, indent=2))
 
 
 @main.command()

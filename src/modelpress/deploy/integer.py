@@ -85,6 +85,8 @@ _ORT_INTEGER_ELEMENTWISE = {
     "QLinearReduceMean",
     "QLinearWhere",
 }
+# ONNX tensor types of integer weight codes (INT8, UINT8, INT16, UINT16, INT4, UINT4).
+_INTEGER_TYPES = {2, 3, 4, 5, 21, 22}
 # MatMulNBits' accuracy_level 4: the input is quantized to int8 and the product is integer.
 _NBITS_INT8_ACCURACY = 4
 # The integer kernel ONNX Runtime would form for a layer type.
@@ -221,11 +223,10 @@ def integer_kernels(path: str | os.PathLike[str], runtime: str, *, threads: int 
 
 def _placed_for(model: Any) -> str | None:
     """The runtime whose fusion rules the file's activation quantizers follow: its `modelpress.target`
-    metadata, or OpenVINO's for a file with quantizers written before the key existed; None without any."""
-    target = next((p.value for p in model.metadata_props if p.key == TARGET_KEY), None)
-    if target is None and any(n.op_type == "QuantizeLinear" for n in model.graph.node):
-        return "openvino"
-    return target
+    metadata, or OpenVINO's for a file written before the key existed; None for a file without any."""
+    if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        return None  # no activation quantizers: nothing was placed
+    return next((p.value for p in model.metadata_props if p.key == TARGET_KEY), "openvino")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,6 +290,13 @@ class _Graph:
             if node is not None and d < depth and tensor in self.constant:
                 stack.extend((i, d + 1) for i in reversed(node.input))
         return out
+
+    def integer_behind(self, name: str) -> bool:
+        """Whether a constant tensor is computed from integer codes (int8/uint8/int4 ... initializers), by a
+        DequantizeLinear or by plain Cast/Sub/Mul ops; False for a float initializer itself."""
+        if name in self.initializers or name not in self.constant:
+            return False
+        return any(self.initializers[i].data_type in _INTEGER_TYPES for i in self.initializers_behind(name))
 
     def dequantized(self, name: str, *, depth: int = 6) -> bool:
         """Whether a tensor comes out of a DequantizeLinear (through Transpose/Reshape/Slice/Concat ...)."""
@@ -526,7 +534,8 @@ def _ort_kind(node: Any, g: _Graph, file_g: _Graph, file_node: Any) -> tuple[Kin
             f"{_NBITS_INT8_ACCURACY} would quantize its input to int8)"
         )
     kind = _kind(file_node.op_type)
-    weight_dq = any(g.dequantized(node.input[i]) for i in range(1, len(node.input)) if node.input[i])
+    # Weights still computed from integer codes in the graph that runs: dequantized on every call.
+    weight_dq = any(g.integer_behind(name) for name in node.input[1:] if name)
     input_dq = bool(node.input) and g.dequantized(node.input[0])
     if kind == "rnn":
         if weight_dq:
@@ -558,16 +567,22 @@ def _ort_kind(node: Any, g: _Graph, file_g: _Graph, file_node: Any) -> tuple[Kin
         )
     if weight_dq:
         return "int weights", f"runs as fp32 {op} with its integer weights dequantized on every call"
+    if _file_int_weights(file_g, file_node):
+        return (
+            "float",
+            f"runs as fp32 {op} with its integer weights dequantized once, at load (fp32 in memory)",
+        )
     if file_g.dequantized(file_node.input[0]) or _fed_by(file_g, file_node, "DynamicQuantizeLinear"):
         return "float", f"runs as fp32 {op}: ONNX Runtime removed the activation quantization around it"
     return "float", f"runs as fp32 {op}: the file does not quantize its input"
 
 
 def _file_int_weights(g: _Graph, node: Any) -> bool:
-    """Whether the file stores this layer's weights as integers (behind DequantizeLinear, or MatMulNBits)."""
+    """Whether the file stores this layer's weights as integer codes (MatMulNBits, or a weight computed
+    from them by DequantizeLinear or Cast/Mul)."""
     if node.op_type == "MatMulNBits":
         return True
-    return any(g.dequantized(name) for name in node.input[1:] if name)
+    return any(g.integer_behind(name) for name in node.input[1:] if name)
 
 
 def _fed_by(g: _Graph, node: Any, op_type: str) -> bool:

@@ -24,6 +24,7 @@ from modelpress.analyse.explain import explain_quantization
 from modelpress.analyse.profile import profile
 from modelpress.deploy.bench import compare_artifacts
 from modelpress.deploy.export import export_onnx
+from modelpress.deploy.integer import integer_kernels
 from modelpress.deploy.parity import check_parity, parity_inputs
 from modelpress.deploy.runtime import available_runtimes, open_session
 from modelpress.environment import environment
@@ -247,6 +248,11 @@ def run_job(
             memory=memory,
             progress=say,
         )
+        say("reading which layers run as integer")
+        integer = {
+            rt: {**integer_kernels(small_path, rt, threads=threads).to_dict(), "path": small_path.name}
+            for rt in runtimes
+        }
         result: dict[str, Any] = {
             "model": {
                 "name": name,
@@ -262,6 +268,7 @@ def run_job(
             "parity": parity,
             "quality": quality,
             "bench": {k: {**v.to_dict(), "path": Path(v.path).name} for k, v in bench.items()},
+            "integer": integer,  # runtime -> which conv/matmul layers of the compressed file run as integer
         }
         say("writing the report")
         import json

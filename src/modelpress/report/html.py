@@ -18,6 +18,7 @@ import numpy as np
 
 from modelpress._files import write_text_atomic
 from modelpress.analyse.profile import human_bytes, human_count
+from modelpress.deploy.integer import RUNTIME_LABELS
 from modelpress.errors import DataError
 from modelpress.report import svg
 
@@ -584,6 +585,7 @@ def render_html(result: dict[str, Any]) -> str:
         "<h2>Findings</h2><ul>" + "".join(f"<li>{_e(f)}</li>" for f in findings(result)) + "</ul>",
         *_job_plots(result, base_key),
         *_artifact_table(result, h),
+        *_integer_section(result.get("integer") or {}, title="What runs as integer (compressed artifact)"),
         *_parity_table(result),
         *_layer_plots(result),
         *_coverage_table(result),
@@ -700,6 +702,48 @@ def _parity_table(result: dict[str, Any]) -> list[str]:
         "original, uncompressed model.</p>"
     )
 
+    return parts
+
+
+def integer_line(report: Mapping[str, Any], *, names: int = 6) -> str:
+    """One `integer_kernels` report (its dict) in a sentence: "k of n conv/matmul layers run as integer in
+    <runtime>", then the layers that do not, by name."""
+    others = [layer["name"] for layer in report["layers"] if layer["kind"] != "integer"]
+    if not others:
+        return str(report["headline"])
+    more = f" and {len(others) - names} more" if len(others) > names else ""
+    return f"{report['headline']}; not: {', '.join(others[:names])}{more}"
+
+
+def _integer_section(integer: Mapping[str, Any], *, title: str) -> list[str]:
+    """Per runtime, what runs as integer, and a table of the layers that do not, with the reason."""
+    if not integer:
+        return []
+    parts = [
+        f"<h2>{_e(title)}</h2>",
+        "<ul>" + "".join(f"<li>{_e(r['headline'])}</li>" for r in integer.values()) + "</ul>",
+    ]
+    rows = [
+        [
+            _e(layer["name"]),
+            _e(layer["reason"]),
+            _e(RUNTIME_LABELS.get(r["runtime"], r["runtime"])),
+            _e(layer["op_type"]),
+            _e(layer["kernel"]),
+        ]
+        for r in integer.values()
+        for layer in r["layers"]
+        if layer["kind"] != "integer"
+    ]
+    if rows:
+        parts.append(
+            _table(["layer", "why not integer", "runtime", "op in the file", "runs as"], rows, name_cols=2)
+        )
+    parts.append(
+        "<p class='muted'>Read from the graph each runtime runs: ONNX Runtime's optimised graph as a default "
+        "session saves it, OpenVINO's compiled runtime graph and its layer precisions. Int weights: the weights "
+        "stay integer in memory, the maths is floating point.</p>"
+    )
     return parts
 
 
@@ -847,6 +891,8 @@ def render_bench_html(bench: dict[str, Any]) -> str:
         ]
         parts.append(_charts(*strips))
         parts.append(_SPREAD_NOTE)
+    integer = {k: v["integer"] for k, v in bench.items() if v.get("integer")}
+    parts += _integer_section(integer, title="What runs as integer")
     parts.append("<h2>Every variant</h2>")
     headers = ["variant<small>file</small>", "size", "size ratio"]
     for b in batches:

@@ -36,10 +36,12 @@ def print_summary(result: dict[str, Any], console: Console) -> None:
             row.append(f"{val:.4f}" if isinstance(val, float) else "-")
         table.add_row(*row)
     console.print(table)
-    from modelpress.report.html import coverage_line, findings
+    from modelpress.report.html import coverage_line, findings, integer_line
 
     for line in findings(result):
         console.print(f"- {line}", highlight=False)
+    for report in (result.get("integer") or {}).values():
+        console.print(f"- {integer_line(report)}", highlight=False)
     covered = coverage_line(result)
     if covered:
         alone = [row for row in result["coverage"]["layers"] if row["status"] == "left alone"]
