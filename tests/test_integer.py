@@ -114,7 +114,7 @@ def test_a_conv_output_also_used_in_float_is_named_with_its_float_consumer(qdq_f
     conv1 = report.layers[0]
     assert conv1.kind == "float"
     assert "also goes unquantized to Add 'node_add'" in conv1.reason
-    assert report.activation_adds == 1 and report.integer_elementwise == {}
+    assert report.conv_adds == 1 and report.integer_elementwise == {}
 
 
 def test_openvino_runs_both_convs_as_int8(qdq_file):
@@ -233,7 +233,7 @@ def test_static_int8_resnet_names_why_each_conv_is_fp32_in_onnxruntime(artifact)
     assert "also goes unquantized to Add" in reasons["stem.0"]  # the identity shortcut reads it in fp32
     for name in ("layer1.conv2", "layer2.conv2", "layer2.shortcut.0"):  # they feed the residual Add
         assert "its output is not quantized" in reasons[name]
-    assert report.activation_adds == 2 and report.integer_elementwise.get("QLinearAdd", 0) == 0
+    assert report.conv_adds == 2 and report.integer_elementwise.get("QLinearAdd", 0) == 0
     assert report.placed_for == "openvino"
 
 

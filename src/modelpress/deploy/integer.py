@@ -139,7 +139,7 @@ class IntegerReport:
     path: str
     layers: list[LayerKernel] = field(default_factory=list)
     integer_elementwise: dict[str, int] = field(default_factory=dict)  # QLinearAdd: 2, ... (ONNX Runtime)
-    activation_adds: int = 0  # Adds/Concats of two activations in the file (residuals, skip concats)
+    conv_adds: int = 0  # Adds/Concats of conv outputs in the file (residuals, skip concats)
     added_transposes: int = 0  # Transposes the runtime added (ONNX Runtime's layout changes for int8)
     placed_for: str | None = None  # the runtime the file's quantizers were placed for (`modelpress.target`)
 
@@ -166,9 +166,9 @@ class IntegerReport:
         line = f"{self.integer} of {self.total} conv/matmul layers run as integer in {label}"
         if self.int_weights:
             line += f" ({self.int_weights} with int weights, float maths)"
-        if self.runtime == "onnxruntime" and self.activation_adds:
+        if self.runtime == "onnxruntime" and self.conv_adds:
             adds = sum(self.integer_elementwise.get(op, 0) for op in ("QLinearAdd", "QLinearConcat"))
-            line += f"; {adds} of {self.activation_adds} adds/concats as QLinearAdd/QLinearConcat"
+            line += f"; {adds} of {self.conv_adds} residual adds/concats as QLinearAdd/QLinearConcat"
         if self.placed_for and self.placed_for != self.runtime:
             line += f" (the file's quantizers are placed for {RUNTIME_LABELS.get(self.placed_for, self.placed_for)})"
         return line
@@ -469,13 +469,33 @@ def _output_uses(g: _Graph, node: Any) -> tuple[bool, list[str]]:
     return quantized, floats
 
 
-def _activation_adds(g: _Graph, graph: Any) -> int:
-    """Adds and Concats of two or more activations (residuals, skip concats), not of shapes or constants."""
+def _conv_adds(g: _Graph, graph: Any) -> int:
+    """Adds and Concats that take a conv's output (residuals, skip concats): where a CNN placed for ONNX
+    Runtime wants QLinearAdd/QLinearConcat. A transformer's residual adds (before LayerNorm) are not."""
+
+    def from_conv(name: str) -> bool:
+        node = g.producer.get(name)
+        for _ in range(4):  # through the activation, BatchNorm and quantizer pairs after the conv
+            if node is None:
+                return False
+            if "Conv" in node.op_type:
+                return True
+            if node.op_type not in (
+                "Relu",
+                "Clip",
+                "BatchNormalization",
+                "QuantizeLinear",
+                "DequantizeLinear",
+            ):
+                return False
+            node = g.producer.get(node.input[0])
+        return False
+
     count = 0
     for node in graph.node:
         if node.op_type in ("Add", "Concat"):
             live = [i for i in node.input if i and i not in g.constant and i not in g.shape_like]
-            count += len(live) >= 2
+            count += len(live) >= 2 and any(from_conv(i) for i in live)
     return count
 
 
@@ -610,7 +630,7 @@ def _onnxruntime(path: Path, graph: Any, layers: list[_Layer], *, threads: int) 
     report.integer_elementwise = dict(
         Counter(n.op_type for n in optimized.node if n.op_type in _ORT_INTEGER_ELEMENTWISE)
     )
-    report.activation_adds = _activation_adds(file_g, graph)
+    report.conv_adds = _conv_adds(file_g, graph)
     report.added_transposes = max(
         0,
         sum(n.op_type == "Transpose" for n in optimized.node)
@@ -772,5 +792,5 @@ def _openvino(path: Path, graph: Any, layers: list[_Layer], *, threads: int) -> 
             continue
         kind, kernel, reason = _ov_kind(ops[j][2], layer.node, file_g)
         report.layers.append(LayerKernel(names[i], layer.node.name, layer.node.op_type, kernel, kind, reason))
-    report.activation_adds = _activation_adds(file_g, graph)
+    report.conv_adds = _conv_adds(file_g, graph)
     return report
