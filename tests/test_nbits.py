@@ -124,8 +124,19 @@ def test_grouped_export_runs_in_every_runtime(tmp_path, symmetric, bits):
     small = mp.compress(model, [mp.WeightOnlyConfig(bits=bits, group_size=64, symmetric=symmetric)])
     ids = torch.randint(0, 50, (2, 7))
     path = mp.export_onnx(small, (ids,), tmp_path / "m.onnx")
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert ops.count("MatMulNBits") == 2 and "GatherBlockQuantized" in ops
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "GatherBlockQuantized" in ops
+    if bits == 4:
+        assert ops.count("MatMulNBits") == 2
+    else:  # int8 blocks: uint8 codes decompressed by Cast -> Sub -> Mul (decompress_blocks)
+        assert "MatMulNBits" not in ops and "DequantizeLinear" not in ops
+        codes = [
+            i
+            for i in graph.initializer
+            if i.data_type == onnx.TensorProto.UINT8 and i.dims[1:] in ([1, 64], [2, 64])
+        ]
+        assert sorted(tuple(i.dims) for i in codes) == [(40, 2, 64), (96, 1, 64)]
     ratio = 4 if bits == 4 else 2.5
     assert mp.export_onnx(model, (ids,), tmp_path / "fp32.onnx").stat().st_size > ratio * path.stat().st_size
     samples = [(ids,), (torch.randint(0, 50, (1, 3)),)]

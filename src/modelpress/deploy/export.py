@@ -224,9 +224,13 @@ def _postprocess(path: Path, *, integer_matmul: bool = True) -> None:
 # store the dense weight in the file (it folds inputs up to 8,192 elements, whole small layers).
 _UNFOLDED_SCOPES = ("modelpress.techniques.quantized.SparseLayer",)
 _SHAPE_SIZED = 64  # inputs this small are shapes and scalars: folding them is fine
+_CODES = ("INT8", "UINT8", "INT4", "UINT4")  # quantized weights' storage types
 
 
 def _should_fold(node: Any) -> bool | None:
+    source = node.inputs[0].const_value if node.op_type == "Cast" and node.inputs else None
+    if source is not None and source.dtype.name in _CODES and source.size > _SHAPE_SIZED:
+        return False  # int8 weight codes -> float (weight-only layers): the file keeps the codes
     hierarchy = node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "")
     if not any(scope in hierarchy for scope in _UNFOLDED_SCOPES):
         return None  # the optimizer's own rules

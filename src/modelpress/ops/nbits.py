@@ -98,6 +98,32 @@ def dequantize_blocks(
     return (u - zp[:, expand]).float() * s[:, expand]
 
 
+def decompress_blocks(
+    packed: Tensor, scales: Tensor, zero_points: Tensor | None, *, k: int, block_size: int
+) -> Tensor:
+    """fp32 weight (N, K) from 8-bit block storage in plain tensor ops: in ONNX `Cast(uint8 -> float) ->
+    Sub -> Mul -> Reshape`, which ONNX Runtime folds once at session creation (fp32 speed, the file stays
+    int8) and OpenVINO reads as its grouped weight-decompression pattern (NNCF's). The values are
+    `dequantize_blocks`' bit for bit.
+
+    Why not MatMulNBits at 8 bits: ONNX Runtime 1.32's CPU kernel at accuracy_level 0 (fp32 maths, what
+    the layer computes) dequantizes the whole weight on every call; measured on MiniLM's shapes (one
+    thread): 15-19x slower than an fp32 MatMul for one row, 2.5-3.5x for 64 rows, 1.0-1.25x for 1024.
+    Its accuracy_level 4 is faster but quantizes the input to int8, which changes the numbers.
+
+    >>> packed, _ = pack_blocks(torch.full((2, 20), 130, dtype=torch.uint8), None, bits=8, block_size=16)
+    >>> decompress_blocks(packed, torch.ones(4), None, k=20, block_size=16)[0, :3]
+    tensor([2., 2., 2.])
+    """
+    n, blocks, size = packed.shape  # (N, n_blocks, block_size) codes
+    if size != block_size:
+        raise ValueError(f"decompress_blocks takes 8-bit codes: {size} bytes per block of {block_size}.")
+    zp = 128.0 if zero_points is None else zero_points.reshape(n, blocks, 1).float()
+    w = (packed.float() - zp) * scales.reshape(n, blocks, 1).float()  # (N, n_blocks, block_size)
+    w = w.reshape(n, blocks * block_size)
+    return w if blocks * block_size == k else w[:, :k]
+
+
 @torch.library.custom_op("modelpress::matmul_nbits", mutates_args=())
 def matmul_nbits(
     x: Tensor,

@@ -53,6 +53,34 @@ def dequantize_per_channel(
     return torch.ops.quantized_decomposed.dequantize_per_channel(q, scale, zp, axis, lo, hi, torch.int8)
 
 
+def decompress_per_channel(
+    q: torch.Tensor, scale: torch.Tensor, *, axis: int, zero_point: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`(q - zero_point) * scale` along `axis` in plain tensor ops, for weight-only layers: the ONNX export is
+    `Cast(int8 -> float) -> Sub -> Mul` on the int8 initializer, not DequantizeLinear.
+
+    Why not DequantizeLinear: ONNX Runtime deliberately leaves a DequantizeLinear on a constant unfolded
+    (it waits for a QDQ fusion, which a weight-only graph never completes), so a default
+    `InferenceSession` dequantized every weight on every call (2-3x slower than fp32 on a small CNN,
+    9x on an LSTM whose weights are then sliced and concatenated per call). Cast, Sub and Mul on constants
+    it folds once at session creation: the file stays int8 (~4x smaller) and the runtime computes with fp32
+    weights at fp32 speed. OpenVINO reads the same chain as its own weight-decompression pattern (Convert
+    -> Subtract -> Multiply on an int8 constant, what NNCF's `compress_weights` writes and what its ONNX
+    reader makes of DequantizeLinear), so it keeps the weight int8 as before. The values are those of
+    DequantizeLinear bit for bit: `q - zero_point` is exact in fp32, then one rounding in the product.
+    Statically quantized layers keep `dequantize_per_channel` (DequantizeLinear), which runtimes fuse
+    into integer kernels.
+
+    >>> decompress_per_channel(torch.tensor([[2, -4]], dtype=torch.int8), torch.tensor([0.5]), axis=0)
+    tensor([[ 1., -2.]])
+    """
+    w = q.float()  # (..., C, ...) codes as floats, C at `axis`
+    if zero_point is not None:
+        # Reshaped before the Cast: the file keeps int8 zero points, as OpenVINO's pattern has them.
+        w = w - _broadcast(zero_point, q.ndim, axis).float()
+    return w * _broadcast(scale.float(), q.ndim, axis)
+
+
 def asymmetric_params(w: torch.Tensor, *, axis: int, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale fp32, zero_point int32) along `axis` mapping each channel's [min, max] (widened
     to contain 0) onto the signed codes [-2^(b-1), 2^(b-1)-1]: the grid NNCF's INT8_ASYM weights use,

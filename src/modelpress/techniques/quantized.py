@@ -21,6 +21,7 @@ from modelpress.ops.dynamic import dynamic_quant_linear
 from modelpress.ops.nbits import (
     block_quantize,
     check_block_size,
+    decompress_blocks,
     dequantize_blocks,
     gather_nbits,
     pack_blocks,
@@ -28,6 +29,7 @@ from modelpress.ops.nbits import (
 from modelpress.ops.quant import (
     affine_params,
     asymmetric_params,
+    decompress_per_channel,
     dequantize_per_channel,
     quantize,
     quantize_dequantize_per_tensor,
@@ -261,6 +263,12 @@ class QuantizedLayer(WeightView):
         return name + "+smooth" if self.input_multiplier is not None else name
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self.input_scale is None:
+            # Weight-only: plain ops that runtimes fold once at load (see `ops.quant.decompress_per_channel`).
+            return decompress_per_channel(
+                self.qweight, self.scale, axis=self.axis, zero_point=self.zero_point
+            )
+        # Static W8A8: DequantizeLinear on the weight, half of the QDQ pattern of an integer kernel.
         return dequantize_per_channel(
             self.qweight, self.scale, axis=self.axis, bits=self.bits, zero_point=self.zero_point
         )
@@ -298,7 +306,10 @@ class QuantizedLayer(WeightView):
 
 class GroupQuantizedLinear(WeightView):
     """A Linear whose weight is stored as packed int4 (or int8) codes with a scale per block of
-    `group_size` input features: the ONNX artifact runs it as `com.microsoft.MatMulNBits`.
+    `group_size` input features. The ONNX artifact runs int4 as `com.microsoft.MatMulNBits` (fp32 maths on
+    the packed weight, memory stays 4-bit); int8 blocks are decompressed by plain ops that the runtimes
+    fold at load (`ops.nbits.decompress_blocks`: ONNX Runtime's 8-bit MatMulNBits dequantizes the whole
+    weight on every call and is several times slower than fp32).
 
     Build it with `from_linear` (round to nearest) or `from_codes` (codes chosen by GPTQ, AWQ, ...).
     """
@@ -370,6 +381,10 @@ class GroupQuantizedLinear(WeightView):
         return f"w{self.bits}g{self.group_size}" + ("" if self.zero_points is None else "-asym")
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self.bits == 8:
+            return decompress_blocks(
+                self.packed, self.scales, self.zero_points, k=self.in_features, block_size=self.group_size
+            )
         return dequantize_blocks(
             self.packed,
             self.scales,
@@ -380,7 +395,7 @@ class GroupQuantizedLinear(WeightView):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.reusing():
+        if self.bits == 8 or self.reusing():
             return F.linear(x, self.forward_weight().to(x.dtype), self.inner.bias)  # matmul_nbits' maths
         return torch.ops.modelpress.matmul_nbits(
             x,
@@ -604,9 +619,9 @@ class QuantizedMatrices(_Wrapper):
         for name in self.names:
             codes: torch.Tensor = getattr(self, f"{name}_q")
             rows = codes.reshape(-1, codes.shape[-1])
-            out[name] = dequantize_per_channel(
-                rows, getattr(self, f"{name}_scale"), axis=0, bits=self.bits
-            ).reshape(codes.shape)
+            out[name] = decompress_per_channel(rows, getattr(self, f"{name}_scale"), axis=0).reshape(
+                codes.shape
+            )
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

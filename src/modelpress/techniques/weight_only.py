@@ -1,10 +1,14 @@
 """Weight-only quantization: int8 or int4 codes and their scales are what is stored.
 
-- int8 per output channel (`group_size: null`): the layer dequantizes its weight through
-  `quantized_decomposed`, so the ONNX export holds int8 initializers feeding `DequantizeLinear` (~4x smaller).
-  Symmetric (zero point 0), or with `symmetric: false` each channel's [min, max] mapped onto all 256 codes
-  with an int8 zero point per channel (NNCF's INT8_ASYM; SmolLM2 perplexity 20.72 vs 20.80 symmetric).
-- int4 (or int8) per group of `group_size` input features: Linear layers export as `MatMulNBits` and
+- int8 per output channel (`group_size: null`): the ONNX export holds int8 initializers (~4x smaller)
+  decompressed by `Cast -> Sub -> Mul` (`ops.quant.decompress_per_channel`), which a default ONNX Runtime
+  session folds once at load, so the artifact runs at fp32 speed with no session option, and OpenVINO
+  keeps as int8 weights (its weight-decompression pattern). Symmetric (zero point 0), or with
+  `symmetric: false` each channel's [min, max] mapped onto all 256 codes with an int8 zero point per
+  channel (NNCF's INT8_ASYM; SmolLM2 perplexity 20.72 vs 20.80 symmetric). Embeddings gather int8 rows,
+  then scale them.
+- int4 (or int8) per group of `group_size` input features: int4 Linear layers export as `MatMulNBits`
+  (int8 groups decompressed like the per-channel layers: `ops.nbits.decompress_blocks` says why) and
   Embeddings as `GatherBlockQuantized` with packed codes (~7x smaller at int4). Convolutions have no
   block-quantized kernel in the runtimes, so they stay int8 per channel (and the log says so).
 """
