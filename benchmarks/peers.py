@@ -451,15 +451,55 @@ def torch_pruning(ratio: float, *, round_to: int = 8) -> Callable[[Any], Made]:
 
 
 # ------------------------------------------------------------------------------------------------
-# OpenVINO IR artifacts in modelpress's sessions
+# Sessions modelpress's open_session does not give: OpenVINO IR, and ONNX Runtime as a user opens it
 # ------------------------------------------------------------------------------------------------
 # modelpress's `open_session` reads every artifact as ONNX first (to give a clear error for a corrupt file),
 # so it refuses an OpenVINO IR .xml although its OpenVinoSession compiles one as is. Until open_session
 # accepts .xml for runtime "openvino", the benchmark opens IR through these.
+#
+# "onnxruntime-default" is ONNX Runtime as a user opens a file: `InferenceSession(path, options,
+# providers=["CPUExecutionProvider"])` with every option at ONNX Runtime's defaults but the thread counts
+# and idle spinning. Spinning off changes no kernel: it only stops a session's idle threads from taking
+# the cores while the next variant of an interleaved round runs (MEASURING.md: +-50% spread otherwise).
+# Nothing else is set: no `session.disable_quant_qdq`, the graph optimisation level ORT's default (all).
+
+ORT_DEFAULT = "onnxruntime-default"
+ORT_DEFAULT_SETTINGS = (
+    "onnxruntime.InferenceSession(path, SessionOptions(), providers=['CPUExecutionProvider']) with only "
+    "intra_op_num_threads=2, inter_op_num_threads=1 and session.intra_op/inter_op.allow_spinning=0 (timing "
+    "hygiene, MEASURING.md) set; graph optimisation level and every other option at ONNX Runtime's defaults"
+)
+
+
+class PlainOrtSession:
+    """ONNX Runtime as a user opens a file (see ORT_DEFAULT_SETTINGS), behind modelpress's Session interface."""
+
+    runtime = ORT_DEFAULT
+
+    def __init__(self, path: str | os.PathLike[str], *, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.input_shapes = [
+            tuple(d if isinstance(d, int) else None for d in i.shape) for i in self._session.get_inputs()
+        ]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return list(self._session.run(None, dict(zip(self.input_names, inputs, strict=True))))
 
 
 def open_session(path: str | os.PathLike[str], runtime: str, *, threads: int) -> Any:
-    """`mp.open_session`, plus OpenVINO IR (.xml) for runtime 'openvino'."""
+    """`mp.open_session`, plus OpenVINO IR (.xml) for runtime 'openvino' and the plain ONNX Runtime session
+    for runtime 'onnxruntime-default'."""
+    if runtime == ORT_DEFAULT:
+        return PlainOrtSession(path, threads=threads)
     if Path(path).suffix == ".xml":
         if runtime != "openvino":
             raise ValueError(f"{path} is OpenVINO IR: only runtime 'openvino' runs it, not {runtime!r}")
@@ -469,47 +509,60 @@ def open_session(path: str | os.PathLike[str], runtime: str, *, threads: int) ->
     return mp.open_session(path, runtime, threads=threads)
 
 
-_IR_PROBE = """
+# The memory probe imports no torch (as modelpress's own probe): only the runtime and the session class.
+_PROBE = """
 import json, sys, numpy as np
 from modelpress.deploy.bench import process_memory_mb
-from modelpress.deploy.runtime import OpenVinoSession
-path, threads, data, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+path, runtime, threads, data, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 arrays = np.load(data)
 inputs = [arrays[k] for k in sorted(arrays.files, key=lambda k: int(k.split("_")[1]))]
 def hwm():
     value = process_memory_mb("VmHWM")
     return float("nan") if value is None else value
 before = hwm()
-s = OpenVinoSession(path, threads=threads)
+if runtime == "openvino":
+    from modelpress.deploy.runtime import OpenVinoSession
+    s = OpenVinoSession(path, threads=threads)
+    run = s.run
+else:  # the plain ONNX Runtime session of PlainOrtSession
+    import onnxruntime as ort
+    o = ort.SessionOptions()
+    o.intra_op_num_threads, o.inter_op_num_threads = threads, 1
+    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    o.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+    names = [i.name for i in s.get_inputs()]
+    run = lambda xs: s.run(None, dict(zip(names, xs)))
 for _ in range(runs):
-    s.run(inputs)
+    run(inputs)
 print(json.dumps({"peak_rss_mb": hwm(), "before_load_mb": before}))
 """
 
 
-def _ir_peak_memory_mb(
-    path: str | os.PathLike[str], inputs: Sequence[np.ndarray], *, threads: int, runs: int
+def _peak_memory_mb(
+    path: str | os.PathLike[str], runtime: str, inputs: Sequence[np.ndarray], *, threads: int, runs: int
 ) -> dict[str, float]:
-    """The same probe as modelpress.deploy.bench.peak_memory_mb, for an OpenVINO IR."""
+    """The same probe as modelpress.deploy.bench.peak_memory_mb, for OpenVINO IR and 'onnxruntime-default'."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "inputs.npz"
         np.savez(data, **{f"input_{i}": a for i, a in enumerate(inputs)})  # type: ignore[arg-type]
         proc = subprocess.run(
-            [sys.executable, "-c", _IR_PROBE, str(path), str(threads), str(data), str(runs)],
+            [sys.executable, "-c", _PROBE, str(path), runtime, str(threads), str(data), str(runs)],
             capture_output=True,
             text=True,
             timeout=600,
             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
         )
     if proc.returncode != 0:
-        raise RuntimeError(f"memory probe failed for {path}: {proc.stderr.strip()[-500:]}")
+        raise RuntimeError(f"memory probe failed for {path} in {runtime}: {proc.stderr.strip()[-500:]}")
     result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
 
 @contextlib.contextmanager
-def openvino_ir_support() -> Iterator[None]:
-    """Let `mp.compare_artifacts` time and probe OpenVINO IR artifacts (see `open_session` above)."""
+def session_support() -> Iterator[None]:
+    """Let `mp.compare_artifacts` time and probe OpenVINO IR artifacts and 'onnxruntime-default' rows
+    (see `open_session` above)."""
     from modelpress.deploy import bench
 
     original_open, original_peak = bench.open_session, bench.peak_memory_mb
@@ -517,8 +570,8 @@ def openvino_ir_support() -> Iterator[None]:
     def peak(
         path: Any, runtime: str, inputs: Sequence[np.ndarray], *, threads: int = 2, runs: int = 3
     ) -> Any:
-        if Path(path).suffix == ".xml":
-            return _ir_peak_memory_mb(path, inputs, threads=threads, runs=runs)
+        if Path(path).suffix == ".xml" or runtime == ORT_DEFAULT:
+            return _peak_memory_mb(path, runtime, inputs, threads=threads, runs=runs)
         return original_peak(path, runtime, inputs, threads=threads, runs=runs)
 
     bench.open_session = open_session  # type: ignore[assignment]
@@ -528,3 +581,90 @@ def openvino_ir_support() -> Iterator[None]:
     finally:
         bench.open_session = original_open  # type: ignore[assignment]
         bench.peak_memory_mb = original_peak  # type: ignore[assignment]
+
+
+# ------------------------------------------------------------------------------------------------
+# What runs as integer (issue 31): modelpress's own check, which reads the runtime's optimised graph
+# ------------------------------------------------------------------------------------------------
+
+
+def integer_kernels(path: str | os.PathLike[str], runtime: str, *, threads: int = 2) -> dict[str, Any]:
+    """`modelpress.deploy.integer.integer_kernels` of an artifact as a JSON-ready dict: every conv/matmul
+    layer with the kernel `runtime` runs it with ("QLinearConv", "Convolution u8", "FusedConv", ...) and why
+    it is not integer, the integer element-wise ops (QLinearAdd, ...), `integer` of `total`, the headline.
+
+    ONNX Runtime: the graph a default session saves (`optimized_model_filepath`); OpenVINO: the compiled
+    model's runtime graph and its layer precisions. modelpress's check reads ONNX files: an OpenVINO IR
+    (.xml, NNCF's rows) is counted by `ov_ir_integer_kernels` instead.
+    """
+    if Path(path).suffix == ".xml":
+        return ov_ir_integer_kernels(path, threads=threads)
+    from modelpress.deploy.integer import integer_kernels as check
+
+    report = check(path, runtime, threads=threads).to_dict()
+    report.pop("path", None)  # a temporary file of the run
+    return report
+
+
+OV_LAYERS = {
+    "Convolution": "conv",
+    "GroupConvolution": "conv",
+    "FullyConnected": "matmul",
+    "MatMul": "matmul",
+}
+
+
+def ov_ir_integer_kernels(path: str | os.PathLike[str], *, threads: int = 2) -> dict[str, Any]:
+    """The conv / matmul layers of OpenVINO's compiled runtime graph of an IR (CPU, f32 inference precision,
+    no dynamic quantization: modelpress's OpenVinoSession), integer where the runtime precision is u8 / i8;
+    the fields of modelpress's check that apply (`integer`, `total`, `layers`, `headline`). MatMul layers
+    are products of two activations (attention) unless OpenVINO made them FullyConnected."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(
+        str(path),
+        "CPU",
+        {
+            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": "f32",
+            "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
+        },
+    )
+    layers = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer_type = info["layerType"].astype(str) if "layerType" in info else ""
+        if layer_type not in OV_LAYERS:
+            continue
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
+        names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
+        integer = precision.lower() in ("u8", "i8")
+        layers.append(
+            {
+                "name": names.split(",")[0] or op.get_friendly_name(),
+                "kernel": f"{layer_type} {precision}",
+                "kind": "integer" if integer else "float",
+            }
+        )
+    integer_count = sum(layer["kind"] == "integer" for layer in layers)
+    return {
+        "runtime": "openvino",
+        "layers": layers,
+        "integer": integer_count,
+        "total": len(layers),
+        "headline": f"{integer_count} of {len(layers)} conv/matmul layers run as integer in OpenVINO",
+        "counted_by": "benchmarks/peers.py (OpenVINO IR)",
+    }
+
+
+def quantizes_activations(path: str | os.PathLike[str]) -> bool:
+    """True for a static or dynamic int8 artifact: an ONNX graph with QuantizeLinear / DynamicQuantizeLinear
+    or an integer-input op, or an OpenVINO IR with FakeQuantize."""
+    if Path(path).suffix == ".xml":
+        import openvino as ov
+
+        return any(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(str(path)).get_ops())
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    return bool(ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulIntegerToFloat", "MatMulInteger"})
