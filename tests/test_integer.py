@@ -249,7 +249,7 @@ def test_dynamic_int8_every_linear_is_integer_in_onnxruntime_and_fp32_in_openvin
     assert {layer.name for layer in ort.layers} == linears
     # OpenVINO converts MatMulInteger's operands to f32: the maths is float there.
     assert ov.integer == 0 and ov.total == ort.total
-    assert all("OpenVINO runs MatMulInteger as a f32 FullyConnected" in layer.reason for layer in ov.layers)
+    assert all("OpenVINO runs MatMulInteger as f32 FullyConnected" in layer.reason for layer in ov.layers)
 
 
 def test_int4_weight_only_bert_runs_no_layer_as_integer(artifact):

@@ -418,7 +418,8 @@ def _display_names(layers: Sequence[_Layer]) -> list[str]:
 def _match(layers: Sequence[_Layer], targets: Sequence[tuple[str, dict[str, int]]]) -> dict[int, int]:
     """Pair the file's layers with the runtime's ops (index -> index): by the names they share (node names,
     weight initializers, outputs, the ops fused into them), counting only names that belong to one layer
-    and one op; what is left is paired in order within each kind where the counts agree."""
+    and one op; what is left is paired in order within each kind where the counts agree (or the runtime
+    has the same number of ops for each layer left)."""
 
     def family(kind: str) -> str:  # runtimes turn a Gemm into a MatMul and the reverse
         return "matmul" if kind == "gemm" else kind
@@ -444,8 +445,9 @@ def _match(layers: Sequence[_Layer], targets: Sequence[tuple[str, dict[str, int]
     for kind in {family(layer.kind) for layer in layers}:
         left = [i for i, layer in enumerate(layers) if family(layer.kind) == kind and i not in pairs]
         free = [i for i, (k, _) in enumerate(targets) if family(k) == kind and i not in taken]
-        if left and len(left) == len(free):
-            pairs.update(zip(left, free, strict=True))
+        if left and free and len(free) % len(left) == 0:
+            # As many ops as layers, or k ops per layer (OpenVINO runs a bidirectional LSTM as two RNNSeq).
+            pairs.update(zip(left, free[:: len(free) // len(left)], strict=True))
     return pairs
 
 
@@ -737,46 +739,22 @@ def _ov_kind(facts: dict[str, str], file_node: Any, file_g: _Graph) -> tuple[Kin
     if activation in _OV_INTEGER_TYPES:
         return "integer", f"{layer_type} {activation}", ""
     kernel = f"{layer_type} {activation}" + (f", {weights} weights" if weights else "")
-    if weights:
-        return (
-            "int weights",
-            kernel,
-            (
-                f"{layer_type} reads {weights} weights and computes in {activation}: the file does not quantize "
-                "its input"
-            ),
-        )
+    runs = f"runs as {activation} {layer_type}" + (f" on its {weights} weights" if weights else "")
     if file_node.op_type in ("MatMulInteger", "ConvInteger"):
-        return (
-            "float",
-            kernel,
-            (
-                f"OpenVINO runs {file_node.op_type} as a {activation} {layer_type} (it converts the integer "
-                "operands to float)"
-            ),
+        reason = f"OpenVINO runs {file_node.op_type} as {activation} {layer_type} (it converts the integer operands)"
+    elif layer_type.startswith("RNN"):
+        reason = (
+            f"OpenVINO runs {file_node.op_type} as {activation} {layer_type}: it has no int8 recurrent kernel"
         )
-    if layer_type.startswith("RNN"):
-        return (
-            "float",
-            kernel,
-            f"OpenVINO runs {file_node.op_type} as {activation} ({layer_type}): it has no int8 recurrent kernel",
-        )
-    if file_g.dequantized(file_node.input[0]):
-        return (
-            "float",
-            kernel,
-            (
-                f"runs as {activation} {layer_type}: OpenVINO's low-precision transformations did not take its "
-                "quantized input"
-            ),
-        )
-    if _file_int_weights(file_g, file_node):
-        return (
-            "float",
-            kernel,
-            f"OpenVINO decompressed the int weights at load time: {activation} {layer_type}",
-        )
-    return "float", kernel, f"runs as {activation} {layer_type}: the file does not quantize its input"
+    elif file_node.op_type in _ORT_INTEGER or file_g.dequantized(file_node.input[0]):
+        reason = f"{runs}: OpenVINO's low-precision transformations did not take its quantized input"
+    elif weights:
+        reason = f"{runs}: weight-only, the file does not quantize its input"
+    elif _file_int_weights(file_g, file_node):
+        reason = f"{runs}: OpenVINO decompressed the int weights at load time"
+    else:
+        reason = f"{runs}: the file does not quantize its input"
+    return ("int weights" if weights else "float"), kernel, reason
 
 
 def _openvino(path: Path, graph: Any, layers: list[_Layer], *, threads: int) -> IntegerReport:
