@@ -1171,6 +1171,15 @@ def run(
                     info["artifacts_by_target"] = {str(t): p.name for t, p in by_target.items()}
                 if name == "fp32":
                     asset.fp32_onnx = paths.get("onnxruntime", next(iter(paths.values())))
+                    for target, fp32_path in by_target.items():
+                        if quantizes_activations(fp32_path):  # the peers start from this file
+                            message = (
+                                f"the fp32 export for target {target} holds quantizers (QuantizeLinear): an "
+                                "uncompressed model must export as plain fp32; the peers start from "
+                                f"{asset.fp32_onnx.name}"
+                            )
+                            say(f"[fp32] WARNING: {message}")
+                            asset.notes.append(message)
             if paths:
                 first = paths.get("onnxruntime", next(iter(paths.values())))
                 info["size_bytes"] = file_size(first)
