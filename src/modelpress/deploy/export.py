@@ -229,8 +229,8 @@ _CODES = ("INT8", "UINT8", "INT4", "UINT4")  # quantized weights' storage types
 
 def _should_fold(node: Any) -> bool | None:
     source = node.inputs[0].const_value if node.op_type == "Cast" and node.inputs else None
-    if source is not None and source.dtype.name in _CODES and source.size > _SHAPE_SIZED:
-        return False  # int8 weight codes -> float (weight-only layers): the file keeps the codes
+    if source is not None and source.dtype.name in _CODES and source.size > 1:
+        return False  # int8 weight codes, zero points -> float (weight-only layers): the file keeps the codes
     hierarchy = node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "")
     if not any(scope in hierarchy for scope in _UNFOLDED_SCOPES):
         return None  # the optimizer's own rules
