@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from rich.console import Console
@@ -225,6 +225,14 @@ def profile(model: str, weights: str | None, json_out: str | None, top: int) -> 
 @_runtime_option
 @_timing_options
 @_allow_partial_option
+@click.option(
+    "--target",
+    type=click.Choice(["auto", "onnxruntime", "openvino"]),
+    default="auto",
+    show_default=True,
+    help="The runtime to place int8 quantizers for. auto: model.compressed.onnx for ONNX Runtime and, when "
+    "OpenVINO is benchmarked too, model.compressed.openvino.onnx for OpenVINO (static int8 only).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 def compress(
     model: str,
@@ -239,6 +247,7 @@ def compress(
     rounds: int,
     threads: int,
     allow_partial: bool,
+    target: Literal["auto", "onnxruntime", "openvino"],
     overwrite: bool,
 ) -> None:
     """Compress MODEL with a recipe, export fp32 and compressed ONNX, check parity, benchmark, report.
@@ -246,7 +255,8 @@ def compress(
     \b
     Writes into the new folder OUT (which appears only when everything succeeded):
       model.onnx                    the original model, exported
-      model.compressed.onnx         the compressed model, exported
+      model.compressed.onnx         the compressed model, exported (int8 placed for ONNX Runtime)
+      model.compressed.openvino.onnx  the same placed for OpenVINO (static int8 with both runtimes)
       model.compressed.safetensors  the compressed PyTorch state dict
       recipe.yaml                   the recipe it was compressed with
       hf/                           save_pretrained of the compressed model (Hugging Face models only)
@@ -283,6 +293,7 @@ def compress(
             overwrite=overwrite,
             allow_partial=allow_partial,
             progress=say,
+            target=target,
         )
     print_summary(result, out)
     out.print(f"report: {Path(result['out_dir']) / 'report.html'}")
@@ -304,6 +315,14 @@ def compress(
 )
 @click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
 @click.option(
+    "--target",
+    type=click.Choice(["onnxruntime", "openvino"]),
+    default="onnxruntime",
+    show_default=True,
+    help="The runtime to place int8 quantizers for: ONNX Runtime runs a layer as integer only with its "
+    "output quantized too (ranges from --data); OpenVINO wants layer inputs only.",
+)
+@click.option(
     "--standard-ops",
     is_flag=True,
     help="Write static int8 Linear layers as standard-ONNX QDQ instead of ONNX Runtime's MatMulIntegerToFloat "
@@ -318,6 +337,7 @@ def export(
     allow_partial: bool,
     runtimes: tuple[str, ...],
     overwrite: bool,
+    target: Literal["onnxruntime", "openvino"],
     standard_ops: bool,
 ) -> None:
     """Export MODEL (optionally compressed) to ONNX and check parity with the torch model in each runtime.
@@ -325,6 +345,7 @@ def export(
     MODEL is 'path/to/file.py:factory', 'package.module:factory' or a Hugging Face model folder.
     """
     from modelpress._files import check_output_path
+    from modelpress.data import as_dataset
     from modelpress.deploy.export import export_onnx
     from modelpress.deploy.parity import check_parity, parity_inputs, summary_line
     from modelpress.deploy.runtime import available_runtimes, open_session
@@ -335,15 +356,24 @@ def export(
         raise click.UsageError("--data calibrates a --recipe; add --recipe, or leave out --data.")
     check_output_path(out_path, overwrite=overwrite)
     steps = load_recipe(recipe) if recipe else None
+    data = None
     with _status("loading the model") as say:
         net, inputs = _load(model, weights)
         original = net if steps else None
         if steps:
-            data = _call_data(data_ref, "--data")
+            data = as_dataset(_call_data(data_ref, "--data"))  # calibrates the recipe, then the export
             say("compressing")
             net = run_compress(net, steps, data, allow_partial=allow_partial)
         say("exporting")
-        path = export_onnx(net, inputs, out_path, overwrite=overwrite, integer_matmul=not standard_ops)
+        path = export_onnx(
+            net,
+            inputs,
+            out_path,
+            overwrite=overwrite,
+            integer_matmul=not standard_ops,
+            target=target,
+            data=data,
+        )
         failed = []
         for runtime in runtimes or available_runtimes():
             say(f"checking parity in {runtime}")

@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,8 +22,9 @@ from modelpress._files import make_public
 from modelpress.analyse.coverage import coverage
 from modelpress.analyse.explain import explain_quantization
 from modelpress.analyse.profile import profile
+from modelpress.data import as_dataset
 from modelpress.deploy.bench import compare_artifacts
-from modelpress.deploy.export import export_onnx
+from modelpress.deploy.export import export_for_runtimes, export_onnx
 from modelpress.deploy.integer import integer_kernels
 from modelpress.deploy.parity import check_parity, parity_inputs
 from modelpress.deploy.runtime import available_runtimes, open_session
@@ -178,6 +179,7 @@ def run_job(
     overwrite: bool = False,
     allow_partial: bool = False,
     progress: Progress | None = None,
+    target: Literal["auto", "onnxruntime", "openvino"] = "auto",
 ) -> dict[str, Any]:
     """Run the whole job and write `model.onnx`, `model.compressed.onnx`, the compressed PyTorch model
     (`model.compressed.safetensors`, `recipe.yaml`, `hf/` for a Hugging Face model), `report.json` and
@@ -185,7 +187,9 @@ def run_job(
 
     Every figure is measured on the exported artifacts, the fp32 baseline beside the compressed one, in
     this one run; speed is a ratio of interleaved timings. `allow_partial` accepts a recipe that leaves
-    most weight bytes untouched (see `compress`).
+    most weight bytes untouched (see `compress`). `target` places the compressed file's quantizers for one
+    runtime; "auto" writes `model.compressed.onnx` for ONNX Runtime and, when OpenVINO is benchmarked too and
+    the file has activation quantizers, `model.compressed.openvino.onnx` for OpenVINO (`export_for_runtimes`).
     """
     from modelpress.report.html import write_report
 
@@ -199,6 +203,7 @@ def run_job(
 
         say(f"compressing ({', '.join(c.type for c in steps)})")
         start = time.perf_counter()
+        data = as_dataset(data)  # calibrates the compression and, for ONNX Runtime, the export
         small = compress(model, steps, data, allow_partial=allow_partial)
         compress_s = time.perf_counter() - start
         small_profile = profile(small, example_inputs, threads=threads)
@@ -210,12 +215,15 @@ def run_job(
 
         say("exporting to ONNX")
         fp32_path = export_onnx(model, example_inputs, work / FP32_ONNX)
-        small_path = export_onnx(small, example_inputs, work / COMPRESSED_ONNX)
+        small_paths = export_for_runtimes(
+            small, example_inputs, work / COMPRESSED_ONNX, runtimes, target=target, data=data
+        )
 
         say(f"checking parity in {', '.join(runtimes)}")
         samples = parity_inputs(example_inputs)
         parity = []
         for runtime in runtimes:
+            small_path = small_paths[runtime]
             for label, module, path in (("fp32", model, fp32_path), ("compressed", small, small_path)):
                 reference = model if label == "compressed" else None
                 session = open_session(path, runtime, threads=threads)
@@ -230,7 +238,7 @@ def run_job(
             quality["torch fp32"] = evaluate(model, eval_items, metric)
             quality["torch compressed"] = evaluate(small, eval_items, metric)
             for runtime in runtimes:
-                for label, path in (("fp32", fp32_path), ("compressed", small_path)):
+                for label, path in (("fp32", fp32_path), ("compressed", small_paths[runtime])):
                     quality[f"{runtime} {label}"] = evaluate(
                         open_session(path, runtime, threads=threads), eval_items, metric
                     )
@@ -238,7 +246,7 @@ def run_job(
         artifacts = {}
         for runtime in runtimes:
             artifacts[f"fp32 {runtime}"] = (fp32_path, runtime)
-            artifacts[f"compressed {runtime}"] = (small_path, runtime)
+            artifacts[f"compressed {runtime}"] = (small_paths[runtime], runtime)
         bench = compare_artifacts(
             artifacts,
             benchmark_batches(example_inputs, batch_sizes),
@@ -250,7 +258,10 @@ def run_job(
         )
         say("reading which layers run as integer")
         integer = {
-            rt: {**integer_kernels(small_path, rt, threads=threads).to_dict(), "path": small_path.name}
+            rt: {
+                **integer_kernels(small_paths[rt], rt, threads=threads).to_dict(),
+                "path": small_paths[rt].name,
+            }
             for rt in runtimes
         }
         result: dict[str, Any] = {

@@ -1,0 +1,204 @@
+"""Quantizer placement per target runtime (issue 31): ONNX Runtime runs a static int8 file as integer."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import zoo
+from torch import nn
+
+import modelpress as mp
+from modelpress.deploy.export import export_for_runtimes
+from modelpress.deploy.integer import integer_kernels
+from modelpress.deploy.qdq import TARGET_KEY, read_target
+from modelpress.errors import ExportError
+
+
+def _calibration(example: tuple[torch.Tensor, ...], n: int = 4) -> list[tuple[torch.Tensor, ...]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, *example[0].shape[1:], generator=gen),) for _ in range(n)]
+
+
+@pytest.fixture(scope="module", params=["resnet_cnn", "inverted_residual_cnn"])
+def residual_cnn(request, tmp_path_factory) -> tuple[str, nn.Module, nn.Module, list, Path]:
+    model, example = getattr(zoo, request.param)()
+    data = _calibration(example)
+    q = mp.compress(model, [mp.StaticInt8Config()], data=data)
+    path = mp.export_onnx(
+        q, example, tmp_path_factory.mktemp(request.param) / "ort.onnx", target="onnxruntime", data=data
+    )
+    return request.param, model, q, data, path
+
+
+def _optimized_ops(path: Path, tmp_path: Path) -> Counter[str]:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_every_conv_and_residual_add_runs_as_integer_in_onnxruntime(residual_cnn, tmp_path) -> None:
+    name, model, _, _, path = residual_cnn
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] == convs and not ops["Conv"] and not ops["FusedConv"], ops
+    assert ops["QLinearAdd"] == 2 and not ops["Add"], ops  # both zoo models have two residual adds
+    assert ops["QLinearGlobalAveragePool"] == 1, ops
+    # Between the input and the classifier nothing is dequantized: no fp32 op runs on a feature map.
+    assert ops["DequantizeLinear"] == 0, ops
+    report = integer_kernels(path, "onnxruntime")
+    assert report.integer == report.total == convs + 1, report.summary()  # + the Linear classifier
+    assert not report.not_integer, name
+
+
+def test_the_file_before_placement_left_convs_fp32_in_onnxruntime(residual_cnn, tmp_path) -> None:
+    # The OpenVINO placement (layer inputs only) is what ONNX Runtime could not run as integer.
+    _, model, q, data, _ = residual_cnn
+    path = mp.export_onnx(q, data[0], tmp_path / "ov.onnx", target="openvino")
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] < sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert ops["QLinearAdd"] == 0
+
+
+@pytest.mark.parametrize("runtime", mp.available_runtimes())
+def test_onnxruntime_placement_keeps_parity_with_the_original_model(residual_cnn, runtime) -> None:
+    # The only change to what the model computes is the rounding of conv/add/pool outputs that were float.
+    _, model, q, data, path = residual_cnn
+    samples = mp.parity_inputs((data[0][0][:2],)) + data[1:3]
+    report = mp.check_parity(q, mp.open_session(path, runtime), samples, reference=model)
+    assert report.passed
+    worst = report.worst
+    assert worst.artifact_fidelity is not None and worst.torch_fidelity is not None
+    assert worst.artifact_fidelity >= worst.torch_fidelity - 0.002
+
+
+def test_the_target_is_in_the_file_metadata(residual_cnn, tmp_path) -> None:
+    _, _, q, data, path = residual_cnn
+    assert read_target(onnx.load(str(path))) == "onnxruntime"
+    ov = mp.export_onnx(q, data[0], tmp_path / "ov.onnx")
+    props = {p.key: p.value for p in onnx.load(str(ov)).metadata_props}
+    assert props[TARGET_KEY] == "openvino"  # the default placement, named
+    bare = onnx.load(str(ov))
+    del bare.metadata_props[:]
+    assert read_target(bare) == "openvino"  # files from before issue 31
+
+
+def test_default_export_is_the_openvino_placement(residual_cnn, tmp_path) -> None:
+    _, _, q, data, _ = residual_cnn
+    default = onnx.load(str(mp.export_onnx(q, data[0], tmp_path / "default.onnx")))
+    named = onnx.load(str(mp.export_onnx(q, data[0], tmp_path / "ov.onnx", target="openvino")))
+    assert [(n.op_type, list(n.input)) for n in default.graph.node] == [
+        (n.op_type, list(n.input)) for n in named.graph.node
+    ]
+    # Layer inputs only: the residual adds read float tensors, not dequantized ones.
+    producers = {o: n.op_type for n in default.graph.node for o in n.output}
+    adds = [n for n in default.graph.node if n.op_type == "Add" and len(n.input) == 2]
+    assert adds and not [n for n in adds if "DequantizeLinear" in (producers.get(i) for i in n.input)]
+
+
+def test_without_data_the_ranges_come_from_the_example_with_a_warning(tmp_path, caplog) -> None:
+    model, example = zoo.resnet_cnn()
+    q = mp.compress(model, [mp.StaticInt8Config()], data=_calibration(example))
+    with caplog.at_level(logging.WARNING, logger="modelpress.deploy.export"):
+        path = mp.export_onnx(q, example, tmp_path / "m.onnx", target="onnxruntime")
+    assert any("without calibration data" in r.getMessage() for r in caplog.records)
+    assert mp.check_parity(q, mp.open_session(path, "onnxruntime"), [example]).passed
+
+
+def test_unknown_target_is_refused(tmp_path) -> None:
+    model, example = zoo.resnet_cnn()
+    with pytest.raises(ExportError, match="tensorrt.*onnxruntime"):
+        mp.export_onnx(model, example, tmp_path / "m.onnx", target="tensorrt")  # type: ignore[arg-type]
+
+
+def test_a_pooled_mean_without_kept_dims_runs_as_an_integer_pool(tmp_path) -> None:
+    # x.mean((2, 3)) (no keepdim) before the classifier, as many user models write it.
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3, padding=1)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    data = _calibration((torch.zeros(1, 3, 8, 8),))
+    q = mp.compress(model, [mp.StaticInt8Config()], data=data)
+    path = mp.export_onnx(q, data[0], tmp_path / "m.onnx", target="onnxruntime", data=data)
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops
+    for runtime in mp.available_runtimes():
+        assert mp.check_parity(q, mp.open_session(path, runtime), data, reference=model).passed, runtime
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_few_input_channels_are_padded_to_four_exactly(tmp_path, channels) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3)).eval()
+    data = _calibration((torch.zeros(1, channels, 10, 10),))
+    q = mp.compress(model, [mp.StaticInt8Config()], data=data)
+    ort_path = mp.export_onnx(q, data[0], tmp_path / "ort.onnx", target="onnxruntime", data=data)
+    ov_path = mp.export_onnx(q, data[0], tmp_path / "ov.onnx", target="openvino")
+    graph = onnx.load(str(ort_path)).graph
+    weights = {i.name: tuple(i.dims) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    assert (16, 4, 3, 3) in weights.values() and "Pad" in [n.op_type for n in graph.node]
+    x = data[1][0].numpy()
+    # The same integer sums: the padded channel adds 0 x 0.
+    a = mp.open_session(ort_path, "onnxruntime").run([x])[0]
+    b = mp.open_session(ov_path, "onnxruntime").run([x])[0]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    for runtime in mp.available_runtimes():
+        assert mp.check_parity(q, mp.open_session(ort_path, runtime), data).passed, runtime
+
+
+def test_attention_matmuls_run_as_integer_with_the_scale_folded(tmp_path) -> None:
+    model, example = zoo.bert_encoder()
+    gen = torch.Generator().manual_seed(2)
+    data = [
+        (torch.randint(0, 1000, (4, 16), generator=gen), torch.ones(4, 16, dtype=torch.long))
+        for _ in range(4)
+    ]
+    q = mp.compress(model, [mp.StaticInt8Config(layers=("linear",))], data=data, allow_partial=True)
+    path = mp.export_onnx(q, example, tmp_path / "bert.onnx", target="onnxruntime", data=data)
+    graph = onnx.load(str(path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    activation_products = [
+        n
+        for n in graph.node
+        if n.op_type == "MatMul" and all(producers[i].op_type == "DequantizeLinear" for i in n.input)
+    ]
+    assert len(activation_products) == 4  # Q K^T and softmax V in each of the 2 layers
+    # The 1/sqrt(d) Mul after Q K^T went into the dequantization scale of Q.
+    assert not [
+        n for n in graph.node if n.op_type == "Mul" and producers.get(n.input[0]) in activation_products
+    ]
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["QLinearMatMul"] == 2 and not ops["FusedMatMul"], ops  # softmax V with its output quantized
+    for runtime in mp.available_runtimes():
+        report = mp.check_parity(q, mp.open_session(path, runtime), data[:2], reference=model)
+        assert report.passed, (runtime, report.message)
+
+
+def test_export_for_runtimes_places_one_file_per_runtime_where_they_differ(tmp_path) -> None:
+    model, example = zoo.resnet_cnn()
+    data = _calibration(example)
+    q = mp.compress(model, [mp.StaticInt8Config()], data=data)
+    both = ["onnxruntime", "openvino"]
+    paths = export_for_runtimes(q, example, tmp_path / "m.onnx", both, data=data)
+    assert paths["onnxruntime"].name == "m.onnx" and paths["openvino"].name == "m.openvino.onnx"
+    assert {rt: read_target(onnx.load(str(p))) for rt, p in paths.items()} == {rt: rt for rt in both}
+    weight_only = mp.compress(model, [mp.WeightOnlyConfig()])
+    one = export_for_runtimes(weight_only, example, tmp_path / "w.onnx", both)
+    assert one["onnxruntime"] == one["openvino"]  # nothing to place: one file
+    named = export_for_runtimes(q, example, tmp_path / "n.onnx", both, target="openvino")
+    assert set(named.values()) == {tmp_path / "n.onnx"}
