@@ -202,3 +202,28 @@ def test_export_for_runtimes_places_one_file_per_runtime_where_they_differ(tmp_p
     assert one["onnxruntime"] == one["openvino"]  # nothing to place: one file
     named = export_for_runtimes(q, example, tmp_path / "n.onnx", both, target="openvino")
     assert set(named.values()) == {tmp_path / "n.onnx"}
+
+
+def test_a_concat_of_conv_outputs_runs_as_an_integer_concat(tmp_path) -> None:
+    # Inception-style: two convs on one input (sharing its padded quantizer), concatenated, then a conv.
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(3, 8, 1)
+            self.c = nn.Conv2d(16, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.cat([torch.relu(self.a(x)), self.b(x)], 1)).flatten(1)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    data = _calibration((torch.zeros(1, 3, 8, 8),))
+    q = mp.compress(model, [mp.StaticInt8Config()], data=data)
+    path = mp.export_onnx(q, data[0], tmp_path / "m.onnx", target="onnxruntime", data=data)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Pad") == 1
+    ops = _optimized_ops(path, tmp_path)
+    # The last conv writes the graph's output, which stays float: ONNX Runtime runs it as a float Conv.
+    assert ops["QLinearConcat"] == 1 and ops["QLinearConv"] == 2 and ops["Conv"] == 1, ops
+    for runtime in mp.available_runtimes():
+        assert mp.check_parity(q, mp.open_session(path, runtime), data, reference=model).passed, runtime

@@ -175,3 +175,92 @@ def test_a_reduction_after_a_bias_free_int8_layer_is_right_in_every_runtime(tmp_
     for runtime in mp.available_runtimes():
         report = mp.check_parity(q, mp.open_session(path, runtime), data[:2], raise_on_failure=False)
         assert report.passed, (runtime, report.message)
+
+
+def _residual_graph(*, add_is_output: bool) -> onnx.ModelProto:
+    """x -> Q -> DQ -> Conv1 -> Relu -> Q1 -> DQ1 -> Conv2 -> Add(Conv2, Relu) [-> Q2 -> DQ2 -> Conv3] -> y."""
+    rng = np.random.default_rng(0)
+
+    def weight(name: str) -> list[onnx.TensorProto]:
+        codes = rng.integers(-127, 128, (4, 4, 3, 3)).astype(np.int8)
+        return [
+            numpy_helper.from_array(codes, f"{name}_w"),
+            numpy_helper.from_array(np.full(4, 0.01, np.float32), f"{name}_ws"),
+            numpy_helper.from_array(np.zeros(4, np.int8), f"{name}_wz"),
+        ]
+
+    inits = [*weight("c1"), *weight("c2"), *weight("c3")]
+    for name, scale in (("x", 0.05), ("r", 0.03), ("a", 0.04)):
+        inits += [
+            numpy_helper.from_array(np.array(scale, np.float32), f"{name}_s"),
+            numpy_helper.from_array(np.array(0 if name != "x" else 128, np.uint8), f"{name}_z"),
+        ]
+    conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xd"]),
+    ]
+    for name in ("c1", "c2", "c3"):
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear", [f"{name}_w", f"{name}_ws", f"{name}_wz"], [f"{name}_wd"], axis=0
+            )
+        )
+    nodes += [
+        helper.make_node("Conv", ["xd", "c1_wd"], ["c1"], **conv),
+        helper.make_node("Relu", ["c1"], ["r"]),
+        helper.make_node("QuantizeLinear", ["r", "r_s", "r_z"], ["rq"]),
+        helper.make_node("DequantizeLinear", ["rq", "r_s", "r_z"], ["rd"]),
+        helper.make_node("Conv", ["rd", "c2_wd"], ["c2"], **conv),
+        helper.make_node("Add", ["c2", "r"], ["a"]),
+    ]
+    out = "a"
+    if not add_is_output:
+        nodes += [
+            helper.make_node("QuantizeLinear", ["a", "a_s", "a_z"], ["aq"]),
+            helper.make_node("DequantizeLinear", ["aq", "a_s", "a_z"], ["ad"]),
+            helper.make_node("Conv", ["ad", "c3_wd"], ["y"], **conv),
+        ]
+        out = "y"
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 6, 6])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [None, 4, 6, 6])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_onnxruntime_plan_reuses_input_quantizers_and_names_what_to_calibrate(tmp_path) -> None:
+    from modelpress.deploy.qdq import onnxruntime_plan, place_for_onnxruntime
+
+    model = _residual_graph(add_is_output=False)
+    plan = onnxruntime_plan(model)
+    # Conv2's output feeds the integer Add: its range is new; the ReLU output and the Add output take the
+    # quantizers the next layers already read them with.
+    assert plan == {"r": "rq", "c2": None, "a": "aq"}
+    before = copy.deepcopy(model)
+    counts = place_for_onnxruntime(model, {"c2": (-2.0, 3.0)})
+    assert counts["new_quantizers"] == 1 and counts["integer_joins"] == 1
+    onnx.checker.check_model(model)
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    assert [producers[i] for i in add.input] == ["DequantizeLinear", "DequantizeLinear"]
+    # ONNX Runtime now runs Conv1, Conv2 and the Add as integer (Conv3 feeds the graph output: float).
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 2 and ops.count("QLinearAdd") == 1 and "Add" not in ops
+    x = np.random.default_rng(1).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    assert ort.InferenceSession(before.SerializeToString()).run(None, {"x": x})[0].shape == (2, 4, 6, 6)
+
+
+def test_a_residual_add_that_is_the_graph_output_stays_float() -> None:
+    from modelpress.deploy.qdq import onnxruntime_plan
+
+    plan = onnxruntime_plan(_residual_graph(add_is_output=True))
+    assert plan == {}  # no integer reader: quantizing the Add or Conv2's output would only add rounding

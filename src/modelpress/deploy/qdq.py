@@ -930,6 +930,7 @@ def pad_conv_channels(model: Any, multiple: int = 4) -> int:
     g = _Graph(graph)
     placement = _Placement(model, activation_matmuls=False)
     new_nodes: list[Any] = []
+    shared: dict[tuple[Any, ...], str] = {}
     count = 0
     for conv in list(graph.node):
         if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or _attr(conv, "group", 1) != 1:
@@ -956,25 +957,29 @@ def pad_conv_channels(model: Any, multiple: int = 4) -> int:
             [weight, np.zeros((weight.shape[0], extra, *weight.shape[2:]), weight.dtype)], axis=1
         )
         rank = weight.ndim
-        pads = np.zeros(2 * rank, np.int64)
-        pads[rank + 1] = extra  # the end of the channel axis
-        graph.initializer.extend(
-            [numpy_helper.from_array(padded, f"{key}_weight"), numpy_helper.from_array(pads, f"{key}_pads")]
-        )
-        new_nodes += [
-            helper.make_node("Pad", [x_q.input[0], f"{key}_pads"], [f"{key}_x"], name=f"{key}_pad"),
-            helper.make_node("QuantizeLinear", [f"{key}_x", *x_q.input[1:]], [f"{key}_q"], name=f"{key}_q"),
-            helper.make_node(
-                "DequantizeLinear", [f"{key}_q", *x_dq.input[1:]], [f"{key}_dq"], name=f"{key}_dq"
-            ),
-        ]
+        graph.initializer.append(numpy_helper.from_array(padded, f"{key}_weight"))
+        source = (x_q.input[0], tuple(x_q.input[1:]), tuple(x_dq.input[1:]), extra, rank)
+        if source not in shared:  # convs reading one input share its padded quantizer
+            pads = np.zeros(2 * rank, np.int64)
+            pads[rank + 1] = extra  # the end of the channel axis
+            graph.initializer.append(numpy_helper.from_array(pads, f"{key}_pads"))
+            new_nodes += [
+                helper.make_node("Pad", [x_q.input[0], f"{key}_pads"], [f"{key}_x"], name=f"{key}_pad"),
+                helper.make_node(
+                    "QuantizeLinear", [f"{key}_x", *x_q.input[1:]], [f"{key}_q"], name=f"{key}_q"
+                ),
+                helper.make_node(
+                    "DequantizeLinear", [f"{key}_q", *x_dq.input[1:]], [f"{key}_dq"], name=f"{key}_dq"
+                ),
+            ]
+            shared[source] = f"{key}_dq"
         w_new = onnx.NodeProto()
         w_new.CopyFrom(w_dq)
         w_new.name = f"{key}_w"
         w_new.input[0] = f"{key}_weight"
         w_new.output[0] = f"{key}_w"
         new_nodes.append(w_new)
-        conv.input[0], conv.input[1] = f"{key}_dq", f"{key}_w"
+        conv.input[0], conv.input[1] = shared[source], f"{key}_w"
         count += 1
     if count:
         order = list(graph.node) + new_nodes
