@@ -644,11 +644,20 @@ class _Placement:
         return node is not None and node.op_type == "DequantizeLinear"
 
     def _reusable(self, name: str) -> str | None:
-        """The output of the first per-tensor QuantizeLinear reading `name`, whose parameters it can take."""
-        for user in self.g.consumers.get(name, []):
+        """The output of the first per-tensor QuantizeLinear reading `name`, whose parameters it can take;
+        else of one reading it through MaxPool/reshape-like ops alone (quantizing before or after them gives
+        the same codes, as `hoist_quantizers` uses; ONNX Runtime then runs them on the int8 codes)."""
+        users = self.g.consumers.get(name, [])
+        for user in users:
             if self._per_tensor_q(user) and user.input[0] == name:
                 return str(user.output[0])
-        return None
+        if name in self.g.outputs or not users:
+            return None
+        for user in users:
+            if user.op_type not in _COMMUTING or len(user.output) != 1 or user.input[0] != name:
+                return None
+        found = [self._reusable(user.output[0]) for user in users]
+        return found[0] if found[0] is not None and all(f == found[0] for f in found) else None
 
     # -- the rewrite ---------------------------------------------------------------------------------
 
@@ -681,9 +690,13 @@ class _Placement:
         created = 0
         for name, reuse in self.tensors.items():
             users = list(g.consumers.get(name, []))
-            if reuse is not None:
+            if reuse is not None and q_nodes[reuse].input[0] == name:
                 q = q_nodes[reuse]
                 params = list(q.input[1:])
+            elif reuse is not None:  # the grid of a quantizer after a MaxPool/reshape reading this tensor
+                params = list(q_nodes[reuse].input[1:])
+                q = helper.make_node("QuantizeLinear", [name, *params], [f"{name}_q"], name=f"{name}_q")
+                new_nodes.append(q)
             else:
                 if name not in ranges:
                     raise KeyError(f"no calibrated range for tensor '{name}'")
