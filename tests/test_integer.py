@@ -154,6 +154,7 @@ _ARTIFACTS: dict[tuple[str, str], Path] = {}
 
 CONFIGS: dict[str, Any] = {
     "static": [mp.StaticInt8Config(calibration_batches=1)],
+    "static-ort": [mp.StaticInt8Config(calibration_batches=1)],  # exported with target="onnxruntime"
     "dynamic": [mp.DynamicInt8Config()],
     "int8-weights": [mp.WeightOnlyConfig(bits=8, layers=("linear", "conv", "rnn"))],
     "int4-weights": [mp.WeightOnlyConfig(bits=4, group_size=32, layers=("linear",))],
@@ -170,7 +171,8 @@ def artifact(tmp_path_factory: pytest.TempPathFactory):
             model, inputs = ZOO[name]()
             small = mp.compress(model, CONFIGS[technique], [inputs], allow_partial=True)
             folder = tmp_path_factory.mktemp(f"{name}-{technique}")
-            _ARTIFACTS[key] = mp.export_onnx(small, inputs, folder / "model.onnx")
+            placement = {"target": "onnxruntime", "data": [inputs]} if technique == "static-ort" else {}
+            _ARTIFACTS[key] = mp.export_onnx(small, inputs, folder / "model.onnx", **placement)
         return _ARTIFACTS[key]
 
     return build
@@ -225,6 +227,29 @@ def test_static_int8_on_every_zoo_model_in_both_runtimes(artifact, name):
     assert _not_integer(ov) == OV_FP32.get(name, set()), ov.summary()
     linear = [layer for layer in ort.layers if layer.op_type == "MatMulIntegerToFloat"]
     assert all(layer.kind == "integer" for layer in linear)
+
+
+# Placed for ONNX Runtime (export_onnx(target="onnxruntime")): every conv of the residual CNNs runs as
+# QLinearConv and every residual add as QLinearAdd. What is still fp32 there today, by name:
+ORT_PLACED_FP32 = {
+    "dense_unet": {"stem.0", "dense1.0", "dense2.0", "down.0", "up", "head"},  # convs feeding skip concats
+    # The patch embedding (its output goes on to LayerNorm in fp32). Its 3 input channels are padded to 4
+    # in a new weight whose name no longer carries the torch layer's, so the check names its ONNX node.
+    "vit_encoder": {"node_Conv_234"},
+}
+
+
+@pytest.mark.parametrize("name", ["resnet_cnn", "inverted_residual_cnn", "dense_unet", "vit_encoder"])
+def test_static_int8_placed_for_onnxruntime_runs_the_convs_as_integer(artifact, name):
+    path = artifact(name, "static-ort")
+    ort, ov = (integer_kernels(path, runtime) for runtime in RUNTIMES)
+    assert ort.placed_for == "onnxruntime" and ort.total == _torch_layers(name)
+    assert _not_integer(ort) == ORT_PLACED_FP32.get(name, set()), ort.summary()
+    if name not in ORT_PLACED_FP32:
+        assert ort.integer_elementwise.get("QLinearAdd", 0) == ort.conv_adds == 2
+        assert "2 of 2 residual adds/concats as QLinearAdd/QLinearConcat" in ort.headline()
+    assert _not_integer(ov) == OV_FP32.get(name, set()), ov.summary()  # OpenVINO takes this placement too
+    assert "placed for" in ov.headline()
 
 
 def test_static_int8_resnet_names_why_each_conv_is_fp32_in_onnxruntime(artifact):

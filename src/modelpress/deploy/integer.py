@@ -109,7 +109,7 @@ _OV_PASS_THROUGH = {"Reorder", "Transpose", "Reshape", "Convert", "Subgraph", "E
 _SUFFIX = re.compile(r"(_token_\d+|_nchwc|_T|/[^/]*)$")
 # Trailing parts of an initializer name that are not the torch module's name.
 _PARAM = re.compile(
-    r"\.(inner\.)?(qweight|weight|bias|weight_bias|packed|scales?|zero_points?|zp)(_q)?$"
+    r"\.(inner\.)?(qweight|weight|bias|packed|scales?|zero_points?|zp)(_[a-z0-9]+)*$"
     r"|\.(weight|bias)_(ih|hh)_l\d+(_reverse)?(_q)?$"
 )
 
