@@ -408,4 +408,4 @@ def test_run_job_stores_what_runs_as_integer(tiny, tmp_path):
             placed if len(stored) == 2 else "model.compressed.onnx"
         )
         assert report["total"] == 2 and report["headline"].startswith(f"{report['integer']} of 2")
-    assert stored["openvino"]["integer"] == 2
+    assert all(report["integer"] == 2 for report in stored.values())  # each file placed for its runtime
