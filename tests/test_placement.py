@@ -227,3 +227,53 @@ def test_a_concat_of_conv_outputs_runs_as_an_integer_concat(tmp_path) -> None:
     assert ops["QLinearConcat"] == 1 and ops["QLinearConv"] == 2 and ops["Conv"] == 1, ops
     for runtime in mp.available_runtimes():
         assert mp.check_parity(q, mp.open_session(path, runtime), data, reference=model).passed, runtime
+
+
+def test_a_pooled_stem_feeding_a_residual_runs_on_int8_codes(tmp_path) -> None:
+    # resnet18's stem: Conv -> ReLU -> MaxPool, whose output feeds both the block's conv and its residual
+    # add. The ReLU output takes the grid of the quantizer after the pool, so the pool runs on codes.
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.pool = nn.MaxPool2d(3, 2, 1)
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.pool(torch.relu(self.stem(x)))
+            return self.fc(torch.relu(self.conv(y) + y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    data = _calibration((torch.zeros(1, 3, 16, 16),))
+    q = mp.compress(model, [mp.StaticInt8Config()], data=data)
+    path = mp.export_onnx(q, data[0], tmp_path / "m.onnx", target="onnxruntime", data=data)
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["NhwcMaxPool"] == 1 and not ops["MaxPool"] and not ops["DequantizeLinear"], ops
+    assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops
+    for runtime in mp.available_runtimes():
+        assert mp.check_parity(q, mp.open_session(path, runtime), data, reference=model).passed, runtime
+
+
+def test_cli_export_places_for_the_target(tiny_model_file, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from modelpress.cli import main
+
+    base = [
+        "export",
+        f"{tiny_model_file}:build",
+        "--recipe",
+        "int8-static",
+        "--data",
+        f"{tiny_model_file}:calib",
+    ]
+    for target in ("onnxruntime", "openvino"):
+        out = tmp_path / f"{target}.onnx"
+        result = CliRunner().invoke(main, [*base, "-o", str(out), "--target", target], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert read_target(onnx.load(str(out))) == target
+    default = tmp_path / "default.onnx"
+    assert CliRunner().invoke(main, [*base, "-o", str(default)], catch_exceptions=False).exit_code == 0
+    assert read_target(onnx.load(str(default))) == "onnxruntime"  # what most users load a file into
