@@ -81,7 +81,9 @@ def benchmark_interleaved(
     # Tiny models run in microseconds: repeat each call so one measurement lasts at least min_round_s.
     reps = {}
     for name in names:
-        one = _time_once(runners[name], 1)
+        # The median of a few calls: one slow call (a runtime waking its threads) would otherwise leave a
+        # fast runner at one call per round, timed at the resolution of its slowest call.
+        one = float(np.median([_time_once(runners[name], 1) for _ in range(5)]))
         reps[name] = max(1, int(min_round_s / max(one, 1e-6)))
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
