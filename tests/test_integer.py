@@ -232,10 +232,12 @@ def test_static_int8_on_every_zoo_model_in_both_runtimes(artifact, name):
 # Placed for ONNX Runtime (export_onnx(target="onnxruntime")): every conv of the residual CNNs runs as
 # QLinearConv and every residual add as QLinearAdd. What is still fp32 there today, by name:
 ORT_PLACED_FP32 = {
-    "dense_unet": {"stem.0", "dense1.0", "dense2.0", "down.0", "up", "head"},  # convs feeding skip concats
-    # The patch embedding (its output goes on to LayerNorm in fp32). Its 3 input channels are padded to 4
-    # in a new weight whose name no longer carries the torch layer's, so the check names its ONNX node.
-    "vit_encoder": {"node_Conv_234"},
+    # down.0 feeds the ConvTranspose (fp32: static int8 leaves it weight-only), head the graph output; the
+    # skip concats and the convs feeding them are integer.
+    "dense_unet": {"down.0", "up", "head"},
+    # The patch embedding (its output goes on to LayerNorm in fp32); its 3 input channels are padded to 4
+    # in a weight named after the layer's ("...projection.qweight_padded").
+    "vit_encoder": {"vit.embeddings.patch_embeddings.projection"},
 }
 
 

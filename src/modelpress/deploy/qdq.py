@@ -464,10 +464,11 @@ class _Placement:
       activation). Its output (after Relu/Clip, and a MatMul's bias Add) is quantized when every reader can
       take int8: a QuantizeLinear (the next layer's input quantizer: its scale and zero point are reused), an
       integer join, or a MaxPool/reshape-like op whose readers can.
-    - A *join* (Add or Concat of activations, global average pooling) is integer when each input is already
-      quantized or cheap to quantize (an input quantizer reads it, or it is a product's or an integer join's
-      output) and its output can be quantized by the rule above. Joins and products decide each other: the
-      set of integer joins is the largest one that satisfies both rules.
+    - A *join* (Add or Concat of activations, global average pooling) is integer when its output can be
+      quantized by the rule above; its inputs are quantized too (with the quantizer a next layer already
+      reads them with, else a calibrated one). Joins and products decide each other: the set of integer
+      joins is the largest one that satisfies the rule.
+    - A MatMul of two activations (attention's Q K^T and softmax V) gets quantizers on both inputs.
     """
 
     def __init__(self, model: Any, *, activation_matmuls: bool = True) -> None:
@@ -628,16 +629,9 @@ class _Placement:
         )
 
     def _join_holds(self, node: Any, joins: dict[int, Any]) -> bool:
-        if not self._all_readers_take_int8(self._chain_end(node), joins):
-            return False
-        ends = {self._chain_end(p) for p in self.products} | {
-            self._chain_end(j) for j in joins.values() if j is not node
-        }
-        for name in self._activation_inputs(node):
-            quantized = self._already_quantized(name) or self._reusable(name) is not None
-            if not quantized and name not in ends:
-                return False
-        return True
+        # Its output is quantized anyway (every reader takes int8), so an input without a quantizer costs one
+        # QuantizeLinear on that input, less than the float join and the quantizer after it.
+        return self._all_readers_take_int8(self._chain_end(node), joins)
 
     def _already_quantized(self, name: str) -> bool:
         node = self.g.producer.get(name)
@@ -970,7 +964,10 @@ def pad_conv_channels(model: Any, multiple: int = 4) -> int:
             [weight, np.zeros((weight.shape[0], extra, *weight.shape[2:]), weight.dtype)], axis=1
         )
         rank = weight.ndim
-        graph.initializer.append(numpy_helper.from_array(padded, f"{key}_weight"))
+        weight_name = f"{w_dq.input[0]}_padded"  # keeps the layer's name ("stem.0.qweight_padded")
+        if weight_name in g.initializers or any(i.name == weight_name for i in graph.initializer):
+            weight_name = f"{key}_weight"
+        graph.initializer.append(numpy_helper.from_array(padded, weight_name))
         source = (x_q.input[0], tuple(x_q.input[1:]), tuple(x_dq.input[1:]), extra, rank)
         if source not in shared:  # convs reading one input share its padded quantizer
             pads = np.zeros(2 * rank, np.int64)
@@ -989,7 +986,7 @@ def pad_conv_channels(model: Any, multiple: int = 4) -> int:
         w_new = onnx.NodeProto()
         w_new.CopyFrom(w_dq)
         w_new.name = f"{key}_w"
-        w_new.input[0] = f"{key}_weight"
+        w_new.input[0] = weight_name
         w_new.output[0] = f"{key}_w"
         new_nodes.append(w_new)
         conv.input[0], conv.input[1] = shared[source], f"{key}_w"
