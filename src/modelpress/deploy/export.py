@@ -573,7 +573,7 @@ def export_for_runtimes(
     With `target="auto"` the file at `path` is placed for ONNX Runtime when it is one of the runtimes (else
     for OpenVINO), and where the other runtime would run it differently (a file with activation quantizers)
     a second file `<stem>.openvino.onnx` is placed for OpenVINO: ONNX Runtime's placement quantizes layer
-    outputs and attention inputs, which OpenVINO runs up to 10% slower (MiniLM, measured). A named target
+    outputs and attention's Q and K, which OpenVINO runs 4% slower (MiniLM b16, measured). A named target
     gives one file for every runtime.
 
     >>> export_for_runtimes(model, inputs, "out/model.onnx", ["onnxruntime", "openvino"])  # doctest: +SKIP

@@ -468,7 +468,10 @@ class _Placement:
       quantized by the rule above; its inputs are quantized too (with the quantizer a next layer already
       reads them with, else a calibrated one). Joins and products decide each other: the set of integer
       joins is the largest one that satisfies the rule.
-    - A MatMul of two activations (attention's Q K^T and softmax V) gets quantizers on both inputs.
+    - A MatMul of two activations (attention's Q K^T) gets quantizers on both inputs (the second int8, which
+      ONNX Runtime's integer matmul runs fastest), unless one is a Softmax's output: probabilities over a
+      long sequence are finer than an 8-bit grid (softmax V stays float; on MiniLM quantizing it too gained
+      nothing measurable and cost fidelity).
     """
 
     def __init__(self, model: Any, *, activation_matmuls: bool = True) -> None:
@@ -483,7 +486,7 @@ class _Placement:
                 self.ranks[v.name] = len(v.type.tensor_type.shape.dim)
         nodes = list(model.graph.node)
         self.products = [n for n in nodes if self._is_product(n)]
-        # Products of two activations (attention's Q K^T and softmax V): their inputs get quantizers.
+        # Products of two activations (attention's Q K^T): their inputs get quantizers.
         self.matmuls = [n for n in nodes if activation_matmuls and self._is_activation_matmul(n)]
         self.products += self.matmuls
         joins = {id(n): n for n in nodes if self._is_join(n)}
@@ -561,8 +564,16 @@ class _Placement:
             and not self._is_weight(n)
             and n not in graph_inputs
             and self.ranks.get(n, 0) >= 3
+            and not self._from_softmax(n)
             for n in inputs
         )
+
+    def _from_softmax(self, name: str) -> bool:
+        """Whether `name` is a Softmax's output (through reshape-like ops)."""
+        node = self.g.producer.get(name)
+        while node is not None and node.op_type in _COMMUTING:
+            node = self.g.producer.get(node.input[0])
+        return node is not None and node.op_type == "Softmax"
 
     def _is_join(self, node: Any) -> bool:
         if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
@@ -947,7 +958,8 @@ def pad_conv_channels(model: Any, multiple: int = 4) -> int:
         w_dq, x_dq = g.producer.get(conv.input[1]), g.producer.get(conv.input[0])
         weight = g.value(w_dq.input[0]) if w_dq is not None else None
         if (
-            weight is None
+            w_dq is None
+            or weight is None
             or weight.ndim < 3
             or weight.shape[1] % multiple == 0
             or _attr(w_dq, "axis", 1) != 0
