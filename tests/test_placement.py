@@ -282,3 +282,15 @@ def test_cli_export_places_for_the_target(tiny_model_file, tmp_path) -> None:
     default = tmp_path / "default.onnx"
     assert CliRunner().invoke(main, [*base, "-o", str(default)], catch_exceptions=False).exit_code == 0
     assert read_target(onnx.load(str(default))) == "onnxruntime"  # what most users load a file into
+
+
+@pytest.mark.parametrize("arch", ["bert_encoder", "resnet_cnn"])
+def test_an_fp32_model_exported_for_onnxruntime_gets_no_quantizer(arch, tmp_path, caplog) -> None:
+    # Placement completes a quantized graph; an fp32 (or weight-only) model stays exactly what it was.
+    model, inputs = zoo.ZOO[arch]()
+    with caplog.at_level(logging.WARNING):
+        path = mp.export_onnx(model, inputs, tmp_path / "fp32.onnx", target="onnxruntime")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    assert "without calibration data" not in caplog.text
+    assert read_target(onnx.load(str(path))) == "onnxruntime"
