@@ -563,8 +563,7 @@ def has_activation_quantizers(path: str | os.PathLike[str]) -> bool:
     quantizer placement differs by target runtime."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    return _quantizes_activations(onnx.load(str(path), load_external_data=False))
 
 
 def export_for_runtimes(
