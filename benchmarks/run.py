@@ -1876,9 +1876,7 @@ MNIST_OPENVINO_BEFORE_31 = {
     "pruned-50": (0.9898, 0.566, 0.418),
     "pruned-50-int8-static": (0.9897, 0.495, 0.177),
 }
-# "No worse than today": separate runs of the same file drift (MEASURING.md: up to ~15% across runs, +-2-5%
-# within one); the same-runtime ratio takes most of that out. Allowed: 10% on latency, 0.1 pt on accuracy.
-OPENVINO_LATENCY_SLACK = 1.10
+# "No worse than today" on quality: 0.1 pt on accuracy.
 OPENVINO_ACCURACY_SLACK = 0.001
 # The weight-only rows a plain InferenceSession must run no slower than fp32 (issue 31, item 3).
 WEIGHT_ONLY_ROWS = {
@@ -1925,20 +1923,11 @@ ISSUE_31: list[Criterion] = [
     ),
     *[
         c
-        for method, (accuracy, b1, b64) in MNIST_OPENVINO_BEFORE_31.items()
+        for method, (accuracy, _b1, _b64) in MNIST_OPENVINO_BEFORE_31.items()
+        # Latency against the figures frozen above is not a criterion: they were measured on another host
+        # (an Intel Xeon with AMX; even the unquantized pruned-50 row moves 15% between hosts). "No worse in
+        # OpenVINO" is measured same-host, same-run, old file against new: benchmarks/ab_commits.py.
         for c in (
-            *[
-                Criterion(
-                    "mnist",
-                    f"latency {b} {method} (openvino) / fp32 (openvino) vs before issue 31 ({before}) "
-                    f"+ {OPENVINO_LATENCY_SLACK - 1:.0%}",
-                    field_of(f"{method}/openvino", "latency_ratio_same_runtime", b),
-                    "<=",
-                    before * OPENVINO_LATENCY_SLACK,
-                    "issue 31: OpenVINO rows no worse than today",
-                )
-                for b, before in (("b1", b1), ("b64", b64))
-            ],
             Criterion(
                 "mnist",
                 f"accuracy {method} (openvino) vs before issue 31 ({accuracy}) - {OPENVINO_ACCURACY_SLACK}",
