@@ -32,6 +32,10 @@ CONTRACT_CONFIGS = {
     ),
     "structured": mp.StructuredPruningConfig(ratio=0.5),
     "depth": mp.DepthPruningConfig(blocks=1),
+    # issue 27 (each owned by its helper while being written)
+    "lowrank": mp.LowRankConfig(),
+    "cluster": mp.ClusterConfig(),
+    "distill": mp.DistillConfig(),
     "mixed_precision": mp.MixedPrecisionConfig(
         min_cosine=0.99, holdout=2, scheme={"type": "static_int8", "calibration_batches": 2}
     ),

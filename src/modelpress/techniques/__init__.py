@@ -11,9 +11,12 @@ from torch import nn
 
 from modelpress.errors import RecipeError
 from modelpress.techniques.awq import AWQConfig, awq
+from modelpress.techniques.cluster import ClusterConfig, cluster
 from modelpress.techniques.depth import DepthPruningConfig, depth
+from modelpress.techniques.distill import DistillConfig, distill
 from modelpress.techniques.dynamic_int8 import DynamicInt8Config, dynamic_int8
 from modelpress.techniques.gptq import GPTQConfig, gptq
+from modelpress.techniques.lowrank import LowRankConfig, lowrank
 from modelpress.techniques.mixed_precision import MixedPrecisionConfig, mixed_precision
 from modelpress.techniques.qat import QATConfig, qat
 from modelpress.techniques.sparsity import SparsityConfig, sparsity
@@ -34,6 +37,9 @@ REGISTRY: dict[str, tuple[type[Any], TechniqueFn]] = {
     SparsityConfig.type: (SparsityConfig, sparsity),
     StructuredPruningConfig.type: (StructuredPruningConfig, structured),
     DepthPruningConfig.type: (DepthPruningConfig, depth),
+    LowRankConfig.type: (LowRankConfig, lowrank),
+    ClusterConfig.type: (ClusterConfig, cluster),
+    DistillConfig.type: (DistillConfig, distill),
 }
 
 # Float rewrites a technique makes before quantizing (model, config, data) -> model: a search that swaps layers
@@ -94,9 +100,12 @@ __all__ = [
     "PREPARE",
     "REGISTRY",
     "AWQConfig",
+    "ClusterConfig",
     "DepthPruningConfig",
+    "DistillConfig",
     "DynamicInt8Config",
     "GPTQConfig",
+    "LowRankConfig",
     "MixedPrecisionConfig",
     "QATConfig",
     "SparsityConfig",
@@ -104,11 +113,14 @@ __all__ = [
     "StructuredPruningConfig",
     "WeightOnlyConfig",
     "awq",
+    "cluster",
     "config_from_dict",
     "config_to_dict",
     "depth",
+    "distill",
     "dynamic_int8",
     "gptq",
+    "lowrank",
     "mixed_precision",
     "qat",
     "sparsity",
