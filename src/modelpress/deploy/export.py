@@ -35,6 +35,7 @@ from modelpress.deploy.qdq import (
     onnxruntime_plan,
     pad_conv_channels,
     place_for_onnxruntime,
+    unfuse_residual_layernorm,
     write_target,
 )
 from modelpress.errors import ExportError
@@ -310,6 +311,10 @@ def _postprocess(
         placed = place_for_onnxruntime(model, ranges)
         placed["padded_convs"] = pad_conv_channels(model)
         log.debug("placed quantizers for ONNX Runtime: %s", placed)
+    if target == "onnxruntime":
+        unfused = unfuse_residual_layernorm(model)
+        if unfused:
+            log.debug("wrote %d residual Add(s) before LayerNormalization as Sum for ONNX Runtime", unfused)
     write_target(model, target)
     guarded = guard_reductions(model)
     if guarded:
