@@ -33,7 +33,7 @@ CONTRACT_CONFIGS = {
     "structured": mp.StructuredPruningConfig(ratio=0.5),
     "depth": mp.DepthPruningConfig(blocks=1),
     # issue 27 (each owned by its helper while being written)
-    "lowrank": mp.LowRankConfig(),
+    "lowrank": mp.LowRankConfig(ratio=0.5, whiten=True, layers=("linear", "conv", "embedding")),
     "cluster": mp.ClusterConfig(),
     "distill": mp.DistillConfig(),
     "mixed_precision": mp.MixedPrecisionConfig(
@@ -48,6 +48,7 @@ NOTHING_TO_DO = {
     ("dynamic_int8", "dcgan_generator"),
     ("awq", "dcgan_generator"),
     ("sparsity", "dcgan_generator"),  # transposed convolutions are not pruned
+    ("lowrank", "dcgan_generator"),  # transposed convolutions are not factorized
     ("dynamic_int8", "dense_unet"),  # convolutions only
     ("awq", "dense_unet"),
 }

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from modelpress.errors import RecipeError
+from modelpress.techniques.lowrank import skip_reason as lowrank_skip_reason
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
 from modelpress.techniques.select import is_conv1d, matches_any
 
@@ -116,6 +117,8 @@ def _reason(name: str, module: nn.Module, steps: Sequence[Any]) -> str:
             reasons.append(f"step {i} ({step.type}) compresses {'/'.join(kinds)} layers, not {kind}")
         elif step.type == "dynamic_int8" and not isinstance(module, (nn.Linear, nn.RNNBase)):
             reasons.append(f"step {i} (dynamic_int8) compresses Linear and recurrent layers, not {kind}")
+        elif step.type == "lowrank" and (why := lowrank_skip_reason(module, step)):
+            reasons.append(f"step {i} (lowrank) left it as is: {why}")
         else:
             reasons.append(f"step {i} ({step.type}) left it as is (its log says why)")
     return "; ".join(reasons)
