@@ -315,3 +315,23 @@ def test_residual_adds_before_layernorm_stay_unfused_in_onnxruntime(quantized, t
     got = ort.InferenceSession(str(ort_path)).run(None, feed)[0]
     want = ort.InferenceSession(str(ov_path)).run(None, feed)[0]
     np.testing.assert_allclose(got, want, atol=1e-4 if not quantized else 0.05)
+
+
+def test_opening_a_file_on_a_runtime_it_was_not_placed_for_warns(residual_cnn, tmp_path, caplog) -> None:
+    _, model, q, data, ort_path = residual_cnn
+    ov_path = mp.export_onnx(q, data[0], tmp_path / "ov.onnx", target="openvino")
+    fp32_path = mp.export_onnx(model, data[0], tmp_path / "fp32.onnx", target="onnxruntime")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="modelpress.deploy.runtime"):
+        mp.open_session(ort_path, "onnxruntime")
+        mp.open_session(ov_path, "openvino")
+        mp.open_session(fp32_path, "openvino")  # nothing placed: nothing to warn about
+    assert "placed for" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="modelpress.deploy.runtime"):
+        mp.open_session(ov_path, "onnxruntime")
+    assert "placed for OpenVINO, not ONNX Runtime" in caplog.text
+    assert 'target="onnxruntime"' in caplog.text and "--target onnxruntime" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="modelpress.deploy.runtime"):
+        mp.check_parity(q, mp.open_session(ort_path, "openvino"), data[:1], min_cosine=0.9)
+    assert "placed for ONNX Runtime, not OpenVINO" in caplog.text

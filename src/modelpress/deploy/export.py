@@ -35,6 +35,7 @@ from modelpress.deploy.qdq import (
     onnxruntime_plan,
     pad_conv_channels,
     place_for_onnxruntime,
+    quantizes_activations,
     unfuse_residual_layernorm,
     write_target,
 )
@@ -188,13 +189,6 @@ def _warn_static_dims(program: Any, inputs: Inputs) -> None:
 CALIBRATION_BATCHES = 32  # items of `data` that calibrate the outputs an ONNX Runtime placement quantizes
 
 
-def _quantizes_activations(model: Any) -> bool:
-    """Whether the graph quantizes an activation (a QuantizeLinear whose input is not a constant)."""
-    constants = {init.name for init in model.graph.initializer}
-    constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
-    return any(n.op_type == "QuantizeLinear" and n.input[0] not in constants for n in model.graph.node)
-
-
 def _calibration_samples(data: Iterable[Any] | None, example_inputs: Inputs) -> list[Inputs]:
     if data is not None:
         samples = [
@@ -302,7 +296,7 @@ def _postprocess(
     model.doc_string = ""
     moves = hoist_quantizers(model)
     # Only a quantized graph is placed: an fp32 (or weight-only) file stays as it is.
-    if target == "onnxruntime" and _quantizes_activations(model):
+    if target == "onnxruntime" and quantizes_activations(model):
         plan = onnxruntime_plan(model)
         needs = [name for name, reuse in plan.items() if reuse is None]
         ranges: dict[str, tuple[float, float]] = {}
@@ -568,7 +562,7 @@ def has_activation_quantizers(path: str | os.PathLike[str]) -> bool:
     quantizer placement differs by target runtime."""
     import onnx
 
-    return _quantizes_activations(onnx.load(str(path), load_external_data=False))
+    return quantizes_activations(onnx.load(str(path), load_external_data=False))
 
 
 def export_for_runtimes(

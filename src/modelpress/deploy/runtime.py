@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,10 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from modelpress.deploy.qdq import placement_warning
 from modelpress.errors import ExportError, RuntimeUnavailableError
+
+log = logging.getLogger(__name__)
 
 RuntimeName = Literal["onnxruntime", "openvino"]
 RUNTIMES: tuple[RuntimeName, ...] = ("onnxruntime", "openvino")
@@ -183,7 +187,10 @@ def open_session(path: str | os.PathLike[str], runtime: str = "onnxruntime", *, 
     if threads < 1:
         raise RuntimeUnavailableError(f"threads={threads} must be at least 1.")
     if not (runtime == "openvino" and p.suffix == ".xml"):  # OpenVINO also runs its own IR (.xml + .bin)
-        read_onnx(p)  # a corrupt or non-ONNX file gets a clear message, not a runtime's parser traceback
+        # a corrupt or non-ONNX file gets a clear message, not a runtime's parser traceback
+        mismatch = placement_warning(read_onnx(p), runtime)
+        if mismatch:
+            log.warning("'%s': %s", p.name, mismatch)
     if runtime == "onnxruntime":
         return OrtSession(p, threads=threads)
     return OpenVinoSession(p, threads=threads)
