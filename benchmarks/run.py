@@ -482,7 +482,9 @@ def build_pruned(ratio: float, *, then: Any = None, distill: Any = None) -> Call
         if distill is not None:
             config, data = distill, asset.unlabeled
         else:
-            config = mp.StructuredPruningConfig(ratio=ratio, round_to=8, recover="task", recover_lr=1e-3)
+            config = mp.StructuredPruningConfig(
+                ratio=ratio, round_to=8, recover=mp.DistillConfig(loss="task", lr=1e-3)
+            )
             data = asset.training
         key = (asset.name, config)
         if (
@@ -517,9 +519,7 @@ MINILM_PRUNE = mp.StructuredPruningConfig(
     layers=("linear",),
     importance="activation",
     reconstruct=True,
-    recover="distill",
-    recover_steps=MINILM_DISTILL_STEPS,
-    recover_lr=1e-4,
+    recover=mp.DistillConfig(loss="mse", steps=MINILM_DISTILL_STEPS, lr=1e-4),
 )
 # Static int8 for OpenVINO deployments of CNNs ("int8-static-ov"): signed inputs as int8 symmetric.
 MNIST_OV_INT8 = [mp.StaticInt8Config(rounding="gptq", activations="symmetric")]
@@ -535,7 +535,7 @@ SMOLLM2_SPARSITY_50_RECON_WINDOWS = 128
 # Sensitivity allocation: each layer's ratio within 50% +- this (NOTES.md, 2026-12-03).
 SMOLLM2_ALLOCATION_RANGE = 0.35
 # "-kd": after the block-by-block pass, this many steps (calibration windows) of KL distillation from the
-# unpruned model, masks fixed, at recover_lr 1e-4 (3e-4 was worse, NOTES.md, 2026-12-03 twelfth session).
+# unpruned model, masks fixed, at lr 1e-4 (3e-4 was worse, NOTES.md, 2026-12-03 twelfth session).
 SMOLLM2_RECOVER_STEPS = 32
 # GPTQ + reconstruction: all the calibration windows (the reconstruction's data is what counts).
 SMOLLM2_GPTQ_RECON_WINDOWS = 128
@@ -831,10 +831,7 @@ METHODS: dict[str, Method] = {
                 {
                     "allocation": "sensitivity",
                     "allocation_range": SMOLLM2_ALLOCATION_RANGE,
-                    "recover": "distill",
-                    "recover_distill": "kl",
-                    "recover_steps": SMOLLM2_RECOVER_STEPS,
-                    "recover_lr": 1e-4,
+                    "recover": {"loss": "kl", "steps": SMOLLM2_RECOVER_STEPS, "lr": 1e-4},
                 },
             ),
             (
@@ -844,10 +841,7 @@ METHODS: dict[str, Method] = {
                 2e-3,
                 SMOLLM2_SPARSITY_WINDOWS,
                 {
-                    "recover": "distill",
-                    "recover_distill": "kl",
-                    "recover_steps": SMOLLM2_RECOVER_STEPS,
-                    "recover_lr": 1e-4,
+                    "recover": {"loss": "kl", "steps": SMOLLM2_RECOVER_STEPS, "lr": 1e-4},
                 },
             ),
         )

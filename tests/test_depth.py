@@ -256,12 +256,12 @@ def test_bad_input_is_named_and_the_model_untouched():
         DepthPruningConfig(blocks=-1)
     with pytest.raises(RecipeError, match="importance='l2' is unknown"):
         DepthPruningConfig(importance="l2")  # type: ignore[arg-type]
-    with pytest.raises(RecipeError, match="recover_lr=0 must be positive"):
-        DepthPruningConfig(recover_lr=0)
-    with pytest.raises(RecipeError, match="recover_distill='ce' is unknown"):
-        DepthPruningConfig(recover_distill="ce")
-    with pytest.raises(RecipeError, match="recover_distill='ce' is unknown"):
-        mp.StructuredPruningConfig(recover_distill="ce")
+    with pytest.raises(RecipeError, match="depth: recover: distill: lr=0 must be positive"):
+        DepthPruningConfig(recover={"lr": 0})
+    with pytest.raises(RecipeError, match="loss='ce' is unknown"):
+        DepthPruningConfig(recover={"loss": "ce"})
+    with pytest.raises(RecipeError, match="structured: recover: distill: loss='ce' is unknown"):
+        mp.StructuredPruningConfig(recover={"loss": "ce"})
     model, ids = _llama(layers=2, identity=None)
     before = _state(model)
     with pytest.raises(
@@ -300,7 +300,7 @@ def test_distill_recovery_trains_the_pruned_model():
     data = [(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)),) for i in range(3)]
     plain = mp.compress(model, [DepthPruningConfig(blocks=1)], data)
     tuned = mp.compress(
-        model, [DepthPruningConfig(blocks=1, recover="distill", recover_steps=3, recover_lr=1e-2)], data
+        model, [DepthPruningConfig(blocks=1, recover={"loss": "mse", "steps": 3, "lr": 1e-2})], data
     )
     assert not torch.equal(plain.fc.weight, tuned.fc.weight)
     with torch.no_grad():

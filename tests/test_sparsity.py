@@ -171,11 +171,7 @@ def test_recovery_distills_the_kept_weights_with_the_masks_fixed():
     plain = mp.compress(model, [mp.SparsityConfig(**base)], data)
     recovered = mp.compress(
         model,
-        [
-            mp.SparsityConfig(
-                **base, recover="distill", recover_distill="kl", recover_epochs=4, recover_lr=3e-3
-            )
-        ],
+        [mp.SparsityConfig(**base, recover=mp.DistillConfig(loss="kl", epochs=4, lr=3e-3))],
         data,
     )
     assert _held_out_kl(model, recovered, held_out) < 0.8 * _held_out_kl(model, plain, held_out)
@@ -197,7 +193,7 @@ def test_the_teacher_is_the_unpruned_model_also_with_int8_values(monkeypatch):
     data = mp.parity_inputs(inputs, count=4, seed=1)
     seen = []
 
-    def check(pruned, _data, *, teacher, **_kw):  # runs where the recovery would train
+    def check(pruned, teacher, _data, _config, **_kw):  # runs where the recovery would train
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_supported()):
             seen.append((teacher(*inputs).float(), model(*inputs).float(), pruned(*inputs).float()))
         # only the kept values train (Adam's moments cover them, not the dense tensors)
@@ -206,9 +202,9 @@ def test_the_teacher_is_the_unpruned_model_also_with_int8_values(monkeypatch):
         assert kept and {id(p) for p in trained} == {id(v) for v in kept}
         return 0.0
 
-    monkeypatch.setattr(sparsity_module, "recover", check)
+    monkeypatch.setattr(sparsity_module, "train", check)
     for bits in (None, 8):  # int8: k and v are too small to store sparse (no float weight to swap)
-        config = mp.SparsityConfig(method="wanda", calibration_batches=4, bits=bits, recover="distill")
+        config = mp.SparsityConfig(method="wanda", calibration_batches=4, bits=bits, recover={})
         mp.compress(model, [config], data)
         teacher, unpruned, pruned = seen[-1]
         torch.testing.assert_close(teacher, unpruned)
@@ -224,7 +220,7 @@ def test_task_recovery_trains_on_labeled_items():
     config = {"method": "magnitude", "ratio": 0.7}
     plain = mp.compress(model, [mp.SparsityConfig(**config)], data)
     recovered = mp.compress(
-        model, [mp.SparsityConfig(**config, recover="task", recover_epochs=5, recover_lr=3e-3)], data
+        model, [mp.SparsityConfig(**config, recover={"loss": "task", "epochs": 5, "lr": 3e-3})], data
     )
     x = torch.randn(256, 64)
     with torch.no_grad():
@@ -286,11 +282,12 @@ def test_global_magnitude_ranks_layers_together():
         ({"allocation": "sensitivity", "pattern": "2:4"}, "pattern: unstructured"),
         ({"allocation": "sensitivity", "ratio": 0.9}, "allocation_range"),
         ({"allocation": "sensitivity", "allocation_range": "wide"}, "allocation_range"),
-        ({"recover": "finetune"}, "recover="),
-        ({"recover_distill": "l2"}, "recover_distill"),
-        ({"recover_epochs": 0}, "recover_epochs"),
-        ({"recover_steps": 0}, "recover_steps"),
-        ({"recover_lr": 0.0}, "recover_lr"),
+        ({"recover": "distill"}, r"recover: \{loss: mse\}"),
+        ({"recover": {"loss": "l2"}}, "recover: distill: loss='l2'"),
+        ({"recover": {"epochs": 0}}, "epochs=0"),
+        ({"recover": {"steps": 0}}, "steps=0"),
+        ({"recover": {"lr": 0.0}}, "lr=0.0"),
+        ({"recover": {"recover_lr": 0.1}}, r"recover has no field\(s\) \['recover_lr'\]"),
     ],
 )
 def test_bad_configs_say_what_to_change(fields, message):
@@ -305,6 +302,6 @@ def test_data_methods_need_data_and_the_model_is_untouched():
         mp.compress(model, [mp.SparsityConfig(method="wanda")])
     with pytest.raises(DataError, match="reconstruct_epochs needs calibration data"):
         mp.compress(model, [mp.SparsityConfig(method="magnitude", reconstruct_epochs=1)])
-    with pytest.raises(DataError, match="recover: distill trains on data"):
-        mp.compress(model, [mp.SparsityConfig(method="magnitude", recover="distill")])
+    with pytest.raises(DataError, match="recover trains on data"):
+        mp.compress(model, [mp.SparsityConfig(method="magnitude", recover={})])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

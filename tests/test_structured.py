@@ -160,15 +160,13 @@ def _task() -> tuple[
     return model.eval(), items[:12], items[12:]
 
 
-@pytest.mark.parametrize(("recover", "distill"), [("task", "mse"), ("distill", "mse"), ("distill", "kl")])
-def test_recovery_improves_accuracy_over_the_unrecovered_model(recover, distill):
+@pytest.mark.parametrize("loss", ["task", "mse", "kl"])
+def test_recovery_improves_accuracy_over_the_unrecovered_model(loss):
     model, train, held = _task()
-    data = train if recover == "task" else [(xb,) for xb, _ in train]
+    data = train if loss == "task" else [(xb,) for xb, _ in train]
     cut = mp.StructuredPruningConfig(ratio=0.9)
-    plain = mp.compress(model, [cut], data if recover == "distill" else [(xb,) for xb, _ in train])
-    config = mp.StructuredPruningConfig(
-        ratio=0.9, recover=recover, recover_epochs=5, recover_lr=1e-2, recover_distill=distill
-    )
+    plain = mp.compress(model, [cut], [(xb,) for xb, _ in train])
+    config = mp.StructuredPruningConfig(ratio=0.9, recover=mp.DistillConfig(loss=loss, epochs=5, lr=1e-2))
     recovered = mp.compress(model, [config], data)
     assert plain[0].out_features == recovered[0].out_features == 7  # ceil(0.1 * 64)
     assert mp.accuracy(recovered, held) > mp.accuracy(plain, held) + 0.02
@@ -240,14 +238,13 @@ def test_dead_recurrent_units_are_removed_exactly(cell, layers, bidirectional):
 @pytest.mark.parametrize("importance", ["taylor", "activation"])
 def test_data_driven_importance_removes_the_dead_channels_first(importance):
     model, x = _residual()
-    # Taylor needs labels: with recover="task" the items are (inputs, labels); the tiny lr keeps the weights.
+    # Taylor needs labels: with recover loss "task" the items are (inputs, labels); the tiny lr keeps the weights.
     labeled = importance == "taylor"
     config = mp.StructuredPruningConfig(
         ratio=0.5,
         targets=("conv1",),
         importance=importance,
-        recover="task" if labeled else "none",
-        recover_lr=1e-12,
+        recover=mp.DistillConfig(loss="task", lr=1e-12) if labeled else None,
     )
     small = mp.compress(model, [config], [(x, torch.tensor([1, 3]))] if labeled else [(x,)])
     assert small.conv1.out_channels == 8

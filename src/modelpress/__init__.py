@@ -51,6 +51,7 @@ if TYPE_CHECKING:
         StructuredPruningConfig,
         WeightOnlyConfig,
     )
+    from modelpress.techniques.distill import distill
     from modelpress.techniques.mixed_precision import FloorNotMetError, search_mixed_precision
     from modelpress.techniques.structured import prune_gradually
 
@@ -107,6 +108,7 @@ _SOURCES: dict[str, str] = {
         "modelpress.techniques",
     ),
     **dict.fromkeys(["FloorNotMetError", "search_mixed_precision"], "modelpress.techniques.mixed_precision"),
+    "distill": "modelpress.techniques.distill",
     "prune_gradually": "modelpress.techniques.structured",
 }
 
@@ -178,6 +180,7 @@ __all__ = [
     "check_parity",
     "compare_artifacts",
     "compress",
+    "distill",
     "dump_recipe",
     "evaluate",
     "export_onnx",

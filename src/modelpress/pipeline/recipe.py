@@ -19,6 +19,7 @@ from modelpress.data import Dataset, as_dataset
 from modelpress.errors import RecipeError
 from modelpress.outputs import no_cache
 from modelpress.techniques import REGISTRY, config_from_dict, config_to_dict
+from modelpress.techniques.distill import distill_step
 from modelpress.techniques.select import conv1d_as_linear
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ def compress(
     steps = load_recipe(recipe)
     dataset = as_dataset(data)
     before = weight_layers(model)
+    # A distill step's teacher is the model before the recipe: the user's own (left untouched), or a copy.
+    teacher = (copy.deepcopy(model) if inplace else model) if any(c.type == "distill" for c in steps) else None
     out = model if inplace else copy.deepcopy(model)
     out.eval()
     _drop_inference_mode(out)
@@ -108,10 +111,13 @@ def compress(
         log.info("GPT-2 Conv1D layers taken as the Linear layers they are: %d", len(converted))
     # Calibration and tracing want results, not a Hugging Face key/value cache; the setting comes back after.
     with no_cache(out):
-        for config in steps:
+        for index, config in enumerate(steps):
             _, fn = REGISTRY[config.type]
             start = time.perf_counter()
-            out = fn(out, config, dataset)
+            if config.type == "distill":
+                out = distill_step(out, config, dataset, teacher=teacher, tag=f"step{index + 1}-distill")
+            else:
+                out = fn(out, config, dataset)
             log.info("%s done in %.1f s", config.type, time.perf_counter() - start)
     cov = coverage(before, out, steps)
     for row in cov.left_alone:

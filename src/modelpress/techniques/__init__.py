@@ -13,7 +13,7 @@ from modelpress.errors import RecipeError
 from modelpress.techniques.awq import AWQConfig, awq
 from modelpress.techniques.cluster import ClusterConfig, cluster
 from modelpress.techniques.depth import DepthPruningConfig, depth
-from modelpress.techniques.distill import DistillConfig, distill
+from modelpress.techniques.distill import DistillConfig, distill, distill_step, old_recover_error
 from modelpress.techniques.dynamic_int8 import DynamicInt8Config, dynamic_int8
 from modelpress.techniques.gptq import GPTQConfig, gptq
 from modelpress.techniques.lowrank import LowRankConfig, lowrank
@@ -39,7 +39,7 @@ REGISTRY: dict[str, tuple[type[Any], TechniqueFn]] = {
     DepthPruningConfig.type: (DepthPruningConfig, depth),
     LowRankConfig.type: (LowRankConfig, lowrank),
     ClusterConfig.type: (ClusterConfig, cluster),
-    DistillConfig.type: (DistillConfig, distill),
+    DistillConfig.type: (DistillConfig, distill_step),
 }
 
 # Float rewrites a technique makes before quantizing (model, config, data) -> model: a search that swaps layers
@@ -52,6 +52,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"type": config.type}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a nested config (recover:)
+            value = {k: v for k, v in config_to_dict(value).items() if k != "type"}
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 
@@ -82,6 +84,9 @@ def config_from_dict(raw: Mapping[str, Any], *, where: str = "recipe") -> Any:
     cls, _ = REGISTRY[kind]
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
+    old = old_recover_error(kind, raw) if "recover" in fields else None
+    if old is not None:  # the flat recover_* fields of before issue 27
+        raise RecipeError(f"{where}: {old}")
     unknown = sorted(set(raw) - fields - {"type"})
     if unknown:
         raise RecipeError(

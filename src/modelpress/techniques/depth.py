@@ -31,7 +31,8 @@ from modelpress.data import Dataset, as_dataset
 from modelpress.errors import DataError, GraphError, RecipeError
 from modelpress.loading import as_inputs
 from modelpress.ops.similarity import block_similarity
-from modelpress.techniques.finetune import check_recover, labeled, recover
+from modelpress.techniques.distill import DistillConfig, as_recover, train
+from modelpress.techniques.finetune import labeled
 from modelpress.techniques.select import matches_any, unmatched_patterns
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,10 @@ class DepthPruningConfig:
     importance: Literal["influence", "last"] = "influence"
     stack: str | None = None  # module name of the ModuleList/Sequential of blocks (default: found)
     ignore: tuple[str, ...] = ()  # blocks never removed (names, type names, `re:` regexes)
-    # Recovery after the cut: "distill" trains the pruned model to match the unpruned one on the data's
-    # inputs (no labels); "task" trains on (inputs, labels) items by cross-entropy; "none" skips it.
-    recover: Literal["none", "distill", "task"] = "none"
-    recover_epochs: int = 1
-    recover_steps: int | None = None  # stop after this many steps (batches) when set
-    recover_lr: float = 1e-4
-    # distill's loss: "mse" (relative MSE of the outputs) or "kl" (KL divergence of the softmax over the last
-    # dim: logits of classifiers and language models; the MSE of logits can make an LM worse)
-    recover_distill: Literal["mse", "kl"] = "mse"
+    # Recovery after the cut: distillation from the unpruned model (a DistillConfig; YAML
+    # `recover: {loss: kl, steps: 200, lr: 1e-4}`, `loss: task` for cross-entropy on (inputs, labels) items);
+    # null skips it.
+    recover: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         if self.blocks is not None and (isinstance(self.blocks, bool) or not isinstance(self.blocks, int)):
@@ -85,7 +81,7 @@ class DepthPruningConfig:
             raise RecipeError(
                 f"depth: stack={self.stack!r} must be a module name such as 'model.layers', or null."
             )
-        check_recover("depth", self)
+        object.__setattr__(self, "recover", as_recover("depth", self.recover))
 
 
 @dataclass
@@ -369,7 +365,7 @@ def depth(model: nn.Module, config: DepthPruningConfig, data: Dataset | Any = No
         )
     batches = [
         labeled(item, f"data item {i}", owner="depth")[0]
-        if config.recover == "task"
+        if config.recover is not None and config.recover.labeled
         else as_inputs(item, where="calibration item")
         for i, item in enumerate(items)
     ]
@@ -408,7 +404,12 @@ def depth(model: nn.Module, config: DepthPruningConfig, data: Dataset | Any = No
                 f"depth: {type(hf).__name__} sets per-layer options (per_layer_config), which depth pruning "
                 "cannot renumber yet; prune a model with a uniform config."
             )
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.recover == "distill" else None
+    recovery = config.recover
+    teacher = (
+        copy.deepcopy(model).eval().requires_grad_(False)
+        if recovery is not None and recovery.needs_teacher
+        else None
+    )
     params_before = _params(model)
     total = len(_entries(stack))
     gone = {b.position for b in removed}
@@ -438,20 +439,8 @@ def depth(model: nn.Module, config: DepthPruningConfig, data: Dataset | Any = No
         params_after,
         params_after / max(params_before, 1),
     )
-    if config.recover != "none":
-        assert dataset is not None
-        recover(
-            model,
-            dataset,
-            loss=config.recover,
-            lr=config.recover_lr,
-            distill=config.recover_distill,
-            epochs=config.recover_epochs,
-            steps=config.recover_steps,
-            teacher=teacher,
-            owner="depth",
-            logger=log,
-        )
+    if recovery is not None:
+        train(model, teacher, dataset, recovery, owner="depth", tag="depth-recover")
     return model
 
 

@@ -33,7 +33,8 @@ from modelpress.ops.sparse import (
     wanda_scores,
 )
 from modelpress.techniques.blockwise import BlockStep, bf16_supported, calibrate_blockwise
-from modelpress.techniques.finetune import check_recover, labeled, recover
+from modelpress.techniques.distill import DistillConfig, as_recover, train
+from modelpress.techniques.finetune import labeled
 from modelpress.techniques.gptq import collect_hessians
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer, SparseLayer, call_with_weight
 from modelpress.techniques.reconstruct import SparseFit, check_reconstruct, reconstruct
@@ -76,16 +77,12 @@ class SparsityConfig:
     # within `ratio` +- `allocation_range` and each block's total is exactly `ratio`; `_allocate`).
     allocation: Literal["uniform", "sensitivity"] = "uniform"
     allocation_range: float = 0.35
-    # Recovery once the whole model is pruned, the masks fixed (pruned weights stay 0): "distill" trains the
-    # kept weights of the sparse layers to match the unpruned model on the data's inputs (no labels), "task"
-    # by cross-entropy on (inputs, labels) items; `recover_distill`: "mse" (relative MSE of the outputs) or
-    # "kl" (KL divergence of the softmax over the last dim: logits of classifiers and language models).
-    # It runs under bf16 autocast where the CPU has bf16 units.
-    recover: Literal["none", "distill", "task"] = "none"
-    recover_epochs: int = 1
-    recover_steps: int | None = None  # stop after this many steps (batches) when set
-    recover_lr: float = 1e-4
-    recover_distill: Literal["mse", "kl"] = "mse"
+    # Recovery once the whole model is pruned, the masks fixed (pruned weights stay 0): the kept weights of
+    # the sparse layers trained by distillation from the unpruned model (a DistillConfig; YAML
+    # `recover: {loss: kl, steps: 32, lr: 1e-4}`: `kl` for logits of classifiers and language models, `mse`
+    # for other outputs, `task` for cross-entropy on (inputs, labels) items); null skips it. It runs under
+    # bf16 autocast where the CPU has bf16 units.
+    recover: DistillConfig | None = None
     layers: tuple[Literal["linear", "conv"], ...] = ("linear",)
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
@@ -144,7 +141,7 @@ class SparsityConfig:
                     f"sparsity: allocation_range={self.allocation_range} must be in (0, "
                     f"{min(target, 1.0 - target):g}]: each layer's ratio stays within ratio +- this, inside [0, 1]."
                 )
-        check_recover("sparsity", self)
+        object.__setattr__(self, "recover", as_recover("sparsity", self.recover))
         if self.reconstruct_epochs and self.scope == "global":
             raise RecipeError("sparsity: reconstruct_epochs works block by block; use scope: layer with it.")
         bad = [k for k in self.layers if k not in _TYPES]
@@ -484,10 +481,14 @@ def _originals(chosen: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{name}.weight": _weight(m).detach().to(dtype=dtype, copy=True) for name, m in chosen.items()}
 
 
-def _teacher(model: nn.Module, names: list[str], originals: dict[str, torch.Tensor]) -> nn.Module:
+def _teacher(
+    model: nn.Module, names: list[str], originals: dict[str, torch.Tensor], *, separate: bool
+) -> nn.Module:
     """`model` before pruning: a `_Teacher` when every pruned layer will have a float weight to swap (sparse
-    layers, and small layers keeping dense zeros), else (int8 small layers) a copy with the weights put back."""
-    if all(
+    layers, and small layers keeping dense zeros), else (int8 small layers, or `separate`: features or
+    attention are matched block by block, which needs the teacher's own modules) a copy with the weights put
+    back."""
+    if not separate and all(
         isinstance(m, SparseLayer) or isinstance(m._parameters.get("weight"), torch.Tensor)
         for m in (model.get_submodule(n) for n in names)
     ):
@@ -514,7 +515,10 @@ def _recover(
     Each `SparseLayer` becomes a `_KeptValues` for the duration: its kept values are the only trainable
     tensors, so a pruned weight stays exactly 0; every other parameter is frozen. `originals` (distill):
     the unpruned weights of the layers in `names`, for the teacher."""
-    teacher = _teacher(model, names, originals) if originals is not None else None
+    recovery = config.recover
+    assert recovery is not None
+    separate = recovery.features is not None or recovery.attention
+    teacher = _teacher(model, names, originals, separate=separate) if originals is not None else None
     swapped: dict[str, _KeptValues] = {}
     for name in names:
         layer = model.get_submodule(name)
@@ -531,19 +535,15 @@ def _recover(
         p.requires_grad_(False)
     start = time.perf_counter()
     try:
-        recover(
+        train(
             model,
+            teacher,
             data,
-            loss="task" if config.recover == "task" else "distill",
-            lr=config.recover_lr,
-            epochs=config.recover_epochs,
-            steps=config.recover_steps,
-            teacher=teacher,
+            recovery,
             owner="sparsity",
-            logger=log,
-            distill=config.recover_distill,
+            tag="sparsity-recover",
             autocast=bf16_supported(),
-            step_in_backward=True,  # the gradients of all the layers never exist at once
+            lean=True,  # the gradients of all the layers never exist at once; snapshots on disk
         )
     finally:
         for p in frozen:
@@ -551,9 +551,8 @@ def _recover(
         for name, kept in swapped.items():
             set_submodule(model, name, kept.stored())
     log.info(
-        "sparsity: recovery (%s%s) trained %d sparse layers, masks fixed, in %.1f s",
-        config.recover,
-        f", {config.recover_distill}" if config.recover == "distill" else "",
+        "sparsity: recovery (%s) trained %d sparse layers, masks fixed, in %.1f s",
+        recovery.loss,
         len(swapped),
         time.perf_counter() - start,
     )
@@ -570,13 +569,14 @@ def sparsity(model: nn.Module, config: SparsityConfig, data: Dataset | Any = Non
         log.warning("sparsity: no layer matched (layers=%s); the model is unchanged.", list(config.layers))
         return model
     training = as_dataset(data)
-    if config.recover != "none" and training is None:
+    recovery = config.recover
+    if recovery is not None and training is None:
         raise DataError(
-            f"sparsity: recover: {config.recover} trains on data: pass `data=` to compress, or --data "
-            "file.py:fn on the command line; or set recover: none."
+            "sparsity: recover trains on data: pass `data=` to compress, or --data file.py:fn on the command "
+            "line; or drop recover."
         )
-    originals = _originals(chosen) if config.recover == "distill" else None
-    if config.recover == "task" and training is not None:  # the items are (inputs, labels)
+    originals = _originals(chosen) if recovery is not None and recovery.needs_teacher else None
+    if recovery is not None and recovery.labeled and training is not None:  # the items are (inputs, labels)
         data = Dataset(training, lambda item: labeled(item, "a data item", owner="sparsity")[0])
     if config.method == "magnitude" and not config.reconstruct_epochs:
         threshold = None
@@ -612,7 +612,7 @@ def sparsity(model: nn.Module, config: SparsityConfig, data: Dataset | Any = Non
             fast_rerun=config.reconstruct_epochs > 0,
             fast_reference=config.reconstruct_epochs > 0,
         )
-    if config.recover != "none":
+    if recovery is not None:
         assert training is not None
         _recover(model, list(chosen), training, config, originals)
         del originals

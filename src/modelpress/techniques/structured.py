@@ -53,7 +53,9 @@ from modelpress.graph.heads import (
 from modelpress.loading import as_inputs
 from modelpress.ops.refit import refit_columns
 from modelpress.outputs import named_outputs, output_tensors
-from modelpress.techniques.finetune import check_recover, labeled, recover, task_loss
+from modelpress.techniques.distill import DistillConfig, as_recover
+from modelpress.techniques.distill import train as distill_train
+from modelpress.techniques.finetune import labeled, task_loss
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
 from modelpress.techniques.select import conv1d_as_linear, matches_any, select_modules, unmatched_patterns
 
@@ -99,18 +101,13 @@ class StructuredPruningConfig:
     reconstruct: bool = False
     # Pruning rounds: the ratio is reached gradually on the cubic (AGP) schedule, recovering after each.
     schedule_steps: int = 1
-    # Recovery after each cut: "distill" trains the pruned model to match the unpruned one on the data's
-    # inputs (no labels); "task" trains on (inputs, labels) items by cross-entropy; "none" skips it.
-    recover: Literal["none", "distill", "task"] = "none"
-    recover_epochs: int = 1
-    recover_steps: int | None = None  # stop after this many steps (batches) per round when set
-    recover_lr: float = 1e-4
-    # distill's loss: "mse" (relative MSE of the outputs) or "kl" (KL divergence of the softmax over the last
-    # dim: logits of classifiers and language models; the MSE of logits can make an LM worse)
-    recover_distill: Literal["mse", "kl"] = "mse"
+    # Recovery after each cut (round): distillation from the unpruned model (a DistillConfig; YAML
+    # `recover: {loss: kl, steps: 200, lr: 1e-4}`; `loss: kl` for logits, `mse` for other outputs, `task`
+    # for cross-entropy on (inputs, labels) items); null skips it.
+    recover: DistillConfig | None = None
 
     def __post_init__(self) -> None:
-        check_recover("structured", self)
+        object.__setattr__(self, "recover", as_recover("structured", self.recover))
         if not 0 <= self.ratio < 1:
             raise RecipeError(
                 f"structured: ratio={self.ratio} must be in [0, 1): the fraction of each group's channels removed."
@@ -279,7 +276,7 @@ def _taylor_gradients(model: nn.Module, batches: list[Any], *, with_labels: bool
                 found = _next_token_loss(model(*inputs), inputs)
                 if found is None:
                     raise DataError(
-                        "structured: importance='taylor' needs a loss: with recover='task' the items are "
+                        "structured: importance='taylor' needs a loss: with recover: {loss: task} the items are "
                         "(inputs, labels); otherwise the model must read token ids (batch, sequence) and return "
                         "logits (batch, sequence, vocab) (next-token loss). Use importance='activation', which "
                         "needs no labels."
@@ -345,12 +342,17 @@ def _scorer(model: nn.Module, config: StructuredPruningConfig, dataset: Dataset)
         return _magnitude(1 if config.importance == "l1" else 2)
     batches = list(dataset.take(config.importance_batches))
     if config.importance == "taylor":
-        _taylor_gradients(model, batches, with_labels=config.recover == "task")
+        _taylor_gradients(model, batches, with_labels=_labeled(config))
         return _taylor
     layers = [
         m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.LSTM, nn.GRU))
     ]
-    return _activation(_input_energy(model, layers, batches, with_labels=config.recover == "task"))
+    return _activation(_input_energy(model, layers, batches, with_labels=_labeled(config)))
+
+
+def _labeled(config: StructuredPruningConfig) -> bool:
+    """Whether the data items are (inputs, labels): the recovery trains on labels."""
+    return config.recover is not None and config.recover.labeled
 
 
 @dataclass
@@ -938,7 +940,7 @@ def _prune_once(
                 model,
                 refits,
                 list(dataset.take(config.importance_batches)),
-                with_labels=config.recover == "task",
+                with_labels=_labeled(config),
             )
             if refits
             else {}
@@ -988,7 +990,7 @@ def prune_gradually(
         )
     if floor is not None and evaluate is None:
         raise RecipeError("structured: a quality floor needs `evaluate`, the function that scores the model.")
-    if config.recover == "task":  # the items are (inputs, labels)
+    if _labeled(config):  # the items are (inputs, labels)
         first = labeled(first, "the first data item", owner="structured")[0]
     missing = unmatched_patterns(model, config.targets)
     if missing:
@@ -999,9 +1001,10 @@ def prune_gradually(
     example = as_inputs(first, where="calibration item")
     if conv1d_as_linear(model):  # GPT-2's Conv1D: its rows are the Linear's (compress has done this already)
         log.info("structured: GPT-2 Conv1D layers taken as the Linear layers they are")
+    recovery = config.recover
     teacher = (
         copy.deepcopy(model).eval().requires_grad_(False)
-        if config.recover == "distill" and train is None
+        if recovery is not None and recovery.needs_teacher and train is None
         else None
     )
     last_good = copy.deepcopy(model) if floor is not None else None
@@ -1020,19 +1023,9 @@ def prune_gradually(
             model.eval()
             train(model, step)
             model.eval()
-        elif config.recover != "none" and changed:
-            recover(
-                model,
-                dataset,
-                loss="task" if config.recover == "task" else "distill",
-                lr=config.recover_lr,
-                distill=config.recover_distill,
-                epochs=config.recover_epochs,
-                steps=config.recover_steps,
-                teacher=teacher,
-                owner="structured",
-                logger=log,
-            )
+        elif recovery is not None and changed:
+            tag = "structured-recover" if steps == 1 else f"structured-recover-round{step}"
+            distill_train(model, teacher, dataset, recovery, owner="structured", tag=tag)
         if evaluate is None:
             continue
         with torch.no_grad():
