@@ -34,7 +34,8 @@ CONTRACT_CONFIGS = {
     "depth": mp.DepthPruningConfig(blocks=1),
     # issue 27 (each owned by its helper while being written)
     "lowrank": mp.LowRankConfig(ratio=0.5, whiten=True, layers=("linear", "conv", "embedding")),
-    "cluster": mp.ClusterConfig(),
+    # one codebook per layer, 4-bit indices
+    "cluster": mp.ClusterConfig(values=16, layers=("linear", "conv", "embedding")),
     "distill": mp.DistillConfig(),
     "mixed_precision": mp.MixedPrecisionConfig(
         min_cosine=0.99, holdout=2, scheme={"type": "static_int8", "calibration_batches": 2}
@@ -51,6 +52,7 @@ NOTHING_TO_DO = {
     ("lowrank", "dcgan_generator"),  # transposed convolutions are not factorized
     ("dynamic_int8", "dense_unet"),  # convolutions only
     ("awq", "dense_unet"),
+    ("cluster", "gru_classifier"),  # its only Linear (320 weights) is under cluster's 1024-weight minimum
 }
 
 

@@ -1,25 +1,514 @@
-"""Weight sharing: k-means clusters per layer or group of rows, stored as a codebook plus packed indices.
+"""Weight sharing: each selected layer's weights are clustered (k-means) into 2 to 256 shared values, per
+layer or per group of output rows, and stored as a codebook plus packed indices (4 bits each for 16
+values). No calibration data is needed; with `recover`, the shared values (centroids) are then trained on
+data with every weight's index fixed.
 
-Work in progress (issue 27): this module is being written.
+The artifact stores the codebook (fp32, or int8 with one scale per codebook: `codebook_bits: 8`) and
+uint8 bytes of packed indices; the graph decodes them (unpack, gather), a constant subgraph that ONNX
+Runtime and OpenVINO fold once at load, so the file is small and the runtime computes with the dense
+weight at fp32 speed. A layer stored sparse by an earlier `sparsity` step keeps its bitmask: only its kept
+values are clustered, a pruned weight stays exactly 0.
+
+>>> small = compress(model, [ClusterConfig(values=16)])  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import math
+import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import torch
 from torch import nn
 
-from modelpress.errors import RecipeError
+from modelpress.data import Dataset, as_dataset
+from modelpress.errors import DataError, RecipeError
+from modelpress.ops.cluster import (
+    assign,
+    index_bits,
+    kmeans,
+    pack_indices,
+    quantize_codebook,
+    unpack_bits,
+    unpack_indices,
+)
+from modelpress.ops.sparse import pack_mask, scatter_kept
+from modelpress.techniques.blockwise import bf16_supported
+from modelpress.techniques.distill import DistillConfig, as_recover, train
+from modelpress.techniques.quantized import (
+    QUANTIZABLE_TYPES,
+    SparseLayer,
+    WeightView,
+    call_with_weight,
+    output_axis,
+)
+from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
+
+log = logging.getLogger(__name__)
+
+# Below this many weights a layer's decoding graph (~1.5 KB in ONNX) outweighs what clustering saves
+# (fp32: 4 bytes a weight): such layers are left alone unless named in `targets`.
+MIN_CLUSTER_ELEMENTS = 1024
+
+ClusterKind = Literal["linear", "conv", "embedding"]
+_KINDS = ("linear", "conv", "embedding")
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Weight sharing: k-means clusters per layer or group of rows, stored as a codebook plus packed indices."""
+    """Cluster each selected layer's weights into `values` shared values (k-means, k-means++ seeding).
+
+    `per: layer`: one codebook per layer; `per: rows`: one per `group_size` output rows (channels).
+    `codebook_bits: 8` stores each codebook as int8 with one fp32 scale (the shared values are then on an
+    int8 grid). `recover` (a DistillConfig, or None) trains the shared values on data, every weight's cluster
+    fixed, as sparsity's recovery does.
+
+    >>> ClusterConfig(values=16, per="rows", group_size=4).index_bits
+    4
+    """
 
     type: ClassVar[str] = "cluster"
+    values: int = 16
+    per: Literal["layer", "rows"] = "layer"
+    group_size: int = 1  # per: rows: output rows (channels) sharing one codebook
+    codebook_bits: Literal[32, 8] = 32
+    iterations: int = 30  # Lloyd iterations at most (it stops when no assignment changes)
+    seed: int = 0
+    # Training of the shared values afterwards, every weight's cluster fixed: a distill config (YAML
+    # `recover: {loss: task, epochs: 1, lr: 1e-4}`; `kl` / `mse` distil from the model before clustering on
+    # unlabeled inputs, `task` is cross-entropy on (inputs, labels) items), or null: none.
+    recover: DistillConfig | None = None
+    layers: tuple[ClusterKind, ...] = ("linear", "conv")
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.values, bool) or not isinstance(self.values, int) or not 2 <= self.values <= 256:
+            raise RecipeError(
+                f"cluster: values={self.values!r} must be a whole number from 2 to 256 (shared values per "
+                "codebook; 16 packs each index into 4 bits)."
+            )
+        if self.per not in ("layer", "rows"):
+            raise RecipeError(f"cluster: per={self.per!r} is unknown; choose 'layer' or 'rows'.")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise RecipeError(
+                f"cluster: group_size={self.group_size!r} must be a whole number, at least 1 (output rows "
+                "per codebook with per: rows)."
+            )
+        if self.per == "layer" and self.group_size != 1:
+            raise RecipeError(
+                "cluster: group_size applies to per: rows; set per: rows or leave group_size at 1."
+            )
+        if self.codebook_bits not in (32, 8):
+            raise RecipeError(
+                f"cluster: codebook_bits={self.codebook_bits!r} is not supported; use 32 (fp32 shared values) or "
+                "8 (int8 with one scale per codebook)."
+            )
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            raise RecipeError(f"cluster: iterations={self.iterations!r} must be a whole number, at least 1.")
+        object.__setattr__(self, "recover", as_recover("cluster", self.recover))
+        bad = [k for k in self.layers if k not in _KINDS]
+        if bad or not self.layers:
+            raise RecipeError(f"cluster: layers={list(self.layers)} is invalid; choose from {list(_KINDS)}.")
+
+    @property
+    def index_bits(self) -> int:
+        """Bits each packed index takes: 2 (<= 4 values), 4 (<= 16) or 8."""
+        return index_bits(self.values)
 
 
-def cluster(model: nn.Module, config: ClusterConfig, data: Any = None) -> nn.Module:
-    """Not written yet."""
-    raise RecipeError("cluster: not available yet.")
+class ClusteredLayer(WeightView):
+    """A layer whose weight is stored as shared values (a codebook per layer or per group of output rows)
+    plus one packed index per weight (or, for a layer stored sparse, a bitmask plus one index per kept
+    weight). Forward decodes the dense weight (unpack, gather, and where the bitmask says 0, zero) and runs
+    the wrapped layer's own maths with it.
+
+    The weight is handled rows-first: output channels on dim 0 (ConvTranspose's weight is moved there),
+    the rest flattened, so a group of rows is a contiguous block of indices.
+    """
+
+    _modelpress_atomic = True
+    codebook: torch.Tensor  # (groups, values) fp32, or int8 codes with `codebook_scale`
+    codebook_scale: torch.Tensor | None  # (groups,) fp32 for an int8 codebook
+    indices: torch.Tensor  # uint8, packed `index_bits` each, row-major over the (kept) weights
+    bitmask: torch.Tensor | None  # uint8, one bit per weight (rows-first order), or None: dense
+
+    def __init__(
+        self,
+        inner: nn.Module,
+        centroids: torch.Tensor,
+        indices: torch.Tensor,
+        *,
+        shape: tuple[int, ...],
+        group_size: int,
+        mask: torch.Tensor | None = None,
+        codebook_bits: int = 32,
+    ) -> None:
+        """`centroids` (groups, values) fp32; `indices` (rows, cols) int in [0, values) in rows-first
+        layout; `mask` (rows, cols) bool or None; `shape` the layer's weight shape; `group_size` rows per
+        codebook (the last group may be partial)."""
+        super().__init__()
+        self.axis = output_axis(inner)
+        self.weight_shape = tuple(shape)
+        self.rows = shape[self.axis]
+        self.cols = math.prod(shape) // max(self.rows, 1)
+        self.group_size = group_size
+        self.values = centroids.shape[1]
+        self.bits = index_bits(max(self.values, 2))
+        if indices.shape != (self.rows, self.cols):
+            raise ValueError(
+                f"ClusteredLayer: indices {tuple(indices.shape)} are not ({self.rows}, {self.cols})."
+            )
+        if centroids.shape[0] != -(-self.rows // group_size):
+            raise ValueError(
+                f"ClusteredLayer: {centroids.shape[0]} codebooks for {self.rows} rows in groups of {group_size}."
+            )
+        if codebook_bits == 8:
+            codes, scale = quantize_codebook(centroids.detach().float())
+            self.register_buffer("codebook", codes)
+            self.register_buffer("codebook_scale", scale)
+        else:
+            self.register_buffer("codebook", centroids.detach().float().contiguous())
+            self.register_buffer("codebook_scale", None)
+        if mask is None:
+            self.register_buffer("bitmask", None)
+            kept = indices.reshape(-1)
+        else:
+            self.register_buffer("bitmask", pack_mask(mask))
+            kept = indices[mask]
+        self.kept = int(kept.numel())
+        self.register_buffer("indices", pack_indices(kept, bits=self.bits))
+        if "weight" in inner._parameters:
+            del inner.weight  # only the codebook and the indices are kept
+        self.inner = inner
+
+    @property
+    def scheme(self) -> str:
+        per = "" if self.group_size >= self.rows else f"/{self.group_size}rows"
+        name = f"cluster{self.values}{per}"
+        if self.codebook_scale is not None:
+            name += "+int8cb"
+        if self.bitmask is not None:
+            name = f"sparse{round(100 * (1 - self.kept / max(self.rows * self.cols, 1)))}%+" + name
+        return name
+
+    def shared_values(self) -> torch.Tensor:
+        """The codebooks (groups, values) as fp32."""
+        if self.codebook_scale is None:
+            return self.codebook
+        return self.codebook.float() * self.codebook_scale[:, None]
+
+    def group_indices(self) -> torch.Tensor:
+        """Each weight's index into its group's codebook, (rows, cols) int64 (0 where pruned)."""
+        numel = self.rows * self.cols
+        kept = unpack_indices(self.indices, self.kept, bits=self.bits)
+        if self.bitmask is None:
+            return kept.reshape(self.rows, self.cols)
+        return scatter_kept(kept, unpack_bits(self.bitmask, numel)).reshape(self.rows, self.cols)
+
+    def mask(self) -> torch.Tensor | None:
+        """The keep-mask (rows, cols), or None for a dense layer."""
+        if self.bitmask is None:
+            return None
+        return unpack_bits(self.bitmask, self.rows * self.cols).reshape(self.rows, self.cols)
+
+    def flat_indices(self) -> torch.Tensor:
+        """Indices into the flattened codebooks, (rows, cols) int64: a row's group offset added."""
+        idx = self.group_indices()
+        if self.group_size < self.rows:  # several codebooks: row r reads codebook r // group_size
+            group = torch.div(
+                torch.arange(self.rows, device=idx.device), self.group_size, rounding_mode="floor"
+            )
+            idx = idx + (group * self.values)[:, None]
+        return idx
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return _decode(self.shared_values(), self.flat_indices(), self.mask(), self.weight_shape, self.axis)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return call_with_weight(self.inner, self.forward_weight(), args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.scheme}, shape={self.weight_shape}, {self.bits}-bit indices, codebooks={self.codebook.shape[0]}"
+
+
+def _decode(
+    shared: torch.Tensor, flat_idx: torch.Tensor, mask: torch.Tensor | None, shape: tuple[int, ...], axis: int
+) -> torch.Tensor:
+    """The dense weight of `shape` from codebooks (groups, values), flat indices (rows, cols) and a mask."""
+    w = shared.reshape(-1)[flat_idx]  # (rows, cols)
+    if mask is not None:
+        w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    moved = (shape[axis], *shape[:axis], *shape[axis + 1 :])
+    return w.reshape(moved).movedim(0, axis)
+
+
+def _rows_first(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    return weight.detach().float().movedim(axis, 0).reshape(weight.shape[axis], -1)
+
+
+def _cluster_layer(
+    name: str, module: nn.Module, config: ClusterConfig, generator: torch.Generator
+) -> ClusteredLayer:
+    """k-means of one layer (or one SparseLayer's kept values) into a ClusteredLayer."""
+    if isinstance(module, SparseLayer):
+        inner, shape = module.inner, module.weight_shape
+        dense = module.dense_weight()
+        mask2d: torch.Tensor | None = (
+            _rows_first(unpack_bits(module.bitmask, module.numel).reshape(shape), module.axis) != 0
+        )
+    else:
+        inner = module
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        shape, dense, mask2d = tuple(weight.shape), weight, None
+    axis = output_axis(inner)
+    w2 = _rows_first(dense, axis)  # (rows, cols)
+    rows, cols = w2.shape
+    size = rows if config.per == "layer" else min(config.group_size, rows)
+    smallest = (rows % size or size) * cols
+    if smallest < config.values:
+        where = (
+            "the layer"
+            if config.per == "layer"
+            else f"its smallest group of rows ({rows % size or size} x {cols})"
+        )
+        raise RecipeError(
+            f"cluster: layer '{name}' has {smallest} weights in {where}, fewer than values={config.values} "
+            f"clusters; lower values, use larger groups, or add '{name}' to ignore."
+        )
+    weights = None if mask2d is None else mask2d.float()
+    centroids, idx = [], []
+    full = rows - rows % size
+    spans = [(0, full)] if full else []
+    if full < rows:
+        spans.append((full, rows))  # the last, partial group on its own
+    for start, stop in spans:
+        n = size if stop - start >= size else stop - start
+        x = w2[start:stop].reshape(-1, n * cols)
+        wt = None if weights is None else weights[start:stop].reshape(-1, n * cols)
+        # a layer pruned in place (too small for the bitmask format) keeps its zeros as a shared value 0
+        c, i = kmeans(
+            x,
+            config.values,
+            weights=wt,
+            iterations=config.iterations,
+            generator=generator,
+            keep_zero=wt is None,
+        )
+        if config.codebook_bits == 8:  # the shared values as stored: each weight to its nearest int8 value
+            codes, scale = quantize_codebook(c)
+            c = codes.float() * scale[:, None]
+            i = assign(x, c)
+        centroids.append(c)
+        idx.append(i.reshape(stop - start, cols))
+    return ClusteredLayer(
+        inner,
+        torch.cat(centroids),
+        torch.cat(idx),
+        shape=shape,
+        group_size=size,
+        mask=mask2d,
+        codebook_bits=config.codebook_bits,
+    )
+
+
+def _select(model: nn.Module, config: ClusterConfig) -> dict[str, nn.Module]:
+    missing = unmatched_patterns(model, config.targets)
+    if missing:
+        raise RecipeError(
+            f"cluster: targets {missing} match no module of the model. Check the names (see `modelpress "
+            "profile` for the layer list), or use a type name such as 'Linear' or a 're:' regex."
+        )
+    types = tuple(t for kind in config.layers for t in QUANTIZABLE_TYPES[kind])
+    chosen: dict[str, nn.Module] = {}
+    small: list[str] = []
+    for name, module in select_modules(
+        model, types=(*types, SparseLayer), targets=config.targets, ignore=config.ignore
+    ):
+        if isinstance(module, SparseLayer):
+            if not isinstance(module.inner, types):
+                continue
+        elif not isinstance(getattr(module, "weight", None), nn.Parameter):
+            continue  # the inner layer of a compressed layer (its weight is stored elsewhere)
+        weight = module.dense_weight() if isinstance(module, SparseLayer) else module.weight
+        assert isinstance(weight, torch.Tensor)
+        if not torch.isfinite(weight).all():
+            raise RecipeError(
+                f"cluster: layer '{name}' has NaN or Inf in its weight; fix the checkpoint, or add it to ignore."
+            )
+        if weight.numel() < MIN_CLUSTER_ELEMENTS and not (config.targets and name in config.targets):
+            small.append(name)
+            continue
+        chosen[name] = module
+    if small:
+        log.info(
+            "cluster: %d layers under %d weights stay as they are (the decoding graph would cost more than "
+            "it saves; name one in targets to cluster it anyway): %s",
+            len(small),
+            MIN_CLUSTER_ELEMENTS,
+            small,
+        )
+    return chosen
+
+
+class _Centroids(nn.Module):
+    """A clustered layer being fine-tuned: its shared values are the parameter, every weight's index (and
+    bitmask) fixed, the dense weight gathered from them on each forward."""
+
+    flat_idx: torch.Tensor
+    keep: torch.Tensor | None
+
+    def __init__(self, layer: ClusteredLayer) -> None:
+        super().__init__()
+        self.shared = nn.Parameter(layer.shared_values().detach().clone())
+        self.register_buffer("flat_idx", layer.flat_indices())
+        self.register_buffer("keep", layer.mask())
+        self.layer = [layer]  # a list: not a submodule
+        self.inner = layer.inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        layer = self.layer[0]
+        weight = _decode(self.shared, self.flat_idx, self.keep, layer.weight_shape, layer.axis)
+        return call_with_weight(self.inner, weight, args, kwargs)
+
+    def stored(self, codebook_bits: int) -> ClusteredLayer:
+        layer = self.layer[0]
+        return ClusteredLayer(
+            self.inner,
+            self.shared.detach(),
+            layer.group_indices(),
+            shape=layer.weight_shape,
+            group_size=layer.group_size,
+            mask=self.keep,
+            codebook_bits=codebook_bits,
+        )
+
+
+def _recover(
+    model: nn.Module, names: list[str], data: Dataset, config: ClusterConfig, teacher: nn.Module | None
+) -> None:
+    """Train the shared values of the clustered layers among `names`, indices fixed; everything else frozen."""
+    recovery = config.recover
+    assert recovery is not None
+    swapped: dict[str, _Centroids] = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        if isinstance(layer, ClusteredLayer):
+            swapped[name] = _Centroids(layer)
+            set_submodule(model, name, swapped[name])
+    trainable = {id(c.shared) for c in swapped.values()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
+    for p in frozen:
+        p.requires_grad_(False)
+    start = time.perf_counter()
+    try:
+        train(
+            model, teacher, data, recovery, owner="cluster", tag="cluster-recover", autocast=bf16_supported()
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for name, c in swapped.items():
+            set_submodule(model, name, c.stored(config.codebook_bits))
+    log.info(
+        "cluster: recovery (%s) trained the shared values of %d layers, indices fixed, in %.1f s",
+        recovery.loss,
+        len(swapped),
+        time.perf_counter() - start,
+    )
+
+
+def _sharing(module: nn.Module, source: ClusteredLayer) -> ClusteredLayer:
+    """A ClusteredLayer for `module` holding the very tensors of `source` (a layer tied to the same weight)."""
+    layer = ClusteredLayer(
+        module,
+        source.shared_values(),
+        source.group_indices(),
+        shape=source.weight_shape,
+        group_size=source.group_size,
+        mask=source.mask(),
+        codebook_bits=32 if source.codebook_scale is None else 8,
+    )
+    for key, value in source._buffers.items():
+        setattr(layer, key, value)  # the same tensors: exported once
+    return layer
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    if isinstance(module, SparseLayer):
+        return sum(t.numel() * t.element_size() for t in module.buffers(recurse=False))
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.numel() * weight.element_size()
+
+
+def cluster(model: nn.Module, config: ClusterConfig, data: Dataset | Any = None) -> nn.Module:
+    """Replace the selected layers by `ClusteredLayer`s (k-means per layer or group of rows); with
+    `recover`, then train their shared values on `data`, every weight's cluster fixed.
+
+    >>> m = cluster(nn.Sequential(nn.Linear(64, 32)), ClusterConfig(values=4))
+    >>> m[0].shared_values().shape, m[0].indices.dtype
+    (torch.Size([1, 4]), torch.uint8)
+    """
+    chosen = _select(model, config)
+    if not chosen:
+        log.warning("cluster: no layer matched (layers=%s); the model is unchanged.", list(config.layers))
+        return model
+    training = as_dataset(data)
+    recovery = config.recover
+    if recovery is not None and training is None:
+        raise DataError(
+            "cluster: recover trains the shared values on data: pass `data=` to compress, or --data "
+            "file.py:fn on the command line; or drop recover (k-means itself needs no data)."
+        )
+    teacher = (
+        copy.deepcopy(model).eval().requires_grad_(False)
+        if recovery is not None and recovery.needs_teacher
+        else None
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    before = after = 0
+    # Tied weights (an LM's embedding and head share one Parameter) are clustered once and the codebook
+    # and indices shared, so the artifact stores them once, as the fp32 model did.
+    first_user: dict[int, ClusteredLayer] = {}
+    for name, module in chosen.items():
+        stored = _weight_bytes(module)
+        weight = module._parameters.get("weight")
+        source = first_user.get(id(weight)) if weight is not None else None
+        if (
+            source is not None
+            and weight is not None
+            and source.weight_shape == tuple(weight.shape)
+            and source.axis == output_axis(module)
+        ):
+            layer = _sharing(module, source)
+        else:
+            layer = _cluster_layer(name, module, config, generator)
+            if weight is not None:
+                first_user[id(weight)] = layer
+        before += stored
+        after += sum(t.numel() * t.element_size() for t in layer.buffers(recurse=False))
+        if name:
+            set_submodule(model, name, layer)
+        else:
+            model = layer
+    if recovery is not None:
+        assert training is not None
+        _recover(model, list(chosen), training, config, teacher)
+    log.info(
+        "cluster: %d layers clustered into %d shared values (%s), %d-bit indices: weight bytes %d -> %d",
+        len(chosen),
+        config.values,
+        "per layer" if config.per == "layer" else f"per {config.group_size} rows",
+        config.index_bits,
+        before,
+        after,
+    )
+    return model
+
+
+__all__ = ["ClusterConfig", "ClusteredLayer", "cluster"]

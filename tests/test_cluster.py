@@ -1,0 +1,285 @@
+"""Weight sharing (`cluster`): k-means, index packing, the stored layer, its export, composition, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modelpress as mp
+from modelpress.ops.cluster import (
+    index_bits,
+    kmeans,
+    pack_indices,
+    packed_bytes,
+    quantize_codebook,
+    unpack_indices,
+)
+from modelpress.techniques.cluster import ClusteredLayer, cluster
+from modelpress.techniques.quantized import SparseLayer
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 48)).eval()
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 256),
+    ).eval()
+
+
+def test_kmeans_finds_separated_clusters_deterministically():
+    centres = torch.tensor([-3.0, -1.0, 0.5, 2.0])
+    x = centres[torch.randint(0, 4, (2, 400), generator=_gen(1))] + 0.01 * torch.randn(
+        2, 400, generator=_gen(2)
+    )
+    c1, i1 = kmeans(x, 4, generator=_gen())
+    c2, i2 = kmeans(x, 4, generator=_gen())
+    assert torch.equal(c1, c2) and torch.equal(i1, i2)
+    assert torch.allclose(c1.sort(dim=1).values, centres.expand(2, 4), atol=0.01)
+    assert (c1.gather(1, i1) - x).abs().max() < 0.05  # every value on its own cluster's centre
+
+
+def test_weighted_kmeans_ignores_points_of_weight_zero():
+    x = torch.tensor([[0.0, 0.1, 1.0, 1.1, 50.0, -50.0]])
+    weights = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
+    centroids, _ = kmeans(x, 2, weights=weights, generator=_gen())
+    assert torch.allclose(centroids.sort().values, torch.tensor([[0.05, 1.05]]))
+
+
+def test_kmeans_keeps_exact_zeros_as_a_shared_value():
+    x = torch.randn(3, 300, generator=_gen())
+    x[:, ::3] = 0.0
+    centroids, idx = kmeans(x, 8, generator=_gen(), keep_zero=True)
+    assert (centroids.gather(1, idx)[x == 0] == 0).all()
+
+
+@pytest.mark.parametrize(("values", "bits"), [(2, 2), (4, 2), (5, 4), (16, 4), (17, 8), (256, 8)])
+def test_index_packing_round_trips_in_the_claimed_bytes(values, bits):
+    assert index_bits(values) == bits
+    for numel in (1, 7, 1001):
+        idx = torch.randint(0, values, (numel,), generator=_gen(numel))
+        packed = pack_indices(idx, bits=bits)
+        assert packed.dtype == torch.uint8
+        assert packed.numel() == packed_bytes(numel, bits=bits) == -(-numel * bits // 8)
+        assert torch.equal(unpack_indices(packed, numel, bits=bits), idx)
+
+
+def test_int8_codebook_is_on_the_int8_grid():
+    centroids = torch.randn(5, 16, generator=_gen())
+    codes, scale = quantize_codebook(centroids)
+    assert codes.dtype == torch.int8 and scale.shape == (5,)
+    assert (codes.float() * scale[:, None] - centroids).abs().max() <= scale.max() / 2 + 1e-6
+
+
+def test_the_layer_stores_a_codebook_and_packed_indices():
+    model = _mlp()
+    small = cluster(model, mp.ClusterConfig(values=16))
+    first = small[0]
+    assert isinstance(first, ClusteredLayer)
+    assert first.codebook.shape == (1, 16) and first.codebook.dtype == torch.float32
+    assert first.indices.dtype == torch.uint8 and first.indices.numel() == 96 * 64 // 2  # 4 bits each
+    assert "weight" not in dict(first.named_parameters(recurse=False))
+    stored = sum(t.numel() * t.element_size() for t in first.buffers(recurse=False))
+    assert stored == 16 * 4 + 96 * 64 // 2  # codebook + indices, the bias aside
+    assert first.dequantized_weight().unique().numel() <= 16
+
+
+def test_codebooks_per_group_of_rows_including_a_partial_last_group():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 30)).eval()
+    small = cluster(model, mp.ClusterConfig(values=4, per="rows", group_size=4, codebook_bits=8))
+    layer = small[0]
+    assert layer.codebook.shape == (8, 4) and layer.codebook.dtype == torch.int8  # 7 full groups + 2 rows
+    assert layer.codebook_scale is not None and layer.indices.numel() == 30 * 128 // 4  # 2 bits each
+    weight = layer.dequantized_weight()
+    for g in range(8):
+        assert weight[4 * g : 4 * g + 4].unique().numel() <= 4
+
+
+@pytest.mark.parametrize("per", ["layer", "rows"])
+def test_forward_equals_the_layer_with_its_decoded_weight(per):
+    model = _cnn()
+    x = torch.randn(2, 3, 8, 8, generator=_gen())
+    small = cluster(model, mp.ClusterConfig(values=16, per=per, group_size=8 if per == "rows" else 1))
+    conv, linear = small[2], small[5]
+    assert isinstance(conv, ClusteredLayer) and isinstance(linear, ClusteredLayer)
+    h = F.relu(small[0](x))
+    expected = F.conv2d(h, conv.dequantized_weight(), conv.inner.bias)
+    assert torch.equal(conv(h), expected)
+    torch.testing.assert_close(small(x), model(x), atol=0.1, rtol=0.1)
+
+
+def test_a_transposed_convolution_clusters_its_output_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(32, 16, 4)).eval()
+    small = cluster(model, mp.ClusterConfig(values=16, per="rows"))
+    layer = small[0]
+    assert layer.codebook.shape == (16, 16)  # one codebook per output channel (weight axis 1)
+    weight = layer.dequantized_weight()
+    assert weight.shape == (32, 16, 4, 4)
+    assert all(weight[:, c].unique().numel() <= 16 for c in range(16))
+    x = torch.randn(1, 32, 3, 3, generator=_gen())
+    assert torch.equal(small(x), F.conv_transpose2d(x, weight, layer.inner.bias))
+
+
+def _bytes(path) -> int:
+    return path.stat().st_size
+
+
+def test_the_exported_file_is_as_small_as_claimed_and_runs_with_parity(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+    x = torch.randn(4, 256, generator=_gen())
+    fp32 = mp.export_onnx(model, (x,), tmp_path / "fp32.onnx")
+    small = mp.compress(model, [mp.ClusterConfig(values=16)])
+    path = mp.export_onnx(small, (x,), tmp_path / "cluster.onnx")
+    weights = 2 * 256 * 512
+    claimed = weights // 2 + 2 * 16 * 4 + (512 + 256) * 4  # 4-bit indices, two codebooks, fp32 biases
+    # the graph that decodes them adds a few KB; the fp32 file holds 4 bytes a weight
+    assert claimed <= _bytes(path) <= claimed + 8_000
+    assert _bytes(path) / _bytes(fp32) <= 0.14
+    for runtime in mp.available_runtimes():
+        report = mp.check_parity(small, mp.open_session(path, runtime=runtime), [(x,)], max_abs=1e-4)
+        assert report.passed, (runtime, report)
+
+
+def test_clustering_a_sparse_layer_keeps_its_zeros_and_stores_only_kept_indices(tmp_path):
+    model = _mlp()
+    x = torch.randn(4, 64, generator=_gen())
+    small = mp.compress(
+        model,
+        [mp.SparsityConfig(method="magnitude", ratio=0.5), mp.ClusterConfig(values=16)],
+    )
+    sparse = mp.compress(model, [mp.SparsityConfig(method="magnitude", ratio=0.5)])
+    for i in (0, 2):
+        layer = small[i]
+        assert isinstance(sparse[i], SparseLayer) and isinstance(layer, ClusteredLayer)
+        assert layer.bitmask is not None and torch.equal(layer.bitmask, sparse[i].bitmask)
+        weight = layer.dequantized_weight()
+        assert torch.equal(weight == 0, sparse[i].dense_weight() == 0)  # zero stays zero, kept stay kept
+        assert weight[weight != 0].unique().numel() <= 16  # the kept values share 16 values
+        assert layer.indices.numel() == -(-layer.kept // 2)  # 4-bit indices of the kept weights only
+        assert layer.scheme == "sparse50%+cluster16"
+    path = mp.export_onnx(small, (x,), tmp_path / "sparse-cluster.onnx")
+    for runtime in mp.available_runtimes():
+        report = mp.check_parity(small, mp.open_session(path, runtime=runtime), [(x,)], max_abs=1e-4)
+        assert report.passed, (runtime, report)
+
+
+def test_cluster_then_static_int8_runs_and_keeps_the_clustered_layers():
+    model = _cnn()
+    x = torch.randn(2, 3, 8, 8, generator=_gen())
+    data = [(torch.randn(2, 3, 8, 8, generator=_gen(s)),) for s in range(4)]
+    small = mp.compress(
+        model,
+        [mp.ClusterConfig(values=16, codebook_bits=8), mp.StaticInt8Config(calibration_batches=4)],
+        data,
+        allow_partial=True,
+    )
+    assert isinstance(small[5], ClusteredLayer) and small[5].codebook.dtype == torch.int8
+    torch.testing.assert_close(small(x), model(x), atol=0.15, rtol=0.15)
+
+
+def test_tied_weights_are_clustered_once_and_shared():
+    torch.manual_seed(0)
+    embed = nn.Embedding(100, 32)
+    head = nn.Linear(32, 100, bias=False)
+    head.weight = embed.weight
+    model = nn.Sequential(embed, head).eval()
+    small = cluster(model, mp.ClusterConfig(values=16, layers=("linear", "embedding")))
+    assert small[0].indices is small[1].indices and small[0].codebook is small[1].codebook
+    ids = torch.tensor([[1, 5, 7]])
+    assert torch.equal(
+        small(ids), F.linear(F.embedding(ids, small[0].dequantized_weight()), small[1].dequantized_weight())
+    )
+
+
+def test_recovery_trains_the_shared_values_with_every_index_fixed():
+    model = _mlp()
+    gen = _gen(3)
+    # inputs of unequal scales: the output error weighs the weights unequally, which k-means (weight error
+    # alone) cannot see and training the shared values on data can
+    scale = torch.logspace(-1, 0.7, 64)
+    items = [(torch.randn(16, 64, generator=gen) * scale,) for _ in range(8)]
+    config = mp.ClusterConfig(values=4, per="rows")
+    plain = mp.compress(model, [config])
+    recover = mp.DistillConfig(loss="mse", steps=32, lr=1e-3)
+    tuned = mp.compress(model, [dataclasses.replace(config, recover=recover)], items)
+    for i in (0, 2):
+        assert torch.equal(tuned[i].indices, plain[i].indices)  # the clusters did not change
+        assert not torch.equal(tuned[i].codebook, plain[i].codebook)  # their shared values did
+
+    def error(m: nn.Module) -> float:
+        with torch.no_grad():
+            return sum(float((m(*x) - model(*x)).pow(2).mean()) for x in items)
+
+    assert error(tuned) < 0.85 * error(plain)
+
+
+def test_the_config_round_trips_through_yaml_with_its_recovery(tmp_path):
+    config = mp.ClusterConfig(
+        values=8, per="rows", group_size=2, codebook_bits=8, recover=mp.DistillConfig(loss="task", steps=3)
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(mp.dump_recipe([config]))
+    assert mp.load_recipe(path) == [config]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"values": 1}, "values=1 must be a whole number from 2 to 256"),
+        ({"values": 257}, "values=257"),
+        ({"per": "channel"}, "per='channel' is unknown"),
+        ({"group_size": 4}, "group_size applies to per: rows"),
+        ({"per": "rows", "group_size": 0}, "group_size=0"),
+        ({"codebook_bits": 4}, "codebook_bits=4 is not supported"),
+        ({"layers": ("rnn",)}, "layers=\\['rnn'\\] is invalid"),
+    ],
+)
+def test_bad_configs_say_what_to_change(fields, message):
+    with pytest.raises(mp.RecipeError, match=message):
+        mp.ClusterConfig(**fields)
+
+
+def test_more_clusters_than_weights_names_the_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 200)).eval()
+    with pytest.raises(
+        mp.RecipeError, match=r"layer '0' has 8 weights in its smallest group.*fewer than values=16"
+    ):
+        mp.compress(model, [mp.ClusterConfig(values=16, per="rows")])
+    with pytest.raises(mp.RecipeError, match=r"layer '0' has 8 weights in the layer"):
+        mp.compress(nn.Sequential(nn.Linear(2, 4)), [mp.ClusterConfig(values=16, targets=("0",))])
+
+
+def test_small_layers_are_left_alone_unless_named():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4)).eval()
+    small = cluster(model, mp.ClusterConfig(values=16))
+    assert isinstance(small[0], ClusteredLayer) and isinstance(small[1], nn.Linear)  # 256 weights
+    named = cluster(nn.Sequential(nn.Linear(64, 4)), mp.ClusterConfig(values=16, targets=("0",)))
+    assert isinstance(named[0], ClusteredLayer)
+
+
+def test_recovery_needs_data_and_the_model_is_untouched():
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(mp.DataError, match="recover trains the shared values on data"):
+        mp.compress(model, [mp.ClusterConfig(recover=mp.DistillConfig(loss="mse"))])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
