@@ -115,8 +115,8 @@ def test_whiten_and_sensitivity_need_data():
         lowrank(_cnn(), mp.LowRankConfig(whiten=True))
     with pytest.raises(mp.DataError, match="method: sensitivity needs calibration data"):
         lowrank(_cnn(), mp.LowRankConfig(method="sensitivity", ratio=0.5))
-    with pytest.raises(mp.DataError, match="recover: task trains on data"):
-        lowrank(_cnn(), mp.LowRankConfig(recover="task"))
+    with pytest.raises(mp.DataError, match="recover trains on data"):
+        lowrank(_cnn(), mp.LowRankConfig(recover=mp.DistillConfig(loss="task")))
 
 
 @pytest.mark.parametrize(
@@ -129,7 +129,7 @@ def test_whiten_and_sensitivity_need_data():
         ({"method": "sensitivity", "energy": 0.9}, "set ratio"),
         ({"conv": "cp"}, "conv='cp' is unknown"),
         ({"layers": ("rnn",)}, "layers=\\['rnn'\\] is invalid"),
-        ({"recover": "yes"}, "recover='yes' is unknown"),
+        ({"recover": {"loss": "huber"}}, "loss='huber' is unknown"),
     ],
 )
 def test_bad_config_is_refused(fields, message):
@@ -263,12 +263,12 @@ def test_recovery_trains_the_factorized_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     items = [(torch.randn(8, 16), torch.randint(0, 4, (8,))) for _ in range(4)]
-    config = mp.LowRankConfig(rank=3, recover="task", recover_steps=4, recover_lr=1e-2)
+    config = mp.LowRankConfig(rank=3, recover=mp.DistillConfig(loss="task", steps=4, lr=1e-2))
     plain = lowrank(copy.deepcopy(model), mp.LowRankConfig(rank=3))
     trained = lowrank(copy.deepcopy(model), config, items)
     assert isinstance(trained[0], LowRankLinear)
     assert not torch.equal(trained[0].first.weight, plain[0].first.weight)
-    config = mp.LowRankConfig(rank=3, recover="distill", recover_steps=2, recover_lr=1e-2)
+    config = mp.LowRankConfig(rank=3, recover={"loss": "mse", "steps": 2, "lr": 1e-2})
     distilled = lowrank(copy.deepcopy(model), config, [(x,) for x, _ in items])
     assert not torch.equal(distilled[0].first.weight, plain[0].first.weight)
 

@@ -43,7 +43,8 @@ from modelpress.ops.lowrank import (
     tucker2_weight,
     whitening,
 )
-from modelpress.techniques.finetune import check_recover, labeled, recover
+from modelpress.techniques.distill import DistillConfig, as_recover, train
+from modelpress.techniques.finetune import labeled
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
@@ -71,7 +72,8 @@ class LowRankConfig:
     truncation minimises output, not weight, error (Linear and 1x1 convolutions). Convolutions (k x k) use
     `conv`: tucker2 (1x1 reduce, k x k core, 1x1 expand) or spatial (k x 1 then 1 x k); 1x1 convolutions
     become two 1x1 convolutions. Grouped and depthwise convolutions are left as they are.
-    `recover*`: fine-tuning after factorization, as in sparsity.
+    `recover`: training after factorization, a DistillConfig (YAML `recover: {loss: kl, steps: 200, lr:
+    1e-4}`; `loss: task` for cross-entropy on (inputs, labels) items); null skips it.
 
     >>> LowRankConfig(energy=0.9).energy
     0.9
@@ -85,11 +87,7 @@ class LowRankConfig:
     whiten: bool = False
     conv: Literal["tucker2", "spatial"] = "tucker2"
     calibration_batches: int = 32
-    recover: Literal["none", "distill", "task"] = "none"
-    recover_epochs: int = 1
-    recover_steps: int | None = None
-    recover_lr: float = 1e-4
-    recover_distill: Literal["mse", "kl"] = "mse"
+    recover: DistillConfig | None = None
     layers: tuple[LayerKind, ...] = ("linear", "conv")
     targets: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
@@ -127,7 +125,7 @@ class LowRankConfig:
             raise RecipeError(
                 f"lowrank: calibration_batches={self.calibration_batches!r} must be a whole number, at least 1."
             )
-        check_recover("lowrank", self)
+        object.__setattr__(self, "recover", as_recover("lowrank", self.recover))
         bad = [k for k in self.layers if k not in _TYPES]
         if bad or not self.layers:
             raise RecipeError(
@@ -774,13 +772,13 @@ def _training_data(data: Any, config: LowRankConfig) -> tuple[Dataset | None, Da
                 f"lowrank: {needs} needs calibration data: pass `data=` to compress (a few dozen batches of "
                 "typical inputs), or --data file.py:fn on the command line; or use method: layer with whiten: false."
             )
-        if config.recover != "none":
+        if config.recover is not None:
             raise DataError(
-                f"lowrank: recover: {config.recover} trains on data: pass `data=` to compress, or --data "
-                "file.py:fn on the command line; or set recover: none."
+                "lowrank: recover trains on data: pass `data=` to compress, or --data file.py:fn on the "
+                "command line; or set recover: null."
             )
         return None, None
-    if config.recover == "task":  # the items are (inputs, labels); calibration reads the inputs
+    if config.recover is not None and config.recover.labeled:  # (inputs, labels): calibration reads inputs
         return Dataset(training, lambda item: labeled(item, "a data item", owner="lowrank")[0]), training
     return training, training
 
@@ -812,7 +810,9 @@ def lowrank(model: nn.Module, config: LowRankConfig, data: Dataset | Any = None)
             else [x for x in layers if x.form in ("linear", "pointwise")]
         )
         _collect(model, needing, calibration, config.calibration_batches)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.recover == "distill" else None
+    recovery = config.recover
+    needs_teacher = recovery is not None and recovery.needs_teacher
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if needs_teacher else None
     plan = _plan(layers, config, skipped)
     before = after = 0
     for layer in layers:
@@ -834,20 +834,9 @@ def lowrank(model: nn.Module, config: LowRankConfig, data: Dataset | Any = None)
         after,
         after / max(before, 1),
     )
-    if config.recover != "none":
+    if recovery is not None:
         assert training is not None
-        recover(
-            model,
-            training,
-            loss="task" if config.recover == "task" else "distill",
-            lr=config.recover_lr,
-            epochs=config.recover_epochs,
-            steps=config.recover_steps,
-            teacher=teacher,
-            owner="lowrank",
-            logger=log,
-            distill=config.recover_distill,
-        )
+        train(model, teacher, training, recovery, owner="lowrank", tag="lowrank-recover")
     return model
 
 
