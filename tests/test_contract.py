@@ -36,7 +36,9 @@ CONTRACT_CONFIGS = {
     "lowrank": mp.LowRankConfig(ratio=0.5, whiten=True, layers=("linear", "conv", "embedding")),
     # one codebook per layer, 4-bit indices
     "cluster": mp.ClusterConfig(values=16, layers=("linear", "conv", "embedding")),
-    "distill": mp.DistillConfig(),
+    # distill alone on the unchanged model changes nothing (refused below, NOTHING_TO_DO); after depth
+    # pruning it is checked through the pipeline in test_distill.py::test_depth_then_distill_exports_with_parity.
+    "distill": mp.DistillConfig(loss="mse", steps=2),
     "mixed_precision": mp.MixedPrecisionConfig(
         min_cosine=0.99, holdout=2, scheme={"type": "static_int8", "calibration_batches": 2}
     ),
@@ -53,6 +55,7 @@ NOTHING_TO_DO = {
     ("dynamic_int8", "dense_unet"),  # convolutions only
     ("awq", "dense_unet"),
     ("cluster", "gru_classifier"),  # its only Linear (320 weights) is under cluster's 1024-weight minimum
+    *{("distill", arch) for arch in zoo.ZOO},  # student = teacher: nothing to learn, no weight changes
 }
 
 

@@ -24,7 +24,7 @@ WIDE = sorted(set(zoo.WIDE_ZOO) - set(zoo.ZOO))
 
 # What must come out `ok` on each architecture (the rest may be a clear refusal, e.g. depth pruning on a
 # model without a stack of repeated blocks, or a Linear-only technique on a model of convolutions).
-MUST_WORK = set(CONTRACT_CONFIGS) - {"depth"}
+MUST_WORK = set(CONTRACT_CONFIGS) - {"depth", "distill"}  # distill alone changes nothing: refused
 # Linear-only techniques have little to do on these: mostly convolutions, or mostly recurrent weights.
 LINEAR_ONLY = {"dynamic_int8", "awq", "gptq", "static_int8", "qat", "sparsity", "mixed_precision"}
 MOSTLY_NOT_LINEAR = {"speech_lstm", "stacked_gru", "convnext_classifier", "wav2vec2_encoder"}

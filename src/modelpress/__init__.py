@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     )
     from modelpress.evaluate.metrics import accuracy, as_predictor, evaluate, output_fidelity, perplexity
     from modelpress.loading import load_model
+    from modelpress.optimize.mixed_precision import FloorNotMetError, search_mixed_precision
     from modelpress.pipeline.recipe import builtin_recipes, compress, dump_recipe, load_recipe
     from modelpress.techniques import (
         REGISTRY,
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
         WeightOnlyConfig,
     )
     from modelpress.techniques.distill import distill
-    from modelpress.techniques.mixed_precision import FloorNotMetError, search_mixed_precision
     from modelpress.techniques.structured import prune_gradually
 
 __version__ = "0.1.0"
@@ -107,7 +107,7 @@ _SOURCES: dict[str, str] = {
         ],
         "modelpress.techniques",
     ),
-    **dict.fromkeys(["FloorNotMetError", "search_mixed_precision"], "modelpress.techniques.mixed_precision"),
+    **dict.fromkeys(["FloorNotMetError", "search_mixed_precision"], "modelpress.optimize.mixed_precision"),
     "distill": "modelpress.techniques.distill",
     "prune_gradually": "modelpress.techniques.structured",
 }

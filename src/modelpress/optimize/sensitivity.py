@@ -19,7 +19,7 @@ import itertools
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +29,11 @@ from modelpress.data import Dataset, as_dataset
 from modelpress.errors import DataError, RecipeError
 from modelpress.evaluate.metrics import Predictor, as_predictor, evaluate
 from modelpress.loading import Inputs, as_inputs
+from modelpress.techniques import PREPARE, REGISTRY
+from modelpress.techniques.mixed_precision import Fallback, SensitivityMode
+from modelpress.techniques.select import set_submodule
+from modelpress.techniques.weight_only import WeightOnlyConfig, weight_only
 
-SensitivityMode = Literal["all_but", "only", "sqnr"]
-Fallback = Literal["weight_only", "fp32"]
 Measure = Callable[[nn.Module], float]
 Metric = Callable[[Predictor, Iterable[Any]], float]
 
@@ -109,8 +111,6 @@ class LayerMix:
 
     def model(self, high: Collection[str]) -> nn.Module:
         """The working model with `high` layers at high precision and every other candidate quantized."""
-        from modelpress.techniques.select import set_submodule
-
         for name in self.layers:
             set_submodule(self.base, name, self.high[name] if name in high else self.low[name])
         return self.base
@@ -137,9 +137,6 @@ def build_mix(
     Layers whose scheme module equals the fallback (ConvTranspose stays weight-only under static int8)
     are not candidates: keeping them would change nothing.
     """
-    from modelpress.techniques import PREPARE, REGISTRY
-    from modelpress.techniques.weight_only import WeightOnlyConfig, weight_only
-
     _, scheme_fn = REGISTRY[scheme.type]
     base = scheme_fn(copy.deepcopy(model), scheme, calibration)
     # The float model as the scheme sees it before quantizing (BatchNorm folded, say): the kept layers
@@ -366,3 +363,22 @@ def scheme_sensitivity(
         higher = metric != "perplexity"
     mix = build_mix(model, scheme, calibration, fallback="fp32", measure=measure)
     return layer_sensitivity(mix, inputs, mode=mode, metric=name, higher_is_better=higher)
+
+
+__all__ = [
+    "Fallback",
+    "LayerMix",
+    "LayerSensitivity",
+    "Measure",
+    "Metric",
+    "SensitivityMode",
+    "SensitivityTable",
+    "build_mix",
+    "cosine_to",
+    "holdout_inputs",
+    "layer_sensitivity",
+    "metric_on",
+    "output_sqnr",
+    "scheme_sensitivity",
+    "split_holdout",
+]

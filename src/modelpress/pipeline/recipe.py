@@ -102,7 +102,9 @@ def compress(
     dataset = as_dataset(data)
     before = weight_layers(model)
     # A distill step's teacher is the model before the recipe: the user's own (left untouched), or a copy.
-    teacher = (copy.deepcopy(model) if inplace else model) if any(c.type == "distill" for c in steps) else None
+    teacher = (
+        (copy.deepcopy(model) if inplace else model) if any(c.type == "distill" for c in steps) else None
+    )
     out = model if inplace else copy.deepcopy(model)
     out.eval()
     _drop_inference_mode(out)
