@@ -42,6 +42,10 @@ CONTRACT_CONFIGS = {
     "mixed_precision": mp.MixedPrecisionConfig(
         min_cosine=0.99, holdout=2, scheme={"type": "static_int8", "calibration_batches": 2}
     ),
+    # int8 then int4 weight-only, the strongest within 5% of the original's cosine (issue 28)
+    "progressive": mp.ProgressiveConfig(
+        technique={"type": "weight_only", "group_size": 32}, max_drop="5%", holdout=2
+    ),
 }
 
 
@@ -78,6 +82,7 @@ def test_config_round_trips_through_yaml(technique, tmp_path):
 VARIANT_ARCHS = {
     "weight_only_int4": ("bert_encoder", "gpt_decoder"),
     "depth": ("bert_encoder", "gpt_decoder", "inverted_residual_cnn", "vit_encoder"),
+    "progressive": ("bert_encoder",),  # a wrapper: the technique it steps runs on every model above
 }
 PAIRS = [
     (technique, arch)

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from modelpress.evaluate.metrics import accuracy, as_predictor, evaluate, output_fidelity, perplexity
     from modelpress.loading import load_model
     from modelpress.optimize.mixed_precision import FloorNotMetError, search_mixed_precision
+    from modelpress.optimize.progressive import progressive
+    from modelpress.optimize.sensitivity import family_sensitivity
     from modelpress.pipeline.recipe import builtin_recipes, compress, dump_recipe, load_recipe
     from modelpress.techniques import (
         REGISTRY,
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
         GPTQConfig,
         LowRankConfig,
         MixedPrecisionConfig,
+        ProgressiveConfig,
         QATConfig,
         SparsityConfig,
         StaticInt8Config,
@@ -99,6 +102,7 @@ _SOURCES: dict[str, str] = {
             "GPTQConfig",
             "LowRankConfig",
             "MixedPrecisionConfig",
+            "ProgressiveConfig",
             "QATConfig",
             "SparsityConfig",
             "StaticInt8Config",
@@ -108,6 +112,8 @@ _SOURCES: dict[str, str] = {
         "modelpress.techniques",
     ),
     **dict.fromkeys(["FloorNotMetError", "search_mixed_precision"], "modelpress.optimize.mixed_precision"),
+    "progressive": "modelpress.optimize.progressive",
+    "family_sensitivity": "modelpress.optimize.sensitivity",
     "distill": "modelpress.techniques.distill",
     "prune_gradually": "modelpress.techniques.structured",
 }
@@ -165,6 +171,7 @@ __all__ = [
     "ParityError",
     "ParityReport",
     "Profile",
+    "ProgressiveConfig",
     "QATConfig",
     "RecipeError",
     "RuntimeUnavailableError",
@@ -184,6 +191,7 @@ __all__ = [
     "dump_recipe",
     "evaluate",
     "export_onnx",
+    "family_sensitivity",
     "load_model",
     "load_recipe",
     "open_session",
@@ -192,6 +200,7 @@ __all__ = [
     "peak_memory_mb",
     "perplexity",
     "profile",
+    "progressive",
     "prune_gradually",
     "search_mixed_precision",
 ]

@@ -13,26 +13,35 @@ fast proxy needs no metric: each quantized layer's output SQNR against the fp32 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import hashlib
 import itertools
+import json
+import logging
 import math
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelpress._files import write_text_atomic
 from modelpress.data import Dataset, as_dataset
-from modelpress.errors import DataError, RecipeError
+from modelpress.errors import DataError, ModelpressError, RecipeError
 from modelpress.evaluate.metrics import Predictor, as_predictor, evaluate
 from modelpress.loading import Inputs, as_inputs
-from modelpress.techniques import PREPARE, REGISTRY
+from modelpress.techniques import PREPARE, REGISTRY, config_from_dict
 from modelpress.techniques.mixed_precision import Fallback, SensitivityMode
-from modelpress.techniques.select import set_submodule
+from modelpress.techniques.select import matches_any, set_submodule
 from modelpress.techniques.weight_only import WeightOnlyConfig, weight_only
+
+log = logging.getLogger(__name__)
 
 Measure = Callable[[nn.Module], float]
 Metric = Callable[[Predictor, Iterable[Any]], float]
@@ -355,30 +364,389 @@ def scheme_sensitivity(
     labeled = metric == "accuracy"
     held, calibration = split_holdout(data, holdout, labeled=labeled, where="sensitivity")
     inputs = holdout_inputs(held, labeled=labeled)
-    if metric is None:
-        measure, name, higher = cosine_to(model, inputs), "mean cosine to fp32", True
+    quality = quality_on(model, held, metric)
+    mix = build_mix(model, scheme, calibration, fallback="fp32", measure=quality.measure)
+    return layer_sensitivity(
+        mix, inputs, mode=mode, metric=quality.name, higher_is_better=quality.higher_is_better
+    )
+
+
+@dataclass(frozen=True)
+class Quality:
+    """How a probe model is scored: `measure(model)`, what it measures, and which way is better."""
+
+    measure: Measure
+    name: str
+    higher_is_better: bool
+
+
+def quality_on(model: nn.Module, held: Sequence[Any], metric: str | Metric | None) -> Quality:
+    """Score models on the held-out items: mean cosine of the first output to `model`'s without `metric`;
+    else `metric` ('accuracy' on (inputs, labels) items, 'perplexity' (lower is better), or a callable
+    (predictor, items) -> float, higher is better)."""
+    if metric is None or metric == "cosine":
+        inputs = holdout_inputs(held, labeled=False)
+        return Quality(cosine_to(model, inputs), "mean cosine to fp32", True)
+    name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
+    return Quality(metric_on(metric, held), name, metric != "perplexity")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sensitivity per layer and per family: the quality with only one layer compressed, for each family
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of compression: a technique (a config mapping), the field that sets its strength, and the
+    strengths probed. Each probe applies the technique with `targets: [layer]` to a copy of the model."""
+
+    name: str
+    technique: Mapping[str, Any]
+    param: str
+    strengths: tuple[float, ...]
+
+    def config(self, layer: str, strength: float) -> Any:
+        """The technique's config that compresses only `layer` at `strength`."""
+        value = int(strength) if float(strength).is_integer() and self.param != "ratio" else strength
+        raw = {**self.technique, self.param: value, "targets": [layer]}
+        return config_from_dict(raw, where=f"sensitivity family '{self.name}'")
+
+
+# The built-in families: the cheapest member of each (no calibration but structured's one traced batch).
+FAMILIES: dict[str, Family] = {
+    # int4 in groups of 32 on Linear and Embedding; a convolution has no int4 kernel and stays int8 per channel
+    "bits": Family("bits", {"type": "weight_only", "group_size": 32}, "bits", (4,)),
+    "sparsity": Family(
+        "sparsity", {"type": "sparsity", "method": "magnitude", "layers": ["linear", "conv"]}, "ratio", (0.5,)
+    ),
+    "rank": Family("rank", {"type": "lowrank"}, "ratio", (0.5,)),
+    "structured": Family("structured", {"type": "structured", "heads": False}, "ratio", (0.5,)),
+    "clusters": Family("clusters", {"type": "cluster"}, "values", (16,)),
+}
+
+
+def as_family(spec: str | Family) -> Family:
+    """A `Family` from itself, a built-in name ('sparsity') or a name with strengths ('sparsity:0.5,0.7').
+
+    >>> as_family("bits:4,8").strengths
+    (4.0, 8.0)
+    """
+    if isinstance(spec, Family):
+        return spec
+    name, _, values = str(spec).partition(":")
+    family = FAMILIES.get(name.strip())
+    if family is None:
+        raise RecipeError(
+            f"sensitivity: unknown family {name!r}; choose from {', '.join(FAMILIES)} (optionally with "
+            "strengths, e.g. 'sparsity:0.5,0.7'), or pass a modelpress.optimize.sensitivity.Family."
+        )
+    if not values:
+        return family
+    try:
+        strengths = tuple(float(v) for v in values.split(",") if v.strip())
+    except ValueError:
+        raise RecipeError(
+            f"sensitivity: {spec!r}: strengths must be numbers, e.g. 'sparsity:0.5,0.7'."
+        ) from None
+    if not strengths:
+        raise RecipeError(f"sensitivity: {spec!r} names no strength; e.g. 'sparsity:0.5,0.7'.")
+    return dataclasses.replace(family, strengths=strengths)
+
+
+@dataclass(frozen=True)
+class FamilyProbe:
+    layer: str
+    type: str  # class of the original layer
+    params: int
+    family: str
+    strength: float
+    value: float | None  # quality with only this layer compressed; None when the family does not apply
+    drop: float | None  # reference - value in the metric's units (> 0 is worse); None when not applicable
+    note: str = ""  # why it does not apply
+
+
+@dataclass
+class FamilySensitivity:
+    """Per layer and family: the quality with only that layer compressed at each strength.
+
+    `drop(layer, family)` is what a search seeds from; `table()` is {layer: {"family@strength": drop}}.
+    """
+
+    metric: str
+    higher_is_better: bool
+    reference: float  # quality of the uncompressed model on the same items
+    items: int  # held-out items measured
+    rows: list[FamilyProbe] = field(default_factory=list)
+    key: str = ""  # the cache key (weights, data, settings)
+    cached: bool = False  # read from the cache, not measured in this call
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(r.layer for r in self.rows))
+
+    @property
+    def columns(self) -> list[str]:
+        return list(dict.fromkeys(f"{r.family}@{r.strength:g}" for r in self.rows))
+
+    def drop(self, layer: str, family: str, strength: float | None = None) -> float | None:
+        """The drop of `layer` under `family` (at `strength`, or the strongest probed); None if not applicable."""
+        rows = [r for r in self.rows if r.layer == layer and r.family == family]
+        if strength is not None:
+            rows = [r for r in rows if r.strength == strength]
+        if not rows:
+            raise KeyError(f"no probe of layer {layer!r} with family {family!r} at strength {strength}")
+        return rows[-1].drop
+
+    def table(self) -> dict[str, dict[str, float | None]]:
+        out: dict[str, dict[str, float | None]] = {}
+        for r in self.rows:
+            out.setdefault(r.layer, {})[f"{r.family}@{r.strength:g}"] = r.drop
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> FamilySensitivity:
+        fields = {k: v for k, v in raw.items() if k != "rows"}
+        return cls(**fields, rows=[FamilyProbe(**r) for r in raw.get("rows", [])])
+
+    def format(self) -> str:
+        """A plain-text table: one row per layer, one column per family and strength (drops)."""
+        columns, table = self.columns, self.table()
+        width = max([5, *(len(name) for name in table)])
+        lines = [
+            f"Sensitivity per layer and family (drop of {self.metric} with only that layer compressed; "
+            f"reference {self.reference:.5f} on {self.items} item(s){', cached' if self.cached else ''})",
+            f"{'layer':<{width}} " + " ".join(f"{c:>14}" for c in columns),
+        ]
+        for layer, cells in table.items():
+            text = [f"{cells[c]:14.5f}" if cells.get(c) is not None else f"{'-':>14}" for c in columns]
+            lines.append(f"{layer:<{width}} " + " ".join(text))
+        return "\n".join(lines)
+
+
+def candidate_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """Modules that own a >= 2-D weight parameter themselves (Linear, convolutions, Embedding ...), selected
+    by `layers` (names, type names or `re:` regexes; all when None)."""
+    out = []
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if not name or weight is None or weight.ndim < 2:
+            continue
+        if layers is not None and not matches_any(layers, name, module):
+            continue
+        out.append((name, module))
+    if layers is not None and not out:
+        raise RecipeError(f"sensitivity: layers {list(layers)} match no layer with a weight matrix.")
+    return out
+
+
+def _changed(before: nn.Module, after: nn.Module, name: str) -> bool:
+    """Whether the layer `name` of `after` differs from `before` (type, shapes or values)."""
+    try:
+        new = after.get_submodule(name)
+    except AttributeError:
+        return True  # removed
+    if type(new) is not type(before):
+        return True
+    old_state, new_state = before.state_dict(), new.state_dict()
+    if {k: v.shape for k, v in old_state.items()} != {k: v.shape for k, v in new_state.items()}:
+        return True
+    return any(not torch.equal(old_state[k], new_state[k]) for k in old_state)
+
+
+def _hash_value(h: Any, value: Any) -> None:
+    # Tensors by dtype, shape and bytes; containers recursively; anything else by its repr.
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, Mapping):
+        h.update(b"{")
+        for k in sorted(value, key=str):
+            h.update(str(k).encode())
+            _hash_value(h, value[k])
+        h.update(b"}")
+    elif isinstance(value, (tuple, list)):
+        h.update(b"[")
+        for v in value:
+            _hash_value(h, v)
+        h.update(b"]")
     else:
-        measure = metric_on(metric, held)
-        name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
-        higher = metric != "perplexity"
-    mix = build_mix(model, scheme, calibration, fallback="fp32", measure=measure)
-    return layer_sensitivity(mix, inputs, mode=mode, metric=name, higher_is_better=higher)
+        h.update(repr(value).encode())
+
+
+def cache_key(model: nn.Module, data: Iterable[Any], settings: Mapping[str, Any]) -> str:
+    """A hash of the model's class and weights, every data item and the settings: equal keys, equal tables."""
+    h = hashlib.sha256()
+    h.update(type(model).__qualname__.encode())
+    _hash_value(h, dict(model.state_dict()))
+    for item in data:
+        _hash_value(h, item)
+    _hash_value(h, dict(settings))
+    return h.hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    """Where sensitivity tables are kept between runs: ~/.cache/modelpress/sensitivity."""
+    return Path.home() / ".cache" / "modelpress" / "sensitivity"
+
+
+@contextlib.contextmanager
+def _quiet_techniques() -> Iterator[None]:
+    # Each probe runs a technique on one layer: their per-run log lines (and "nothing removed" warnings for
+    # a layer a family does not apply to) would drown the log; the table records those as notes.
+    logger = logging.getLogger("modelpress.techniques")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def family_sensitivity(
+    model: nn.Module,
+    data: Dataset | Iterable[Any] | None,
+    families: Sequence[str | Family] = ("bits", "sparsity", "rank", "structured"),
+    *,
+    metric: str | Metric | None = None,
+    max_items: int = 16,
+    layers: Sequence[str] | None = None,
+    cache: bool | str | Path = True,
+) -> FamilySensitivity:
+    """For each candidate layer and family, the quality with only that layer compressed at each strength.
+
+    Quality is measured on the first `max_items` data items (a subset where the whole set is slow): the
+    mean cosine of the first output to `model`'s without `metric`, else `metric` ('accuracy' on (inputs,
+    labels) items, 'perplexity', or a callable (predictor, items) -> float, higher is better). Every item
+    (inputs only) is the calibration data of the techniques that calibrate. The table is cached on disk,
+    keyed by a hash of the weights, the data and these settings: `cache=True` under
+    ~/.cache/modelpress/sensitivity, a path for another folder, False for none. A callable metric enters
+    the key by its qualified name only. `model` is left untouched.
+
+    >>> table = family_sensitivity(model, batches, ["bits", "sparsity:0.5,0.7"])  # doctest: +SKIP
+    >>> table.drop("fc1", "sparsity", 0.7)  # doctest: +SKIP
+    """
+    if max_items < 1:
+        raise RecipeError(f"sensitivity: max_items={max_items} must be at least 1.")
+    dataset = as_dataset(data)
+    if dataset is None:
+        raise DataError(
+            "sensitivity needs data: its first `max_items` items measure quality. Pass `data=` (or --data "
+            "file.py:fn on the command line)."
+        )
+    specs = [as_family(f) for f in families]
+    labeled = metric == "accuracy"
+    held = list(dataset.take(max_items))
+    if not held:
+        raise DataError("sensitivity: the data is empty; pass at least one item.")
+    calibration = Dataset(dataset, transform_fn=(lambda item: item[0]) if labeled else None)
+    candidates = candidate_layers(model, layers)
+    settings = {
+        "version": 1,
+        "families": [dataclasses.asdict(f) for f in specs],
+        "metric": metric if metric is None or isinstance(metric, str) else _qualname(metric),
+        "max_items": max_items,
+        "layers": list(layers) if layers is not None else None,
+    }
+    folder = None if cache is False else default_cache_dir() if cache is True else Path(cache)
+    key = cache_key(model, dataset, settings)
+    path = folder / f"{key}.json" if folder is not None else None
+    if path is not None and path.is_file():
+        try:
+            table = FamilySensitivity.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as exc:  # a damaged file: measure again and replace it
+            log.warning("sensitivity: cache file %s is unreadable (%s); measuring again", path, exc)
+        else:
+            table.cached = True
+            return table
+    quality = quality_on(model, held, "accuracy" if labeled else metric)
+    if labeled:
+        for item in held:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise DataError(
+                    "sensitivity: accuracy needs items of the form (inputs, labels); got "
+                    f"{type(item).__name__}. Leave metric unset to measure cosine to the original model."
+                )
+    reference = quality.measure(model)
+    sign = 1.0 if quality.higher_is_better else -1.0
+    rows = []
+    with _quiet_techniques():
+        for name, module in candidates:
+            params = sum(p.numel() for p in module.parameters())
+            for family in specs:
+                _, fn = REGISTRY[family.technique["type"]]
+                for strength in family.strengths:
+                    start = time.perf_counter()
+                    value: float | None = None
+                    note = ""
+                    try:
+                        probe = fn(copy.deepcopy(model), family.config(name, strength), calibration)
+                    except ModelpressError as exc:
+                        note = str(exc).splitlines()[0]
+                    else:
+                        if _changed(module, probe, name):
+                            value = float(quality.measure(probe))
+                        else:
+                            note = f"{family.technique['type']} left this layer as is"
+                    drop = sign * (reference - value) if value is not None else None
+                    rows.append(
+                        FamilyProbe(
+                            name, type(module).__name__, params, family.name, strength, value, drop, note
+                        )
+                    )
+                    log.debug(
+                        "sensitivity: %s %s@%g %.2f s",
+                        name,
+                        family.name,
+                        strength,
+                        time.perf_counter() - start,
+                    )
+    table = FamilySensitivity(
+        metric=quality.name,
+        higher_is_better=quality.higher_is_better,
+        reference=reference,
+        items=len(held),
+        rows=rows,
+        key=key,
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(table.to_dict()), overwrite=True)
+    return table
+
+
+def _qualname(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 __all__ = [
+    "FAMILIES",
     "Fallback",
+    "Family",
+    "FamilyProbe",
+    "FamilySensitivity",
     "LayerMix",
     "LayerSensitivity",
     "Measure",
     "Metric",
+    "Quality",
     "SensitivityMode",
     "SensitivityTable",
+    "as_family",
     "build_mix",
+    "cache_key",
+    "candidate_layers",
     "cosine_to",
+    "default_cache_dir",
+    "family_sensitivity",
     "holdout_inputs",
     "layer_sensitivity",
     "metric_on",
     "output_sqnr",
+    "quality_on",
     "scheme_sensitivity",
     "split_holdout",
 ]

@@ -180,6 +180,7 @@ def run_job(
     allow_partial: bool = False,
     progress: Progress | None = None,
     target: Literal["auto", "onnxruntime", "openvino"] = "auto",
+    sensitivity: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the whole job and write `model.onnx`, `model.compressed.onnx`, the compressed PyTorch model
     (`model.compressed.safetensors`, `recipe.yaml`, `hf/` for a Hugging Face model), `report.json` and
@@ -190,6 +191,10 @@ def run_job(
     most weight bytes untouched (see `compress`). `target` places the compressed file's quantizers for one
     runtime; "auto" writes `model.compressed.onnx` for ONNX Runtime and, when OpenVINO is benchmarked too and
     the file has activation quantizers, `model.compressed.openvino.onnx` for OpenVINO (`export_for_runtimes`).
+    `sensitivity` names families ('bits', 'sparsity', 'rank', 'structured', 'clusters', or 'sparsity:0.5,0.7')
+    whose per-layer sensitivity of the original model goes into the report (`optimize.family_sensitivity`,
+    cached under ~/.cache/modelpress): on the evaluation data and metric when given, else cosine on `data`.
+    A progressive step's trajectory goes into the report too.
     """
     from modelpress.report.html import write_report
 
@@ -201,9 +206,13 @@ def run_job(
         say("profiling the original model")
         base_profile = profile(model, example_inputs, threads=threads)
 
+        data = as_dataset(data)  # calibrates the compression and, for ONNX Runtime, the export
+        if sensitivity and eval_data is not None:
+            eval_data = list(eval_data)  # read twice: sensitivity, then quality
+        sensitive = _sensitivity(model, sensitivity, data, eval_data, metric, say) if sensitivity else None
+
         say(f"compressing ({', '.join(c.type for c in steps)})")
         start = time.perf_counter()
-        data = as_dataset(data)  # calibrates the compression and, for ONNX Runtime, the export
         small = compress(model, steps, data, allow_partial=allow_partial)
         compress_s = time.perf_counter() - start
         small_profile = profile(small, example_inputs, threads=threads)
@@ -281,6 +290,10 @@ def run_job(
             "bench": {k: {**v.to_dict(), "path": Path(v.path).name} for k, v in bench.items()},
             "integer": integer,  # runtime -> which conv/matmul layers of the compressed file run as integer
         }
+        if vars(small).get("_modelpress_progressive"):  # each progressive step's trajectory
+            result["progressive"] = list(vars(small)["_modelpress_progressive"])
+        if sensitive is not None:
+            result["sensitivity"] = sensitive
         say("writing the report")
         import json
 
@@ -292,3 +305,24 @@ def run_job(
         raise
     result["out_dir"] = str(final)
     return result
+
+
+def _sensitivity(
+    model: nn.Module,
+    families: Sequence[str],
+    data: Iterable[Any] | None,
+    eval_data: Iterable[Any] | None,
+    metric: str | Callable[..., float] | None,
+    say: Progress,
+) -> dict[str, Any]:
+    """The per-layer, per-family sensitivity of the original model, as a dict for the report."""
+    from modelpress.optimize.sensitivity import family_sensitivity
+
+    say(f"measuring sensitivity per layer ({', '.join(families)})")
+    if eval_data is not None and metric is not None:
+        table = family_sensitivity(model, list(eval_data), families, metric=metric)
+    else:
+        table = family_sensitivity(model, data, families)
+    if table.cached:
+        say("sensitivity read from the cache")
+    return table.to_dict()

@@ -569,6 +569,87 @@ def _layer_plots(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def _fmt_quality(t: float) -> str:
+    return f"{t:.4f}" if abs(t) < 10 else f"{t:.2f}"
+
+
+def progressive_chart(trajectory: Mapping[str, Any]) -> str:
+    """Quality against strength for one progressive step (`optimize.progressive.Trajectory.to_dict()`): the
+    original, every step measured in order, the floor dashed, the kept step ringed, the rolled-back one red."""
+    points = [svg.Point("original", float(trajectory["baseline"]), "baseline")]
+    for p in trajectory["points"]:
+        kept = p["strength"] == trajectory.get("chosen")
+        role = "good" if kept else "subject" if p["passed"] else "bad"
+        points.append(svg.Point(f"{p['strength']:g}", float(p["quality"]), role, ring=kept))
+    return svg.line(
+        f"progressive {trajectory['technique']}: {trajectory['metric']}",
+        points,
+        fmt=_fmt_quality,
+        reference=float(trajectory["floor"]),
+        reference_label="floor",
+        x_title=f"{trajectory['param']}, in the order stepped",
+        desc=f"{trajectory['metric']} after each {trajectory['param']} step; dashed: the floor",
+    )
+
+
+def _progressive_section(result: Mapping[str, Any]) -> list[str]:
+    trajectories = result.get("progressive") or []
+    if not trajectories:
+        return []
+    lines = []
+    for t in trajectories:
+        crossed = [p["strength"] for p in t["points"] if not p["passed"]]
+        kept = (
+            f"{t['param']} {t['chosen']:g} kept" if t.get("chosen") is not None else "no step met the floor"
+        )
+        rolled = f"; {t['param']} {crossed[0]:g} crossed the floor and was rolled back" if crossed else ""
+        lines.append(f"<li>{_e(t['technique'])}: {_e(kept + rolled)}.</li>")
+    return [
+        "<h2>Progressive compression</h2>",
+        _charts(*(progressive_chart(t) for t in trajectories)),
+        "<ul>" + "".join(lines) + "</ul>",
+        "<p class='muted'>Measured in torch after each step on the held-out items; green ringed: the step kept; "
+        "red: the step that crossed the floor, rolled back.</p>",
+    ]
+
+
+def sensitivity_chart(table: Mapping[str, Any], *, limit: int = _MAX_PLOTTED_LAYERS) -> str:
+    """A heatmap of the drop per layer (rows, the most sensitive first) and family@strength (columns) from
+    `optimize.sensitivity.FamilySensitivity.to_dict()`."""
+    drops: dict[tuple[str, str], float | None] = {}
+    for r in table["rows"]:
+        drops[(r["layer"], f"{r['family']}@{r['strength']:g}")] = r["drop"]
+    columns = list(dict.fromkeys(c for _, c in drops))
+    worst: dict[str, float] = {}
+    for (layer, _), d in drops.items():
+        worst[layer] = max(worst.get(layer, -math.inf), d if d is not None else -math.inf)
+    layers = sorted(worst, key=lambda name: -worst[name])[:limit]
+    return svg.heatmap(
+        f"drop of {table['metric']}, one layer compressed",
+        layers,
+        columns,
+        lambda layer, column: drops.get((layer, column)),
+        fmt=lambda t: f"{t:.4f}" if abs(t) < 10 else f"{t:.2f}",
+        desc="Per layer and family: the quality lost with only that layer compressed",
+    )
+
+
+def _sensitivity_section(result: Mapping[str, Any]) -> list[str]:
+    table = result.get("sensitivity")
+    if not table or not table.get("rows"):
+        return []
+    layers = len({r["layer"] for r in table["rows"]})
+    shown = "" if layers <= _MAX_PLOTTED_LAYERS else f" The {_MAX_PLOTTED_LAYERS} most sensitive are shown."
+    source = " (read from the cache)" if table.get("cached") else ""
+    return [
+        "<h2>Sensitivity per layer and family</h2>",
+        _charts(sensitivity_chart(table)),
+        f"<p class='muted'>Each cell: {_e(table['metric'])} of the original model ({table['reference']:.5f}) "
+        f"less that with only this layer compressed by the family at that strength, on {table['items']} "
+        f"item(s){source}; darker is more sensitive, '-': the family does not apply to the layer.{shown}</p>",
+    ]
+
+
 def render_html(result: dict[str, Any]) -> str:
     """The report of a whole job (the `report.json` of `modelpress compress`) as one HTML string."""
     h = headline(result)
@@ -588,6 +669,8 @@ def render_html(result: dict[str, Any]) -> str:
         *_integer_section(result.get("integer") or {}, title="What runs as integer (compressed artifact)"),
         *_parity_table(result),
         *_layer_plots(result),
+        *_progressive_section(result),
+        *_sensitivity_section(result),
         *_coverage_table(result),
         *_layer_tables(result),
     ]

@@ -276,3 +276,147 @@ def strips(
         )
     body += _reference_line(frame, reference, reference_label, top, bottom)
     return _svg(width, bottom + _AXIS_H, title, body, desc)
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str  # the x tick (a strength such as "0.5" or "int4")
+    value: float
+    role: str = "subject"  # a key of COLOURS
+    ring: bool = False  # drawn with a ring (the point that was kept)
+
+
+def line(
+    title: str,
+    points: Sequence[Point],
+    *,
+    fmt: Callable[[float], str] = _tick_text,
+    reference: float | None = None,
+    reference_label: str = "",
+    x_title: str = "",
+    width: int = 460,
+    height: int = 220,
+    desc: str = "",
+) -> str:
+    """A line through `points` in their order (x is categorical: the steps as taken), a dashed horizontal
+    reference line (a floor), each point coloured by its role.
+
+    >>> "<polyline" in line("quality", [Point("0.3", 0.99), Point("0.5", 0.97, "bad")], reference=0.98)
+    True
+    """
+    values = [p.value for p in points]
+    widest = max([len(fmt(v)) for v in values if math.isfinite(v)] + [len(fmt(reference or 0.0)), 3])
+    left, right = widest * _CHAR_W + 12, width - 16
+    top, bottom = _TOP + 8, height - _AXIS_H - (16 if x_title else 0)
+    # the vertical axis: the same padded round ticks as the bars, laid out along y
+    frame = _frame(values, left=top, right=bottom, reference=reference, fmt=fmt)
+
+    def y(v: float) -> float:
+        return bottom - (frame.x(v) - top)
+
+    def x(i: int) -> float:
+        return left + (i + 0.5) * (right - left) / max(len(points), 1)
+
+    body = []
+    for t in frame.ticks:
+        body.append(f"<line x1='{left}' x2='{right}' y1='{y(t):.1f}' y2='{y(t):.1f}' stroke='#e6e8ee'/>")
+        body.append(
+            f"<text x='{left - 6:.1f}' y='{y(t) + 4:.1f}' text-anchor='end' fill='#667085'>{_e(fmt(t))}</text>"
+        )
+    if reference is not None:
+        ry = y(reference)
+        body.append(
+            f"<line x1='{left}' x2='{right}' y1='{ry:.1f}' y2='{ry:.1f}' stroke='{COLOURS['bad']}' "
+            "stroke-dasharray='5 3'/>"
+        )
+        if reference_label:
+            body.append(
+                f"<text x='{right:.1f}' y='{ry - 5:.1f}' text-anchor='end' fill='{COLOURS['bad']}'>"
+                f"{_e(reference_label)}</text>"
+            )
+    finite = [(x(i), y(p.value)) for i, p in enumerate(points) if math.isfinite(p.value)]
+    if len(finite) > 1:
+        coords = " ".join(f"{a:.1f},{b:.1f}" for a, b in finite)
+        body.append(
+            f"<polyline points='{coords}' fill='none' stroke='{COLOURS['subject']}' stroke-width='1.5'/>"
+        )
+    for i, p in enumerate(points):
+        body.append(
+            f"<text x='{x(i):.1f}' y='{bottom + 15}' text-anchor='middle' fill='#667085'>{_e(p.label)}</text>"
+        )
+        if not math.isfinite(p.value):
+            continue
+        colour = COLOURS.get(p.role, COLOURS["subject"])
+        if p.ring:
+            body.append(
+                f"<circle cx='{x(i):.1f}' cy='{y(p.value):.1f}' r='7' fill='none' stroke='{colour}' "
+                "stroke-width='2'/>"
+            )
+        body.append(
+            f"<circle cx='{x(i):.1f}' cy='{y(p.value):.1f}' r='3.5' fill='{colour}'>"
+            f"<title>{_e(p.label)}: {_e(fmt(p.value))}</title></circle>"
+        )
+    if x_title:
+        body.append(
+            f"<text x='{(left + right) / 2:.1f}' y='{bottom + 32}' text-anchor='middle' fill='#1d2330'>"
+            f"{_e(x_title)}</text>"
+        )
+    return _svg(width, height, title, body, desc)
+
+
+def _heat(share: float) -> str:
+    """White (no loss) to the 'bad' red (the largest loss), by `share` in [0, 1]."""
+    share = min(max(share, 0.0), 1.0)
+    low, high = (255, 255, 255), (0xB3, 0x26, 0x1E)
+    r, g, b = (round(a + (z - a) * share) for a, z in zip(low, high, strict=True))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def heatmap(
+    title: str,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    cells: Callable[[str, str], float | None],
+    *,
+    fmt: Callable[[float], str] = _tick_text,
+    label_chars: int = 30,
+    cell_w: int = 84,
+    desc: str = "",
+) -> str:
+    """A grid, one row per `rows` entry and one column per `columns` entry, each cell shaded by its value
+    (white 0 to red at the largest) with the value written in it; None cells are grey and read '-'.
+
+    >>> "<rect" in heatmap("drop", ["fc1"], ["bits@4"], lambda r, c: 0.01)
+    True
+    """
+    label_w = min(max((len(r) for r in rows), default=4), label_chars) * _CHAR_W + 8
+    values = [v for r in rows for c in columns if (v := cells(r, c)) is not None and math.isfinite(v)]
+    peak = max([v for v in values if v > 0], default=1.0)
+    top = _TOP + 8
+    body = []
+    for j, c in enumerate(columns):
+        cx = label_w + j * cell_w + cell_w / 2
+        body.append(f"<text x='{cx:.1f}' y='{top + 10}' text-anchor='middle' fill='#667085'>{_e(c)}</text>")
+    top += 18
+    for i, r in enumerate(rows):
+        y = top + i * _ROW_H
+        body.append(
+            f"<text x='{label_w - 8:.1f}' y='{y + 15}' text-anchor='end' fill='#1d2330'>"
+            f"<title>{_e(r)}</title>{_e(_short(r, label_chars))}</text>"
+        )
+        for j, c in enumerate(columns):
+            v = cells(r, c)
+            x = label_w + j * cell_w
+            known = v is not None and math.isfinite(v)
+            fill = _heat(v / peak) if known and v is not None else "#eef0f4"
+            text = fmt(v) if known and v is not None else "-"
+            ink = "#ffffff" if known and v is not None and v / peak > 0.6 else "#1d2330"
+            body.append(
+                f"<rect x='{x + 1:.1f}' y='{y + 1}' width='{cell_w - 2}' height='{_ROW_H - 2}' fill='{fill}'>"
+                f"<title>{_e(r)} {_e(c)}: {_e(text)}</title></rect>"
+            )
+            body.append(
+                f"<text x='{x + cell_w / 2:.1f}' y='{y + 15}' text-anchor='middle' fill='{ink}'>{_e(text)}</text>"
+            )
+    width = int(label_w + cell_w * max(len(columns), 1) + 8)
+    return _svg(width, top + _ROW_H * len(rows) + 8, title, body, desc)

@@ -18,6 +18,7 @@ from modelpress.techniques.dynamic_int8 import DynamicInt8Config, dynamic_int8
 from modelpress.techniques.gptq import GPTQConfig, gptq
 from modelpress.techniques.lowrank import LowRankConfig, lowrank
 from modelpress.techniques.mixed_precision import MixedPrecisionConfig, mixed_precision
+from modelpress.techniques.progressive import ProgressiveConfig, progressive_step
 from modelpress.techniques.qat import QATConfig, qat
 from modelpress.techniques.sparsity import SparsityConfig, sparsity
 from modelpress.techniques.static_int8 import StaticInt8Config, prepare, static_int8
@@ -40,6 +41,7 @@ REGISTRY: dict[str, tuple[type[Any], TechniqueFn]] = {
     LowRankConfig.type: (LowRankConfig, lowrank),
     ClusterConfig.type: (ClusterConfig, cluster),
     DistillConfig.type: (DistillConfig, distill_step),
+    ProgressiveConfig.type: (ProgressiveConfig, progressive_step),
 }
 
 # Float rewrites a technique makes before quantizing (model, config, data) -> model: a search that swaps layers
@@ -112,6 +114,7 @@ __all__ = [
     "GPTQConfig",
     "LowRankConfig",
     "MixedPrecisionConfig",
+    "ProgressiveConfig",
     "QATConfig",
     "SparsityConfig",
     "StaticInt8Config",

@@ -969,9 +969,11 @@ def prune_gradually(
     train: Callable[[nn.Module, int], None] | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
     floor: float | None = None,
+    ratios: Sequence[float] | None = None,
 ) -> nn.Module:
     """Prune to `config.ratio` in `config.schedule_steps` rounds (cubic AGP schedule), recovering after each
-    round and watching quality.
+    round and watching quality; `ratios` (increasing, each a share of the original channels) replaces the
+    schedule with those rounds (`optimize.progressive` steps through them).
 
     `train(model, round)` is your own training loop, called after each round instead of the built-in
     `recover`; `evaluate(model)` returns a score where higher is better (accuracy, -perplexity), logged
@@ -1010,9 +1012,17 @@ def prune_gradually(
     last_good = copy.deepcopy(model) if floor is not None else None
     original = _Original()
     changed = False
-    steps = config.schedule_steps
+    schedule = (
+        list(ratios)
+        if ratios is not None
+        else [
+            agp_ratio(config.ratio, step, config.schedule_steps)
+            for step in range(1, config.schedule_steps + 1)
+        ]
+    )
+    steps = len(schedule)
     for step in range(1, steps + 1):
-        ratio = agp_ratio(config.ratio, step, steps)
+        ratio = schedule[step - 1]
         if steps > 1:
             log.info("structured: round %d/%d, ratio %.3f of the original channels", step, steps, ratio)
         changed = (
@@ -1040,9 +1050,7 @@ def prune_gradually(
                 ratio,
                 value,
                 floor,
-                f"round {step - 1} (ratio {agp_ratio(config.ratio, step - 1, steps):.3f})"
-                if step > 1
-                else "the unpruned model",
+                f"round {step - 1} (ratio {schedule[step - 2]:.3f})" if step > 1 else "the unpruned model",
             )
             assert last_good is not None
             return last_good
