@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from modelpress.loading import load_model
     from modelpress.optimize.mixed_precision import FloorNotMetError, search_mixed_precision
     from modelpress.optimize.progressive import progressive
+    from modelpress.optimize.search import Constraints, SearchConfig, SearchSpace, metric_evaluator, search
     from modelpress.optimize.sensitivity import family_sensitivity
     from modelpress.pipeline.recipe import builtin_recipes, compress, dump_recipe, load_recipe
     from modelpress.techniques import (
@@ -112,6 +113,10 @@ _SOURCES: dict[str, str] = {
         "modelpress.techniques",
     ),
     **dict.fromkeys(["FloorNotMetError", "search_mixed_precision"], "modelpress.optimize.mixed_precision"),
+    **dict.fromkeys(
+        ["Constraints", "SearchConfig", "SearchSpace", "metric_evaluator", "search"],
+        "modelpress.optimize.search",
+    ),
     "progressive": "modelpress.optimize.progressive",
     "family_sensitivity": "modelpress.optimize.sensitivity",
     "distill": "modelpress.techniques.distill",
@@ -154,6 +159,7 @@ __all__ = [
     "REGISTRY",
     "AWQConfig",
     "ClusterConfig",
+    "Constraints",
     "DataError",
     "Dataset",
     "DepthPruningConfig",
@@ -175,6 +181,8 @@ __all__ = [
     "QATConfig",
     "RecipeError",
     "RuntimeUnavailableError",
+    "SearchConfig",
+    "SearchSpace",
     "SparsityConfig",
     "StaticInt8Config",
     "StructuredPruningConfig",
@@ -194,6 +202,7 @@ __all__ = [
     "family_sensitivity",
     "load_model",
     "load_recipe",
+    "metric_evaluator",
     "open_session",
     "output_fidelity",
     "parity_inputs",
@@ -202,5 +211,6 @@ __all__ = [
     "profile",
     "progressive",
     "prune_gradually",
+    "search",
     "search_mixed_precision",
 ]

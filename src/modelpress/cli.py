@@ -301,6 +301,135 @@ def compress(
 
 @main.command()
 @click.argument("model")
+@click.option("--weights", type=click.Path(), help="A state dict (.pt/.pth weights_only, or .safetensors).")
+@click.option(
+    "--data",
+    "data_ref",
+    help="'file.py:fn' returning calibration batches (model inputs): static int8, the sensitivity ranking "
+    "and recovery read them (default: the example inputs alone).",
+)
+@click.option(
+    "--eval", "eval_ref", required=True, help="'file.py:fn' returning (inputs, labels) batches for quality."
+)
+@click.option(
+    "--metric", type=click.Choice(["accuracy", "perplexity"]), default="accuracy", show_default=True
+)
+@click.option("--max-drop", help="Quality lost at most: 1% (of the fp32 quality) or 0.01 (in metric units).")
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    help="size=8x (file 8 times smaller than fp32) or latency=3x (3 times faster than the fp32 artifact); "
+    "repeatable.",
+)
+@click.option(
+    "--runtime",
+    type=click.Choice(["onnxruntime", "openvino"]),
+    default="openvino",
+    show_default=True,
+    help="The runtime the trials' artifacts are exported for and timed in.",
+)
+@click.option(
+    "--baseline-runtime",
+    type=click.Choice(["onnxruntime", "openvino", "same"]),
+    default="onnxruntime",
+    show_default=True,
+    help="The runtime the fp32 artifact is timed in (latency factors are against it).",
+)
+@click.option("--budget", help="Start no trial after this long: 90s, 60m, 2h.")
+@click.option("--trials", type=int, help="Finished trials the study should hold (a resumed search goes on).")
+@click.option(
+    "--out",
+    "-o",
+    "out_dir",
+    default="modelpress-search",
+    show_default=True,
+    type=click.Path(),
+    help="Folder of the study, the trials' artifacts and the results; rerun with it to resume.",
+)
+@click.option("--ray-address", help="Run the trials as Ray tasks on this cluster (auto: the local one).")
+@click.option("--storage", help="An Optuna storage URL for the study (default: SQLite in --out).")
+@click.option("--batch", default=1, show_default=True, help="Batch size latency is timed at.")
+@click.option("--rounds", default=10, show_default=True, help="Interleaved timing rounds per trial.")
+@click.option("--threads", default=2, show_default=True, help="Threads for every runtime.")
+@click.option("--seed", default=0, show_default=True, help="The sampler's seed.")
+def search(
+    model: str,
+    weights: str | None,
+    data_ref: str | None,
+    eval_ref: str,
+    metric: str,
+    max_drop: str | None,
+    targets: tuple[str, ...],
+    runtime: str,
+    baseline_runtime: str,
+    budget: str | None,
+    trials: int | None,
+    out_dir: str,
+    ray_address: str | None,
+    storage: str | None,
+    batch: int,
+    rounds: int,
+    threads: int,
+    seed: int,
+) -> None:
+    """Search recipes across techniques for the smallest, fastest artifact that keeps the quality asked.
+
+    \b
+    Each trial compresses MODEL (structured ratio, low rank, sparsity, shared values, int8/int4 weight-only
+    or static int8), exports it for --runtime and measures quality (--eval, --metric), file size and latency
+    interleaved with the fp32 artifact. Writes into OUT: study.db (rerun the same command to resume),
+    trials/NNNN/, search.json, front.svg, and recipe.yaml (closest-recipe.yaml when the constraints were
+    not met), which `modelpress compress MODEL --recipe OUT/recipe.yaml --data D` reproduces.
+    """
+    from modelpress.optimize.search import (
+        Constraints,
+        SearchConfig,
+        front_table,
+        metric_evaluator,
+        parse_budget,
+    )
+    from modelpress.optimize.search import search as run_search
+
+    constraints = Constraints.parse(max_drop, targets)
+    config = SearchConfig(
+        out_dir=out_dir,
+        runtime=runtime,
+        baseline_runtime=None if baseline_runtime == "same" else baseline_runtime,
+        trials=trials if trials is not None or budget else 20,
+        budget_s=parse_budget(budget) if budget else None,
+        higher_is_better=metric != "perplexity",
+        seed=seed,
+        batch=batch,
+        rounds=rounds,
+        threads=threads,
+        storage=storage,
+        ray_address=ray_address,
+    )
+    with _status("loading the model"):
+        net, inputs = _load(model, weights)
+    data = _call_data(data_ref, "--data") or [inputs]
+    eval_data = _call_data(eval_ref, "--eval")
+    with _status("starting") as say:
+        result = run_search(
+            net,
+            data,
+            metric_evaluator(eval_data, metric),
+            constraints,
+            example_inputs=inputs,
+            config=config,
+            progress=say,
+        )
+    out.print(front_table(result))
+    colour = "green" if result.met else "yellow"
+    out.print(f"[{colour}]{result.message}[/]", highlight=False)
+    recipe = "recipe.yaml" if result.met else "closest-recipe.yaml"
+    if result.chosen is not None:
+        out.print(f"recipe: {Path(out_dir) / recipe}; front: {Path(out_dir) / 'search.json'}, front.svg")
+
+
+@main.command()
+@click.argument("model")
 @click.option("--out", "-o", "out_path", required=True, type=click.Path(), help="The new .onnx file.")
 @click.option("--weights", type=click.Path(), help="A state dict (.pt/.pth weights_only, or .safetensors).")
 @click.option("--recipe", "-r", help="Compress with this recipe before exporting.")
