@@ -136,7 +136,8 @@ class Constraints:
     def describe(self) -> str:
         parts = []
         if self.max_drop is not None:
-            parts.append(f"quality drop <= {self.max_drop:.4g}{' of fp32' if self.relative else ''}")
+            drop = f"{self.max_drop * 100:.4g}% of fp32" if self.relative else f"{self.max_drop:.4g}"
+            parts.append(f"quality drop <= {drop}")
         if self.size is not None:
             parts.append(f"size >= {self.size:g}x smaller")
         if self.latency is not None:

@@ -1,0 +1,245 @@
+"""The constrained search across techniques (optimize/search.py): trials measured on exported artifacts,
+failed and NaN evaluations recorded while the search goes on, unreachable constraints said plainly, the
+chosen recipe's YAML reproducing the trial, a SIGKILLed search resuming, trials as Ray tasks, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import modelpress as mp
+from modelpress.cli import main
+from modelpress.deploy.runtime import open_session
+from modelpress.errors import RecipeError
+from modelpress.optimize.search import (
+    INTERRUPTED,
+    Constraints,
+    SearchConfig,
+    SearchError,
+    SearchSpace,
+    TrialRecord,
+    front_chart,
+    metric_evaluator,
+    parse_budget,
+    search,
+    summarize,
+)
+
+# A space small enough for a handful of trials to cover it; every point compresses something.
+SMALL = SearchSpace(
+    structured=(0.0, 0.5),
+    lowrank=(0.0,),
+    sparsity=(0.0, 0.5),
+    cluster=(0,),
+    quantize=("int8", "static_int8"),
+    keep=(0, 1),
+)
+
+
+def tiny() -> tuple[nn.Module, list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A seeded MLP, three calibration batches, and the same batches labeled by the model itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 16, generator=g) for _ in range(3)]
+    with torch.no_grad():
+        labeled = [(x, model(x).argmax(-1)) for x in data]
+    return model, data, labeled
+
+
+def fast(out: Path, **kw: object) -> SearchConfig:
+    settings: dict[str, object] = {
+        "out_dir": str(out),
+        "runtime": "onnxruntime",
+        "baseline_runtime": None,
+        "trials": 4,
+        "rounds": 2,
+        "threads": 1,
+        "space": SMALL,
+        **kw,
+    }
+    return SearchConfig(**settings)  # type: ignore[arg-type]
+
+
+class Flaky:
+    """Accuracy, except that evaluation number `raise_at` raises and number `nan_at` returns NaN (number 0 is
+    the fp32 baseline's)."""
+
+    def __init__(self, items: list, raise_at: int, nan_at: int) -> None:
+        self.inner = metric_evaluator(items)
+        self.calls = 0
+        self.raise_at, self.nan_at = raise_at, nan_at
+
+    def __call__(self, target: object) -> float:
+        self.calls += 1
+        if self.calls - 1 == self.raise_at:
+            raise RuntimeError("evaluation server down")
+        if self.calls - 1 == self.nan_at:
+            return math.nan
+        return self.inner(target)
+
+
+def test_search_front_recipe_failures_and_yaml_round_trip(tmp_path):
+    model, data, labeled = tiny()
+    out = tmp_path / "s"
+    flaky = Flaky(labeled, raise_at=2, nan_at=3)
+    result = mp.search(model, data, flaky, Constraints(max_drop=0.5), config=fast(out, trials=3))
+    assert [t.number for t in result.trials] == [0, 1, 2]  # the search went on past the failure
+    errors = {t.number: t.error for t in result.trials if t.state == "fail"}
+    assert errors == {1: "RuntimeError: evaluation server down", 2: "ValueError: the evaluation returned nan"}
+    assert result.met and result.chosen is not None and result.chosen in result.front
+    assert all(t.state == "complete" and t.size_factor > 1 for t in result.front)
+    saved = json.loads((out / "search.json").read_text())
+    assert saved["chosen"] == result.chosen.number and saved["trials"][1]["error"] == errors[1]
+    assert "<svg" in (out / "front.svg").read_text()
+    # the chosen recipe's YAML reproduces the chosen trial's model: same outputs as its artifact
+    recipe = mp.load_recipe(str(out / "recipe.yaml"))
+    assert recipe == result.recipe
+    again = mp.compress(model, recipe, data, allow_partial=True)
+    session = open_session(result.chosen.artifact, "onnxruntime")
+    with torch.no_grad():
+        expected = again(data[0]).numpy()
+    np.testing.assert_allclose(session.run([data[0].numpy()])[0], expected, atol=1e-4)
+
+
+def test_unreachable_constraints_say_so_and_return_the_closest_points(tmp_path):
+    def rec(n: int, quality: float, size: float, speed: float) -> TrialRecord:
+        return TrialRecord(n, {}, [{"type": "weight_only", "bits": 8}], "complete", quality, size, speed)
+
+    trials = [rec(0, 0.99, 4.0, 1.1), rec(1, 0.90, 8.0, 2.0), rec(2, 0.98, 3.0, 1.0)]
+    trials.append(TrialRecord(3, {}, [], "fail", error="RuntimeError: boom"))
+    result = summarize(trials, Constraints(max_drop=0.01, size=100.0), baseline=0.99, higher_is_better=True)
+    assert not result.met and result.closest and result.chosen is result.closest[0]
+    assert "were not reached" in result.message and "size (best 8.00x)" in result.message
+    assert {t.number for t in result.front} == {0, 1}  # trial 2 is beaten by trial 0 on all three
+    # met one at a time, never together
+    both = summarize(trials, Constraints(max_drop=0.01, size=6.0), baseline=0.99, higher_is_better=True)
+    assert not both.met and "no trial met them all together" in both.message
+    assert summarize(trials, Constraints(size=6.0), baseline=0.99, higher_is_better=True).chosen.number == 1
+    assert "<circle" in front_chart(result)
+
+
+def test_constraints_parse_and_bad_values():
+    c = Constraints.parse("1%", ["size=8x", "latency = 3"])
+    assert (c.max_drop, c.relative, c.size, c.latency) == (0.01, True, 8.0, 3.0)
+    assert c.allowed_drop(0.99) == pytest.approx(0.0099)
+    assert Constraints.parse("0.02").allowed_drop(0.5) == 0.02
+    assert parse_budget("60m") == 3600 and parse_budget("90s") == 90 and parse_budget("2h") == 7200
+    for bad in (lambda: Constraints.parse("lots"), lambda: Constraints.parse(None, ["speed=2x"])):
+        with pytest.raises(RecipeError, match="not"):
+            bad()
+    with pytest.raises(RecipeError, match="positive factor"):
+        Constraints(size=0)
+    with pytest.raises(RecipeError, match="0 or more"):
+        Constraints(max_drop=-0.1)
+    with pytest.raises(RecipeError, match="never ends"):
+        SearchConfig(trials=None)
+    with pytest.raises(RecipeError, match="duration"):
+        parse_budget("soon")
+
+
+def test_unreachable_storage_stops_before_any_work(tmp_path):
+    model, data, labeled = tiny()
+    config = fast(tmp_path / "s", storage=f"sqlite:///{tmp_path}/no/such/dir/study.db")
+    with pytest.raises(SearchError, match="Cannot open the study storage"):
+        search(model, data, metric_evaluator(labeled), config=config)
+    assert not (tmp_path / "s" / "fp32.onnx").exists()
+
+
+KILLED = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from test_search import fast, tiny
+    from modelpress.optimize.search import metric_evaluator, search
+
+    model, data, labeled = tiny()
+    accuracy = metric_evaluator(labeled)
+    calls = []
+
+    def evaluate(target):
+        calls.append(1)
+        if len(calls) == int(os.environ.get("HANG_AT", "-1")):
+            Path(sys.argv[1], "in-flight").touch()
+            time.sleep(600)  # killed here, mid-trial
+        return accuracy(target)
+
+    search(model, data, evaluate, config=fast(Path(sys.argv[1]), trials=int(sys.argv[2])))
+    """
+)
+
+
+@pytest.mark.slow
+def test_search_killed_mid_trial_resumes_losing_only_the_trial_in_flight(tmp_path):
+    import optuna
+
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "s"
+    out.mkdir()
+    env = {**os.environ, "HANG_AT": "3"}  # evaluation 1 is the fp32 baseline's, 2 trial 0's, 3 trial 1's
+    proc = subprocess.Popen([sys.executable, str(script), str(out), "3"], env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "in-flight").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (out / "in-flight").exists(), "the search never reached its second trial"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    storage = f"sqlite:///{out / 'study.db'}"
+    before = optuna.load_study(study_name="modelpress-search", storage=storage).trials
+    assert [t.state.name for t in before] == ["COMPLETE", "RUNNING"]
+    subprocess.run([sys.executable, str(script), str(out), "3"], check=True, env={**os.environ})
+    after = optuna.load_study(study_name="modelpress-search", storage=storage).trials
+    assert [t.state.name for t in after] == ["COMPLETE", "FAIL", "COMPLETE"]  # 3 finished, as asked
+    assert after[0].values == before[0].values and after[0].params == before[0].params  # kept as it was
+    saved = json.loads((out / "search.json").read_text())
+    assert saved["trials"][1]["error"] == INTERRUPTED
+
+
+@pytest.mark.slow
+def test_search_runs_trials_as_ray_tasks(tmp_path):
+    ray = pytest.importorskip("ray")
+    model, data, labeled = tiny()
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        result = search(
+            model, data, metric_evaluator(labeled), config=fast(tmp_path / "s", trials=1, ray_address="auto")
+        )
+    finally:
+        ray.shutdown()
+    assert [t.state for t in result.trials] == ["complete"]
+    assert all(Path(t.artifact).exists() for t in result.trials)
+
+
+@pytest.mark.slow
+def test_cli_search_then_compress_reproduces_the_recipe(tiny_model_file, tmp_path):
+    model = f"{tiny_model_file}:build"
+    out = tmp_path / "search"
+    args = ["search", model, "--data", f"{tiny_model_file}:calib", "--eval", f"{tiny_model_file}:labeled"]
+    args += ["--max-drop", "100%", "--target", "latency=0.1x", "--trials", "1", "--runtime", "onnxruntime"]
+    args += ["--baseline-runtime", "same", "--rounds", "2", "--threads", "1", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "Pareto front" in result.output and (out / "recipe.yaml").exists()
+    again = tmp_path / "again"
+    compress = ["compress", model, "--recipe", str(out / "recipe.yaml"), "--data", f"{tiny_model_file}:calib"]
+    compress += ["--out", str(again), "--runtime", "onnxruntime", "--rounds", "2", "--batch", "1"]
+    result = CliRunner().invoke(main, [*compress, "--allow-partial"])
+    assert result.exit_code == 0, result.output
+    assert (again / "recipe.yaml").read_text() == (out / "recipe.yaml").read_text()
+    bad = CliRunner().invoke(main, [*args[:6], "--target", "speed=2x", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "size=8x" in bad.output
