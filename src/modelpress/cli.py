@@ -233,6 +233,13 @@ def profile(model: str, weights: str | None, json_out: str | None, top: int) -> 
     help="The runtime to place int8 quantizers for. auto: model.compressed.onnx for ONNX Runtime and, when "
     "OpenVINO is benchmarked too, model.compressed.openvino.onnx for OpenVINO (static int8 only).",
 )
+@click.option(
+    "--sensitivity",
+    "sensitivity_text",
+    help="Also measure the original model's sensitivity per layer for these families (comma-separated: "
+    "bits, sparsity, rank, structured, clusters; strengths after a colon: sparsity:0.5,0.7) into the report; "
+    "on --eval with --metric when given, else cosine on --data; cached in ~/.cache/modelpress.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 def compress(
     model: str,
@@ -248,6 +255,7 @@ def compress(
     threads: int,
     allow_partial: bool,
     target: Literal["auto", "onnxruntime", "openvino"],
+    sensitivity_text: str | None,
     overwrite: bool,
 ) -> None:
     """Compress MODEL with a recipe, export fp32 and compressed ONNX, check parity, benchmark, report.
@@ -266,6 +274,7 @@ def compress(
     the compressed PyTorch model, build MODEL, compress it with OUT/recipe.yaml (and the same --data), then
     load OUT/model.compressed.safetensors with modelpress.loading.load_state_dict_file.
     """
+    from modelpress.optimize.sensitivity import split_families
     from modelpress.pipeline.recipe import load_recipe
     from modelpress.pipeline.run import run_job
     from modelpress.report.terminal import print_summary
@@ -294,6 +303,7 @@ def compress(
             allow_partial=allow_partial,
             progress=say,
             target=target,
+            sensitivity=split_families(sensitivity_text) if sensitivity_text else None,
         )
     print_summary(result, out)
     out.print(f"report: {Path(result['out_dir']) / 'report.html'}")
@@ -315,6 +325,7 @@ def compress(
     "--metric", type=click.Choice(["accuracy", "perplexity"]), default="accuracy", show_default=True
 )
 @click.option("--max-drop", help="Quality lost at most: 1% (of the fp32 quality) or 0.01 (in metric units).")
+@click.option("--floor", type=float, help="Quality at least this (perplexity: at most this).")
 @click.option(
     "--target",
     "targets",
@@ -360,6 +371,7 @@ def search(
     eval_ref: str,
     metric: str,
     max_drop: str | None,
+    floor: float | None,
     targets: tuple[str, ...],
     runtime: str,
     baseline_runtime: str,
@@ -391,7 +403,7 @@ def search(
     )
     from modelpress.optimize.search import search as run_search
 
-    constraints = Constraints.parse(max_drop, targets)
+    constraints = Constraints.parse(max_drop, targets, floor)
     config = SearchConfig(
         out_dir=out_dir,
         runtime=runtime,

@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -453,6 +454,15 @@ def as_family(spec: str | Family) -> Family:
     return dataclasses.replace(family, strengths=strengths)
 
 
+def split_families(text: str) -> list[str]:
+    """Family specs from one comma-separated string; a comma before a number continues the strengths.
+
+    >>> split_families("bits, sparsity:0.5,0.7,rank")
+    ['bits', 'sparsity:0.5,0.7', 'rank']
+    """
+    return [part.strip() for part in re.split(r",(?=\s*[A-Za-z])", text) if part.strip()]
+
+
 @dataclass(frozen=True)
 class FamilyProbe:
     layer: str
@@ -748,5 +758,6 @@ __all__ = [
     "output_sqnr",
     "quality_on",
     "scheme_sensitivity",
+    "split_families",
     "split_holdout",
 ]

@@ -390,6 +390,7 @@ def heatmap(
     True
     """
     label_w = min(max((len(r) for r in rows), default=4), label_chars) * _CHAR_W + 8
+    cell_w = max(cell_w, int(max((len(c) for c in columns), default=4) * _CHAR_W) + 10)  # headers fit
     values = [v for r in rows for c in columns if (v := cells(r, c)) is not None and math.isfinite(v)]
     peak = max([v for v in values if v > 0], default=1.0)
     top = _TOP + 8
