@@ -73,23 +73,27 @@ def _require(module: str, extra: str) -> Any:
 @dataclass(frozen=True)
 class Constraints:
     """What the user needs. `max_drop`: quality lost at most (metric units, or a fraction of the fp32 quality
-    with `relative`); `size`: the artifact at least this many times smaller than the fp32 export; `latency`:
-    at least this many times faster than the fp32 artifact. None: no constraint on it.
+    with `relative`); `floor`: the quality itself at least this (at most, for a metric where lower is
+    better); `size`: the artifact at least this many times smaller than the fp32 export; `latency`: at least
+    this many times faster than the fp32 artifact. None: no constraint on it.
 
     >>> Constraints.parse("1%", ["size=8x", "latency=3x"])
-    Constraints(max_drop=0.01, relative=True, size=8.0, latency=3.0)
+    Constraints(max_drop=0.01, relative=True, size=8.0, latency=3.0, floor=None)
     """
 
     max_drop: float | None = None
     relative: bool = False
     size: float | None = None
     latency: float | None = None
+    floor: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
             raise RecipeError(
                 f"search: max_drop={self.max_drop} must be a quality loss of 0 or more (0.01, or '1%')."
             )
+        if self.floor is not None and not math.isfinite(self.floor):
+            raise RecipeError(f"search: floor={self.floor} must be a finite quality value.")
         for name in ("size", "latency"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -98,8 +102,11 @@ class Constraints:
                 )
 
     @classmethod
-    def parse(cls, max_drop: str | None, targets: Sequence[str] = ()) -> Constraints:
-        """From the command line's `--max-drop 1%` (or `0.01`, in metric units) and `--target size=8x`."""
+    def parse(
+        cls, max_drop: str | None, targets: Sequence[str] = (), floor: float | None = None
+    ) -> Constraints:
+        """From the command line's `--max-drop 1%` (or `0.01`, in metric units), `--target size=8x` and
+        `--floor`."""
         drop, relative = None, False
         if max_drop is not None:
             text = max_drop.strip()
@@ -125,19 +132,25 @@ class Constraints:
                 raise RecipeError(
                     f"search: --target '{target}': '{match.group(2)}' is not a number."
                 ) from None
-        return cls(drop, relative, factors.get("size"), factors.get("latency"))
+        return cls(drop, relative, factors.get("size"), factors.get("latency"), floor)
 
-    def allowed_drop(self, baseline: float) -> float | None:
-        """The quality loss allowed, in metric units."""
-        if self.max_drop is None:
-            return None
-        return self.max_drop * abs(baseline) if self.relative else self.max_drop
+    def allowed_drop(self, baseline: float, higher_is_better: bool = True) -> float | None:
+        """The quality loss allowed, in metric units: the tighter of `max_drop` and the floor (a floor
+        better than the fp32 quality allows a negative loss: the search must improve on fp32)."""
+        allowed = []
+        if self.max_drop is not None:
+            allowed.append(self.max_drop * abs(baseline) if self.relative else self.max_drop)
+        if self.floor is not None:
+            allowed.append(baseline - self.floor if higher_is_better else self.floor - baseline)
+        return min(allowed) if allowed else None
 
     def describe(self) -> str:
         parts = []
         if self.max_drop is not None:
             drop = f"{self.max_drop * 100:.4g}% of fp32" if self.relative else f"{self.max_drop:.4g}"
             parts.append(f"quality drop <= {drop}")
+        if self.floor is not None:
+            parts.append(f"quality floor {self.floor:.5g}")
         if self.size is not None:
             parts.append(f"size >= {self.size:g}x smaller")
         if self.latency is not None:
@@ -162,6 +175,7 @@ class SearchSpace:
     quantize: tuple[str, ...] = ("none", "int8", "int4", "static_int8")
     keep: tuple[int, ...] = (0, 1, 2)
     sparsity_method: str = "magnitude"
+    round_to: int = 1  # structured: channels kept per group, a multiple of this (8 suits int8 kernels)
     recover: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -200,7 +214,8 @@ def build_recipe(
     recover = {"recover": dict(space.recover)} if space.recover else {}
     steps: list[dict[str, Any]] = []
     if params["structured"]:
-        steps.append({"type": "structured", "ratio": params["structured"], **recover})
+        rounding = {"round_to": space.round_to} if space.round_to > 1 else {}
+        steps.append({"type": "structured", "ratio": params["structured"], **rounding, **recover})
     if params["lowrank"]:
         steps.append({"type": "lowrank", "ratio": params["lowrank"], **keep, **recover})
     if params["sparsity"]:
@@ -439,10 +454,11 @@ def _drop(quality: float, baseline: float, higher_is_better: bool) -> float:
     return (baseline - quality) if higher_is_better else (quality - baseline)
 
 
-def _shortfalls(t: TrialRecord, c: Constraints, baseline: float) -> dict[str, float]:
-    """How far a completed trial misses each constraint, as a fraction (0: met)."""
+def _shortfalls(t: TrialRecord, c: Constraints, baseline: float, hib: bool = True) -> dict[str, float]:
+    """How far a completed trial misses each constraint, as a fraction (0: met); `hib`: higher quality
+    is better."""
     out = {}
-    allowed = c.allowed_drop(baseline)
+    allowed = c.allowed_drop(baseline, hib)
     if allowed is not None and t.drop is not None:
         scale = abs(baseline) or 1.0
         out["quality"] = max(0.0, t.drop - allowed) / scale
@@ -453,9 +469,9 @@ def _shortfalls(t: TrialRecord, c: Constraints, baseline: float) -> dict[str, fl
     return out
 
 
-def violations(t: TrialRecord, c: Constraints, baseline: float) -> list[float]:
+def violations(t: TrialRecord, c: Constraints, baseline: float, hib: bool = True) -> list[float]:
     """Optuna's constraint values for a trial (<= 0 is met): quality, size, latency."""
-    s = _shortfalls(t, c, baseline)
+    s = _shortfalls(t, c, baseline, hib)
     return [s.get(k, 0.0) if s.get(k, 0.0) > 0 else -1e-9 for k in ("quality", "size", "latency")]
 
 
@@ -489,7 +505,7 @@ def summarize(
     for t in trials:
         if t.state == "complete" and t.quality is not None:
             t.drop = _drop(t.quality, baseline, higher_is_better)
-            t.feasible = not any(_shortfalls(t, constraints, baseline).values())
+            t.feasible = not any(_shortfalls(t, constraints, baseline, higher_is_better).values())
     front = pareto_front(trials, higher_is_better)
     done = [t for t in trials if t.state == "complete"]
     failed = len(trials) - len(done)
@@ -513,10 +529,13 @@ def summarize(
             f"{counts}: no trial completed, so there is no front. The errors are in the trials' records."
         )
         return SearchResult(baseline, constraints, higher_is_better, trials, front, None, False, message)
-    closest = sorted(front, key=lambda t: (sum(_shortfalls(t, constraints, baseline).values()), goodness(t)))
+    closest = sorted(
+        front,
+        key=lambda t: (sum(_shortfalls(t, constraints, baseline, higher_is_better).values()), goodness(t)),
+    )
     missed = []
     for name in ("quality", "size", "latency"):
-        if all(_shortfalls(t, constraints, baseline).get(name, 0.0) > 0 for t in done):
+        if all(_shortfalls(t, constraints, baseline, higher_is_better).get(name, 0.0) > 0 for t in done):
             best = {
                 "quality": lambda: f"least drop {min(t.drop or 0.0 for t in done):.4g}",
                 "size": lambda: f"best {max(t.size_factor or 0.0 for t in done):.2f}x",
@@ -839,7 +858,10 @@ class _Runner:
                 self.say(f"{where} failed: {rec.error}")
                 return
             rec.drop = _drop(rec.quality or 0.0, self.state.baseline, self.config.higher_is_better)
-            trial.set_user_attr("violations", violations(rec, self.state.constraints, self.state.baseline))
+            trial.set_user_attr(
+                "violations",
+                violations(rec, self.state.constraints, self.state.baseline, self.config.higher_is_better),
+            )
             self.study.tell(trial, [rec.quality, rec.size_factor, rec.speedup])
         except Exception as exc:
             self._storage_gone(exc)

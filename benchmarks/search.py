@@ -1,0 +1,117 @@
+"""Issue 28's MNIST target for the constrained search, measured in one run.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/search.py --json benchmarks/results/mnist-search.json \
+        [--budget 30m] [--trials 60] [--work DIR]
+
+Target: within 30 min on 2 cores, a recipe >= 10x smaller and >= 5x faster (OpenVINO, batch 64) than the fp32
+ONNX file in ONNX Runtime, at >= 98.8% top-1 on the MNIST test set (10k images). The search runs with those
+as its constraints (floor 0.988, size=10x, latency=5x); every trial is measured on its exported artifact
+(quality on the whole test set in OpenVINO, file size, latency interleaved with the fp32 file in ONNX
+Runtime). Calibration and recovery (KL distillation from the fp32 model, one epoch) read 4096 unlabeled
+training images. The JSON holds the command, the environment, the load before and after, every trial, the
+front, the chosen recipe and the acceptance checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import assets
+
+import modelpress as mp
+from modelpress.environment import environment
+from modelpress.optimize.search import describe_recipe, parse_budget
+
+FLOOR, SIZE, LATENCY = 0.988, 10.0, 5.0
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True, help="The result file to write.")
+    parser.add_argument("--budget", default="30m", help="No trial starts after this (the target's 30 min).")
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--work", help="Folder for the study and the trials' artifacts (default: a temp dir)."
+    )
+    args = parser.parse_args()
+
+    start, load_before = time.perf_counter(), load()
+    model = assets.mnist_model()
+    x, y = assets.mnist_data("test")
+    x_train, _ = assets.mnist_data("train")
+    calibration = [x_train[i : i + 64] for i in range(0, 4096, 64)]
+    eval_items = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(x), 256)]
+    space = mp.SearchSpace(
+        structured=(0.0, 0.5, 0.625, 0.75),
+        lowrank=(0.0, 0.5),
+        sparsity=(0.0, 0.5, 0.75),
+        cluster=(0, 16),
+        quantize=("int8", "static_int8", "int4"),
+        keep=(0, 1),
+        round_to=8,
+        recover={"loss": "kl", "epochs": 1, "lr": 1e-3},
+    )
+    work = Path(args.work or tempfile.mkdtemp(prefix="mnist-search-"))
+    config = mp.SearchConfig(
+        out_dir=str(work),
+        runtime="openvino",
+        baseline_runtime="onnxruntime",
+        trials=args.trials,
+        budget_s=parse_budget(args.budget),
+        space=space,
+        batch=64,
+        rounds=args.rounds,
+        threads=2,
+    )
+    result = mp.search(
+        model,
+        calibration,
+        mp.metric_evaluator(eval_items, "accuracy"),
+        mp.Constraints(floor=FLOOR, size=SIZE, latency=LATENCY),
+        example_inputs=(x[:1],),
+        config=config,
+        progress=lambda msg: print(f"[{time.perf_counter() - start:7.1f} s] {msg}", flush=True),
+    )
+    wall = time.perf_counter() - start
+    chosen = result.chosen
+    acceptance = [
+        {"check": "a recipe meets every constraint", "met": result.met},
+        {"check": f"accuracy >= {FLOOR}", "value": chosen.quality if chosen else None},
+        {"check": f"file >= {SIZE}x smaller than fp32", "value": chosen.size_factor if chosen else None},
+        {
+            "check": f"OpenVINO b64 >= {LATENCY}x faster than fp32 ORT",
+            "value": chosen.speedup if chosen else None,
+        },
+        {"check": "within 30 min", "value": wall, "met": wall <= 1800},
+    ]
+    data = {
+        "asset": "mnist",
+        "command": " ".join(["python", *sys.argv]),
+        "environment": environment(),
+        "load_before": load_before,
+        "load_after": load(),
+        "total_wall_s": wall,
+        "chosen_recipe": describe_recipe(chosen.recipe) if chosen else None,
+        "acceptance": acceptance,
+        "search": result.to_dict(),
+    }
+    Path(args.json).write_text(json.dumps(data, indent=2), encoding="utf-8")
+    print(result.message)
+    print(f"wrote {args.json} ({wall:.0f} s; study and artifacts in {work})")
+
+
+if __name__ == "__main__":
+    main()
