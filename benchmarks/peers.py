@@ -37,7 +37,7 @@ from torch import nn
 
 import modelpress as mp
 
-PEER_PACKAGES = ("onnxruntime", "openvino", "nncf", "torchao", "torch-pruning", "onnx")
+PEER_PACKAGES = ("onnxruntime", "openvino", "nncf", "torchao", "torch-pruning", "onnx", "coremltools")
 
 
 @dataclass
@@ -444,6 +444,57 @@ def torch_pruning(ratio: float, *, round_to: int = 8) -> Callable[[Any], Made]:
             extra={
                 "settings": f"MetaPruner(GroupMagnitudeImportance(p=2), pruning_ratio={ratio}, "
                 f"round_to={round_to}) + 1 epoch task recovery (lr 1e-3)",
+            },
+        )
+
+    return build
+
+
+# ------------------------------------------------------------------------------------------------
+# coremltools: k-means palettization (weight sharing) of the PyTorch model
+# ------------------------------------------------------------------------------------------------
+
+
+def coreml_palettize(values: int) -> Callable[[Any], Made]:
+    """coremltools' `PostTrainingPalettizer` (coremltools.optimize.torch, k-means, one lookup table per
+    tensor, `n_bits` = log2(values)) on every Conv/Linear, with its defaults otherwise; no data, no training.
+
+    coremltools 9.0 installs beside our torch with `pip install --no-deps coremltools==9.0 cattrs pyaml`
+    (it warns that torch 2.13 is untested; its native `libcoremlpython` is macOS-only, and the palettizer
+    does not need it). Its compressed form is a Core ML model (.mlpackage, for Apple devices): on ONNX the
+    palettized model is an ordinary fp32 model whose weights take `values` distinct values per tensor, so
+    the row's artifact is fp32-sized, and its accuracy is what the peer's clustering keeps."""
+
+    def build(asset: Any) -> Made:
+        from coremltools.optimize.torch.palettization import (
+            PostTrainingPalettizer,
+            PostTrainingPalettizerConfig,
+        )
+
+        bits = values.bit_length() - 1
+        if 1 << bits != values:
+            raise ValueError(f"coreml_palettize: values={values} is not a power of two.")
+        config = PostTrainingPalettizerConfig.from_dict(
+            {"global_config": {"n_bits": bits, "granularity": "per_tensor"}}
+        )
+        model = copy.deepcopy(asset.model).eval()
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            palettized = PostTrainingPalettizer(model, config).compress()
+        wall_s = time.perf_counter() - start
+        distinct = {
+            name: int(module.weight.unique().numel())
+            for name, module in palettized.named_modules()
+            if isinstance(module, (nn.Conv2d, nn.Linear))
+        }
+        return Made(
+            model=palettized.eval(),
+            wall_s=wall_s,
+            extra={
+                "settings": f"PostTrainingPalettizer(n_bits={bits}, granularity=per_tensor), defaults otherwise",
+                "distinct_weight_values": distinct,
+                "artifact_note": "ONNX holds the palettized weights as dense fp32 (Core ML's .mlpackage would "
+                "store the lookup table and indices; ONNX Runtime / OpenVINO cannot read it)",
             },
         )
 

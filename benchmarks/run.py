@@ -526,6 +526,26 @@ MNIST_LOWRANK = mp.LowRankConfig(
 )
 
 
+# Issue 27, weight sharing: every layer of over 1024 weights (the 288-weight stem conv stays fp32) clustered
+# into 16 shared values (k-means), stored as an fp32 codebook + 4-bit indices; then the shared values trained
+# one epoch (cross-entropy on the training split, every weight's cluster fixed).
+MNIST_CLUSTER = mp.ClusterConfig(values=16, recover=mp.DistillConfig(loss="task", lr=1e-4))
+# The combined row: structured pruning (half the channels, as "pruned-50"), then the same clustering with
+# int8 codebooks (each shared value an int8 code times one fp32 scale per layer).
+MNIST_CLUSTER_INT8 = mp.ClusterConfig(
+    values=16, codebook_bits=8, recover=mp.DistillConfig(loss="task", lr=1e-4)
+)
+
+
+def build_pruned_cluster(asset: Asset) -> Built:
+    """The "pruned-50" model (structured pruning + one epoch of recovery, shared with that row), then
+    `MNIST_CLUSTER_INT8` trained on the labeled training split."""
+    pruned = build_pruned(0.5)(asset)
+    start = time.perf_counter()
+    small = mp.compress(pruned.model, [MNIST_CLUSTER_INT8], asset.training)
+    return Built(model=small, wall_s=pruned.wall_s + time.perf_counter() - start)
+
+
 def by_length(batches: list[tuple[torch.Tensor, ...]], size: int = 32) -> list[tuple[torch.Tensor, ...]]:
     """(input_ids, attention_mask) batches regrouped into batches of `size` sentences of similar length
     (shuffled, seed 0), so little of a step is padding: ~5x fewer tokens per step on MiniLM's unlabeled text."""
@@ -793,6 +813,29 @@ METHODS: dict[str, Method] = {
         "modelpress",
         ("onnxruntime", "openvino"),
         build_trained([MNIST_LOWRANK]),
+        assets=("mnist",),
+    ),
+    # Issue 27: weight sharing alone, and after structured pruning with int8 codebooks; the peer is
+    # coremltools' k-means palettizer (its ONNX export is the dense fp32 model: see peers.coreml_palettize).
+    "cluster-16": Method(
+        "cluster-16",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_trained([MNIST_CLUSTER]),
+        assets=("mnist",),
+    ),
+    "cluster-prune-int8": Method(
+        "cluster-prune-int8",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_pruned_cluster,
+        assets=("mnist",),
+    ),
+    "coreml-palettize-16": Method(
+        "coreml-palettize-16",
+        "coremltools",
+        ("onnxruntime",),
+        peer(peers.coreml_palettize(16)),
         assets=("mnist",),
     ),
     "pruned-50-int8-static": Method(

@@ -48,8 +48,8 @@ def test_kmeans_finds_separated_clusters_deterministically():
     x = centres[torch.randint(0, 4, (2, 400), generator=_gen(1))] + 0.01 * torch.randn(
         2, 400, generator=_gen(2)
     )
-    c1, i1 = kmeans(x, 4, generator=_gen())
-    c2, i2 = kmeans(x, 4, generator=_gen())
+    c1, i1 = kmeans(x, 4)
+    c2, i2 = kmeans(x, 4)
     assert torch.equal(c1, c2) and torch.equal(i1, i2)
     assert torch.allclose(c1.sort(dim=1).values, centres.expand(2, 4), atol=0.01)
     assert (c1.gather(1, i1) - x).abs().max() < 0.05  # every value on its own cluster's centre
@@ -58,14 +58,14 @@ def test_kmeans_finds_separated_clusters_deterministically():
 def test_weighted_kmeans_ignores_points_of_weight_zero():
     x = torch.tensor([[0.0, 0.1, 1.0, 1.1, 50.0, -50.0]])
     weights = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
-    centroids, _ = kmeans(x, 2, weights=weights, generator=_gen())
+    centroids, _ = kmeans(x, 2, weights=weights)
     assert torch.allclose(centroids.sort().values, torch.tensor([[0.05, 1.05]]))
 
 
 def test_kmeans_keeps_exact_zeros_as_a_shared_value():
     x = torch.randn(3, 300, generator=_gen())
     x[:, ::3] = 0.0
-    centroids, idx = kmeans(x, 8, generator=_gen(), keep_zero=True)
+    centroids, idx = kmeans(x, 8, keep_zero=True)
     assert (centroids.gather(1, idx)[x == 0] == 0).all()
 
 
@@ -267,6 +267,21 @@ def test_more_clusters_than_weights_names_the_layer():
         mp.compress(model, [mp.ClusterConfig(values=16, per="rows")])
     with pytest.raises(mp.RecipeError, match=r"layer '0' has 8 weights in the layer"):
         mp.compress(nn.Sequential(nn.Linear(2, 4)), [mp.ClusterConfig(values=16, targets=("0",))])
+    # found before any layer is clustered: the model passed in is left as it was
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(8, 200)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(mp.RecipeError, match=r"layer '1' has 8 weights"):
+        cluster(model, mp.ClusterConfig(values=16, per="rows"))
+    assert all(isinstance(m, nn.Linear) for m in model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_seeds_give_far_outliers_their_own_value():
+    x = torch.randn(4, 2000, generator=_gen())
+    x[:, :3] = torch.tensor([40.0, 41.0, -45.0])
+    centroids, idx = kmeans(x, 16)
+    assert (centroids.gather(1, idx)[:, :3] - x[:, :3]).abs().max() < 1.0
+    assert torch.equal(centroids, centroids.sort(dim=1).values)  # sorted codebooks
 
 
 def test_small_layers_are_left_alone_unless_named():

@@ -166,3 +166,13 @@ def test_job_report_shows_the_trajectory_and_the_sensitivity(tmp_path, monkeypat
     assert "<h2>Progressive compression</h2>" in html and "<polyline" in html
     assert "<h2>Sensitivity per layer and family</h2>" in html and "sparsity@0.9" in html
     assert "read from the cache" in html
+
+
+def test_a_probe_that_cannot_reach_the_strength_is_not_counted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    table = family_sensitivity(model, data, ["bits"], cache=False)
+    conv = next(r for r in table.rows if r.layer == "0")
+    assert conv.value is None and "at 8 bits, not 4" in conv.note  # no int4 kernel for a convolution
+    assert table.drop("2", "bits") is not None

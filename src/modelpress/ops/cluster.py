@@ -1,16 +1,16 @@
 """Weight sharing maths: 1-D k-means over groups of weights, int8 codebooks, index packing.
 
 Each group (a whole layer, or a block of output rows) gets its own codebook of `k` shared values; every
-weight is replaced by the index of its nearest value. k-means++ seeding (D^2 sampling, seeded generator)
-then Lloyd iterations, all groups at once: in 1-D the nearest centroid is a `searchsorted` against the
-midpoints of the sorted centroids, so memory stays O(weights), not O(weights * k).
+weight is replaced by the index of its nearest value. Lloyd's k-means on each group's sorted values, many
+groups at once, seeded at quantiles (`_seeds`): in 1-D each cluster is a contiguous run of the sorted values, so an
+iteration costs O(k log n) per group (see `_sorted_lloyd`) and memory stays O(weights), not O(weights * k).
 
 Indices are packed into uint8: 2 bits each for up to 4 values, 4 bits for up to 16, 8 bits up to 256,
 little-endian within each byte (index j of a byte sits at bits [j * b, (j + 1) * b)).
 
 >>> x = torch.tensor([[0.0, 0.1, 1.0, 1.1]])
->>> centroids, idx = kmeans(x, 2, generator=torch.Generator().manual_seed(0))
->>> centroids.sort().values
+>>> centroids, idx = kmeans(x, 2)
+>>> centroids
 tensor([[0.0500, 1.0500]])
 >>> unpack_indices(pack_indices(idx.reshape(-1), bits=4), 4, bits=4).tolist() == idx.reshape(-1).tolist()
 True
@@ -30,35 +30,6 @@ def index_bits(values: int) -> int:
     return 2 if values <= 4 else 4 if values <= 16 else 8
 
 
-def _draw(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One index per row of `p` (G, n), drawn in proportion to it (inverse CDF: much faster than
-    torch.multinomial on wide rows)."""
-    cdf = p.double().cumsum(dim=1)
-    u = torch.rand(p.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(p.shape[1] - 1)
-
-
-def _plus_plus(
-    x: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator | None, zero: torch.Tensor
-) -> torch.Tensor:
-    """k-means++ seeds (G, k): the first drawn in proportion to `w` (exactly 0 for the groups in `zero`),
-    each next in proportion to `w` times the squared distance to the nearest seed so far."""
-    g = x.shape[0]
-    rows = torch.arange(g)
-    first = _draw(w, generator)
-    centroids = x.new_empty(g, k)
-    centroids[:, 0] = torch.where(zero, 0.0, x[rows, first])
-    nearest = (x - centroids[:, :1]).pow(2)
-    for j in range(1, k):
-        p = w * nearest
-        # a group with every weight on a seed already (fewer distinct values than k): any point will do
-        p = torch.where(p.sum(1, keepdim=True) > 0, p, w)
-        pick = _draw(p, generator)
-        centroids[:, j] = x[rows, pick]
-        nearest = torch.minimum(nearest, (x - centroids[:, j : j + 1]).pow(2))
-    return centroids
-
-
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index (G, n) of the nearest of each group's `centroids` (G, k) for each value of `x` (G, n)."""
     order = centroids.argsort(dim=1)
@@ -68,23 +39,77 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return order.gather(1, slot)
 
 
-def _lloyd(
-    x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, iterations: int, zero: torch.Tensor
+def _segment_means(
+    cw: torch.Tensor, cwx: torch.Tensor, ends: torch.Tensor, previous: torch.Tensor
+) -> torch.Tensor:
+    """The weighted mean of each run [ends[j - 1], ends[j]) of the sorted values, from their prefix sums
+    `cw` / `cwx` (G, n + 1) (weights, weights x values); a run of no weight keeps its `previous` value."""
+    starts = torch.cat([ends.new_zeros(ends.shape[0], 1), ends[:, :-1]], dim=1)
+    mass = cw.gather(1, ends) - cw.gather(1, starts)
+    total = cwx.gather(1, ends) - cwx.gather(1, starts)
+    return torch.where(mass > 0, total / mass.clamp_min(1e-300), previous.double()).float()
+
+
+def _pin_and_sort(centroids: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Centroids sorted per row; in the rows of `zero`, the one nearest 0 first set to exactly 0."""
+    nearest = centroids.abs().argmin(dim=1, keepdim=True)
+    pinned = zero[:, None] & (torch.arange(centroids.shape[1]) == nearest)
+    return torch.where(pinned, 0.0, centroids).sort(dim=1).values
+
+
+def _seeds(xs: torch.Tensor, ws: torch.Tensor, k: int) -> torch.Tensor:
+    """k seeds per row of the sorted values `xs` (G, n), weights `ws`: quantiles of a companded mass.
+
+    The squared error of a fine quantizer is least when its points have density ~ (w p)^(1/3), p the
+    values' density (Panter-Dite): each value gets mass w^(1/3) s^(2/3), s the local spacing of the sorted
+    values (over 2 neighbours each side, as 1 / p), and the seeds sit at the mass's k mid-quantiles. Unlike
+    plain quantiles this gives a few far outliers their own cluster, which Lloyd's iterations alone barely
+    reach (SmolLM2's rows: 0.0087 relative squared error against 0.0149 from plain quantiles and 0.0096
+    from k-means++ seeding), and it is deterministic and one pass."""
+    g, n = xs.shape
+    h = min(2, n - 1)
+    lo = torch.cat([xs[:, :1].expand(g, h), xs[:, : n - h]], dim=1)
+    hi = torch.cat([xs[:, h:], xs[:, -1:].expand(g, h)], dim=1)
+    mass = (hi - lo).double().clamp_min(0).pow(2 / 3) * ws.double().pow(1 / 3)
+    # rows of identical values have no spacing: their plain weights then
+    mass = torch.where(mass.sum(dim=1, keepdim=True) > 0, mass, ws.double())
+    cumulative = mass.cumsum(dim=1)
+    levels = cumulative[:, -1:] * ((torch.arange(k, dtype=torch.float64) + 0.5) / k)
+    return xs.gather(1, torch.searchsorted(cumulative, levels).clamp_max(n - 1))
+
+
+def _sorted_lloyd(
+    xs: torch.Tensor, ws: torch.Tensor, k: int, iterations: int, zero: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    g, k = centroids.shape
-    wx = w * x
-    idx = assign(x, centroids)
-    for _ in range(iterations):
-        mass = x.new_zeros(g, k).scatter_add_(1, idx, w)
-        total = x.new_zeros(g, k).scatter_add_(1, idx, wx)
-        # an empty cluster keeps its centroid
-        centroids = torch.where(mass > 0, total / mass.clamp_min(1e-30), centroids)
-        centroids[:, 0] = torch.where(zero, 0.0, centroids[:, 0])  # the pinned 0 stays exactly 0
-        new = assign(x, centroids)
-        if torch.equal(new, idx):
-            break
-        idx = new
-    return centroids, idx
+    """Lloyd's k-means of each row of the sorted values `xs` (G, n), weights `ws`: sorted centroids (G, k)
+    and where each cluster's run of sorted values ends (G, k), the last at n.
+
+    In 1-D, with sorted values and sorted centroids, every cluster is a contiguous run: an iteration is a
+    `searchsorted` of the k - 1 midpoints into the values and gathers from prefix sums, O(G k log n) rather
+    than O(G n). Seeds: `_seeds`, so no randomness."""
+    g, n = xs.shape
+    pad = torch.zeros(g, 1, dtype=torch.float64)
+    cw = torch.cat([pad, ws.double().cumsum(dim=1)], dim=1)
+    cwx = torch.cat([pad, (ws.double() * xs.double()).cumsum(dim=1)], dim=1)
+    centroids = _seeds(xs, ws, k)
+    last = torch.full((g, 1), n, dtype=torch.int64)
+    ends = torch.full((g, k), -1, dtype=torch.int64)  # none yet: the first iteration always updates
+    for step in range(iterations + 1):
+        centroids = _pin_and_sort(centroids, zero)
+        midpoints = (centroids[:, 1:] + centroids[:, :-1]) / 2
+        new = torch.cat([torch.searchsorted(xs, midpoints.contiguous()), last], dim=1)
+        if step == iterations or torch.equal(new, ends):
+            return centroids, new
+        ends = new
+        centroids = _segment_means(cw, cwx, ends, centroids)
+    raise AssertionError("unreachable")
+
+
+def _run_labels(ends: torch.Tensor, n: int) -> torch.Tensor:
+    """(G, n) int64: for each sorted position, the run it lies in (runs ending at `ends` (G, k))."""
+    marks = torch.zeros(ends.shape[0], n + 1, dtype=torch.int64)
+    marks.scatter_add_(1, ends[:, :-1], torch.ones_like(ends[:, :-1]))
+    return marks[:, :n].cumsum(dim=1)
 
 
 def kmeans(
@@ -93,19 +118,19 @@ def kmeans(
     *,
     weights: torch.Tensor | None = None,
     iterations: int = 30,
-    generator: torch.Generator | None = None,
     keep_zero: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D k-means of each row of `x` (G, n): centroids (G, k) fp32 and indices (G, n) int64.
+    """1-D k-means of each row of `x` (G, n): centroids (G, k) fp32, sorted, and indices (G, n) int64.
 
     `weights` (G, n), >= 0: each value's importance (a zero weight leaves the centroids alone, as a pruned
-    position); a group whose weights are all zero is clustered unweighted. Deterministic for a seeded
-    `generator`. Stops early when no assignment changes. `keep_zero`: in every group holding an exact 0
-    (weights pruned in place), centroid 0 is pinned at exactly 0, so those weights stay 0.
+    position); a group whose weights are all zero is clustered unweighted. Deterministic (companded quantile
+    seeds, see `_seeds`); stops early when no assignment changes. `keep_zero`: in every group holding an
+    exact 0 (weights pruned in place), the centroid nearest 0 is pinned at exactly 0, so those weights
+    stay 0. Many rows are clustered at once, in chunks of a few million values.
 
     >>> c, i = kmeans(torch.tensor([[1.0, 1.0, 5.0, 5.0, 9.0]]), 3)
-    >>> sorted(c[0].tolist())
-    [1.0, 5.0, 9.0]
+    >>> c[0].tolist(), i[0].tolist()
+    ([1.0, 5.0, 9.0], [0, 0, 1, 1, 2])
     """
     if x.dim() != 2:
         raise ValueError(f"kmeans: x must be (groups, values), got shape {tuple(x.shape)}.")
@@ -116,14 +141,16 @@ def kmeans(
     if w.shape != x.shape:
         raise ValueError(f"kmeans: weights {tuple(w.shape)} do not match x {tuple(x.shape)}.")
     w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
-    per_chunk = max(1, _CHUNK // x.shape[1])
+    n = x.shape[1]
+    per_chunk = max(1, _CHUNK // n)
     centroids, indices = [], []
     for start in range(0, x.shape[0], per_chunk):
-        xs, ws = x[start : start + per_chunk], w[start : start + per_chunk]
+        xs, order = x[start : start + per_chunk].sort(dim=1)
+        ws = w[start : start + per_chunk].gather(1, order)
         zero = (xs == 0).any(dim=1) if keep_zero else torch.zeros(xs.shape[0], dtype=torch.bool)
-        c, i = _lloyd(xs, ws, _plus_plus(xs, ws, k, generator, zero), iterations, zero)
+        c, ends = _sorted_lloyd(xs, ws, k, iterations, zero)
         centroids.append(c)
-        indices.append(i)
+        indices.append(torch.empty_like(order).scatter_(1, order, _run_labels(ends, n)))
     return torch.cat(centroids), torch.cat(indices)
 
 

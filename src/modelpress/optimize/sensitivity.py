@@ -566,6 +566,18 @@ def _changed(before: nn.Module, after: nn.Module, name: str) -> bool:
     return any(not torch.equal(old_state[k], new_state[k]) for k in old_state)
 
 
+def _not_applied(before: nn.Module, probe: nn.Module, name: str, family: Family, strength: float) -> str:
+    """Why the probe does not measure `family` at `strength` on layer `name` ('' when it does)."""
+    if not _changed(before, probe, name):
+        return f"{family.technique['type']} left this layer as is"
+    bits = getattr(probe.get_submodule(name), "bits", None) if family.param == "bits" else None
+    if isinstance(bits, int) and bits != strength:  # e.g. a convolution has no int4 kernel: it stays int8
+        return (
+            f"{family.technique['type']} stores this {type(before).__name__} at {bits} bits, not {strength:g}"
+        )
+    return ""
+
+
 def _hash_value(h: Any, value: Any) -> None:
     # Tensors by dtype, shape and bytes; containers recursively; anything else by its repr.
     if isinstance(value, torch.Tensor):
@@ -697,10 +709,9 @@ def family_sensitivity(
                     except ModelpressError as exc:
                         note = str(exc).splitlines()[0]
                     else:
-                        if _changed(module, probe, name):
+                        note = _not_applied(module, probe, name, family, strength)
+                        if not note:
                             value = float(quality.measure(probe))
-                        else:
-                            note = f"{family.technique['type']} left this layer as is"
                     drop = sign * (reference - value) if value is not None else None
                     rows.append(
                         FamilyProbe(

@@ -59,7 +59,7 @@ _KINDS = ("linear", "conv", "embedding")
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Cluster each selected layer's weights into `values` shared values (k-means, k-means++ seeding).
+    """Cluster each selected layer's weights into `values` shared values (k-means, quantile seeds).
 
     `per: layer`: one codebook per layer; `per: rows`: one per `group_size` output rows (channels).
     `codebook_bits: 8` stores each codebook as int8 with one fp32 scale (the shared values are then on an
@@ -76,7 +76,6 @@ class ClusterConfig:
     group_size: int = 1  # per: rows: output rows (channels) sharing one codebook
     codebook_bits: Literal[32, 8] = 32
     iterations: int = 30  # Lloyd iterations at most (it stops when no assignment changes)
-    seed: int = 0
     # Training of the shared values afterwards, every weight's cluster fixed: a distill config (YAML
     # `recover: {loss: task, epochs: 1, lr: 1e-4}`; `kl` / `mse` distil from the model before clustering on
     # unlabeled inputs, `task` is cross-entropy on (inputs, labels) items), or null: none.
@@ -250,9 +249,7 @@ def _rows_first(weight: torch.Tensor, axis: int) -> torch.Tensor:
     return weight.detach().float().movedim(axis, 0).reshape(weight.shape[axis], -1)
 
 
-def _cluster_layer(
-    name: str, module: nn.Module, config: ClusterConfig, generator: torch.Generator
-) -> ClusteredLayer:
+def _cluster_layer(name: str, module: nn.Module, config: ClusterConfig) -> ClusteredLayer:
     """k-means of one layer (or one SparseLayer's kept values) into a ClusteredLayer."""
     if isinstance(module, SparseLayer):
         inner, shape = module.inner, module.weight_shape
@@ -269,17 +266,6 @@ def _cluster_layer(
     w2 = _rows_first(dense, axis)  # (rows, cols)
     rows, cols = w2.shape
     size = rows if config.per == "layer" else min(config.group_size, rows)
-    smallest = (rows % size or size) * cols
-    if smallest < config.values:
-        where = (
-            "the layer"
-            if config.per == "layer"
-            else f"its smallest group of rows ({rows % size or size} x {cols})"
-        )
-        raise RecipeError(
-            f"cluster: layer '{name}' has {smallest} weights in {where}, fewer than values={config.values} "
-            f"clusters; lower values, use larger groups, or add '{name}' to ignore."
-        )
     weights = None if mask2d is None else mask2d.float()
     centroids, idx = [], []
     full = rows - rows % size
@@ -296,7 +282,6 @@ def _cluster_layer(
             config.values,
             weights=wt,
             iterations=config.iterations,
-            generator=generator,
             keep_zero=wt is None,
         )
         if config.codebook_bits == 8:  # the shared values as stored: each weight to its nearest int8 value
@@ -314,6 +299,25 @@ def _cluster_layer(
         mask=mask2d,
         codebook_bits=config.codebook_bits,
     )
+
+
+def _check_group_size(name: str, module: nn.Module, shape: torch.Size, config: ClusterConfig) -> None:
+    """Refuse, before any layer changes, a layer with fewer weights in a codebook's group than clusters."""
+    inner = module.inner if isinstance(module, SparseLayer) else module
+    rows = shape[output_axis(inner)]
+    cols = math.prod(shape) // max(rows, 1)
+    size = rows if config.per == "layer" else min(config.group_size, rows)
+    smallest = (rows % size or size) * cols
+    if smallest < config.values:
+        where = (
+            "the layer"
+            if config.per == "layer"
+            else f"its smallest group of rows ({rows % size or size} x {cols})"
+        )
+        raise RecipeError(
+            f"cluster: layer '{name}' has {smallest} weights in {where}, fewer than values={config.values} "
+            f"clusters; lower values, use larger groups, or add '{name}' to ignore."
+        )
 
 
 def _select(model: nn.Module, config: ClusterConfig) -> dict[str, nn.Module]:
@@ -343,6 +347,7 @@ def _select(model: nn.Module, config: ClusterConfig) -> dict[str, nn.Module]:
         if weight.numel() < MIN_CLUSTER_ELEMENTS and not (config.targets and name in config.targets):
             small.append(name)
             continue
+        _check_group_size(name, module, weight.shape, config)
         chosen[name] = module
     if small:
         log.info(
@@ -470,7 +475,6 @@ def cluster(model: nn.Module, config: ClusterConfig, data: Dataset | Any = None)
         if recovery is not None and recovery.needs_teacher
         else None
     )
-    generator = torch.Generator().manual_seed(config.seed)
     before = after = 0
     # Tied weights (an LM's embedding and head share one Parameter) are clustered once and the codebook
     # and indices shared, so the artifact stores them once, as the fp32 model did.
@@ -487,7 +491,7 @@ def cluster(model: nn.Module, config: ClusterConfig, data: Dataset | Any = None)
         ):
             layer = _sharing(module, source)
         else:
-            layer = _cluster_layer(name, module, config, generator)
+            layer = _cluster_layer(name, module, config)
             if weight is not None:
                 first_user[id(weight)] = layer
         before += stored
