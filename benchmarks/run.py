@@ -1653,6 +1653,41 @@ CRITERIA: list[Criterion] = [
         0.989,
         "issue 27",
     ),
+    # Issue 27: weight sharing, 16 values per layer; with structured pruning and int8 codebooks.
+    Criterion(
+        "mnist",
+        "accuracy cluster-16 (onnxruntime)",
+        field_of("cluster-16/onnxruntime", "quality"),
+        ">=",
+        0.990,
+        "issue 27",
+        full_only=True,
+    ),
+    Criterion(
+        "mnist",
+        "cluster-16 ONNX size / fp32 ONNX size",
+        field_of("cluster-16/onnxruntime", "size_ratio"),
+        "<=",
+        0.14,
+        "issue 27",
+    ),
+    Criterion(
+        "mnist",
+        "accuracy cluster-prune-int8 (onnxruntime)",
+        field_of("cluster-prune-int8/onnxruntime", "quality"),
+        ">=",
+        0.988,
+        "issue 27",
+        full_only=True,
+    ),
+    Criterion(
+        "mnist",
+        "cluster-prune-int8 ONNX size / fp32 ONNX size",
+        field_of("cluster-prune-int8/onnxruntime", "size_ratio"),
+        "<=",
+        0.05,
+        "issue 27",
+    ),
     *[
         Criterion(
             "mnist",
