@@ -159,6 +159,15 @@ def test_unreachable_storage_stops_before_any_work(tmp_path):
     assert not (tmp_path / "s" / "fp32.onnx").exists()
 
 
+def test_unreachable_ray_cluster_is_refused_at_once(tmp_path):
+    model, data, labeled = tiny()
+    config = fast(tmp_path / "s", trials=1, ray_address="127.0.0.1:1")
+    start = time.monotonic()
+    with pytest.raises(SearchError, match="Cannot reach the Ray cluster"):
+        search(model, data, metric_evaluator(labeled), config=config)
+    assert time.monotonic() - start < 30  # not Ray's minutes of retries
+
+
 KILLED = textwrap.dedent(
     """
     import os, sys, time

@@ -699,6 +699,9 @@ def search(
     config = config or SearchConfig()
     constraints = constraints or Constraints()
     say = progress or (lambda msg: log.info(msg))
+    # before any slow work: an absent extra or cluster is said at once
+    if config.ray_address and not _require("ray", "distributed").is_initialized():
+        _probe_ray(config.ray_address)
     items = list(data) if data is not None else None
     if example_inputs is None:
         if not items:
@@ -937,6 +940,24 @@ class _Runner:
         finally:
             if started_here:
                 ray.shutdown()
+
+
+def _probe_ray(address: str) -> None:
+    """Refuse at once a `host:port` (or `ray://host:port`) nobody answers on: `ray.init` retries such an
+    address for minutes before giving up."""
+    import socket
+
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address.strip())
+    if not match:
+        return  # "auto", "local", or a form Ray resolves itself
+    try:
+        with socket.create_connection((match.group(1), int(match.group(2))), timeout=5):
+            pass
+    except OSError as exc:
+        raise SearchError(
+            f"Cannot reach the Ray cluster at '{address}' ({exc}). Start it (ray start --head) or leave out "
+            "--ray-address to run the trials here."
+        ) from exc
 
 
 def _cluster_alive(ray: Any) -> bool:
