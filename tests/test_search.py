@@ -252,3 +252,28 @@ def test_cli_search_then_compress_reproduces_the_recipe(tiny_model_file, tmp_pat
     assert (again / "recipe.yaml").read_text() == (out / "recipe.yaml").read_text()
     bad = CliRunner().invoke(main, [*args[:6], "--target", "speed=2x", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "size=8x" in bad.output
+
+
+def test_a_point_seen_again_is_not_rerun_and_a_failing_storage_keeps_what_was_found(tmp_path, monkeypatch):
+    import optuna
+    import sqlalchemy.exc
+
+    one = SearchSpace(
+        structured=(0.0,), lowrank=(0.0,), sparsity=(0.0,), cluster=(0,), quantize=("int8",), keep=(0,)
+    )
+    real_tell, calls = optuna.study.Study.tell, []
+
+    def tell(self, *args, **kwargs):  # the database goes away at the third trial's result
+        calls.append(1)
+        if len(calls) == 3:
+            raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, Exception("disk I/O error"))
+        return real_tell(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.study.Study, "tell", tell)
+    model, data, labeled = tiny()
+    result = search(model, data, metric_evaluator(labeled), config=fast(tmp_path / "s", trials=5, space=one))
+    assert [t.duplicate_of for t in result.trials] == [None, 0, 0]  # measured once
+    assert result.trials[1].quality == result.trials[0].quality and result.trials[1].seconds == 0
+    assert "storage failed" in result.stopped and result.stopped in result.message
+    assert result.chosen is result.trials[0]  # kept, and written
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["stopped"] == result.stopped

@@ -314,6 +314,7 @@ class TrialRecord:
     error: str | None = None
     drop: float | None = None  # quality lost against fp32 (> 0 is worse), set by the driver
     feasible: bool = False
+    duplicate_of: int | None = None  # the same point measured before: its figures, nothing rerun
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -618,6 +619,7 @@ def _record(trial: Any) -> TrialRecord | None:
         seconds=attrs.get("seconds"),
         artifact=attrs.get("artifact"),
         size_bytes=attrs.get("size_bytes"),
+        duplicate_of=attrs.get("duplicate_of"),
     )
     if state == "COMPLETE" and trial.values:
         rec.quality, rec.size_factor, rec.speedup = (float(v) for v in trial.values)
@@ -849,11 +851,15 @@ class _Runner:
             seconds=outcome.get("seconds"),
             artifact=outcome.get("artifact"),
             error=outcome.get("error"),
+            duplicate_of=outcome.get("duplicate_of"),
         )
         self.records.append(rec)
         where = f"trial {trial.number} ({', '.join(s['type'] for s in recipe) or 'nothing'})"
+        if rec.duplicate_of is not None:
+            where += f", the point of trial {rec.duplicate_of} again"
+
         try:
-            for key in ("seconds", "artifact", "size_bytes", "error"):
+            for key in ("seconds", "artifact", "size_bytes", "error", "duplicate_of"):
                 if outcome.get(key) is not None:
                     trial.set_user_attr(key, outcome[key])
             if rec.state == "fail":
@@ -886,11 +892,19 @@ class _Runner:
             if asked is None:
                 return
             trial, recipe, folder = asked
-            if not recipe:
-                outcome = {"error": "nothing to do: every family is off at this point (the fp32 model)"}
-            else:
-                outcome = run_trial(ctx, recipe, folder)
+            outcome = self.known(trial.params, recipe) or run_trial(ctx, recipe, folder)
             self.tell(trial, recipe, outcome)
+
+    def known(self, params: dict[str, Any], recipe: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The outcome of a point that needs no run: the fp32 model (every family off), or a point this
+        study already measured (TPE proposes a categorical point again; its figures are told again, free)."""
+        if not recipe:
+            return {"error": "nothing to do: every family is off at this point (the fp32 model)"}
+        for rec in self.records:
+            if rec.params == params and rec.state == "complete" and rec.duplicate_of is None:
+                keys = ("quality", "size_factor", "speedup", "size_bytes", "artifact")
+                return {**{k: getattr(rec, k) for k in keys}, "seconds": 0.0, "duplicate_of": rec.number}
+        return None
 
     def run_on_ray(self, ctx: TrialContext) -> None:
         """Trials as Ray tasks, `parallel` at a time; the driver alone asks and tells the study. A cluster
@@ -918,6 +932,10 @@ class _Runner:
                     if asked is None:
                         break
                     trial, recipe, folder = asked
+                    outcome = self.known(trial.params, recipe)
+                    if outcome is not None:
+                        self.tell(trial, recipe, outcome)
+                        continue
                     pending[task.remote(shared, recipe, folder)] = (trial, recipe)
                 if not pending:
                     return
