@@ -7,7 +7,7 @@ Target: within 30 min on 2 cores, a recipe >= 10x smaller and >= 5x faster (Open
 ONNX file in ONNX Runtime, at >= 98.8% top-1 on the MNIST test set (10k images). The search runs with those
 as its constraints (floor 0.988, size=10x, latency=5x); every trial is measured on its exported artifact
 (quality on the whole test set in OpenVINO, file size, latency interleaved with the fp32 file in ONNX
-Runtime). Calibration and recovery (KL distillation from the fp32 model, one epoch) read 4096 unlabeled
+Runtime). Calibration and recovery (KL distillation from the fp32 model, --recover-epochs) read 4096 unlabeled
 training images. The JSON holds the command, the environment, the load before and after, every trial, the
 front, the chosen recipe and the acceptance checks.
 """
@@ -62,7 +62,7 @@ def main() -> None:
         quantize=("int8", "static_int8", "int4"),
         keep=(0, 1),
         round_to=8,
-        recover={"loss": "kl", "epochs": 1, "lr": 1e-3},
+        recover={"loss": "kl", "epochs": args.recover_epochs, "lr": 1e-3},
     )
     work = Path(args.work or tempfile.mkdtemp(prefix="mnist-search-"))
     config = mp.SearchConfig(
