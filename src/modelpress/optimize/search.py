@@ -994,7 +994,9 @@ def write_outputs(result: SearchResult, out: Path) -> None:
     from modelpress.pipeline.recipe import dump_recipe
 
     write_text_atomic(out / RESULT_JSON, json.dumps(result.to_dict(), indent=2), overwrite=True)
-    write_text_atomic(out / CHART_SVG, front_chart(result), overwrite=True)
+    # a file of its own (not inline in HTML) needs the SVG namespace to be shown as a picture
+    svg = front_chart(result).replace("<svg ", "<svg xmlns='http://www.w3.org/2000/svg' ", 1)
+    write_text_atomic(out / CHART_SVG, svg, overwrite=True)
     stale = out / (CLOSEST_YAML if result.met else RECIPE_YAML)
     stale.unlink(missing_ok=True)  # a resumed search's earlier answer must not linger
     if result.chosen is not None and result.recipe:
@@ -1061,7 +1063,7 @@ def front_chart(result: SearchResult, *, width: int = 560, height: int = 360) ->
         "times smaller than fp32 (file)</text>"
     )
     body.append(f"<text x='4' y='{top - 8}' fill='#1d2330'>times faster than fp32</text>")
-    title = "Search: trials by size and speed (front in colour, meeting every constraint in green)"
+    title = "Trials by size and speed (front in colour; green: meets all)"
     return _svg(width, height, title, body, html.unescape(result.message))
 
 
