@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--budget", default="30m", help="No trial starts after this (the target's 30 min).")
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--recover-epochs", type=int, default=3, help="KL recovery epochs after each cut.")
     parser.add_argument(
         "--work", help="Folder for the study and the trials' artifacts (default: a temp dir)."
     )
