@@ -7,9 +7,10 @@ Target: within 30 min on 2 cores, a recipe >= 10x smaller and >= 5x faster (Open
 ONNX file in ONNX Runtime, at >= 98.8% top-1 on the MNIST test set (10k images). The search runs with those
 as its constraints (floor 0.988, size=10x, latency=5x); every trial is measured on its exported artifact
 (quality on the whole test set in OpenVINO, file size, latency interleaved with the fp32 file in ONNX
-Runtime). Calibration and recovery (KL distillation from the fp32 model, --recover-epochs) read 4096 unlabeled
-training images. The JSON holds the command, the environment, the load before and after, every trial, the
-front, the chosen recipe and the acceptance checks.
+Runtime). Calibration and recovery (KL distillation from the fp32 model, --recover-epochs) read
+--train-images unlabeled training images (static int8 calibrates on the first 32 batches of 64). The JSON
+holds the command, the environment, the load before and after, every trial, the front, the chosen recipe
+and the acceptance checks.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--recover-epochs", type=int, default=3, help="KL recovery epochs after each cut.")
     parser.add_argument(
+        "--train-images",
+        type=int,
+        default=4096,
+        help="Unlabeled training images for calibration and recovery.",
+    )
+    parser.add_argument(
         "--work", help="Folder for the study and the trials' artifacts (default: a temp dir)."
     )
     args = parser.parse_args()
@@ -53,7 +60,7 @@ def main() -> None:
     model = assets.mnist_model()
     x, y = assets.mnist_data("test")
     x_train, _ = assets.mnist_data("train")
-    calibration = [x_train[i : i + 64] for i in range(0, 4096, 64)]
+    calibration = [x_train[i : i + 64] for i in range(0, args.train_images, 64)]
     eval_items = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(x), 256)]
     space = mp.SearchSpace(
         structured=(0.0, 0.5, 0.625, 0.75),
