@@ -94,6 +94,58 @@ def test_labels_asked_for_but_absent_and_mismatched_outputs_are_named():
     assert _same(before, student)
 
 
+class Returns(nn.Module):
+    """The same computation returning its result as a tensor, a tuple (logits, hidden) or a dict of keys."""
+
+    def __init__(self, kind: str | tuple[str, ...]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.kind = nn.Linear(8, 16), nn.Linear(16, 4), kind
+
+    def forward(self, x: torch.Tensor) -> object:
+        hidden = torch.relu(self.a(x))
+        logits = self.b(hidden)
+        if isinstance(self.kind, tuple):
+            return dict(zip(self.kind, (logits, hidden), strict=True))
+        return (logits, hidden) if self.kind == "tuple" else logits
+
+
+def test_outputs_of_another_structure_are_named():
+    data, config = _batches(2), DistillConfig(loss="mse", steps=2)
+    with pytest.raises(
+        RecipeError,
+        match=r"student's outputs \[\(16, 4\)\] do not match the teacher's \[\(16, 4\), \(16, 16\)\]",
+    ):
+        mp.distill(Returns("tensor"), Returns("tuple"), data, config)
+    with pytest.raises(
+        RecipeError, match=r"student returns \['logits', 'hidden'\] but the teacher \['logits', 'h'\]"
+    ):
+        mp.distill(Returns(("logits", "hidden")), Returns(("logits", "h")), data, config)
+    mp.distill(
+        Returns(("logits", "hidden")), Returns(("logits", "h")), data, DistillConfig(steps=2)
+    )  # kl: logits
+    mp.distill(Returns(("logits", "hidden")), Returns("tuple"), data, config)  # the same results, by position
+
+
+def test_labels_asked_for_in_a_recipe_but_absent_are_named_and_nothing_is_lost():
+    model = _mlp(32)
+    before = _state(model)
+    with pytest.raises(
+        DataError,
+        match=r"structured: recover trains on hard labels .*first data item is a Tensor.*recover: \{loss: kl\}",
+    ):
+        mp.compress(
+            model, [mp.StructuredPruningConfig(ratio=0.5, recover={"loss": "task", "steps": 2})], _batches(2)
+        )
+    with pytest.raises(DataError, match=r"distill: loss: task trains on hard labels"):
+        mp.compress(
+            model, [mp.StructuredPruningConfig(ratio=0.5), DistillConfig(loss="task", steps=2)], _batches(2)
+        )
+    with pytest.raises(DataError, match=r"lowrank: alpha=0.5 trains on hard labels"):
+        mp.compress(model, [mp.LowRankConfig(rank=2, recover={"alpha": 0.5, "steps": 2})], _batches(2))
+    assert _same(before, model)
+
+
 def test_bad_configs_say_what_to_change():
     for fields, message in [
         ({"loss": "ce"}, "loss='ce' is unknown"),
@@ -177,6 +229,15 @@ def test_a_diverging_loss_puts_back_the_last_good_weights():
     mp.distill(four, teacher, data[:4], DistillConfig(loss="mse", steps=4, lr=1e-2, every=2))
     assert _same(four, student)
     assert all(torch.isfinite(p).all() for p in student.parameters())
+    # in a recipe: the user's model is untouched (compress trains a copy); inplace, it keeps the last good weights
+    user = copy.deepcopy(original)
+    recipe = [mp.StructuredPruningConfig(ratio=0.5), config]
+    with pytest.raises(RecipeError, match=r"diverged: the loss became nan at step 6 .*weights of step 4"):
+        mp.compress(user, recipe, data)
+    assert _same(original, user)
+    with pytest.raises(RecipeError, match="diverged"):
+        mp.compress(user, recipe, data, inplace=True)
+    assert user[0].out_features == 4 and all(torch.isfinite(p).all() for p in user.parameters())
     bad = _batches(2)
     bad[0][0, 0] = float("nan")
     with pytest.raises(DataError, match="before any update"):

@@ -42,7 +42,7 @@ from torch import nn
 from modelpress.data import Dataset, as_dataset
 from modelpress.errors import DataError, GraphError, ModelpressError, RecipeError
 from modelpress.loading import as_inputs
-from modelpress.outputs import no_cache, output_tensors
+from modelpress.outputs import named_outputs, no_cache, output_tensors
 from modelpress.techniques.finetune import kl_loss, task_loss
 
 log = logging.getLogger(__name__)
@@ -468,6 +468,16 @@ class _Objective:
                 f"on the same inputs; loss {self.config.loss} compares their {what}. Give a teacher and a "
                 "student with the same outputs (same classes or vocabulary), or use loss: task with labels."
             )
+        if isinstance(out, Mapping) and isinstance(reference, Mapping):  # same shapes, but other results?
+            names = [[n for n, t in named_outputs(o) if t.is_floating_point()] for o in (out, reference)]
+            if self.config.loss == "kl":
+                names = [n[:1] for n in names]
+            if names[0] != names[1]:
+                raise RecipeError(
+                    f"{self.owner}: the student returns {names[0]} but the teacher {names[1]}: loss "
+                    f"{self.config.loss} would compare different results. Give models whose outputs have the "
+                    "same keys, in the same order (wrap one so its forward returns what the other does)."
+                )
 
     def _features(self, teacher_hidden: dict[int, torch.Tensor]) -> torch.Tensor:
         student_hidden = self.taps[0].hidden

@@ -33,13 +33,29 @@ DistillKind = Literal["mse", "kl"]
 _LOG_EVERY = 50  # steps between progress lines
 
 
-def labeled(item: Any, where: str, *, owner: str) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+# What `labeled` says when a recovery (a DistillConfig that trains on labels) gets items without them.
+RECOVER_LABELS = {
+    "why": "recover trains on hard labels (loss: task, or alpha > 0), so it needs",
+    "instead": "set recover: {loss: kl} (logits) or {loss: mse} with alpha 0: the teacher alone needs no labels",
+}
+
+
+def labeled(
+    item: Any,
+    where: str,
+    *,
+    owner: str,
+    why: str = "loss='task' needs",
+    instead: str = "use loss='distill', which needs no labels",
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """(inputs, labels) of a labeled data item; a DataError saying `why` labels are needed and what to do
+    `instead` when it is not one (pass `**RECOVER_LABELS` for a recovery step)."""
     if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
         kind = type(item).__name__
         kind = f"{kind} of {len(item)} elements" if isinstance(item, (tuple, list)) else kind
         raise DataError(
-            f"{owner}: loss='task' needs (inputs, labels) items, but {where} is a {kind}. Pass labeled data "
-            "(a transform_fn can return (inputs, labels)), or use loss='distill', which needs no labels."
+            f"{owner}: {why} (inputs, labels) items, but {where} is a {kind}. Pass labeled data "
+            f"(a transform_fn can return (inputs, labels)), or {instead}."
         )
     return as_inputs(item[0], where=where), item[1]
 

@@ -44,7 +44,7 @@ from modelpress.ops.lowrank import (
     whitening,
 )
 from modelpress.techniques.distill import DistillConfig, as_recover, train
-from modelpress.techniques.finetune import labeled
+from modelpress.techniques.finetune import RECOVER_LABELS, labeled
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
 from modelpress.techniques.select import select_modules, set_submodule, unmatched_patterns
 
@@ -779,7 +779,9 @@ def _training_data(data: Any, config: LowRankConfig) -> tuple[Dataset | None, Da
             )
         return None, None
     if config.recover is not None and config.recover.labeled:  # (inputs, labels): calibration reads inputs
-        return Dataset(training, lambda item: labeled(item, "a data item", owner="lowrank")[0]), training
+        return Dataset(
+            training, lambda item: labeled(item, "a data item", owner="lowrank", **RECOVER_LABELS)[0]
+        ), training
     return training, training
 
 

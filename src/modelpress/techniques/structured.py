@@ -55,7 +55,7 @@ from modelpress.ops.refit import refit_columns
 from modelpress.outputs import named_outputs, output_tensors
 from modelpress.techniques.distill import DistillConfig, as_recover
 from modelpress.techniques.distill import train as distill_train
-from modelpress.techniques.finetune import labeled, task_loss
+from modelpress.techniques.finetune import RECOVER_LABELS, labeled, task_loss
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES
 from modelpress.techniques.select import conv1d_as_linear, matches_any, select_modules, unmatched_patterns
 
@@ -269,7 +269,7 @@ def _taylor_gradients(model: nn.Module, batches: list[Any], *, with_labels: bool
     with torch.enable_grad():
         for index, item in enumerate(batches):
             if with_labels:
-                inputs, labels = labeled(item, f"data item {index}", owner="structured")
+                inputs, labels = labeled(item, f"data item {index}", owner="structured", **RECOVER_LABELS)
                 loss = task_loss(model(*inputs), labels, owner="structured")
             else:
                 inputs = as_inputs(item, where=f"data item {index}")
@@ -330,7 +330,7 @@ def _run_hooked(
     try:
         for index, item in enumerate(batches):
             if with_labels:
-                item = labeled(item, f"data item {index}", owner="structured")[0]
+                item = labeled(item, f"data item {index}", owner="structured", **RECOVER_LABELS)[0]
             model(*as_inputs(item, where=f"data item {index}"))
     finally:
         for handle in handles:
@@ -993,7 +993,7 @@ def prune_gradually(
     if floor is not None and evaluate is None:
         raise RecipeError("structured: a quality floor needs `evaluate`, the function that scores the model.")
     if _labeled(config):  # the items are (inputs, labels)
-        first = labeled(first, "the first data item", owner="structured")[0]
+        first = labeled(first, "the first data item", owner="structured", **RECOVER_LABELS)[0]
     missing = unmatched_patterns(model, config.targets)
     if missing:
         raise RecipeError(f"structured: targets {missing} match no module of the model.")
