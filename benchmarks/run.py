@@ -546,6 +546,23 @@ def build_pruned_cluster(asset: Asset) -> Built:
     return Built(model=small, wall_s=pruned.wall_s + time.perf_counter() - start)
 
 
+# Issue 27, SmolLM2: every Linear and the tied embedding / LM head clustered into 16 shared values per output
+# row (fp32 codebook of 16 values + 4-bit indices per row of 576 or 1536 weights), k-means on the weights
+# alone: no calibration data, no training.
+SMOLLM2_CLUSTER = mp.ClusterConfig(values=16, per="rows", group_size=1, layers=("linear", "embedding"))
+
+
+def build_data_free(recipe: Any) -> Callable[[Asset], Built]:
+    """A recipe given no data at all (the asset's calibration set is not passed)."""
+
+    def build(asset: Asset) -> Built:
+        start = time.perf_counter()
+        small = mp.compress(asset.model, recipe, None)
+        return Built(model=small, wall_s=time.perf_counter() - start)
+
+    return build
+
+
 def by_length(batches: list[tuple[torch.Tensor, ...]], size: int = 32) -> list[tuple[torch.Tensor, ...]]:
     """(input_ids, attention_mask) batches regrouped into batches of `size` sentences of similar length
     (shuffled, seed 0), so little of a step is padding: ~5x fewer tokens per step on MiniLM's unlabeled text."""
@@ -873,6 +890,13 @@ METHODS: dict[str, Method] = {
         ("onnxruntime", "openvino"),
         build_pruned_cluster,
         assets=("mnist",),
+    ),
+    "cluster-16-rows": Method(
+        "cluster-16-rows",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_data_free([SMOLLM2_CLUSTER]),
+        assets=("smollm2",),
     ),
     "coreml-palettize-16": Method(
         "coreml-palettize-16",
@@ -2020,6 +2044,24 @@ CRITERIA: list[Criterion] = [
         "<=",
         field_of("ort-int4/onnxruntime", "quality"),
         "same-run peer",
+    ),
+    # Issue 27: 16-value codebooks per output row, no calibration data (int4 RTN g128: 27.8).
+    Criterion(
+        "smollm2",
+        "perplexity cluster-16-rows (onnxruntime) (int4 RTN g128 27.8 in MEASURING.md)",
+        field_of("cluster-16-rows/onnxruntime", "quality"),
+        "<=",
+        25.0,
+        "issue 27",
+        full_only=True,
+    ),
+    Criterion(
+        "smollm2",
+        "Linear bytes / fp32 of cluster-16-rows (LM head = tied embedding included)",
+        field_of("cluster-16-rows/onnxruntime", "linear_size_ratio"),
+        "<=",
+        0.16,
+        "issue 27",
     ),
     # Issue 4: one-shot sparsity of the decoder Linears. Rows with local reconstruction are one-shot too
     # (the same calibration windows, inside the same block-by-block pass), and so is "-kd", whose short

@@ -40,13 +40,16 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 def _segment_means(
-    cw: torch.Tensor, cwx: torch.Tensor, ends: torch.Tensor, previous: torch.Tensor
+    cw: torch.Tensor, cwx: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, previous: torch.Tensor
 ) -> torch.Tensor:
-    """The weighted mean of each run [ends[j - 1], ends[j]) of the sorted values, from their prefix sums
-    `cw` / `cwx` (G, n + 1) (weights, weights x values); a run of no weight keeps its `previous` value."""
-    starts = torch.cat([ends.new_zeros(ends.shape[0], 1), ends[:, :-1]], dim=1)
-    mass = cw.gather(1, ends) - cw.gather(1, starts)
-    total = cwx.gather(1, ends) - cwx.gather(1, starts)
+    """The weighted mean of each run [ends[j - 1], ends[j]) of the sorted values of `rows`, from their
+    prefix sums `cw` / `cwx` (G, n + 1) (weights, weights x values); a run of no weight keeps its
+    `previous` value."""
+    at = ends + rows[:, None] * cw.shape[1]  # flat positions: no copy of the rows
+    starts = torch.cat([rows[:, None] * cw.shape[1], at[:, :-1]], dim=1)
+    flat_w, flat_wx = cw.view(-1), cwx.view(-1)
+    mass = flat_w[at] - flat_w[starts]
+    total = flat_wx[at] - flat_wx[starts]
     return torch.where(mass > 0, total / mass.clamp_min(1e-300), previous.double()).float()
 
 
@@ -70,12 +73,33 @@ def _seeds(xs: torch.Tensor, ws: torch.Tensor, k: int) -> torch.Tensor:
     h = min(2, n - 1)
     lo = torch.cat([xs[:, :1].expand(g, h), xs[:, : n - h]], dim=1)
     hi = torch.cat([xs[:, h:], xs[:, -1:].expand(g, h)], dim=1)
-    mass = (hi - lo).double().clamp_min(0).pow(2 / 3) * ws.double().pow(1 / 3)
+    mass = (hi - lo).clamp_min(0).pow(2 / 3) * ws.pow(1 / 3)
     # rows of identical values have no spacing: their plain weights then
-    mass = torch.where(mass.sum(dim=1, keepdim=True) > 0, mass, ws.double())
-    cumulative = mass.cumsum(dim=1)
+    mass = torch.where(mass.sum(dim=1, keepdim=True) > 0, mass, ws)
+    cumulative = mass.double().cumsum(dim=1)
     levels = cumulative[:, -1:] * ((torch.arange(k, dtype=torch.float64) + 0.5) / k)
     return xs.gather(1, torch.searchsorted(cumulative, levels).clamp_max(n - 1))
+
+
+class _RowSearch:
+    """For rows of sorted values `xs` (G, n), how many values of a row are below each of its queries: a
+    batched `searchsorted`, done as one search in one flat sorted array of keys (row + scaled value,
+    float64), faster than torch's batched form for many short rows."""
+
+    def __init__(self, xs: torch.Tensor) -> None:
+        g, n = xs.shape
+        self.n = n
+        self.low = xs[:, :1].double()
+        self.span = (xs[:, -1:].double() - self.low).clamp_min(1e-30) * 2  # scaled values in [0, 0.5]
+        row = torch.arange(g, dtype=torch.float64)[:, None]
+        self.keys = (row + (xs.double() - self.low) / self.span).reshape(-1)
+
+    def __call__(self, rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Counts (A, q) for `queries` (A, q) of the rows numbered `rows` (A,)."""
+        # a query below the row's values searches at row - 0.25, above them at row + 0.75: inside the row
+        scaled = ((queries.double() - self.low[rows]) / self.span[rows]).clamp(-0.25, 0.75)
+        at = torch.searchsorted(self.keys, (rows[:, None] + scaled).reshape(-1)).reshape(queries.shape)
+        return at - rows[:, None] * self.n
 
 
 def _sorted_lloyd(
@@ -85,24 +109,27 @@ def _sorted_lloyd(
     and where each cluster's run of sorted values ends (G, k), the last at n.
 
     In 1-D, with sorted values and sorted centroids, every cluster is a contiguous run: an iteration is a
-    `searchsorted` of the k - 1 midpoints into the values and gathers from prefix sums, O(G k log n) rather
-    than O(G n). Seeds: `_seeds`, so no randomness."""
+    search of the k - 1 midpoints among the values and gathers from prefix sums, O(G k log n) rather than
+    O(G n), and only the rows whose clusters still change go on. Seeds: `_seeds`, so no randomness."""
     g, n = xs.shape
     pad = torch.zeros(g, 1, dtype=torch.float64)
     cw = torch.cat([pad, ws.double().cumsum(dim=1)], dim=1)
     cwx = torch.cat([pad, (ws.double() * xs.double()).cumsum(dim=1)], dim=1)
     centroids = _seeds(xs, ws, k)
-    last = torch.full((g, 1), n, dtype=torch.int64)
+    count_below = _RowSearch(xs)
     ends = torch.full((g, k), -1, dtype=torch.int64)  # none yet: the first iteration always updates
+    ends[:, -1] = n
+    active = torch.arange(g)
     for step in range(iterations + 1):
-        centroids = _pin_and_sort(centroids, zero)
-        midpoints = (centroids[:, 1:] + centroids[:, :-1]) / 2
-        new = torch.cat([torch.searchsorted(xs, midpoints.contiguous()), last], dim=1)
-        if step == iterations or torch.equal(new, ends):
-            return centroids, new
-        ends = new
-        centroids = _segment_means(cw, cwx, ends, centroids)
-    raise AssertionError("unreachable")
+        c = _pin_and_sort(centroids[active], zero[active])
+        new = count_below(active, (c[:, 1:] + c[:, :-1]) / 2)
+        changed = (new != ends[active, :-1]).any(dim=1)
+        centroids[active], ends[active, :-1] = c, new
+        active = active[changed]
+        if step == iterations or not len(active):
+            break
+        centroids[active] = _segment_means(cw, cwx, active, ends[active], centroids[active])
+    return centroids, ends
 
 
 def _run_labels(ends: torch.Tensor, n: int) -> torch.Tensor:
@@ -137,16 +164,17 @@ def kmeans(
     if not 1 <= k <= x.shape[1]:
         raise ValueError(f"kmeans: {k} clusters for groups of {x.shape[1]} values; k must be in [1, n].")
     x = x.detach().float()
-    w = torch.ones_like(x) if weights is None else weights.detach().float().clamp_min(0)
-    if w.shape != x.shape:
+    w = None if weights is None else weights.detach().float().clamp_min(0)
+    if w is not None and w.shape != x.shape:
         raise ValueError(f"kmeans: weights {tuple(w.shape)} do not match x {tuple(x.shape)}.")
-    w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+    if w is not None:
+        w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
     n = x.shape[1]
     per_chunk = max(1, _CHUNK // n)
     centroids, indices = [], []
     for start in range(0, x.shape[0], per_chunk):
         xs, order = x[start : start + per_chunk].sort(dim=1)
-        ws = w[start : start + per_chunk].gather(1, order)
+        ws = torch.ones_like(xs) if w is None else w[start : start + per_chunk].gather(1, order)
         zero = (xs == 0).any(dim=1) if keep_zero else torch.zeros(xs.shape[0], dtype=torch.bool)
         c, ends = _sorted_lloyd(xs, ws, k, iterations, zero)
         centroids.append(c)
