@@ -55,7 +55,6 @@ NOTHING_TO_DO = {
     ("dynamic_int8", "dcgan_generator"),
     ("awq", "dcgan_generator"),
     ("sparsity", "dcgan_generator"),  # transposed convolutions are not pruned
-    ("lowrank", "dcgan_generator"),  # transposed convolutions are not factorized
     ("dynamic_int8", "dense_unet"),  # convolutions only
     ("awq", "dense_unet"),
     ("cluster", "gru_classifier"),  # its only Linear (320 weights) is under cluster's 1024-weight minimum

@@ -19,8 +19,10 @@ from modelpress.techniques.lowrank import (
     PointwiseConv2d,
     SpatialConv2d,
     Tucker2Conv2d,
+    Tucker2ConvTranspose2d,
     factorize,
     lowrank,
+    skip_reason,
 )
 
 
@@ -184,6 +186,36 @@ def test_convolutions_are_exact_at_full_rank(conv):
         torch.testing.assert_close(new.weight, conv.weight.detach(), atol=1e-5, rtol=1e-5)
     point = factorize(nn.Conv2d(6, 8, 1, stride=2), (6,))
     assert isinstance(point, PointwiseConv2d)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.ConvTranspose2d(6, 8, 4, stride=2, padding=1),
+        nn.ConvTranspose2d(6, 8, 3, stride=2, padding=1, output_padding=1, dilation=2, bias=False),
+    ],
+    ids=["dcgan", "odd"],
+)
+def test_a_transposed_convolution_is_exact_at_full_rank_and_cut_by_ratio(conv):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 5)
+    full = factorize(conv, (6, 8))
+    assert isinstance(full, Tucker2ConvTranspose2d) and isinstance(full.core, nn.ConvTranspose2d)
+    torch.testing.assert_close(full(x), conv(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full.weight, conv.weight, atol=1e-5, rtol=1e-5)  # (in, out, kh, kw)
+    small = lowrank(nn.Sequential(copy.deepcopy(conv)), mp.LowRankConfig(ratio=0.5, layers=("conv",)))
+    assert isinstance(small[0], Tucker2ConvTranspose2d)
+    assert _weights(small[0]) <= 0.5 * conv.weight.numel()
+
+
+def test_transposed_convolutions_left_alone_say_why():
+    for conv, fields, why in [
+        (nn.ConvTranspose2d(8, 8, 4, groups=2), {}, "grouped transposed convolution"),
+        (nn.ConvTranspose2d(8, 8, 1), {}, "1x1 transposed convolution"),
+        (nn.ConvTranspose2d(8, 8, 4), {"conv": "spatial"}, "conv: tucker2"),
+        (nn.ConvTranspose2d(8, 8, 4), {"method": "sensitivity"}, "method: layer"),
+    ]:
+        assert why in (skip_reason(conv, mp.LowRankConfig(ratio=0.5, layers=("conv",), **fields)) or "")
 
 
 def test_tucker2_and_spatial_svd_maths():

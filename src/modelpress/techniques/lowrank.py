@@ -1,8 +1,9 @@
 """Low-rank factorization: truncated SVD of Linear layers (plain, or whitened by the layer's input
-statistics as in SVD-LLM), factorized embeddings, and convolutions by Tucker-2 or spatial SVD.
+statistics as in SVD-LLM), factorized embeddings, convolutions by Tucker-2 or spatial SVD, and transposed
+convolutions (a GAN generator's) by Tucker-2.
 
 Each factorized layer is really replaced by a module of smaller ordinary layers (`LowRankLinear`,
-`FactorizedEmbedding`, `Tucker2Conv2d`, `SpatialConv2d`, `PointwiseConv2d`), so the exported graph is
+`FactorizedEmbedding`, `Tucker2Conv2d`, `Tucker2ConvTranspose2d`, `SpatialConv2d`, `PointwiseConv2d`), so the exported graph is
 smaller and runs fewer MACs in any runtime, and later steps (int8, sparsity) compress the new layers. A
 layer whose factorized form is not smaller (weights), or for a convolution not cheaper (MACs), is left as
 it is and named in the log.
@@ -71,7 +72,8 @@ class LowRankConfig:
     the SVD of W L, L the Cholesky factor of the layer's input Gram X^T X on calibration data (SVD-LLM), so
     truncation minimises output, not weight, error (Linear and 1x1 convolutions). Convolutions (k x k) use
     `conv`: tucker2 (1x1 reduce, k x k core, 1x1 expand) or spatial (k x 1 then 1 x k); 1x1 convolutions
-    become two 1x1 convolutions. Grouped and depthwise convolutions are left as they are.
+    become two 1x1 convolutions; transposed convolutions (k x k) use Tucker-2 with a transposed core. Grouped
+    and depthwise convolutions are left as they are.
     `recover`: training after factorization, a DistillConfig (YAML `recover: {loss: kl, steps: 200, lr:
     1e-4}`; `loss: task` for cross-entropy on (inputs, labels) items); null skips it.
 
@@ -150,6 +152,8 @@ def _number(value: Any) -> bool:
 class _Factorized(nn.Sequential):
     """Layers in sequence that stand for one layer. `weight` and `bias` give the dense layer's (computed,
     not stored), for code that reads them (transformers' ViT reads the patch embedding's weight dtype)."""
+
+    _modelpress_atomic = True  # profiled and reported as the one layer it replaces ("now Tucker2Conv2d")
 
     def dense_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -259,6 +263,44 @@ class Tucker2Conv2d(_Factorized):
         return tucker2_weight(reduce[:, :, 0, 0], _weight_of(self.core), expand[:, :, 0, 0])
 
 
+class Tucker2ConvTranspose2d(_Factorized):
+    """A k x k ConvTranspose2d as 1x1 (in -> r_in) -> k x k transposed core (r_in -> r_out, the original
+    stride, padding, output padding and dilation) -> 1x1 (r_out -> out, the original bias): channel mixing
+    commutes with the transposed convolution's spatial scatter, so the factors are the Tucker-2 factors of the
+    weight read as a convolution's (out, in, kh, kw)."""
+
+    def __init__(self, conv: nn.ConvTranspose2d, rank_in: int, rank_out: int) -> None:
+        factory: dict[str, Any] = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        super().__init__(
+            OrderedDict(
+                reduce=nn.Conv2d(conv.in_channels, rank_in, 1, bias=False, **factory),
+                core=nn.ConvTranspose2d(
+                    rank_in,
+                    rank_out,
+                    (conv.kernel_size[0], conv.kernel_size[1]),
+                    stride=conv.stride,  # type: ignore[arg-type]
+                    padding=conv.padding,  # type: ignore[arg-type]
+                    output_padding=conv.output_padding,  # type: ignore[arg-type]
+                    dilation=conv.dilation,  # type: ignore[arg-type]
+                    bias=False,
+                    **factory,
+                ),
+                expand=nn.Conv2d(rank_out, conv.out_channels, 1, bias=conv.bias is not None, **factory),
+            )
+        )
+        self.in_channels, self.out_channels, self.ranks = (
+            conv.in_channels,
+            conv.out_channels,
+            (rank_in, rank_out),
+        )
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ConvTranspose2d weight (in, out, kh, kw)."""
+        reduce, expand = _weight_of(self.reduce), _weight_of(self.expand)
+        core = _weight_of(self.core).transpose(0, 1)  # as a convolution's (r_out, r_in, kh, kw)
+        return tucker2_weight(reduce[:, :, 0, 0], core, expand[:, :, 0, 0]).transpose(0, 1)
+
+
 class SpatialConv2d(_Factorized):
     """A kh x kw Conv2d as a kh x 1 conv to `rank` channels then a 1 x kw conv (Jaderberg et al. 2014), the
     stride, padding and dilation split by direction."""
@@ -317,7 +359,14 @@ class PointwiseConv2d(_Factorized):
         return (second.flatten(1) @ first.flatten(1))[:, :, None, None]
 
 
-FACTORIZED_TYPES = (LowRankLinear, FactorizedEmbedding, Tucker2Conv2d, SpatialConv2d, PointwiseConv2d)
+FACTORIZED_TYPES = (
+    LowRankLinear,
+    FactorizedEmbedding,
+    Tucker2Conv2d,
+    Tucker2ConvTranspose2d,
+    SpatialConv2d,
+    PointwiseConv2d,
+)
 
 # ------------------------------------------------------------------------------------------------
 # One layer: its form, ranks, cost, factors
@@ -338,10 +387,15 @@ class _Layer:
     _svd: Decomposition | None = None
 
     @property
+    def transposed(self) -> bool:
+        return isinstance(self.module, nn.ConvTranspose2d)
+
+    @property
     def weight(self) -> torch.Tensor:
+        """The weight; a transposed convolution's (in, out, kh, kw) read as a convolution's (out, in, kh, kw)."""
         weight = self.module.weight
         assert isinstance(weight, torch.Tensor)
-        return weight.detach()
+        return weight.detach().transpose(0, 1) if self.transposed else weight.detach()
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -383,8 +437,10 @@ class _Layer:
             return f"Linear {m.in_features} -> {m.out_features}"
         if isinstance(m, nn.Embedding):
             return f"Embedding {m.num_embeddings} x {m.embedding_dim}"
-        assert isinstance(m, nn.Conv2d)
-        return f"Conv2d {m.in_channels} -> {m.out_channels}, {m.kernel_size[0]}x{m.kernel_size[1]}"
+        assert isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+        return (
+            f"{type(m).__name__} {m.in_channels} -> {m.out_channels}, {m.kernel_size[0]}x{m.kernel_size[1]}"
+        )
 
     @property
     def stride(self) -> tuple[int, int]:
@@ -441,6 +497,9 @@ class _Layer:
             r_in, r_out = ranks
             sh, sw = self.stride
             params = in_ch * r_in + r_out * r_in * kh * kw + r_out * out_ch
+            if self.transposed:  # per input position: the 1x1 expand runs at the output's, stride^2 of them
+                macs = in_ch * r_in + r_out * r_in * kh * kw + r_out * out_ch * sh * sw
+                return params, macs, w.numel(), w.numel()
             # the 1x1 reduce runs at the input's resolution: stride^2 positions per output position
             macs = in_ch * r_in * sh * sw + r_out * r_in * kh * kw + r_out * out_ch
             return params, macs, w.numel(), w.numel()
@@ -471,6 +530,7 @@ class _Layer:
         w = self.weight
         if self.form == "tucker2":
             reduce, core, expand = tucker2(w, ranks[0], ranks[1])
+            core = core.transpose(0, 1) if self.transposed else core  # ConvTranspose2d: (r_in, r_out, kh, kw)
             return [reduce[:, :, None, None], core, expand[:, :, None, None]]
         if self.form == "spatial":
             return list(spatial_svd(w, ranks[0]))
@@ -486,7 +546,8 @@ class _Layer:
     def dense(self, factors: list[torch.Tensor]) -> torch.Tensor:
         """The (out, in) matrix the factors stand for, in the layout of `matrix` flattened like the Gram."""
         if self.form == "tucker2":
-            return tucker2_weight(factors[0][:, :, 0, 0], factors[1], factors[2][:, :, 0, 0]).flatten(1)
+            core = factors[1].transpose(0, 1) if self.transposed else factors[1]
+            return tucker2_weight(factors[0][:, :, 0, 0], core, factors[2][:, :, 0, 0]).flatten(1)
         if self.form == "spatial":
             return spatial_weight(factors[0], factors[1]).flatten(1)
         if self.form == "embedding":
@@ -510,6 +571,8 @@ class _Layer:
             new = LowRankLinear(m.in_features, m.out_features, ranks[0], bias=m.bias is not None, **factory)
         elif isinstance(m, nn.Embedding):
             new = FactorizedEmbedding(m, ranks[0], **factory)
+        elif isinstance(m, nn.ConvTranspose2d):
+            new = Tucker2ConvTranspose2d(m, *ranks)
         elif self.form == "tucker2":
             new = Tucker2Conv2d(m, *ranks)  # type: ignore[arg-type]
         elif self.form == "spatial":
@@ -532,8 +595,13 @@ def _form(module: nn.Module, config: LowRankConfig) -> Form | str:
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding" if module.max_norm is None else "its max_norm renormalises rows of the full table"
+    if isinstance(module, nn.ConvTranspose2d):
+        return _transposed_form(module, config)
     if not isinstance(module, nn.Conv2d):
-        return f"{type(module).__name__} is not factorized (lowrank factorizes Linear, Conv2d and Embedding)"
+        return (
+            f"{type(module).__name__} is not factorized (lowrank factorizes Linear, Conv2d, ConvTranspose2d "
+            "and Embedding)"
+        )
     if module.groups != 1:
         return f"grouped convolution (groups={module.groups}, depthwise or not) is left as it is"
     if tuple(module.kernel_size) == (1, 1):
@@ -541,6 +609,21 @@ def _form(module: nn.Module, config: LowRankConfig) -> Form | str:
     if config.conv == "spatial" and 1 in module.kernel_size:
         return f"spatial SVD needs a kernel of 2 or more in both directions, not {tuple(module.kernel_size)}"
     return config.conv
+
+
+def _transposed_form(module: nn.ConvTranspose2d, config: LowRankConfig) -> Form | str:
+    """A transposed convolution factorizes by Tucker-2 only, with ranks chosen from its weight."""
+    if module.groups != 1:
+        return f"grouped transposed convolution (groups={module.groups}) is left as it is"
+    if tuple(module.kernel_size) == (1, 1):
+        return (
+            "a 1x1 transposed convolution is left as it is (factorize it as the Linear over channels it is)"
+        )
+    if config.conv == "spatial":
+        return "spatial SVD is for Conv2d; transposed convolutions factorize with conv: tucker2"
+    if config.method == "sensitivity":
+        return "method: sensitivity weighs Conv2d and Linear inputs only; use method: layer for transposed convolutions"
+    return "tucker2"
 
 
 def skip_reason(module: nn.Module, config: LowRankConfig) -> str | None:
@@ -850,6 +933,7 @@ __all__ = [
     "PointwiseConv2d",
     "SpatialConv2d",
     "Tucker2Conv2d",
+    "Tucker2ConvTranspose2d",
     "factorize",
     "lowrank",
     "skip_reason",
