@@ -610,35 +610,51 @@ def build_depth_distill(asset: Asset) -> Built:
     return Built(model=copy.deepcopy(small), wall_s=wall_s, extra={"distill_wall_s": wall_s})
 
 
-# Issue 27, the combined MiniLM recipe: the distilled 3-layer student, then half its heads and FFN neurons
-# (as "pruned-50-distill", distilled from the student on the same unlabeled text), then the word and position
-# embeddings (about half of the remaining weights) clustered to 16 shared values (int8 codebook, 4-bit
-# indices), then static int8 of every Linear for OpenVINO (as "int8-static-smooth-ov").
-MINILM_DEPTH3_PRUNE = mp.StructuredPruningConfig(
-    ratio=0.5,
-    layers=("linear",),
-    importance="activation",
-    reconstruct=True,
-    round_to=8,
-    recover=mp.DistillConfig(loss="mse", steps=MINILM_DISTILL_STEPS, lr=1e-4),
-)
+# Issue 27, the combined MiniLM recipe: the distilled 3-layer student, then a share of its heads and FFN
+# neurons (as "pruned-50-distill": activation ranking, least-squares refit, distillation from the student on
+# the same unlabeled text), then the word and position embeddings (about half of the remaining weights)
+# clustered to 16 shared values (int8 codebook, 4-bit indices), then static int8 of every Linear for OpenVINO
+# (as "int8-static-smooth-ov"). Measured (OpenVINO, b16 vs fp32 ONNX Runtime): half the heads/FFN with 100
+# steps 0.097x size, 0.081x latency, Pearson 0.614 (minilm-issue27-first.json); with 300 steps and hidden states
+# matched 0.097x, 0.062x, 0.637; a quarter with 100 steps 0.112x, 0.098x, 0.635 (minilm-issue27.json).
+# Clustering the embeddings alone costs nothing on the fp32 model (Lee 0.671 vs 0.656 in torch, /tmp check).
+def minilm_depth3_prune(ratio: float, steps: int, features: bool) -> mp.StructuredPruningConfig:
+    return mp.StructuredPruningConfig(
+        ratio=ratio,
+        layers=("linear",),
+        importance="activation",
+        reconstruct=True,
+        round_to=8,
+        recover=mp.DistillConfig(loss="mse", features="mse" if features else None, steps=steps, lr=1e-4),
+    )
+
+
 MINILM_CLUSTER_INT8 = [
     mp.ClusterConfig(values=16, codebook_bits=8, layers=("embedding",)),
     mp.StaticInt8Config(smooth_alpha=0.75, rounding="gptq", activations="balanced", layers=("linear",)),
 ]
 
 
-def build_depth3_combined(asset: Asset) -> Built:
-    """depth3-distill -> structured 50% + distillation -> clustered embeddings -> static int8."""
-    student, depth_s = depth3_student(asset)
-    start = time.perf_counter()
-    pruned = mp.compress(student, [MINILM_DEPTH3_PRUNE], by_length(asset.unlabeled))
-    prune_s = time.perf_counter() - start
-    small = mp.compress(pruned, MINILM_CLUSTER_INT8, asset.calibration)
-    total = depth_s + time.perf_counter() - start
-    return Built(
-        model=small, wall_s=total, extra={"depth3_distill_wall_s": depth_s, "prune_distill_wall_s": prune_s}
-    )
+def build_depth3_combined(prune: mp.StructuredPruningConfig) -> Callable[[Asset], Built]:
+    """depth3-distill -> structured pruning `prune` (+ its distillation) -> clustered embeddings -> static int8."""
+
+    def build(asset: Asset) -> Built:
+        student, depth_s = depth3_student(asset)
+        start = time.perf_counter()
+        pruned = mp.compress(student, [prune], by_length(asset.unlabeled))
+        prune_s = time.perf_counter() - start
+        small = mp.compress(pruned, MINILM_CLUSTER_INT8, asset.calibration)
+        extra = {"depth3_distill_wall_s": depth_s, "prune_distill_wall_s": prune_s}
+        return Built(model=small, wall_s=depth_s + time.perf_counter() - start, extra=extra)
+
+    return build
+
+
+MINILM_COMBINED = {  # row name -> the structured step after depth3-distill
+    "depth3-pruned-50-cluster-int8": minilm_depth3_prune(0.5, MINILM_DISTILL_STEPS, features=False),
+    "depth3-pruned-50-kd300-cluster-int8": minilm_depth3_prune(0.5, 300, features=True),
+    "depth3-pruned-25-cluster-int8": minilm_depth3_prune(0.25, MINILM_DISTILL_STEPS, features=False),
+}
 
 
 def peer(make: Callable[[Asset], peers.Made]) -> Callable[[Asset], Built]:
@@ -932,14 +948,17 @@ METHODS: dict[str, Method] = {
         assets=("minilm",),
     ),
     # Issue 27: depth3-distill, then heads/FFN pruning + distillation, clustered embeddings, static int8.
-    "depth3-pruned-50-cluster-int8": Method(
-        "depth3-pruned-50-cluster-int8",
-        "modelpress",
-        ("onnxruntime", "openvino"),
-        build_depth3_combined,
-        needs_calibration=True,
-        assets=("minilm",),
-    ),
+    **{
+        name: Method(
+            name,
+            "modelpress",
+            ("onnxruntime", "openvino"),
+            build_depth3_combined(prune),
+            needs_calibration=True,
+            assets=("minilm",),
+        )
+        for name, prune in MINILM_COMBINED.items()
+    },
     "pruned-50-distill-int8-static": Method(
         "pruned-50-distill-int8-static",
         "modelpress",
@@ -1875,31 +1894,38 @@ CRITERIA: list[Criterion] = [
         15 * 60,
         "issue 27",
     ),
-    # Issue 27: the best combined recipe, >= 8x smaller and faster than fp32 ONNX Runtime at Pearson >= 0.62.
-    Criterion(
-        "minilm",
-        "depth3-pruned-50-cluster-int8 ONNX size / fp32 ONNX size (embeddings included)",
-        field_of("depth3-pruned-50-cluster-int8/onnxruntime", "size_ratio"),
-        "<=",
-        1 / 8,
-        "issue 27",
-    ),
-    Criterion(
-        "minilm",
-        "latency b16 depth3-pruned-50-cluster-int8 (openvino) vs fp32 (onnxruntime)",
-        field_of("depth3-pruned-50-cluster-int8/openvino", "latency_ratio", "b16"),
-        "<=",
-        1 / 8,
-        "issue 27",
-    ),
-    Criterion(
-        "minilm",
-        "Pearson depth3-pruned-50-cluster-int8 (openvino)",
-        field_of("depth3-pruned-50-cluster-int8/openvino", "quality"),
-        ">=",
-        0.62,
-        "issue 27",
-    ),
+    # Issue 27: the best combined recipe, >= 8x smaller and faster than fp32 ONNX Runtime at Pearson >= 0.62
+    # (met when one of the MINILM_COMBINED rows passes all three).
+    *[
+        criterion
+        for m in MINILM_COMBINED
+        for criterion in (
+            Criterion(
+                "minilm",
+                f"{m} ONNX size / fp32 ONNX size (embeddings included)",
+                field_of(f"{m}/onnxruntime", "size_ratio"),
+                "<=",
+                1 / 8,
+                "issue 27",
+            ),
+            Criterion(
+                "minilm",
+                f"latency b16 {m} (openvino) vs fp32 (onnxruntime)",
+                field_of(f"{m}/openvino", "latency_ratio", "b16"),
+                "<=",
+                1 / 8,
+                "issue 27",
+            ),
+            Criterion(
+                "minilm",
+                f"Pearson {m} (openvino)",
+                field_of(f"{m}/openvino", "quality"),
+                ">=",
+                0.62,
+                "issue 27",
+            ),
+        )
+    ],
     size_check("minilm", "int8-weight-only", 0.27),
     *[
         Criterion(
