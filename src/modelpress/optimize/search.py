@@ -515,12 +515,12 @@ def summarize(
         q = -(t.drop or 0.0)
         return (math.log(t.size_factor or 1e-9) + math.log(t.speedup or 1e-9), q)
 
-    feasible = [t for t in done if t.feasible]
+    feasible = [t for t in done if t.feasible and t.duplicate_of is None]  # a point seen again counts once
     counts = f"{len(done)} trial(s) measured, {failed} failed"
     if feasible:
         chosen = max(feasible, key=goodness)
         message = (
-            f"{counts}; {len(feasible)} meet {constraints.describe()}. Chosen: trial {chosen.number}, "
+            f"{counts}; {len(feasible)} distinct point(s) meet {constraints.describe()}. Chosen: trial {chosen.number}, "
             f"{chosen.size_factor:.2f}x smaller, {chosen.speedup:.2f}x faster, quality {chosen.quality:.5g} "
             f"(fp32 {baseline:.5g})."
         )
