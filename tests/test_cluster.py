@@ -11,6 +11,7 @@ from torch import nn
 
 import modelpress as mp
 from modelpress.ops.cluster import (
+    _RowSearch,
     index_bits,
     kmeans,
     pack_indices,
@@ -53,6 +54,15 @@ def test_kmeans_finds_separated_clusters_deterministically():
     assert torch.equal(c1, c2) and torch.equal(i1, i2)
     assert torch.allclose(c1.sort(dim=1).values, centres.expand(2, 4), atol=0.01)
     assert (c1.gather(1, i1) - x).abs().max() < 0.05  # every value on its own cluster's centre
+
+
+def test_the_row_search_counts_as_searchsorted_even_outside_a_row():
+    xs = torch.randn(5, 300, generator=_gen()).sort(dim=1).values
+    xs[3] = 0.25  # a row of one value repeated
+    queries = torch.randn(5, 15, generator=_gen(1))
+    queries[0, 0], queries[1, 1], queries[2, 2], queries[3, 3] = 100.0, -100.0, xs[2, 7], 0.25
+    rows = torch.tensor([4, 0, 2, 3, 1])
+    assert torch.equal(_RowSearch(xs)(rows, queries), torch.searchsorted(xs[rows], queries))
 
 
 def test_weighted_kmeans_ignores_points_of_weight_zero():
