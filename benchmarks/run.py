@@ -1353,7 +1353,7 @@ def run(
                         base_profile, decoder_only=True
                     )
                     info["profile_bytes_by_dtype"] = p.bytes_by_dtype
-                if name.startswith("pruned"):
+                if name.startswith(("pruned", "lowrank", "depth")):  # techniques that cut MACs
                     macs = mp.profile(built.model, asset.example_inputs, repeats=1).macs
                     info["macs_ratio"] = macs / base_profile.macs
             # The artifact each runtime runs: a peer's one file, or modelpress's export placed for that

@@ -32,7 +32,7 @@ from modelpress.errors import DataError, GraphError, RecipeError
 from modelpress.loading import as_inputs
 from modelpress.ops.similarity import block_similarity
 from modelpress.techniques.distill import DistillConfig, as_recover, train
-from modelpress.techniques.finetune import labeled
+from modelpress.techniques.finetune import RECOVER_LABELS, labeled
 from modelpress.techniques.select import matches_any, unmatched_patterns
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ def depth(model: nn.Module, config: DepthPruningConfig, data: Dataset | Any = No
             "or --data file.py:fn on the command line."
         )
     batches = [
-        labeled(item, f"data item {i}", owner="depth")[0]
+        labeled(item, f"data item {i}", owner="depth", **RECOVER_LABELS)[0]
         if config.recover is not None and config.recover.labeled
         else as_inputs(item, where="calibration item")
         for i, item in enumerate(items)

@@ -34,7 +34,7 @@ from modelpress.ops.sparse import (
 )
 from modelpress.techniques.blockwise import BlockStep, bf16_supported, calibrate_blockwise
 from modelpress.techniques.distill import DistillConfig, as_recover, train
-from modelpress.techniques.finetune import labeled
+from modelpress.techniques.finetune import RECOVER_LABELS, labeled
 from modelpress.techniques.gptq import collect_hessians
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer, SparseLayer, call_with_weight
 from modelpress.techniques.reconstruct import SparseFit, check_reconstruct, reconstruct
@@ -577,7 +577,9 @@ def sparsity(model: nn.Module, config: SparsityConfig, data: Dataset | Any = Non
         )
     originals = _originals(chosen) if recovery is not None and recovery.needs_teacher else None
     if recovery is not None and recovery.labeled and training is not None:  # the items are (inputs, labels)
-        data = Dataset(training, lambda item: labeled(item, "a data item", owner="sparsity")[0])
+        data = Dataset(
+            training, lambda item: labeled(item, "a data item", owner="sparsity", **RECOVER_LABELS)[0]
+        )
     if config.method == "magnitude" and not config.reconstruct_epochs:
         threshold = None
         if config.scope == "global":
