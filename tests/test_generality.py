@@ -24,10 +24,18 @@ WIDE = sorted(set(zoo.WIDE_ZOO) - set(zoo.ZOO))
 
 # What must come out `ok` on each architecture (the rest may be a clear refusal, e.g. depth pruning on a
 # model without a stack of repeated blocks, or a Linear-only technique on a model of convolutions).
-MUST_WORK = set(CONTRACT_CONFIGS) - {"depth", "distill"}  # distill alone changes nothing: refused
+# One config per family runs here (each case is an export of a Hugging Face model, ~10 s): wrappers of the
+# others (mixed_precision, progressive: static int8 / weight-only repeated), qat (the static int8 artifact)
+# and awq (gptq's block-wise path) run on the zoo in test_contract.py; distill alone changes nothing.
+TECHNIQUES = sorted(set(CONTRACT_CONFIGS) - {"mixed_precision", "progressive", "qat", "awq", "distill"})
+MUST_WORK = set(TECHNIQUES) - {"depth"}
 # Linear-only techniques have little to do on these: mostly convolutions, or mostly recurrent weights.
 LINEAR_ONLY = {"dynamic_int8", "awq", "gptq", "static_int8", "qat", "sparsity", "mixed_precision"}
 MOSTLY_NOT_LINEAR = {"speech_lstm", "stacked_gru", "convnext_classifier", "wav2vec2_encoder"}
+# cluster shares the values of Linear/conv/embedding weights, not of LSTM/GRU matrices; these recurrent models'
+# other layers are under its 1024-weight minimum, so it is refused there (NOTES.md: untried).
+NOT_RECURRENT = {"cluster"}
+RECURRENT = {"speech_lstm", "stacked_gru"}
 
 
 def _run(arch: str, technique: str, tmp_path) -> tuple[str, str]:
@@ -51,7 +59,7 @@ def _run(arch: str, technique: str, tmp_path) -> tuple[str, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", WIDE)
 def test_every_technique_is_ok_or_a_clear_refusal(arch, tmp_path):
-    outcomes = {technique: _run(arch, technique, tmp_path) for technique in sorted(CONTRACT_CONFIGS)}
+    outcomes = {technique: _run(arch, technique, tmp_path) for technique in TECHNIQUES}
     summary = "\n".join(f"{t}: {status} {msg[:160]}" for t, (status, msg) in outcomes.items())
     for technique, (status, message) in outcomes.items():
         if status == "refused":
@@ -59,6 +67,8 @@ def test_every_technique_is_ok_or_a_clear_refusal(arch, tmp_path):
             assert "'" in message and len(message) > 60, f"{technique}: unclear refusal: {message}\n{summary}"
     for technique in MUST_WORK:
         if technique in LINEAR_ONLY and arch in MOSTLY_NOT_LINEAR:
+            continue
+        if technique in NOT_RECURRENT and arch in RECURRENT:
             continue
         assert outcomes[technique][0] == "ok", f"{technique} on {arch}: {outcomes[technique][1]}\n{summary}"
 
