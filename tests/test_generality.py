@@ -24,11 +24,10 @@ WIDE = sorted(set(zoo.WIDE_ZOO) - set(zoo.ZOO))
 
 # What must come out `ok` on each architecture (the rest may be a clear refusal, e.g. depth pruning on a
 # model without a stack of repeated blocks, or a Linear-only technique on a model of convolutions).
-# One config per family runs here (each case is an export of a Hugging Face model, ~10 s): wrappers of the
-# others (mixed_precision, progressive: static int8 / weight-only repeated), qat (the static int8 artifact)
-# and awq (gptq's block-wise path) run on the zoo in test_contract.py; distill alone changes nothing.
-TECHNIQUES = sorted(set(CONTRACT_CONFIGS) - {"mixed_precision", "progressive", "qat", "awq", "distill"})
-MUST_WORK = set(TECHNIQUES) - {"depth"}
+# Every registered technique (issue 26), each case an export of a Hugging Face model (~10 s here): the
+# slowest test of the suite (NOTES.md, eighteenth session: what to cut without losing coverage).
+TECHNIQUES = sorted(CONTRACT_CONFIGS)
+MUST_WORK = set(TECHNIQUES) - {"depth", "distill"}  # distill alone changes nothing: refused
 # Linear-only techniques have little to do on these: mostly convolutions, or mostly recurrent weights.
 LINEAR_ONLY = {"dynamic_int8", "awq", "gptq", "static_int8", "qat", "sparsity", "mixed_precision"}
 MOSTLY_NOT_LINEAR = {"speech_lstm", "stacked_gru", "convnext_classifier", "wav2vec2_encoder"}
