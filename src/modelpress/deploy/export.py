@@ -35,6 +35,7 @@ from modelpress.deploy.qdq import (
     onnxruntime_plan,
     pad_conv_channels,
     place_for_onnxruntime,
+    place_for_tensorrt,
     quantizes_activations,
     unfuse_residual_layernorm,
     write_target,
@@ -309,13 +310,15 @@ def _postprocess(
         unfused = unfuse_residual_layernorm(model)
         if unfused:
             log.debug("wrote %d residual Add(s) before LayerNormalization as Sum for ONNX Runtime", unfused)
+    if target == "tensorrt":  # symmetric int8 Q/DQ only (deploy.qdq.place_for_tensorrt)
+        log.debug("placed quantizers for TensorRT: %s", place_for_tensorrt(model))
     write_target(model, target)
     guarded = guard_reductions(model)
     if guarded:
         log.debug("guarded %d reduction(s) after int8 products against OpenVINO's LP rewrite", guarded)
     if moves:
         log.debug("moved %d activation quantizer(s) above MaxPool/reshape-like ops", moves)
-    if integer_matmul:
+    if integer_matmul and target != "tensorrt":  # TensorRT has no MatMulIntegerToFloat
         fused = fuse_integer_matmuls(model)
         if fused:
             log.debug("wrote %d int8 MatMul/Gemm layer(s) as MatMulIntegerToFloat with their bias", fused)

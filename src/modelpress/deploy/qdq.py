@@ -425,8 +425,8 @@ def _zero_initializers(graph: Any) -> set[str]:
 # Placement for ONNX Runtime
 # ------------------------------------------------------------------------------------------------------
 
-Target = Literal["openvino", "onnxruntime"]
-TARGETS: tuple[Target, ...] = ("openvino", "onnxruntime")
+Target = Literal["openvino", "onnxruntime", "tensorrt"]
+TARGETS: tuple[Target, ...] = ("openvino", "onnxruntime", "tensorrt")
 TARGET_KEY = "modelpress.target"  # ONNX metadata_props key; a file without it was placed for OpenVINO
 
 # Activations ONNX Runtime removes before a QuantizeLinear whose range they cannot change (ReluQuantFusion,
@@ -448,12 +448,16 @@ def placement_warning(model: Any, runtime: str) -> str | None:
     placed = {p.key: p.value for p in model.metadata_props}.get(TARGET_KEY)
     if placed is None or placed == runtime or placed not in TARGETS or not quantizes_activations(model):
         return None
-    names = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
-    cost = (
-        "ONNX Runtime then runs layers whose outputs are not quantized as fp32 behind DequantizeLinear (slower)"
-        if runtime == "onnxruntime"
-        else "OpenVINO runs ONNX Runtime's extra output quantizers a little slower (MiniLM b16: 4%)"
-    )
+    names = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "tensorrt": "TensorRT"}
+    if placed == "tensorrt":
+        cost = (
+            "its activations are symmetric int8 (TensorRT's only form), a coarser grid for tensors that are "
+            "never negative than the uint8 ones this runtime takes"
+        )
+    elif runtime == "onnxruntime":
+        cost = "ONNX Runtime then runs layers whose outputs are not quantized as fp32 behind DequantizeLinear (slower)"
+    else:
+        cost = "OpenVINO runs ONNX Runtime's extra output quantizers a little slower (MiniLM b16: 4%)"
     return (
         f"its int8 quantizers are placed for {names[placed]}, not {names.get(runtime, runtime)}: {cost}. "
         f'Export it for this runtime: export_onnx(..., target="{runtime}") or '
@@ -1077,3 +1081,200 @@ def unfuse_residual_layernorm(model: Any) -> int:
             node.op_type = "Sum"
             count += 1
     return count
+
+
+# ------------------------------------------------------------------------------------------------------
+# Placement for TensorRT
+# ------------------------------------------------------------------------------------------------------
+
+
+def weight_axis(node: Any, input_index: int, rank: int) -> int | None:
+    """The output-channel axis of the weight that `node` (Conv, ConvTranspose, Gemm, MatMul) reads at
+    `input_index`: where TensorRT wants per-channel weight scales. None where the input is no weight."""
+    op = node.op_type
+    if op == "Conv" and input_index == 1:
+        return 0  # (out, in / group, *kernel)
+    if op == "ConvTranspose" and input_index == 1:
+        return 1  # (in, out / group, *kernel)
+    if op == "Gemm" and input_index == 1:
+        return 0 if _attr(node, "transB", 0) else 1
+    if op == "Gemm" and input_index == 0:
+        return 1 if _attr(node, "transA", 0) else 0
+    if op == "MatMul" and input_index == 1 and rank >= 2:
+        return rank - 1  # (..., in, out)
+    return None
+
+
+def _symmetric_int8(g: _Graph, dq: Any, axis: int) -> tuple[Any, Any] | None:
+    """(int8 codes, scales) of a DequantizeLinear's constant weight re-quantized symmetric per channel on
+    `axis` with codes in [-127, 127], or None where it already is so (or its value is unknown)."""
+    import numpy as np
+
+    codes, scale = g.value(dq.input[0]), g.value(dq.input[1])
+    zero = g.value(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    if codes is None or scale is None or (len(dq.input) > 2 and dq.input[2] and zero is None):
+        return None
+    per_channel = scale.size > 1
+    on_axis = not per_channel or _attr(dq, "axis", 1) % codes.ndim == axis
+    if (
+        codes.dtype == np.int8
+        and (zero is None or not zero.any())
+        and on_axis
+        and codes.min(initial=0) >= -127
+    ):
+        return None
+    shape = [1] * codes.ndim
+    if per_channel:
+        shape[_attr(dq, "axis", 1) % codes.ndim] = -1
+    z = np.zeros(()) if zero is None else zero.astype(np.float64).reshape(shape if per_channel else ())
+    weight = (codes.astype(np.float64) - z) * scale.astype(np.float64).reshape(shape if per_channel else ())
+    others = tuple(i for i in range(weight.ndim) if i != axis)
+    amax = np.abs(weight).max(axis=others, keepdims=True)
+    new_scale = np.where(amax > 0, amax / 127.0, 1.0)
+    new_codes = np.clip(np.rint(weight / new_scale), -127, 127).astype(np.int8)
+    return new_codes, new_scale.reshape(-1).astype(np.float32)
+
+
+def place_for_tensorrt(model: Any) -> dict[str, int]:
+    """Rewrite a QDQ graph into the form TensorRT's explicit quantization takes, in place; returns counts.
+
+    - activation quantizers become per-tensor int8 with zero point 0 and the scale that covers the range
+      the old (scale, zero point) covered: TensorRT quantizes symmetrically only, and a uint8 quantizer is
+      refused by its ONNX parser. A range that never goes below zero loses one bit (255 codes become 128).
+    - weights stay int8 with per-output-channel scales and zero point 0 (what modelpress's static int8
+      writes); a weight with another zero point, uint8 codes, -128 codes or scales on another axis is
+      re-quantized symmetric on its output-channel axis (`weight_axis`).
+    - `DequantizeLinear(W (out, in)) -> Transpose -> MatMul` becomes `DequantizeLinear(W^T (in, out),
+      axis=1) -> MatMul`, so the quantized weight feeds the layer directly.
+    - the `axis` attribute of per-tensor quantizers goes (it means nothing there, and some TensorRT
+      versions' parsers reject it).
+
+    >>> place_for_tensorrt(onnx.load("int8.onnx"))  # doctest: +SKIP
+    {'activations': 7, 'weights': 0, 'transposes': 0}
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    g = _Graph(graph)
+    new_initializers: list[Any] = []
+    counts = {"activations": 0, "weights": 0, "transposes": 0}
+
+    def constant(name: str) -> bool:
+        return name in g.initializers or name in g._constants
+
+    # Weights: fold the Transpose between a weight's DequantizeLinear and its MatMul.
+    dropped: set[int] = set()
+    for tr in list(graph.node):
+        if tr.op_type != "Transpose" or list(_attr(tr, "perm", [1, 0])) != [1, 0]:
+            continue
+        dq = g.producer.get(tr.input[0])
+        users = g.consumers.get(tr.output[0], [])
+        if (
+            dq is None
+            or dq.op_type != "DequantizeLinear"
+            or not constant(dq.input[0])
+            or g.only_user(dq.output[0]) is not tr
+            or not users
+            or any(u.op_type != "MatMul" or list(u.input).index(tr.output[0]) != 1 for u in users)
+        ):
+            continue
+        codes = g.value(dq.input[0])
+        if codes is None or codes.ndim != 2:
+            continue
+        name = f"{dq.input[0]}_in_out"
+        new_initializers.append(numpy_helper.from_array(np.ascontiguousarray(codes.T), name))
+        dq.input[0] = name
+        scale = g.value(dq.input[1])
+        if scale is not None and scale.size > 1:
+            _set_attr(dq, "axis", 1 - _attr(dq, "axis", 1) % 2)
+        dq.output[0] = tr.output[0]
+        dropped.add(id(tr))
+        counts["transposes"] += 1
+    if dropped:
+        kept = [n for n in graph.node if id(n) not in dropped]
+        del graph.node[:]
+        graph.node.extend(kept)
+        graph.initializer.extend(new_initializers)
+        new_initializers = []
+        g = _Graph(graph)
+
+    # Weights: symmetric int8 per output channel.
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        for index, name in enumerate(node.input[:2]):
+            dq = g.producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear" or not constant(dq.input[0]):
+                continue
+            codes = g.value(dq.input[0])
+            axis = weight_axis(node, index, codes.ndim if codes is not None else 0)
+            if axis is None or len(g.consumers.get(dq.output[0], [])) != 1:
+                continue
+            redone = _symmetric_int8(g, dq, axis)
+            if redone is None:
+                continue
+            key = f"{dq.output[0]}_trt"
+            new_initializers += [
+                numpy_helper.from_array(redone[0], f"{key}_weight"),
+                numpy_helper.from_array(redone[1], f"{key}_scale"),
+                numpy_helper.from_array(np.zeros(redone[1].shape, np.int8), f"{key}_zero_point"),
+            ]
+            del dq.input[:]
+            dq.input.extend([f"{key}_weight", f"{key}_scale", f"{key}_zero_point"])
+            _set_attr(dq, "axis", axis)
+            counts["weights"] += 1
+
+    # Activations: per-tensor int8, zero point 0, covering the same range.
+    retyped: set[str] = set()  # codes that were uint8: their value_info goes
+    for q in list(graph.node):
+        if q.op_type != "QuantizeLinear" or constant(q.input[0]) or len(q.input) < 2:
+            continue
+        scale = g.value(q.input[1])
+        zero = g.value(q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
+        if scale is None or zero is None or scale.size != 1 or zero.size != 1:
+            continue  # per-channel activations: left for `check_tensorrt` to name
+        dqs = [u for u in g.consumers.get(q.output[0], []) if u.op_type == "DequantizeLinear"]
+        if zero.dtype == np.int8 and int(zero) == 0:
+            for n in (q, *dqs):
+                _drop_attr(n, "axis")
+            continue
+        info = np.iinfo(zero.dtype)
+        s, z = float(scale), int(zero)
+        lo, hi = (info.min - z) * s, (info.max - z) * s
+        amax = max(-lo, hi)
+        key = f"{q.output[0]}_trt"
+        new_initializers += [
+            numpy_helper.from_array(np.array(amax / 127.0 if amax > 0 else 1e-8, np.float32), f"{key}_scale"),
+            numpy_helper.from_array(np.array(0, np.int8), f"{key}_zero_point"),
+        ]
+        for n in (q, *dqs):
+            del n.input[1:]
+            n.input.extend([f"{key}_scale", f"{key}_zero_point"])
+            _drop_attr(n, "axis")
+        retyped.add(q.output[0])
+        counts["activations"] += 1
+
+    graph.initializer.extend(new_initializers)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept_init = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_init)
+    produced = {o for n in graph.node for o in n.output}
+    info_kept = [v for v in graph.value_info if v.name in produced and v.name not in retyped]
+    del graph.value_info[:]
+    graph.value_info.extend(info_kept)
+    return counts
+
+
+def _set_attr(node: Any, name: str, value: int) -> None:
+    from onnx import helper
+
+    _drop_attr(node, name)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _drop_attr(node: Any, name: str) -> None:
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept)
