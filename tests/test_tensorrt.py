@@ -275,3 +275,39 @@ def test_float_model_and_bad_paths(tmp_path) -> None:
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
     with pytest.raises(ExportError, match="not a readable ONNX file"):
         check_tensorrt(tmp_path / "junk.onnx")
+
+
+def test_conv_transpose_weights_want_axis_1() -> None:
+    # ConvTranspose weights are (in, out / group, kh, kw): the output channels are axis 1.
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.int8), "z"),
+        numpy_helper.from_array(rng.integers(-127, 128, (4, 2, 3, 3)).astype(np.int8), "w"),
+        numpy_helper.from_array(np.array([0.01, 0.02, 0.03, 0.04], np.float32), "ws"),
+        numpy_helper.from_array(np.zeros(4, np.int8), "wz"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0, name="w_dq"),
+        helper.make_node("ConvTranspose", ["xd", "wd"], ["y"], name="deconv"),
+    ]
+    model = helper.make_model(
+        helper.make_graph(
+            nodes,
+            "ct",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 5, 5])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2, 7, 7])],
+            inits,
+        ),
+        opset_imports=[helper.make_opsetid("", 21)],
+    )
+    model.ir_version = 10
+    before = copy.deepcopy(model)
+    (finding,) = check_tensorrt(model).findings
+    assert finding.node == "deconv" and "output-channel axis 1" in finding.reason
+    assert place_for_tensorrt(model)["weights"] == 1
+    assert check_tensorrt(model).ok
+    x = np.random.default_rng(1).uniform(-2, 2, (2, 4, 5, 5)).astype(np.float32)
+    assert _cosine(_run(model, {"x": x})[0], _run(before, {"x": x})[0]) > 0.999

@@ -60,6 +60,8 @@ _UNSUPPORTED = {
     "Multinomial": "no TensorRT layer",
 }
 _STANDARD_DOMAINS = ("", "ai.onnx")
+# Q/DQ types TensorRT takes (numpy names as onnx reads them): int8 here; FP8 and INT4 on newer GPUs.
+_QUANTIZED_TYPES = frozenset({"int8", "float8_e4m3fn", "int4"})
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,6 @@ def check_tensorrt(path: str | os.PathLike[str] | Any) -> TensorRTReport:
 
 
 def _check(model: Any, where: str) -> TensorRTReport:
-    import numpy as np
 
     graph = model.graph
     g = _Graph(graph)
@@ -194,7 +195,7 @@ def _check(model: Any, where: str) -> TensorRTReport:
             continue
         codes = g.value(node.input[0]) if node.op_type == "DequantizeLinear" else None
         dtype = zero.dtype if zero is not None else (codes.dtype if codes is not None else None)
-        if dtype is not None and dtype not in (np.int8,):
+        if dtype is not None and dtype.name not in _QUANTIZED_TYPES:
             add(
                 node,
                 "error",
