@@ -148,3 +148,21 @@ def test_missing_pieces_name_the_fix(tmp_path: Path) -> None:
         find_chromium(tmp_path / "chromium")
     with pytest.raises(ExportError, match="does not exist"):
         run_in_browser(tmp_path / "missing.onnx", [])
+
+
+@pytest.mark.slow
+def test_a_model_the_browser_cannot_load_is_a_clear_error(tmp_path: Path) -> None:
+    _browser_or_skip()
+    graph = helper.make_graph(
+        [helper.make_node("Frobnicate", ["x"], ["y"], domain="example.custom")],
+        "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)]
+    )
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ExportError, match=r"onnxruntime-web 1.30.0 failed to load 'custom.onnx' in Chromium"):
+        run_in_browser(path, [np.ones((1, 4), np.float32)])

@@ -233,6 +233,8 @@ def _handler(state: _State) -> type[BaseHTTPRequestHandler]:
             route = self.path.split("?", 1)[0]
             if route in ("/", "/index.html"):
                 self._send(200, HARNESS.read_bytes(), _CONTENT_TYPES[".html"])
+            elif route == "/favicon.ico":  # asked for by every page: answered, so no 404 lands in the errors
+                self._send(200, b"", "image/x-icon")
             elif route == "/model.onnx":
                 self._send(200, state.model.read_bytes(), _CONTENT_TYPES[".onnx"])
             elif route.startswith("/in/") and route[4:].isdigit() and int(route[4:]) < len(state.inputs):
