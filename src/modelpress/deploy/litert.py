@@ -1,0 +1,586 @@
+"""Export to LiteRT (TensorFlow Lite) through litert-torch, and run `.tflite` files in LiteRT's interpreter.
+
+An fp32 model converts as it is. A model compressed by modelpress's `static_int8` converts to a full-integer
+int8 `.tflite` (int8 weights, int8 activations, int8 input and output tensors) that keeps modelpress's own
+decisions: each quantized layer's int8 weight codes and per-channel scales, and its calibrated input range.
+litert-torch lowers only the pt2e Q/DQ form its `PT2EQuantizer` writes, and TFLite's integer kernels need the
+output of every layer quantized too (modelpress's graph quantizes layer inputs only), so the export
+rebuilds the float model from modelpress's dequantized weights, lets the pt2e quantizer place quantizers
+on every tensor, calibrates the ranges modelpress did not measure (layer outputs, logits) on `data`, and
+fixes the quantizers modelpress did measure to modelpress's values before converting.
+
+The int8 file's inputs and outputs are int8; `LiteRTSession` quantizes float inputs and dequantizes
+outputs with the file's own parameters, so a parity check against the torch model runs unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress._files import atomic_path, check_output_path
+from modelpress.errors import DataError, ExportError, RuntimeUnavailableError
+from modelpress.loading import Inputs, as_inputs
+from modelpress.outputs import FlatOutputs, no_cache
+
+log = logging.getLogger(__name__)
+
+Quantize = Literal["auto", "fp32", "int8"]
+QUANTIZE: tuple[Quantize, ...] = ("auto", "fp32", "int8")
+CALIBRATION_ITEMS = 1024  # items of `data` the ranges modelpress did not measure are calibrated on
+
+
+def require_litert() -> None:
+    """Raise a clear error when the `litert` extra (litert-torch, ai-edge-litert) is not installed."""
+    for module in ("litert_torch", "ai_edge_litert"):
+        if importlib.util.find_spec(module) is None:
+            raise RuntimeUnavailableError(
+                f"LiteRT export needs '{module}', which is not installed. Install it with "
+                "`pip install modelpress[litert]`."
+            )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """litert-torch prints a progress tree and torch.export warnings on every conversion; keep the user's
+    terminal clean (its switch is an environment variable, restored afterwards)."""
+    before = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
+    os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
+        else:
+            os.environ["LITERT_TORCH_SHOW_PROGRESS"] = before
+
+
+# --------------------------------------------------------------------------------------------------
+# modelpress's static layers -> the float twin and the quantizer values to keep
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    """What modelpress decided for one static layer: its input quantizer as int8 (scale, zero point)
+    and its weight's per-channel scales (symmetric, zero point 0)."""
+
+    input_scale: float
+    input_zero_point: int
+    weight_scale: torch.Tensor  # (out_channels,)
+
+
+class _Smoothed(nn.Module):
+    """SmoothQuant's per-feature input multiplier in front of a layer (a Mul in the graph)."""
+
+    def __init__(self, inner: nn.Module, multiplier: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.multiplier: torch.Tensor
+        self.register_buffer("multiplier", multiplier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x * self.multiplier)
+
+
+def static_layers(model: nn.Module) -> list[str]:
+    """Names of the layers modelpress quantized statically (int8 weights and a calibrated input)."""
+    from modelpress.techniques.quantized import QuantizedLayer
+
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, QuantizedLayer) and m.input_scale is not None and m.bits in (7, 8)
+    ]
+
+
+def _float_twin(model: nn.Module) -> tuple[nn.Module, dict[str, _Fixed]]:
+    """A copy of `model` whose static layers are plain layers holding modelpress's dequantized weights,
+    and {name of the conv/linear layer in the copy: modelpress's quantizer values}."""
+    from modelpress.techniques.quantized import QuantizedLayer
+
+    twin = copy.deepcopy(model)
+    fixed: dict[str, _Fixed] = {}
+    for name in static_layers(twin):
+        layer = twin.get_submodule(name)
+        assert isinstance(layer, QuantizedLayer) and layer.input_scale is not None
+        inner = layer.inner
+        # codes * scale: the pt2e weight quantizer with modelpress's scales gives back the same codes
+        inner.weight = nn.Parameter(layer.dequantized_weight().detach().clone(), requires_grad=False)
+        # TFLite takes int8 activations: a uint8 input quantizer is the same grid shifted by 128
+        zero_point = layer.input_zero_point - (0 if layer.input_signed else 128)
+        replacement: nn.Module = inner
+        key = name
+        if layer.input_multiplier is not None:
+            replacement = _Smoothed(inner, layer.input_multiplier.detach().clone())
+            key = f"{name}.inner"
+        fixed[key] = _Fixed(layer.input_scale, zero_point, layer.scale.detach().float().clone())
+        parent_name, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent_name) if parent_name else twin, child, replacement)
+    return twin, fixed
+
+
+def _module_path(node: Any) -> str | None:
+    """The module a traced node came from (`features.0`), from torch.export's nn_module_stack."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = str(list(stack.values())[-1][0])
+    # strict traces spell it L['self'].features[0]; non-strict ones features.0
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
+
+
+def _quantizer() -> Any:
+    """litert-torch's PT2E quantizer (int8 per-tensor activations, int8 per-channel symmetric weights)
+    with one change: a global average pool (`adaptive_avg_pool2d` to 1x1, TFLite's MEAN, whose int8 kernel
+    rescales) gets its own output range. The stock quantizer shares it with the pool's input, so where
+    modelpress quantized the pooled value (the head's input), the feature map before the pool would be
+    clipped to the pooled range."""
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
+
+    config = get_symmetric_quantization_config(is_per_channel=True)
+
+    class _Quantizer(PT2EQuantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().annotate(model)
+            for node in model.graph.nodes:
+                annotation = node.meta.get("quantization_annotation")
+                if (
+                    node.target == torch.ops.aten.adaptive_avg_pool2d.default
+                    and annotation is not None
+                    and isinstance(annotation.output_qspec, SharedQuantizationSpec)
+                    and list(node.args[1]) == [1, 1]
+                ):
+                    annotation.output_qspec = config.output_activation
+            return model
+
+    return _Quantizer().set_global(config)
+
+
+def _fix_observers(prepared: torch.fx.GraphModule, fixed: dict[str, _Fixed]) -> list[str]:
+    """Set the observers on the input and weight of each of modelpress's layers to modelpress's values;
+    returns the layers found."""
+    found: list[str] = []
+    targets = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or node.target not in targets:
+            continue
+        name = _module_path(node)
+        values = fixed.get(name) if name is not None else None
+        x, w = node.args[0], node.args[1]
+        if (
+            name is None
+            or values is None
+            or not all(
+                getattr(a, "op", None) == "call_module" and "activation_post_process" in str(a.target)
+                for a in (x, w)
+            )
+        ):
+            continue
+        x_obs = prepared.get_submodule(x.target)
+        w_obs = prepared.get_submodule(w.target)
+        scale = torch.tensor([values.input_scale], dtype=torch.float32)
+        zero_point = torch.tensor([values.input_zero_point], dtype=torch.int32)
+        # convert_pt2e reads each observer's calculate_qparams(); an instance attribute takes its place
+        setattr(x_obs, "calculate_qparams", lambda s=scale, z=zero_point: (s, z))  # noqa: B010
+        w_scale = values.weight_scale
+        w_zero = torch.zeros(len(w_scale), dtype=torch.int32)
+        setattr(w_obs, "calculate_qparams", lambda s=w_scale, z=w_zero: (s, z))  # noqa: B010
+        found.append(name)
+    return found
+
+
+def _batches(data: Iterable[Any] | None, example: Inputs, limit: int, *, split: bool) -> list[Inputs]:
+    """Calibration batches: the items of `data` (up to `limit` rows), which must differ from the example
+    inputs only in the batch dim; with `split` (a graph traced with static shapes) each is cut along dim 0
+    into pieces of the example's batch size."""
+    if data is None:
+        log.warning(
+            "LiteRT int8 export without calibration data: the ranges modelpress did not measure (layer "
+            "outputs, logits) come from the example inputs only. Pass data= (--data) for better ranges."
+        )
+        return [example]
+    batch = example[0].shape[0] if example[0].ndim else 1
+    out: list[Inputs] = []
+    items = 0
+    for sample in data:
+        inputs = as_inputs(sample, where="calibration item")
+        if len(inputs) != len(example) or any(
+            t.shape[1:] != e.shape[1:] or t.dtype != e.dtype for t, e in zip(inputs, example, strict=True)
+        ):
+            raise DataError(
+                "A calibration item has shapes "
+                f"{[tuple(t.shape) for t in inputs]}, but the LiteRT graph is static with inputs "
+                f"{[tuple(t.shape) for t in example]}: give items that differ only in the batch dim."
+            )
+        rows = inputs[0].shape[0] if inputs[0].ndim else 1
+        step = batch if split else max(rows, 1)
+        for start in range(0, rows - step + 1, step):
+            out.append(tuple(t[start : start + step] for t in inputs) if split else inputs)
+            items += step
+            if items >= limit:
+                return out
+    if not out:
+        raise DataError(f"The calibration data holds no batch of {batch} items; give more data.")
+    return out
+
+
+def _trace_for_calibration(twin: nn.Module, example: Inputs) -> tuple[torch.fx.GraphModule, bool]:
+    """The float twin traced by torch.export, with a dynamic batch where the model allows it (calibration
+    then runs on whole batches, 30x faster than item by item on MNIST), else static; and whether static."""
+    batch = torch.export.Dim.AUTO
+    shapes = tuple({0: batch} if t.ndim else {} for t in example)
+    # a batch of 1 would be specialized (torch.export's 0/1 rule): trace with two items
+    wide = tuple(torch.cat([t, t]) if t.ndim and t.shape[0] == 1 else t for t in example)
+    try:
+        return torch.export.export(twin, wide, dynamic_shapes=shapes, strict=False).module(), False
+    except Exception:
+        log.debug("LiteRT: tracing with a dynamic batch failed; calibrating item by item", exc_info=True)
+    return torch.export.export(twin, example, strict=False).module(), True
+
+
+def _convert_error(model: nn.Module, exc: BaseException) -> ExportError:
+    """An ExportError naming the op litert-torch could not lower, where its message says."""
+    text = ""
+    inner: BaseException | None = exc
+    while inner is not None:
+        text += f"\n{inner}"
+        inner = inner.__cause__ or inner.__context__
+    missing = re.search(r"Lowering not found: (\S+)", text)
+    if missing:
+        op = missing.group(1).removesuffix(".default")
+        return ExportError(
+            f"LiteRT conversion of {type(model).__name__} failed: litert-torch has no lowering for the op "
+            f"'{op}'. Replace it in forward with ops LiteRT supports, or export to ONNX instead."
+        )
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    node = re.search(r"target=torch\.ops\.(\S+?)\]?\(", text)
+    where = f" at op '{node.group(1).removesuffix('.default')}'" if node else ""
+    return ExportError(
+        f"LiteRT conversion of {type(model).__name__} failed{where} ({type(exc).__name__}: {first}). "
+        "torch.export must trace the model and litert-torch must lower every op: check the op, or export to "
+        "ONNX instead."
+    )
+
+
+def _to_litert_int8(model: nn.Module, example: Inputs, data: Iterable[Any] | None) -> Any:
+    import litert_torch
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    twin, fixed = _float_twin(model)
+    quantizer = _quantizer()
+    try:
+        graph, static = _trace_for_calibration(twin, example)
+        prepared = prepare_pt2e(graph, quantizer)
+    except Exception as exc:
+        raise _convert_error(model, exc) from exc
+    with torch.no_grad():
+        for inputs in _batches(data, example, CALIBRATION_ITEMS, split=static):
+            try:
+                prepared(*inputs)
+            except Exception as exc:
+                raise DataError(
+                    f"{type(model).__name__} fails on a calibration batch of shapes "
+                    f"{[tuple(t.shape) for t in inputs]} ({type(exc).__name__}: {exc})."
+                ) from exc
+    found = _fix_observers(prepared, fixed)
+    missed = sorted(set(fixed) - set(found))
+    if missed:
+        log.warning(
+            "LiteRT: the quantized layers %s have no int8 LiteRT kernel pattern (pt2e annotates Conv2d and "
+            "Linear); they run in float with modelpress's rounded weights.",
+            ", ".join(missed),
+        )
+    quantized = convert_pt2e(prepared, fold_quantize=False)
+    move_exported_model_to_eval(quantized)
+    for module in quantized.modules():  # litert-torch warns about a module left in training mode
+        module.training = False
+    try:
+        return litert_torch.convert(quantized, example, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    except Exception as exc:
+        raise _convert_error(model, exc) from exc
+
+
+def litert_bytes(
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    quantize: Quantize = "auto",
+    data: Iterable[Any] | None = None,
+) -> tuple[bytes, bool]:
+    """The `.tflite` flatbuffer of `model` (see `export_litert`) and whether it is int8.
+
+    >>> content, int8 = litert_bytes(model, (x,))  # doctest: +SKIP
+    """
+    require_litert()
+    if quantize not in QUANTIZE:
+        raise ExportError(f"quantize={quantize!r} is unknown; choose from {', '.join(QUANTIZE)}.")
+    example = as_inputs(example_inputs)
+    model = model.eval()
+    layers = static_layers(model)
+    if quantize == "int8" and not layers:
+        raise ExportError(
+            f"{type(model).__name__} has no statically quantized layer to export as int8 to LiteRT. Compress "
+            "it with static int8 first (`mp.compress(model, 'int8-static', data)`, --recipe int8-static), or "
+            "export fp32 (quantize='fp32')."
+        )
+    int8 = bool(layers) and quantize != "fp32"
+    with no_cache(model), torch.no_grad():
+        try:
+            sample = model(*example)
+        except Exception as exc:
+            raise ExportError(
+                f"{type(model).__name__} fails on the example inputs "
+                f"{[tuple(t.shape) for t in example]} before LiteRT export ({type(exc).__name__}: {exc}). "
+                "Give example inputs of the shapes and dtypes its forward expects."
+            ) from exc
+        traced: nn.Module = model if isinstance(sample, torch.Tensor) else FlatOutputs(model)
+        with _quiet():
+            if int8:
+                converted = _to_litert_int8(traced, example, data)
+            else:
+                import litert_torch
+
+                try:
+                    converted = litert_torch.convert(traced, example)
+                except Exception as exc:
+                    raise _convert_error(model, exc) from exc
+            content = bytes(converted.model_content())
+    return content, int8
+
+
+def export_litert(
+    model: nn.Module,
+    example_inputs: Inputs,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    quantize: Quantize = "auto",
+    data: Iterable[Any] | None = None,
+) -> Path:
+    """Export `model` to a LiteRT `.tflite` file at `path`, written atomically; static input shapes.
+
+    `quantize="auto"` writes int8 when the model has layers modelpress quantized statically (`static_int8`,
+    `mp.compress(model, "int8-static", data)`), else fp32; "int8" requires such layers; "fp32" always
+    converts in float (static layers then run their Q/DQ ops in float). The int8 file is full-integer
+    (int8 input and output tensors too; `LiteRTSession` converts floats at the boundary) with modelpress's
+    weight codes and input ranges; ranges modelpress did not measure (layer outputs, logits) are calibrated
+    on up to `CALIBRATION_ITEMS` items of `data` (the calibration data: items differing from the example
+    inputs only in the batch dim).
+
+    >>> small = mp.compress(model, "int8-static", calib)  # doctest: +SKIP
+    >>> export_litert(small, (x[:1],), "model.tflite", data=calib)  # doctest: +SKIP
+    """
+    out = check_output_path(path, overwrite=overwrite)
+    content, int8 = litert_bytes(model, example_inputs, quantize=quantize, data=data)
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        tmp.write_bytes(content)
+    log.info("exported %s (%s, %d bytes)", out, "int8" if int8 else "fp32", len(content))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# reading .tflite files and running them
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TfliteTensor:
+    name: str
+    dtype: str  # numpy name: float32, int8, int32, ...
+    shape: tuple[int, ...]
+    constant: bool  # held in the file (a weight or bias)
+    bytes: int
+
+
+@dataclass(frozen=True)
+class TfliteOp:
+    name: str  # CONV_2D, FULLY_CONNECTED, ...
+    inputs: tuple[TfliteTensor, ...]
+    outputs: tuple[TfliteTensor, ...]
+
+
+_TYPE_NAMES = {
+    0: "float32",
+    1: "float16",
+    2: "int32",
+    3: "uint8",
+    4: "int64",
+    6: "bool",
+    7: "int16",
+    9: "int8",
+    10: "float64",
+    16: "uint32",
+    17: "uint16",
+    18: "int4",
+}
+
+
+def read_tflite(model: bytes | str | os.PathLike[str]) -> list[TfliteOp]:
+    """The operators of a `.tflite` file's main graph with their tensors, read from the flatbuffer.
+
+    >>> [op.name for op in read_tflite("model.tflite")]  # doctest: +SKIP
+    ['CONV_2D', 'MAX_POOL_2D', 'CONV_2D', 'MAX_POOL_2D', 'RESHAPE', 'FULLY_CONNECTED', 'FULLY_CONNECTED']
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = model if isinstance(model, bytes) else Path(model).read_bytes()
+    try:
+        root = schema.Model.GetRootAsModel(data, 0)
+        graph = root.Subgraphs(0)
+    except Exception as exc:
+        raise ExportError(
+            f"'{model if not isinstance(model, bytes) else 'model'}' is not a .tflite file."
+        ) from exc
+    ops_by_code = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+    def tensor(i: int) -> TfliteTensor:
+        t = graph.Tensors(i)
+        buffer = root.Buffers(t.Buffer())
+        size = buffer.DataLength() if buffer is not None else 0
+        if size == 0 and buffer is not None and buffer.Size() > 0:  # stored outside the flatbuffer
+            size = int(buffer.Size())
+        shape = tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
+        return TfliteTensor(
+            name=t.Name().decode(),
+            dtype=_TYPE_NAMES.get(t.Type(), str(t.Type())),
+            shape=shape,
+            constant=size > 0,
+            bytes=size,
+        )
+
+    ops = []
+    for k in range(graph.OperatorsLength()):
+        op = graph.Operators(k)
+        code = root.OperatorCodes(op.OpcodeIndex())
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        name = ops_by_code.get(builtin, str(builtin))
+        if name == "CUSTOM":
+            name = f"CUSTOM:{code.CustomCode().decode()}"
+        ins = tuple(tensor(int(i)) for i in op.InputsAsNumpy() if i >= 0) if op.InputsLength() else ()
+        outs = tuple(tensor(int(i)) for i in op.OutputsAsNumpy() if i >= 0) if op.OutputsLength() else ()
+        ops.append(TfliteOp(name=name, inputs=ins, outputs=outs))
+    return ops
+
+
+def float_ops(model: bytes | str | os.PathLike[str]) -> list[str]:
+    """The ops of a `.tflite` file that compute in float (a float32 activation in or out): what a
+    full-integer target (TFLite Micro, NPUs) cannot run. Empty for a full-integer file."""
+    return [
+        op.name
+        for op in read_tflite(model)
+        if any(t.dtype in ("float32", "float16") and not t.constant for t in (*op.inputs, *op.outputs))
+    ]
+
+
+def _quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    """A float array to an int8/uint8 input tensor with the tensor's own (scale, zero point), rounding
+    half to even as torch's quantize ops do."""
+    dtype = np.dtype(detail["dtype"])
+    if not np.issubdtype(x.dtype, np.floating) or not np.issubdtype(dtype, np.integer):
+        return np.ascontiguousarray(x, dtype=dtype)
+    scale, zero_point = detail["quantization"]
+    if scale == 0:
+        return np.ascontiguousarray(x, dtype=dtype)
+    info = np.iinfo(dtype)
+    q = np.round(x.astype(np.float32) * np.float32(1.0 / scale)) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def _dequantize(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    scale, zero_point = detail["quantization"]
+    if scale == 0 or not np.issubdtype(y.dtype, np.integer) or np.dtype(detail["dtype"]) == np.int32:
+        return y
+    return ((y.astype(np.float32) - zero_point) * np.float32(scale)).astype(np.float32)
+
+
+class LiteRTSession:
+    """A `.tflite` file in LiteRT's interpreter (ai-edge-litert, CPU, XNNPACK for the ops it takes).
+
+    Inputs and outputs are numpy arrays in the torch model's layout (litert-torch keeps NCHW at the
+    boundary). A full-integer file takes float inputs, quantized here with each input tensor's own scale and
+    zero point, and gives float outputs (dequantized): what `check_parity` compares with torch. Shapes are
+    those of the export (`input_shapes`); `raw=True` passes the integer tensors through unchanged.
+
+    >>> session = LiteRTSession("model.tflite", threads=2)  # doctest: +SKIP
+    >>> logits, = session.run([x.numpy()])  # doctest: +SKIP
+    """
+
+    runtime = "litert"
+
+    def __init__(self, path: str | os.PathLike[str], *, threads: int = 2, raw: bool = False) -> None:
+        require_litert()
+        from ai_edge_litert.interpreter import Interpreter
+
+        p = Path(path)
+        if not p.is_file():
+            raise ExportError(
+                f"Artifact '{p}' does not exist. Export it first (`modelpress export --to litert`)."
+            )
+        try:
+            self._interpreter = Interpreter(model_path=str(p), num_threads=threads)
+            self._interpreter.allocate_tensors()
+        except Exception as exc:
+            raise ExportError(
+                f"'{p}' is not a .tflite file LiteRT can load ({type(exc).__name__}: {exc})."
+            ) from exc
+        self._raw = raw
+        self._inputs = self._interpreter.get_input_details()
+        self._outputs = self._interpreter.get_output_details()
+        self.input_names = [d["name"] for d in self._inputs]
+        self.output_names = [d["name"] for d in self._outputs]
+        self.input_shapes: list[tuple[int | None, ...]] = [
+            tuple(int(s) for s in d["shape"]) for d in self._inputs
+        ]
+        self.input_dtypes = [np.dtype(d["dtype"]) for d in self._inputs]
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if len(inputs) != len(self._inputs):
+            raise ValueError(
+                f"The artifact takes {len(self._inputs)} inputs ({self.input_names}); got {len(inputs)}."
+            )
+        for x, detail in zip(inputs, self._inputs, strict=True):
+            if tuple(x.shape) != tuple(detail["shape"]):
+                raise ValueError(
+                    f"Input '{detail['name']}' has the fixed shape {tuple(int(s) for s in detail['shape'])} "
+                    f"in LiteRT; got {tuple(x.shape)}. Export with example inputs of the shape you run."
+                )
+            value = (
+                np.ascontiguousarray(x, dtype=detail["dtype"])
+                if self._raw
+                else _quantize(np.asarray(x), detail)
+            )
+            self._interpreter.set_tensor(detail["index"], value)
+        self._interpreter.invoke()
+        outs = [self._interpreter.get_tensor(d["index"]).copy() for d in self._outputs]
+        return outs if self._raw else [_dequantize(y, d) for y, d in zip(outs, self._outputs, strict=True)]
+
+
+def open_litert(path: str | os.PathLike[str], *, threads: int = 2) -> LiteRTSession:
+    """Load a `.tflite` file in LiteRT for `check_parity` or timing.
+
+    >>> mp.check_parity(model, open_litert("model.tflite"), [(x,)])  # doctest: +SKIP
+    """
+    if threads < 1:
+        raise RuntimeUnavailableError(f"threads={threads} must be at least 1.")
+    return LiteRTSession(path, threads=threads)

@@ -1,0 +1,192 @@
+"""LiteRT export (issue 29): fp32 parity, modelpress's static int8 as a full-integer .tflite, bad input."""
+
+import numpy as np
+import pytest
+import torch
+import zoo
+from torch import nn
+
+pytest.importorskip(
+    "litert_torch", reason="the litert extra is not installed (pip install modelpress[litert])"
+)
+pytest.importorskip(
+    "ai_edge_litert", reason="the litert extra is not installed (pip install modelpress[litert])"
+)
+
+import modelpress as mp
+from modelpress.deploy.litert import (
+    LiteRTSession,
+    export_litert,
+    float_ops,
+    open_litert,
+    read_tflite,
+)
+
+
+class MnistLike(nn.Module):
+    """The shape of ccexam's MNISTNet at a quarter of the width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Linear(16 * 7 * 7, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class MlpBlock(nn.Module):
+    """Transformer-ish: LayerNorm, GELU MLP with a residual, a head on the mean token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 32)
+        x = x + self.down(nn.functional.gelu(self.up(self.norm(x))))
+        return self.head(x.mean(1))
+
+
+def _digits(n: int, seed: int) -> torch.Tensor:
+    """Blurry blobs, not white noise: the ranges look like images'."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 7, 7, generator=gen)
+    return nn.functional.interpolate(x, size=(28, 28), mode="bilinear") * 2 - 0.5
+
+
+@pytest.fixture(scope="module")
+def mnist_like():
+    torch.manual_seed(0)
+    model = MnistLike().eval()
+    calib = [(_digits(32, seed),) for seed in range(4)]
+    small = mp.compress(model, [mp.StaticInt8Config(observer="minmax")], calib)
+    return model, small, calib
+
+
+@pytest.fixture(scope="module")
+def int8_file(mnist_like, tmp_path_factory):
+    _, small, calib = mnist_like
+    return export_litert(
+        small, (calib[0][0][:1],), tmp_path_factory.mktemp("litert") / "s8.tflite", data=calib
+    )
+
+
+def test_fp32_cnn_parity(tmp_path):
+    model, (x,) = zoo.resnet_cnn()
+    path = export_litert(model, (x,), tmp_path / "resnet.tflite")
+    session = open_litert(path)
+    assert session.runtime == "litert" and session.input_shapes == [tuple(x.shape)]
+    report = mp.check_parity(model, session, mp.parity_inputs((x,)), min_cosine=0.99999)
+    assert report.passed and report.skipped_samples == 1  # the batch+1 sample does not fit a static file
+    assert not [op for op in read_tflite(path) if op.name.startswith("CUSTOM")]
+
+
+def test_fp32_transformer_mlp_parity(tmp_path):
+    torch.manual_seed(0)
+    model = MlpBlock().eval()
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0))
+    path = export_litert(model, (x,), tmp_path / "mlp.tflite")
+    assert mp.check_parity(model, open_litert(path), mp.parity_inputs((x,)), min_cosine=0.99999).passed
+
+
+def test_static_int8_is_full_integer_with_int8_weights(mnist_like, int8_file, tmp_path):
+    model, _, calib = mnist_like
+    ops = read_tflite(int8_file)
+    kernels = [op for op in ops if op.name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+    assert len(kernels) == 4
+    for op in kernels:  # int8 activations in and out, int8 weights, int32 bias: integer kernels
+        assert [t.dtype for t in op.inputs] == ["int8", "int8", "int32"] and op.outputs[0].dtype == "int8"
+    assert float_ops(int8_file) == []
+    # The interpreter's own view: every weight it holds is int8 (biases int32), and it runs the file.
+    session = LiteRTSession(int8_file)
+    details = session._interpreter.get_tensor_details()
+    weights = {op.inputs[1].name for op in kernels}
+    assert {np.dtype(d["dtype"]) for d in details if d["name"] in weights} == {np.dtype(np.int8)}
+    assert session.input_dtypes == [np.dtype(np.int8)]
+    fp32 = export_litert(model, (calib[0][0][:1],), tmp_path / "fp32.tflite")
+    assert int8_file.stat().st_size <= 0.32 * fp32.stat().st_size  # 28k weights: the flatbuffer adds ~2k
+
+
+def test_static_int8_agrees_with_the_int8_torch_model(mnist_like, int8_file):
+    _, small, _ = mnist_like
+    x = _digits(200, seed=10)
+    session = open_litert(int8_file)
+    got = np.concatenate([session.run([x[i : i + 1].numpy()])[0] for i in range(len(x))])
+    with torch.no_grad():
+        ref = small(x).numpy()
+    # An untrained net's logits are close together; where torch's top two are more than two output codes
+    # apart (the logits are int8 too), LiteRT must pick the same class.
+    step = session._outputs[0]["quantization"][0]
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * step
+    assert clear.mean() > 0.8
+    assert (got.argmax(1) == ref.argmax(1))[clear].all()
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.97
+    report = mp.check_parity(small, session, [(x[i : i + 1],) for i in range(8)], min_cosine=0.995)
+    assert report.passed
+
+
+def test_modelpress_scales_are_kept(mnist_like, int8_file):
+    """The first conv's input quantizer is modelpress's (uint8 shifted to int8), its weight codes too."""
+    _, small, _ = mnist_like
+    layer = small.features[0]
+    session = LiteRTSession(int8_file)
+    scale, zero_point = session._inputs[0]["quantization"]
+    assert scale == pytest.approx(layer.input_scale, rel=1e-6)
+    assert zero_point == layer.input_zero_point - (0 if layer.input_signed else 128)
+
+
+def test_refuses_to_overwrite_and_leaves_the_file(tmp_path):
+    model, (x,) = zoo.resnet_cnn()
+    path = tmp_path / "m.tflite"
+    path.write_bytes(b"keep")
+    with pytest.raises(mp.ExportError, match="already exists"):
+        export_litert(model, (x,), path)
+    assert path.read_bytes() == b"keep"
+    with pytest.raises(mp.ExportError, match="does not exist"):
+        export_litert(model, (x,), tmp_path / "missing" / "m.tflite")
+
+
+def test_unsupported_op_is_named(tmp_path):
+    class Bessel(nn.Module):
+        def forward(self, x):
+            return torch.special.i0(x)
+
+    with pytest.raises(mp.ExportError, match=r"no lowering for the op 'aten\.i0'"):
+        export_litert(Bessel(), (torch.randn(2, 3),), tmp_path / "b.tflite")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_bad_requests(mnist_like, tmp_path):
+    model, small, calib = mnist_like
+    x = calib[0][0][:1]
+    with pytest.raises(mp.ExportError, match="no statically quantized layer"):
+        export_litert(model, (x,), tmp_path / "a.tflite", quantize="int8")
+    with pytest.raises(mp.ExportError, match="quantize='int4' is unknown"):
+        export_litert(model, (x,), tmp_path / "a.tflite", quantize="int4")  # type: ignore[arg-type]
+    with pytest.raises(mp.DataError, match="differ only in the batch dim"):
+        export_litert(small, (x,), tmp_path / "a.tflite", data=[(torch.randn(4, 1, 14, 14),)])
+    with pytest.raises(mp.ExportError, match="fails on the example inputs"):
+        export_litert(model, (torch.randn(1, 3, 28, 28),), tmp_path / "a.tflite")
+    with pytest.raises(mp.ExportError, match="does not exist"):
+        open_litert(tmp_path / "nothing.tflite")
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a flatbuffer at all")
+    with pytest.raises(mp.ExportError, match="not a .tflite file"):
+        open_litert(bad)
+
+
+def test_session_says_the_fixed_shape(int8_file):
+    session = open_litert(int8_file)
+    with pytest.raises(ValueError, match=r"fixed shape \(1, 1, 28, 28\)"):
+        session.run([np.zeros((2, 1, 28, 28), np.float32)])
