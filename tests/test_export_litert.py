@@ -190,3 +190,25 @@ def test_session_says_the_fixed_shape(int8_file):
     session = open_litert(int8_file)
     with pytest.raises(ValueError, match=r"fixed shape \(1, 1, 28, 28\)"):
         session.run([np.zeros((2, 1, 28, 28), np.float32)])
+
+
+def test_residual_cnn_int8_is_full_integer_with_parity(tmp_path):
+    model, (x,) = zoo.resnet_cnn()
+    gen = torch.Generator().manual_seed(2)
+    calib = [(torch.randn(8, 3, 32, 32, generator=gen),) for _ in range(3)]
+    small = mp.compress(model, [mp.StaticInt8Config(observer="minmax")], calib)
+    path = export_litert(small, (x,), tmp_path / "res.tflite", data=calib)
+    names = [op.name for op in read_tflite(path)]
+    assert names.count("CONV_2D") == 6 and names.count("ADD") == 2 and float_ops(path) == []
+    assert mp.check_parity(small, open_litert(path), [(c[0][:2],) for c in calib], min_cosine=0.999).passed
+
+
+def test_a_layer_modelpress_left_in_float_stays_float(tmp_path):
+    torch.manual_seed(0)
+    model = MnistLike().eval()
+    calib = [(_digits(32, seed),) for seed in range(2)]
+    small = mp.compress(model, [mp.StaticInt8Config(observer="minmax", ignore=("classifier.2",))], calib)
+    path = export_litert(small, (calib[0][0][:1],), tmp_path / "mixed.tflite", data=calib)
+    fc = [op for op in read_tflite(path) if op.name == "FULLY_CONNECTED"]
+    assert [op.inputs[1].dtype for op in fc] == ["int8", "float32"]  # the head keeps its fp32 weights
+    assert mp.check_parity(small, open_litert(path), [(calib[1][0][i : i + 1],) for i in range(4)]).passed

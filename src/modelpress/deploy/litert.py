@@ -136,6 +136,9 @@ def _float_twin(model: nn.Module) -> tuple[nn.Module, dict[str, _Fixed]]:
     return twin, fixed
 
 
+_LAYER_OPS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+
+
 def _module_path(node: Any) -> str | None:
     """The module a traced node came from (`features.0`), from torch.export's nn_module_stack."""
     stack = node.meta.get("nn_module_stack")
@@ -147,19 +150,24 @@ def _module_path(node: Any) -> str | None:
     return re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
 
 
-def _quantizer() -> Any:
+def _quantizer(quantized: set[str]) -> Any:
     """litert-torch's PT2E quantizer (int8 per-tensor activations, int8 per-channel symmetric weights)
-    with one change: a global average pool (`adaptive_avg_pool2d` to 1x1, TFLite's MEAN, whose int8 kernel
-    rescales) gets its own output range. The stock quantizer shares it with the pool's input, so where
-    modelpress quantized the pooled value (the head's input), the feature map before the pool would be
-    clipped to the pooled range."""
+    with two changes. Only the Conv/Linear layers in `quantized` (modelpress's static layers) are
+    quantized: a layer modelpress left in float (mixed precision, `ignore`) stays float. And a global average
+    pool (`adaptive_avg_pool2d` to 1x1, TFLite's MEAN, whose int8 kernel rescales) gets its own output
+    range: the stock quantizer shares it with the pool's input, so where modelpress quantized the pooled
+    value (the head's input), the feature map before the pool would be clipped to the pooled range."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
 
     config = get_symmetric_quantization_config(is_per_channel=True)
 
     class _Quantizer(PT2EQuantizer):
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            for node in model.graph.nodes:
+                if node.target in _LAYER_OPS and _module_path(node) not in quantized:
+                    # an empty annotation: the pt2e annotators skip nodes already annotated
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
             model = super().annotate(model)
             for node in model.graph.nodes:
                 annotation = node.meta.get("quantization_annotation")
@@ -179,9 +187,8 @@ def _fix_observers(prepared: torch.fx.GraphModule, fixed: dict[str, _Fixed]) -> 
     """Set the observers on the input and weight of each of modelpress's layers to modelpress's values;
     returns the layers found."""
     found: list[str] = []
-    targets = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
     for node in prepared.graph.nodes:
-        if node.op != "call_function" or node.target not in targets:
+        if node.op != "call_function" or node.target not in _LAYER_OPS:
             continue
         name = _module_path(node)
         values = fixed.get(name) if name is not None else None
@@ -288,7 +295,7 @@ def _to_litert_int8(model: nn.Module, example: Inputs, data: Iterable[Any] | Non
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     twin, fixed = _float_twin(model)
-    quantizer = _quantizer()
+    quantizer = _quantizer(set(fixed))
     try:
         graph, static = _trace_for_calibration(twin, example)
         prepared = prepare_pt2e(graph, quantizer)
