@@ -45,6 +45,18 @@ def _torch_logits(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
         return torch.cat([model(x[i : i + 500]) for i in range(0, len(x), 500)]).numpy()
 
 
+def _latency_ms(session, x: np.ndarray, calls: int = 300) -> float:
+    """Median milliseconds of one batch-1 call (after 20 warm-up calls)."""
+    for _ in range(20):
+        session.run([x])
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        session.run([x])
+        times.append(time.perf_counter() - start)
+    return round(1000 * float(np.median(times)), 4)
+
+
 def _weights(path: Path) -> dict[str, int]:
     """Bytes of constant tensors in the file by dtype."""
     seen: dict[str, int] = {}
@@ -101,6 +113,7 @@ def main() -> None:
         "torch_accuracy": float((torch_fp32.argmax(1) == ys).mean()),
         "top1_agreement_with_torch": float((fp32_logits.argmax(1) == torch_fp32.argmax(1)).mean()),
         "max_abs_vs_torch": float(np.abs(fp32_logits - torch_fp32).max()),
+        "litert_b1_ms": _latency_ms(session, xs[:1]),
     }
     print("fp32", result["fp32"], flush=True)
 
@@ -130,8 +143,20 @@ def main() -> None:
         "target_top1_agreement": 0.999,
         "disagreements": int((int8_logits.argmax(1) != torch_int8.argmax(1)).sum()),
         "mean_abs_vs_torch_int8": float(np.abs(int8_logits - torch_int8).mean()),
+        "litert_b1_ms": _latency_ms(session, xs[:1]),
         "met": bool(ratio <= 0.27 and agree >= 0.999),
     }
+    if not args.no_tflm:  # the same file in TFLite Micro's interpreter (reference int8 kernels)
+        from modelpress.deploy.tflm import TflmSession
+
+        tflm = TflmSession(int8_path)
+        tflm_logits = _logits(lambda b: tflm.run([b])[0], xs, 1)
+        result["int8-static"]["tflm"] = {  # type: ignore[index]
+            "arena_bytes": tflm.arena_bytes,
+            "accuracy": float((tflm_logits.argmax(1) == ys).mean()),
+            "top1_agreement_with_torch_int8": float((tflm_logits.argmax(1) == torch_int8.argmax(1)).mean()),
+            "top1_agreement_with_litert": float((tflm_logits.argmax(1) == int8_logits.argmax(1)).mean()),
+        }
     print("int8", result["int8-static"], flush=True)
 
     if not args.no_tflm:
@@ -174,6 +199,7 @@ def _mcu(model, x, y, x_train, y_train, calibration, work: Path, *, quick: bool)
         "top1_agreement_with_torch_int8": float((logits.argmax(1) == torch_int8.argmax(1)).mean()),
         "build_s": round(build_s, 1),
         "tflm_ms_per_image": round(1000 * tflm_s / len(x), 3),
+        "note": "flash is the .tflite (the C array); the TFLM library and application come on top",
         "c_array": [art.source.name, art.header.name],
         "met": bool(art.flash_bytes <= 256 * 1024 and art.arena_bytes <= 64 * 1024 and accuracy >= 0.985),
     }
