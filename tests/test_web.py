@@ -40,6 +40,7 @@ def _browser_or_skip() -> None:
 
 @pytest.fixture(scope="module")
 def cnn_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    _browser_or_skip()  # before the exports: a machine without the browser skips at once
     model, (x,) = ZOO["resnet_cnn"]()
     g = torch.Generator().manual_seed(5)
     calibration = [(torch.randn(4, 3, 32, 32, generator=g),) for _ in range(4)]
