@@ -6,7 +6,8 @@ fp32 and `int8-static-smooth` (SmoothQuant 0.75 + GPTQ, calibrated on 256 Lee ba
 evaluation never sees) exported for ONNX Runtime, each run in the browser on the 50 Lee documents and the first
 `--sentences` background sentences (batches of 16). Reported: embedding cosine to the fp32 torch model (the
 issue's target: int8 >= 0.998 mean), cosine to the same file in ONNX Runtime (Python), the Lee Pearson r of
-the browser's embeddings, and the median in-page latency at batch 1 (128 tokens).
+the browser's embeddings, and the median in-page latency at batch 1 (128 tokens). Row "tensorrt": the int8
+model exported with `target="tensorrt"`, its `check_tensorrt` summary and its cosine to fp32 in ONNX Runtime.
 Needs: `apt-get install -y chromium`, `npm install --prefix ~/.cache/modelpress/web onnxruntime-web@1.30.0`.
 """
 
@@ -29,6 +30,7 @@ import assets
 
 import modelpress as mp
 from modelpress.deploy.export import export_onnx
+from modelpress.deploy.tensorrt import check_tensorrt
 from modelpress.deploy.web import WebSession
 
 
@@ -91,6 +93,23 @@ def main() -> None:
                 "onnxruntime_web": version,
             }
             print(name, json.dumps(rows[name]), flush=True)
+        # The same int8 model placed for TensorRT (symmetric int8, attention's MatMuls quantized too), run
+        # in ONNX Runtime (Python): TensorRT itself does not install here.
+        path = export_onnx(int8, batches[0], Path(tmp) / "int8.trt.onnx", target="tensorrt", data=calibration)
+        report = check_tensorrt(path)
+        python = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in python.get_inputs()]
+        trt = np.concatenate(
+            [python.run(None, {n: t.numpy() for n, t in zip(names, b, strict=True)})[0] for b in batches]
+        )
+        to_fp32 = _cos(trt, fp32_ref)
+        rows["tensorrt"] = {
+            "summary": report.summary,
+            "findings": [f.line() for f in report.findings],
+            "cosine_to_fp32_torch_mean_in_onnxruntime": float(to_fp32.mean()),
+            "cosine_to_fp32_torch_min_in_onnxruntime": float(to_fp32.min()),
+        }
+        print("tensorrt", json.dumps(rows["tensorrt"]), flush=True)
     result = {
         "command": "python benchmarks/web_minilm.py " + " ".join(sys.argv[1:]),
         "load_1min": os.getloadavg()[0],

@@ -14,7 +14,7 @@ from zoo import ZOO
 
 import modelpress as mp
 from modelpress.deploy.export import export_onnx
-from modelpress.deploy.qdq import place_for_tensorrt, placement_warning
+from modelpress.deploy.qdq import place_for_tensorrt, placement_warning, tensorrt_plan
 from modelpress.deploy.tensorrt import check_tensorrt
 from modelpress.errors import ExportError
 
@@ -97,16 +97,14 @@ def test_tensorrt_file_warns_on_other_runtimes(resnet_files: dict[str, object]) 
 @pytest.mark.parametrize("name", ["inverted_residual_cnn", "bert_encoder"])
 def test_zoo_exports_for_tensorrt(name: str, tmp_path) -> None:
     model, inputs = _int8(name)
-    path = export_onnx(model, inputs, tmp_path / "m.onnx", target="tensorrt")
+    g = torch.Generator().manual_seed(4)
+    data = [tuple(torch.randn(t.shape, generator=g) if t.is_floating_point() else t for t in inputs)] * 2
+    path = export_onnx(model, inputs, tmp_path / "m.onnx", target="tensorrt", data=data)
     report = check_tensorrt(path)
-    if name == "bert_encoder":
-        # Every Linear is int8; attention's activation x activation matmuls stay float (static_int8 does
-        # not quantize them) and are named, not hidden.
-        assert not report.errors, report.lines()
-        assert {f.op_type for f in report.findings} == {"MatMul"}
-        assert report.quantized == report.layers - 4
-    else:
-        assert report.ok, report.lines()
+    # Every layer is int8, attention's activation x activation MatMuls included (their inputs get
+    # symmetric Q/DQ pairs with ranges calibrated in ONNX Runtime: `tensorrt_plan`).
+    assert report.ok, report.lines()
+    assert report.quantized == report.layers == (16 if name == "bert_encoder" else 15)
     feed = {i.name: t.numpy() for i, t in zip(onnx.load(str(path)).graph.input, inputs, strict=False)}
     with torch.no_grad():
         expected = model(*inputs).numpy()
@@ -210,7 +208,7 @@ def test_placement_fixes_what_it_can_and_keeps_the_numbers() -> None:
     before = copy.deepcopy(small)
     assert not check_tensorrt(small).ok
     counts = place_for_tensorrt(small)
-    assert counts == {"activations": 1, "weights": 2, "transposes": 0}
+    assert counts == {"activations": 1, "weights": 2, "transposes": 0, "matmul_inputs": 0}
     onnx.checker.check_model(small)
     report = check_tensorrt(small)
     assert report.ok, report.lines()
@@ -251,7 +249,7 @@ def test_transposed_matmul_weight_is_folded() -> None:
     before = copy.deepcopy(model)
     finding = check_tensorrt(model).findings
     assert len(finding) == 1 and "through Transpose" in finding[0].reason
-    assert place_for_tensorrt(model) == {"activations": 0, "weights": 0, "transposes": 1}
+    assert place_for_tensorrt(model) == {"activations": 0, "weights": 0, "transposes": 1, "matmul_inputs": 0}
     assert [n.op_type for n in model.graph.node] == [
         "QuantizeLinear",
         "DequantizeLinear",
@@ -310,4 +308,54 @@ def test_conv_transpose_weights_want_axis_1() -> None:
     assert place_for_tensorrt(model)["weights"] == 1
     assert check_tensorrt(model).ok
     x = np.random.default_rng(1).uniform(-2, 2, (2, 4, 5, 5)).astype(np.float32)
+    assert _cosine(_run(model, {"x": x})[0], _run(before, {"x": x})[0]) > 0.999
+
+
+def test_activation_matmuls_get_symmetric_pairs_from_ranges() -> None:
+    # scores = (x Wq) (x Wk)^T: both MatMul inputs are activations; the Linear layers are already int8.
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array(0.04, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.int8), "z"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+    ]
+    for p in ("q", "k"):
+        inits += [
+            numpy_helper.from_array(rng.integers(-127, 128, (8, 8)).astype(np.int8), f"w{p}"),
+            numpy_helper.from_array(np.full(8, 0.01, np.float32), f"w{p}_s"),
+            numpy_helper.from_array(np.zeros(8, np.int8), f"w{p}_z"),
+        ]
+        nodes += [
+            helper.make_node("DequantizeLinear", [f"w{p}", f"w{p}_s", f"w{p}_z"], [f"w{p}d"], axis=1),
+            helper.make_node("MatMul", ["xd", f"w{p}d"], [p]),
+        ]
+    nodes += [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["y"], name="scores"),
+    ]
+    model = helper.make_model(
+        helper.make_graph(
+            nodes,
+            "attn",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 4])],
+            inits,
+        ),
+        opset_imports=[helper.make_opsetid("", 21)],
+    )
+    model.ir_version = 10
+    before = copy.deepcopy(model)
+    report = check_tensorrt(model)
+    assert [f.node for f in report.findings] == ["scores", "scores"] and report.summary.startswith("2 of 3")
+    assert tensorrt_plan(model) == ["q", "kt"]
+    x = np.random.default_rng(1).uniform(-2, 2, (3, 4, 8)).astype(np.float32)
+    probe = copy.deepcopy(before)
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("q", "kt"))
+    _, q, kt = _run(probe, {"x": x})
+    ranges = {"q": (float(q.min()), float(q.max())), "kt": (float(kt.min()), float(kt.max()))}
+    assert place_for_tensorrt(model, ranges)["matmul_inputs"] == 2
+    assert check_tensorrt(model).ok and tensorrt_plan(model) == []
     assert _cosine(_run(model, {"x": x})[0], _run(before, {"x": x})[0]) > 0.999

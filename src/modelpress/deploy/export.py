@@ -37,6 +37,7 @@ from modelpress.deploy.qdq import (
     place_for_onnxruntime,
     place_for_tensorrt,
     quantizes_activations,
+    tensorrt_plan,
     unfuse_residual_layernorm,
     write_target,
 )
@@ -311,7 +312,9 @@ def _postprocess(
         if unfused:
             log.debug("wrote %d residual Add(s) before LayerNormalization as Sum for ONNX Runtime", unfused)
     if target == "tensorrt":  # symmetric int8 Q/DQ only (deploy.qdq.place_for_tensorrt)
-        log.debug("placed quantizers for TensorRT: %s", place_for_tensorrt(model))
+        needs = tensorrt_plan(model)  # attention's activation x activation MatMul inputs
+        ranges = _output_ranges(model, path, needs, calibration() if calibration else []) if needs else {}
+        log.debug("placed quantizers for TensorRT: %s", place_for_tensorrt(model, ranges))
     write_target(model, target)
     guarded = guard_reductions(model)
     if guarded:

@@ -1135,7 +1135,47 @@ def _symmetric_int8(g: _Graph, dq: Any, axis: int) -> tuple[Any, Any] | None:
     return new_codes, new_scale.reshape(-1).astype(np.float32)
 
 
-def place_for_tensorrt(model: Any) -> dict[str, int]:
+def _is_weight(g: _Graph, name: str) -> bool:
+    """A constant, or a constant's DequantizeLinear, possibly behind ops that only move values."""
+    source = g.producer.get(name)
+    while source is not None and source.op_type in _COMMUTING and len(source.output) == 1:
+        name, source = source.input[0], g.producer.get(source.input[0])
+    if source is not None and source.op_type == "DequantizeLinear":
+        name = source.input[0]
+    return name in g.initializers or name in g._constants
+
+
+def _dequantized_source(g: _Graph, name: str) -> bool:
+    """Whether `name` comes from a DequantizeLinear through ops that commute with it."""
+    source = g.producer.get(name)
+    while source is not None and source.op_type in _COMMUTING and len(source.output) == 1:
+        source = g.producer.get(source.input[0])
+    return source is not None and source.op_type == "DequantizeLinear"
+
+
+def tensorrt_plan(model: Any) -> list[str]:
+    """The float tensors `place_for_tensorrt` quantizes when given their ranges: both inputs of each
+    MatMul of two activations (attention's Q K^T and P V) that no DequantizeLinear feeds yet, in a graph
+    that quantizes activations already (static int8). TensorRT runs such a MatMul in int8 only with both
+    inputs quantized; modelpress's static int8 quantizes the inputs of Linear and Conv layers only.
+
+    >>> tensorrt_plan(onnx.load("bert-int8.onnx"))[:2]  # doctest: +SKIP
+    ['transpose', 'transpose_3']
+    """
+    if not quantizes_activations(model):
+        return []
+    g = _Graph(model.graph)
+    plan: list[str] = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        if any(_is_weight(g, name) for name in node.input):
+            continue
+        plan += [n for n in node.input if not _dequantized_source(g, n) and n not in plan]
+    return plan
+
+
+def place_for_tensorrt(model: Any, ranges: dict[str, tuple[float, float]] | None = None) -> dict[str, int]:
     """Rewrite a QDQ graph into the form TensorRT's explicit quantization takes, in place; returns counts.
 
     - activation quantizers become per-tensor int8 with zero point 0 and the scale that covers the range
@@ -1148,17 +1188,19 @@ def place_for_tensorrt(model: Any) -> dict[str, int]:
       axis=1) -> MatMul`, so the quantized weight feeds the layer directly.
     - the `axis` attribute of per-tensor quantizers goes (it means nothing there, and some TensorRT
       versions' parsers reject it).
+    - each tensor of `tensorrt_plan` that has its (min, max) in `ranges` gets a symmetric int8 Q/DQ pair
+      before the MatMuls that read it, so that attention's activation products run in int8 too.
 
     >>> place_for_tensorrt(onnx.load("int8.onnx"))  # doctest: +SKIP
     {'activations': 7, 'weights': 0, 'transposes': 0}
     """
     import numpy as np
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     graph = model.graph
     g = _Graph(graph)
     new_initializers: list[Any] = []
-    counts = {"activations": 0, "weights": 0, "transposes": 0}
+    counts = {"activations": 0, "weights": 0, "transposes": 0, "matmul_inputs": 0}
 
     def constant(name: str) -> bool:
         return name in g.initializers or name in g._constants
@@ -1254,6 +1296,30 @@ def place_for_tensorrt(model: Any) -> dict[str, int]:
             _drop_attr(n, "axis")
         retyped.add(q.output[0])
         counts["activations"] += 1
+
+    # Attention's activation products: a new symmetric pair before the MatMuls reading each planned tensor.
+    added: list[Any] = []
+    for name in [n for n in tensorrt_plan(model) if n in (ranges or {})]:
+        lo, hi = (ranges or {})[name]
+        amax = max(-float(lo), float(hi), 0.0)
+        key = f"{name}_trt_q"
+        new_initializers += [
+            numpy_helper.from_array(np.array(amax / 127.0 if amax > 0 else 1e-8, np.float32), f"{key}_scale"),
+            numpy_helper.from_array(np.array(0, np.int8), f"{key}_zero_point"),
+        ]
+        params = [f"{key}_scale", f"{key}_zero_point"]
+        added += [
+            helper.make_node("QuantizeLinear", [name, *params], [f"{key}_codes"], name=f"{key}"),
+            helper.make_node("DequantizeLinear", [f"{key}_codes", *params], [f"{key}_dq"], name=f"{key}_dq"),
+        ]
+        for user in g.consumers.get(name, []):
+            if user.op_type == "MatMul":
+                _rename_input(user, name, f"{key}_dq")
+        counts["matmul_inputs"] += 1
+    if added:
+        order = list(graph.node) + added
+        del graph.node[:]
+        graph.node.extend(_toposort(order, graph))
 
     graph.initializer.extend(new_initializers)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
