@@ -606,12 +606,45 @@ def export_for_runtimes(
     return paths
 
 
+_TORCHLIB: dict[int, Any] = {}  # opset -> the exporter's registry of torchlib translations, built once
+
+
+@contextlib.contextmanager
+def _torchlib_once() -> Iterator[None]:
+    """Every `torch.onnx.export` call rebuilds its registry of ATen -> ONNX translations from torchlib (~2 s
+    here, a quarter of a small model's export). Within this context it is built once per opset and each
+    export gets a copy (the custom translations are then registered into the copy, as usual)."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        registry_type = _registration.ONNXRegistry
+        build = registry_type.__dict__["from_torchlib"]
+    except (ImportError, AttributeError, KeyError):  # another torch: export as it comes
+        yield
+        return
+
+    def from_torchlib(cls: type, opset_version: int = registry_type().opset_version) -> Any:
+        if opset_version not in _TORCHLIB:
+            _TORCHLIB[opset_version] = build.__func__(cls, opset_version=opset_version)
+        base = _TORCHLIB[opset_version]
+        registry = cls()
+        registry.__dict__.update(base.__dict__)
+        registry.functions = {target: list(metas) for target, metas in base.functions.items()}
+        return registry
+
+    registry_type.from_torchlib = classmethod(from_torchlib)  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        registry_type.from_torchlib = build  # type: ignore[method-assign]
+
+
 def _trace(model: nn.Module, inputs: Inputs, kwargs: dict[str, Any]) -> Any:
     captured = io.StringIO()
     # The exporter logs a warning per torchvision op it cannot register when torchvision is absent.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     # The exporter prints progress and warns about optional packages; keep the user's terminal clean.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(captured), _torchlib_once():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, inputs, **kwargs)
     if program is None:
