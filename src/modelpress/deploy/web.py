@@ -322,10 +322,18 @@ class WebSession:
         self._browser: Any = None
         self._errors: list[str] = []
         try:
-            self._playwright = sync_playwright().start()
-            self._browser = self._playwright.chromium.launch(
-                executable_path=str(executable), args=list(_CHROMIUM_ARGS), timeout=self._timeout_ms
-            )
+            try:
+                self._playwright = sync_playwright().start()
+                self._browser = self._playwright.chromium.launch(
+                    executable_path=str(executable), args=list(_CHROMIUM_ARGS), timeout=self._timeout_ms
+                )
+            except Exception as exc:  # playwright's own errors: no browser, or called inside an asyncio loop
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+                raise RuntimeUnavailableError(
+                    f"Chromium ({executable}) did not start under playwright: {first}. The browser runtime "
+                    "uses playwright's sync API: call it outside a running asyncio loop (in a notebook, from a "
+                    "thread)."
+                ) from exc
             self._page = self._browser.new_page()
             self._page.set_default_timeout(self._timeout_ms)
             self._page.on("pageerror", lambda e: self._errors.append(str(e)))
