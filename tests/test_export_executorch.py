@@ -95,12 +95,30 @@ def test_int8_uses_calibration_for_outputs_no_quantizer_reaches(tmp_path):
     assert mp.check_parity(small, ExecuTorchSession(path), [(d,) for d in data], min_cosine=0.999).passed
 
 
+def test_int8_linears_without_output_quantizer_quantize_inputs_at_run_time(tmp_path):
+    # Linear -> LayerNorm -> Linear -> GELU -> Linear: no quantizer follows the first two, so they run as
+    # XNNPACK's dynamically quantized GEMMs; the last one produces the model output and stays float.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 8))
+    data = [torch.randn(4, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    small = mp.compress(model.eval(), [mp.StaticInt8Config(observer="minmax")], data)
+    lowered = lower_executorch(small, (data[0],))
+    form = lowered.int8
+    assert form is not None and form.dynamic == ["linear", "linear_1"] and form.float_outputs == ["linear_2"]
+    assert "quantized_decomposed_choose_qparams_tensor" in lowered.delegated_ops
+    path = tmp_path / "m.pte"
+    path.write_bytes(lowered.buffer)
+    assert mp.check_parity(small, ExecuTorchSession(path), [(d,) for d in data], min_cosine=0.999).passed
+
+
 @pytest.mark.slow
 def test_fp32_transformer_encoder_matches_torch(tmp_path):
-    model, inputs = zoo.bert_encoder()
+    wrapper, inputs = zoo.bert_encoder()
+    model = wrapper.bert  # the Hugging Face BertModel itself: it returns a ModelOutput
     path = export_executorch(model, inputs, tmp_path / "bert.pte", dynamic=False)
     session = ExecuTorchSession(path)
     assert session.input_names == ["input_ids", "attention_mask"]
+    assert session.output_names == ["last_hidden_state"]
     report = mp.check_parity(model, session, mp.parity_inputs(inputs), min_cosine=0.99999)
     assert report.passed
 
@@ -116,6 +134,8 @@ def test_bad_inputs_give_modelpress_errors(cnn_files, tmp_path):
 
     with pytest.raises(mp.ExportError, match="ExecuTorch export of DataDependent failed.*torch.export must"):
         export_executorch(DataDependent(), (torch.ones(2, 3),), tmp_path / "dd.pte")
+    with pytest.raises(mp.ExportError, match="batch 40, above max_batch=32"):
+        export_executorch(model, (torch.randn(40, 3, 12, 12),), tmp_path / "big.pte", max_batch=32)
     not_pte = tmp_path / "x.pte"
     not_pte.write_bytes(b"not a program")
     with pytest.raises(mp.ExportError, match="is not a readable ExecuTorch program"):

@@ -46,6 +46,9 @@ _aten = torch.ops.aten
 _Q = torch.ops.quantized_decomposed.quantize_per_tensor.default
 _DQ = torch.ops.quantized_decomposed.dequantize_per_tensor.default
 _DQ_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
+_CHOOSE = torch.ops.quantized_decomposed.choose_qparams.tensor
+_Q_DYNAMIC = torch.ops.quantized_decomposed.quantize_per_tensor.tensor
+_DQ_DYNAMIC = torch.ops.quantized_decomposed.dequantize_per_tensor.tensor
 # Layers XNNPACK runs as integer GEMMs, and the activations it fuses into them.
 _GEMMS = {_aten.linear.default, _aten.conv1d.default, _aten.conv2d.default, _aten.convolution.default}
 _FUSED = {_aten.relu.default, _aten.hardtanh.default}
@@ -214,6 +217,34 @@ def _insert_quantizer(
         user.replace_input_with(after, dq)
 
 
+def _dynamic_input(graph: torch.fx.Graph, gemm: torch.fx.Node, fake_mode: Any) -> None:
+    """Quantize the input of `gemm` at run time (the pattern of pt2e's dynamic quantization), in place of
+    its calibrated quantizer: XNNPACK's dynamically quantized GEMM, int8 weights, float output."""
+    import operator
+
+    dq = gemm.args[0]
+    assert isinstance(dq, torch.fx.Node) and isinstance(dq.args[0], torch.fx.Node)
+    x = dq.args[0].args[0]  # the float input of the static quantizer
+    assert isinstance(x, torch.fx.Node)
+    eps = float(torch.finfo(torch.float32).eps)
+    with graph.inserting_before(gemm):
+        params = graph.call_function(_CHOOSE, (x, -128, 127, eps, torch.int8))
+        scale = graph.call_function(operator.getitem, (params, 0))
+        zero_point = graph.call_function(operator.getitem, (params, 1))
+        q = graph.call_function(_Q_DYNAMIC, (x, scale, zero_point, -128, 127, torch.int8))
+        dq_new = graph.call_function(_DQ_DYNAMIC, (q, scale, zero_point, -128, 127, torch.int8))
+    with fake_mode:
+        params.meta["val"] = _CHOOSE(x.meta["val"], -128, 127, eps, torch.int8)
+        scale.meta["val"], zero_point.meta["val"] = params.meta["val"]
+        q.meta["val"] = _Q_DYNAMIC(
+            x.meta["val"], scale.meta["val"], zero_point.meta["val"], -128, 127, torch.int8
+        )
+        dq_new.meta["val"] = _DQ_DYNAMIC(
+            q.meta["val"], scale.meta["val"], zero_point.meta["val"], -128, 127, torch.int8
+        )
+    gemm.replace_input_with(dq, dq_new)
+
+
 def _lifted_args(program: Any, inputs: Inputs) -> list[Any]:
     from torch.export.graph_signature import InputKind
 
@@ -267,11 +298,12 @@ def _int8_params(lo: float, hi: float) -> tuple[float, int]:
 class Int8Form:
     """What `xnnpack_int8_form` changed in a graph."""
 
-    layers: int = 0  # static int8 GEMMs found
+    layers: int = 0  # static int8 GEMMs (Linear / convolution with an input quantizer)
     signed: int = 0  # uint8 quantizers rewritten as int8
     zero_points: int = 0  # weight zero points made constants
     shared: int = 0  # output quantizers copied from a quantizer downstream (exact)
-    calibrated: list[str] = field(default_factory=list)  # output quantizers measured on calibration data
+    calibrated: list[str] = field(default_factory=list)  # conv output quantizers measured on calibration data
+    dynamic: list[str] = field(default_factory=list)  # Linear layers whose inputs are quantized at run time
     # layers whose output is a model output: float GEMMs with their weight stored dequantized (float)
     float_outputs: list[str] = field(default_factory=list)
 
@@ -285,19 +317,22 @@ def xnnpack_int8_form(program: Any, calibration: Callable[[], list[Inputs]] | No
     2. per-channel weight dequantizers read their (zero) zero points from a constant, not `zeros_like`;
     3. each int8 GEMM's output (after a fused ReLU) is quantized too, since XNNPACK's integer GEMMs
        produce int8: with the parameters of the quantizer it reaches through max-pool / reshape / ReLU
-       (exact: the same values as before), else with a range measured on `calibration()` (the
-       calibration data; as pt2e's output observers do). A GEMM whose output is a model output stays as
+       (exact: the same values as before). Where none is reached, a convolution's output range is measured
+       on `calibration()` (the calibration data; as pt2e's output observers do), and a Linear's input is
+       quantized at run time instead (XNNPACK's dynamically quantized GEMM: int8 weights, an int8 scale per
+       row of the input, float output): a transformer's Linear outputs feed residual sums with outlier
+       features that one int8 range per tensor cannot hold (all-MiniLM-L6-v2 with calibrated output
+       quantizers: embedding cosine 0.94 to fp32). A GEMM whose output is a model output stays as
        it is (its output is not quantized): it runs as a float GEMM, its weight dequantized from the
        int8 codes into the file as float, so the model's outputs are computed as in torch.
 
     >>> form = xnnpack_int8_form(torch.export.export(small, (x,)), lambda: [(x,)])  # doctest: +SKIP
     """
     graph = program.graph_module.graph
-    form = Int8Form(layers=len(_quantized_gemms(graph)))
-    if not form.layers:
-        return form
-    form.signed = _signed(graph)
-    form.zero_points = _constant_zero_points(program)
+    if not _quantized_gemms(graph):
+        return Int8Form()
+    form = Int8Form(signed=_signed(graph), zero_points=_constant_zero_points(program))
+    form.layers = len(_quantized_gemms(graph))  # after dead code (an unused pooler) is gone
     from torch._guards import detect_fake_mode
 
     fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
@@ -317,6 +352,9 @@ def xnnpack_int8_form(program: Any, calibration: Callable[[], list[Inputs]] | No
             _, scale, zero_point, _, _, _ = found.args
             _insert_quantizer(graph, tail, float(scale), int(zero_point), context)  # type: ignore[arg-type]
             form.shared += 1
+        elif gemm.target == _aten.linear.default:
+            _dynamic_input(graph, gemm, context)
+            form.dynamic.append(gemm.name)
         else:
             needs.append(tail)
     if needs:
@@ -331,6 +369,7 @@ def xnnpack_int8_form(program: Any, calibration: Callable[[], list[Inputs]] | No
             scale, zero_point = _int8_params(*ranges[tail.name])
             _insert_quantizer(graph, tail, scale, zero_point, context)
             form.calibrated.append(tail.name)
+    _drop_unused_constants(program)
     graph.lint()
     program.graph_module.recompile()
     return form
@@ -386,6 +425,20 @@ def _bounded(
     if any(full):
         plans.append(("static", None))
     return plans
+
+
+def _check_bounds(inputs: Inputs, *, max_batch: int, max_seq: int) -> None:
+    for i, t in enumerate(inputs):
+        if t.ndim >= 1 and t.shape[0] > max_batch:
+            raise ExportError(
+                f"Example input {i} has batch {t.shape[0]}, above max_batch={max_batch}: raise max_batch "
+                "(ExecuTorch plans memory for it) or give a smaller example."
+            )
+        if _is_token_input(t) and t.shape[1] > max_seq:
+            raise ExportError(
+                f"Example input {i} has sequence length {t.shape[1]}, above max_seq={max_seq}: raise "
+                "max_seq or give a shorter example."
+            )
 
 
 def _input_bounds(program: Any) -> tuple[list[list[int | None]], list[list[int]]]:
@@ -535,10 +588,9 @@ def lower_executorch(
                 "Return a tensor, a tuple/dict of tensors or a ModelOutput."
             )
         traced: nn.Module = model if isinstance(sample, torch.Tensor) else FlatOutputs(model)
-        too_big = [t.shape[0] for t in example_inputs if t.ndim >= 1 and t.shape[0] > max_batch]
-        plans = (
-            _bounded(example_inputs, max_batch=max_batch, max_seq=max_seq) if dynamic and not too_big else []
-        )
+        if dynamic:
+            _check_bounds(example_inputs, max_batch=max_batch, max_seq=max_seq)
+        plans = _bounded(example_inputs, max_batch=max_batch, max_seq=max_seq) if dynamic else []
         if not plans:
             plans = [("static", None)]
         failures: list[str] = []
