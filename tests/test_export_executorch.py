@@ -111,6 +111,19 @@ def test_int8_linears_without_output_quantizer_quantize_inputs_at_run_time(tmp_p
     assert mp.check_parity(small, ExecuTorchSession(path), [(d,) for d in data], min_cosine=0.999).passed
 
 
+def test_int8_dynamic_linears_lower_to_xnnpack_dynamic_gemms(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    small = mp.compress(model, "int8-dynamic")
+    lowered = lower_executorch(small, (x,))
+    assert lowered.int8 is not None and len(lowered.int8.dynamic) == 2
+    assert lowered.undelegated_ops == [], lowered.summary()
+    path = tmp_path / "m.pte"
+    path.write_bytes(lowered.buffer)
+    assert mp.check_parity(small, ExecuTorchSession(path), mp.parity_inputs((x,)), min_cosine=0.999).passed
+
+
 @pytest.mark.slow
 def test_fp32_transformer_encoder_matches_torch(tmp_path):
     wrapper, inputs = zoo.bert_encoder()

@@ -217,14 +217,17 @@ def _insert_quantizer(
         user.replace_input_with(after, dq)
 
 
-def _dynamic_input(graph: torch.fx.Graph, gemm: torch.fx.Node, fake_mode: Any) -> None:
+def _dynamic_input(graph: torch.fx.Graph, gemm: torch.fx.Node, fake_mode: Any, *, source: Any = None) -> None:
     """Quantize the input of `gemm` at run time (the pattern of pt2e's dynamic quantization), in place of
     its calibrated quantizer: XNNPACK's dynamically quantized GEMM, int8 weights, float output."""
     import operator
 
     dq = gemm.args[0]
-    assert isinstance(dq, torch.fx.Node) and isinstance(dq.args[0], torch.fx.Node)
-    x = dq.args[0].args[0]  # the float input of the static quantizer
+    assert isinstance(dq, torch.fx.Node)
+    x = source
+    if x is None:
+        assert isinstance(dq.args[0], torch.fx.Node)
+        x = dq.args[0].args[0]  # the float input of the static quantizer
     assert isinstance(x, torch.fx.Node)
     eps = float(torch.finfo(torch.float32).eps)
     with graph.inserting_before(gemm):
@@ -298,20 +301,60 @@ def _int8_params(lo: float, hi: float) -> tuple[float, int]:
 class Int8Form:
     """What `xnnpack_int8_form` changed in a graph."""
 
-    layers: int = 0  # static int8 GEMMs (Linear / convolution with an input quantizer)
+    layers: int = 0  # int8 GEMMs: static (Linear / convolution with an input quantizer) and dynamic Linear
     signed: int = 0  # uint8 quantizers rewritten as int8
     zero_points: int = 0  # weight zero points made constants
     shared: int = 0  # output quantizers copied from a quantizer downstream (exact)
     calibrated: list[str] = field(default_factory=list)  # conv output quantizers measured on calibration data
-    dynamic: list[str] = field(default_factory=list)  # Linear layers whose inputs are quantized at run time
+    dynamic: list[str] = field(default_factory=list)  # Linears whose inputs are quantized at run time
     # layers whose output is a model output: float GEMMs with their weight stored dequantized (float)
     float_outputs: list[str] = field(default_factory=list)
+
+
+def _dynamic_linears(program: Any, fake_mode: Any) -> list[str]:
+    """modelpress's dynamic int8 Linear (`torch.ops.modelpress.dynamic_quant_linear`, ONNX Runtime's
+    DynamicQuantizeLinear + MatMulInteger) -> the pt2e dynamic pattern XNNPACK runs: the same int8 weights,
+    the input quantized at run time (XNNPACK: int8 with a scale per row, where ONNX Runtime takes one
+    uint8 scale per tensor)."""
+    import modelpress.ops.dynamic  # noqa: F401  (registers torch.ops.modelpress.dynamic_quant_linear)
+
+    op = torch.ops.modelpress.dynamic_quant_linear.default
+    graph = program.graph_module.graph
+    names = []
+    for node in list(graph.nodes):
+        if not _is(node, op):
+            continue
+        x, qweight, scale, bias = node.args
+        assert isinstance(scale, torch.fx.Node)
+        zero_point = _constant(
+            program, f"{node.name}_zero_point", torch.zeros(scale.meta["val"].shape, dtype=torch.int64)
+        )
+        with graph.inserting_before(node):
+            weight = graph.call_function(_DQ_CHANNEL, (qweight, scale, zero_point, 0, -128, 127, torch.int8))
+            placeholder_dq = graph.call_function(_DQ, (x, 1.0, 0, -128, 127, torch.int8))  # replaced below
+            linear = graph.call_function(_aten.linear.default, (placeholder_dq, weight, bias))
+        with fake_mode:
+            weight.meta["val"] = _DQ_CHANNEL(
+                qweight.meta["val"], scale.meta["val"], zero_point.meta["val"], 0, -128, 127, torch.int8
+            )
+            linear.meta["val"] = node.meta["val"]
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in node.meta:
+                linear.meta[key] = node.meta[key]
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+        _dynamic_input(graph, linear, fake_mode, source=x)
+        graph.erase_node(placeholder_dq)
+        names.append(linear.name)
+    return names
 
 
 def xnnpack_int8_form(program: Any, calibration: Callable[[], list[Inputs]] | None = None) -> Int8Form:
     """Rewrite an exported program of a modelpress static-int8 model (in place) into the form the XNNPACK
     partitioner lowers into int8 kernels, the form ExecuTorch's own XNNPACKQuantizer + convert_pt2e emit:
 
+    0. modelpress's dynamic int8 Linear (`int8-dynamic`, a custom op ExecuTorch cannot run) becomes pt2e's
+       dynamic pattern on the same int8 weights (see `_dynamic_linears`);
     1. uint8 activation quantizers become int8 ones on the same grid (codes and zero point - 128): the
        values are identical, and XNNPACK's integer kernels take signed activations;
     2. per-channel weight dequantizers read their (zero) zero points from a constant, not `zeros_like`;
@@ -328,15 +371,20 @@ def xnnpack_int8_form(program: Any, calibration: Callable[[], list[Inputs]] | No
 
     >>> form = xnnpack_int8_form(torch.export.export(small, (x,)), lambda: [(x,)])  # doctest: +SKIP
     """
-    graph = program.graph_module.graph
-    if not _quantized_gemms(graph):
-        return Int8Form()
-    form = Int8Form(signed=_signed(graph), zero_points=_constant_zero_points(program))
-    form.layers = len(_quantized_gemms(graph))  # after dead code (an unused pooler) is gone
     from torch._guards import detect_fake_mode
 
+    graph = program.graph_module.graph
     fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
     context: Any = fake_mode if fake_mode is not None else contextlib.nullcontext()
+    dynamic = _dynamic_linears(program, context)
+    if not _quantized_gemms(graph):
+        if dynamic:
+            _drop_unused_constants(program)
+            graph.lint()
+            program.graph_module.recompile()
+        return Int8Form(layers=len(dynamic), dynamic=dynamic)
+    form = Int8Form(signed=_signed(graph), zero_points=_constant_zero_points(program), dynamic=dynamic)
+    form.layers = len(_quantized_gemms(graph)) + len(dynamic)  # after dead code (an unused pooler) is gone
     needs: list[torch.fx.Node] = []
     for gemm in _quantized_gemms(graph):
         tail = _tail(gemm)
@@ -684,9 +732,11 @@ def export_executorch(
     """Export `model` to an ExecuTorch program at `path` (`.pte`), XNNPACK-delegated, written atomically.
 
     fp32 models lower as they are. A static-int8 model (`compress(model, "int8-static", data)`) lowers
-    into XNNPACK's int8 kernels with its own int8 weights and calibrated input ranges (see
-    `xnnpack_int8_form`); the layer outputs XNNPACK quantizes beyond those are measured on up to 32 items
-    of `data` (else on the example inputs, with a warning).
+    into XNNPACK's int8 kernels with its own int8 weights and calibrated input ranges, a dynamic-int8 one
+    (`int8-dynamic`) into XNNPACK's dynamically quantized GEMMs (see `xnnpack_int8_form`); convolution
+    outputs XNNPACK quantizes beyond those ranges are measured on up to 32 items of `data` (else on the
+    example inputs, with a warning). Weight-only int8 layers keep their int8 weights in the file and
+    rebuild the float weight on each call outside XNNPACK.
 
     With `dynamic`, the batch dim of every input (and the sequence dim of token inputs) is dynamic up to
     `max_batch` / `max_seq` (ExecuTorch plans memory for the largest shape) where the model allows it;
