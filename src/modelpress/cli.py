@@ -442,32 +442,55 @@ def search(
 
 @main.command()
 @click.argument("model")
-@click.option("--out", "-o", "out_path", required=True, type=click.Path(), help="The new .onnx file.")
+@click.option(
+    "--out",
+    "-o",
+    "out_path",
+    required=True,
+    type=click.Path(),
+    help="The new artifact (.onnx; .xml for --to openvino, .tflite for litert/tflm, .pte for executorch).",
+)
 @click.option("--weights", type=click.Path(), help="A state dict (.pt/.pth weights_only, or .safetensors).")
 @click.option("--recipe", "-r", help="Compress with this recipe before exporting.")
 @_data_option
 @_allow_partial_option
 @click.option(
+    "--to",
+    "to",
+    type=click.Choice(["onnx", "openvino", "litert", "executorch", "tflm", "web"]),
+    default="onnx",
+    show_default=True,
+    help="The deployment format: ONNX, OpenVINO IR, LiteRT .tflite, ExecuTorch .pte (XNNPACK), a full-integer "
+    ".tflite plus C array for TensorFlow Lite Micro, or ONNX run in onnxruntime-web (WASM) in Chromium. Each "
+    "is checked in its runtime against the torch model.",
+)
+@click.option(
     "--runtime",
     "runtimes",
     multiple=True,
     type=click.Choice(["onnxruntime", "openvino"]),
-    help="Runtime(s) to check parity in (default: all installed).",
+    help="With --to onnx: runtime(s) to check parity in (default: all installed).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
 @click.option(
     "--target",
-    type=click.Choice(["onnxruntime", "openvino"]),
-    default="onnxruntime",
-    show_default=True,
-    help="The runtime to place int8 quantizers for: ONNX Runtime runs a layer as integer only with its "
-    "output quantized too (ranges from --data); OpenVINO wants layer inputs only.",
+    type=click.Choice(["onnxruntime", "openvino", "tensorrt"]),
+    default=None,
+    help="With --to onnx: the runtime to place int8 quantizers for (default onnxruntime). ONNX Runtime runs a "
+    "layer as integer only with its output quantized too (ranges from --data); OpenVINO wants layer inputs "
+    "only; TensorRT symmetric int8 on the inputs and weights of Conv/MatMul/Gemm (the file is then checked "
+    "against TensorRT's rules, naming each node that would fall back).",
 )
 @click.option(
     "--standard-ops",
     is_flag=True,
     help="Write static int8 Linear layers as standard-ONNX QDQ instead of ONNX Runtime's MatMulIntegerToFloat "
     "(for runtimes other than ONNX Runtime and OpenVINO).",
+)
+@click.option(
+    "--mcu",
+    help="With --to tflm: the microcontroller budget FLASH/RAM, e.g. 256KB/64KB (the model's bytes / the "
+    "arena measured in TensorFlow Lite Micro); nothing is written when it does not fit.",
 )
 def export(
     model: str,
@@ -476,25 +499,31 @@ def export(
     recipe: str | None,
     data_ref: str | None,
     allow_partial: bool,
+    to: str,
     runtimes: tuple[str, ...],
     overwrite: bool,
-    target: Literal["onnxruntime", "openvino"],
+    target: str | None,
     standard_ops: bool,
+    mcu: str | None,
 ) -> None:
-    """Export MODEL (optionally compressed) to ONNX and check parity with the torch model in each runtime.
+    """Export MODEL (optionally compressed) to a deployment format and check parity with the torch model in
+    the runtime it runs in.
 
     MODEL is 'path/to/file.py:factory', 'package.module:factory' or a Hugging Face model folder.
     """
     from modelpress._files import check_output_path
     from modelpress.data import as_dataset
-    from modelpress.deploy.export import export_onnx
+    from modelpress.deploy.formats import close, deploy, open_artifact
     from modelpress.deploy.parity import check_parity, parity_inputs, summary_line
-    from modelpress.deploy.runtime import available_runtimes, open_session
     from modelpress.pipeline.recipe import compress as run_compress
     from modelpress.pipeline.recipe import load_recipe
 
     if data_ref and not recipe:
         raise click.UsageError("--data calibrates a --recipe; add --recipe, or leave out --data.")
+    if to != "onnx" and (target or runtimes or standard_ops):
+        raise click.UsageError("--target, --runtime and --standard-ops apply to --to onnx only.")
+    if mcu and to != "tflm":
+        raise click.UsageError("--mcu is the budget of --to tflm; add --to tflm, or leave out --mcu.")
     check_output_path(out_path, overwrite=overwrite)
     steps = load_recipe(recipe) if recipe else None
     data = None
@@ -505,32 +534,37 @@ def export(
             data = as_dataset(_call_data(data_ref, "--data"))  # calibrates the recipe, then the export
             say("compressing")
             net = run_compress(net, steps, data, allow_partial=allow_partial)
-        say("exporting")
-        path = export_onnx(
+        say("exporting" if to == "onnx" else f"exporting to {to}")
+        deployed = deploy(
             net,
             inputs,
             out_path,
+            to=to,  # type: ignore[arg-type]
             overwrite=overwrite,
-            integer_matmul=not standard_ops,
-            target=target,
             data=data,
+            target=target,
+            integer_matmul=not standard_ops,
+            mcu=mcu,
         )
+        path = deployed.path
+        for line in deployed.notes:
+            out.print(line)
         failed = []
-        for runtime in runtimes or available_runtimes():
+        for runtime in runtimes or deployed.runtimes:
             say(f"checking parity in {runtime}")
-            report = check_parity(
-                net,
-                open_session(path, runtime),
-                parity_inputs(inputs),
-                reference=original,
-                raise_on_failure=False,
-            )
+            session = open_artifact(path, runtime, arena_bytes=deployed.arena_bytes)
+            try:
+                report = check_parity(
+                    net, session, parity_inputs(inputs), reference=original, raise_on_failure=False
+                )
+            finally:
+                close(session)
             out.print(summary_line(report))
             if not report.passed:
                 failed.append(report.message)
     if failed:
         raise ParityError(" ".join(failed) + f" The file was kept at {path} for inspection.")
-    out.print(f"wrote {path}")
+    out.print("wrote " + ", ".join(str(p) for p in deployed.files))
 
 
 @main.command()
