@@ -7,6 +7,7 @@ MEASURING.md), so only the dynamo path is used, and every export is meant to be 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import io
 import itertools
@@ -105,8 +106,10 @@ def _contrib_schema(name: str, inputs: list[str], attributes: list[str]) -> Any:
     )
 
 
+@functools.cache
 def _translations() -> dict[Any, Any]:
-    """ONNX for modelpress's own torch ops: ONNX Runtime contrib ops that OpenVINO also executes."""
+    """ONNX for modelpress's own torch ops: ONNX Runtime contrib ops that OpenVINO also executes (built once:
+    the exporter only reads the table)."""
     import onnxscript
     from onnxscript import opset18 as op
 
@@ -482,6 +485,13 @@ def export_onnx(
     if target not in TARGETS:
         raise ExportError(f"target={target!r} is unknown; choose from {', '.join(TARGETS)}.")
     out = check_output_path(path, overwrite=overwrite)
+    program = _program(model, example_inputs, dynamic=dynamic, opset=opset)
+    return _save(program, out, example_inputs, integer_matmul=integer_matmul, target=target, data=data)
+
+
+def _program(model: nn.Module, example_inputs: Inputs, *, dynamic: bool, opset: int | None) -> Any:
+    """The traced, optimised ONNX program (not yet placed for a runtime), with the dynamic-shape fallbacks
+    `export_onnx` describes."""
     model = model.eval()
     with no_cache(model), _exportable_experts(model), torch.no_grad():
         try:
@@ -543,6 +553,20 @@ def export_onnx(
     _optimize(program.model)
     if dynamic and not failures:
         _warn_static_dims(program, example_inputs)
+    return program
+
+
+def _save(
+    program: Any,
+    out: Path,
+    example_inputs: Inputs,
+    *,
+    integer_matmul: bool,
+    target: Target,
+    data: Iterable[Any] | None,
+) -> Path:
+    """Write `program` to `out` placed for `target`, atomically (the program itself is left as it is, so
+    one trace can be saved for several runtimes)."""
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         program.save(str(tmp_dir / out.name))
@@ -598,11 +622,15 @@ def export_for_runtimes(
         one = export_onnx(model, example_inputs, path, target=target, data=data)
         return dict.fromkeys(runtimes, one)
     first: Target = "onnxruntime" if "onnxruntime" in runtimes or not runtimes else "openvino"
-    main = export_onnx(model, example_inputs, path, target=first, data=data)
+    out = check_output_path(path)
+    program = _program(model, example_inputs, dynamic=True, opset=None)  # traced once for both placements
+    main = _save(program, out, example_inputs, integer_matmul=True, target=first, data=data)
     paths = dict.fromkeys(runtimes, main)
     if first == "onnxruntime" and "openvino" in runtimes and has_activation_quantizers(main):
-        other = main.with_name(f"{main.stem}.openvino.onnx")
-        paths["openvino"] = export_onnx(model, example_inputs, other, target="openvino", data=data)
+        other = check_output_path(main.with_name(f"{main.stem}.openvino.onnx"))
+        paths["openvino"] = _save(
+            program, other, example_inputs, integer_matmul=True, target="openvino", data=data
+        )
     return paths
 
 

@@ -74,6 +74,7 @@ def check_parity(
     reference: nn.Module | None = None,
     fidelity_tolerance: float = 0.002,
     raise_on_failure: bool = True,
+    memo: dict[tuple[int, int], list[np.ndarray]] | None = None,
 ) -> ParityReport:
     """Compare `session` with `model` on `samples` (each a tensor or tuple of tensors).
 
@@ -86,18 +87,30 @@ def check_parity(
     short still passes when the artifact is as faithful to the reference as the torch model is: its mean
     cosine to the reference is at most `fidelity_tolerance` below the torch model's.
 
+    `memo` (a dict the caller keeps) shares the torch outputs between calls on the same `samples` list, so
+    checking several runtimes runs each torch model once per sample.
+
     >>> report = check_parity(model, open_session("m.onnx"), [example_inputs])  # doctest: +SKIP
     """
+
+    def expected(module: nn.Module, index: int, inputs: Inputs) -> list[np.ndarray]:
+        if memo is None:
+            return torch_outputs(module, inputs)
+        key = (id(module), index)
+        if key not in memo:
+            memo[key] = torch_outputs(module, inputs)
+        return memo[key]
+
     acc: dict[int, dict[str, list[Any]]] = {}
     n = skipped = 0
-    for sample in samples:
+    for index, sample in enumerate(samples):
         inputs = as_inputs(sample, where="parity sample")
         if not _fits(inputs, session):
             skipped += 1  # a static artifact (export fell back from dynamic shapes) takes only its own shapes
             continue
-        ref = torch_outputs(model, inputs)
+        ref = expected(model, index, inputs)
         got = session.run([t.numpy() for t in inputs])
-        base = torch_outputs(reference, inputs) if reference is not None else None
+        base = expected(reference, index, inputs) if reference is not None else None
         if len(ref) != len(got):
             raise ParityError(
                 f"The artifact has {len(got)} outputs but the torch model returns {len(ref)}; re-export it "

@@ -231,12 +231,13 @@ def run_job(
         say(f"checking parity in {', '.join(runtimes)}")
         samples = parity_inputs(example_inputs)
         parity = []
+        memo: dict[tuple[int, int], Any] = {}  # each torch model runs once per sample, not once per runtime
         for runtime in runtimes:
             small_path = small_paths[runtime]
             for label, module, path in (("fp32", model, fp32_path), ("compressed", small, small_path)):
                 reference = model if label == "compressed" else None
                 session = open_session(path, runtime, threads=threads)
-                report = check_parity(module, session, samples, reference=reference)
+                report = check_parity(module, session, samples, reference=reference, memo=memo)
                 parity.append({"artifact": label, **report.to_dict()})
 
         quality: dict[str, Any] = {}
