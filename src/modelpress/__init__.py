@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     from modelpress.data import Dataset
     from modelpress.deploy.bench import benchmark_interleaved, compare_artifacts, peak_memory_mb
     from modelpress.deploy.export import export_onnx
+    from modelpress.deploy.formats import deploy, open_artifact
     from modelpress.deploy.parity import ParityReport, check_parity, parity_inputs
     from modelpress.deploy.runtime import available_runtimes, open_session
+    from modelpress.deploy.tensorrt import check_tensorrt
     from modelpress.errors import (
         DataError,
         ExportError,
@@ -69,6 +71,8 @@ _SOURCES: dict[str, str] = {
         ["benchmark_interleaved", "compare_artifacts", "peak_memory_mb"], "modelpress.deploy.bench"
     ),
     "export_onnx": "modelpress.deploy.export",
+    **dict.fromkeys(["deploy", "open_artifact"], "modelpress.deploy.formats"),
+    "check_tensorrt": "modelpress.deploy.tensorrt",
     **dict.fromkeys(["ParityReport", "check_parity", "parity_inputs"], "modelpress.deploy.parity"),
     **dict.fromkeys(["available_runtimes", "open_session"], "modelpress.deploy.runtime"),
     **dict.fromkeys(
@@ -193,8 +197,10 @@ __all__ = [
     "benchmark_interleaved",
     "builtin_recipes",
     "check_parity",
+    "check_tensorrt",
     "compare_artifacts",
     "compress",
+    "deploy",
     "distill",
     "dump_recipe",
     "evaluate",
@@ -203,6 +209,7 @@ __all__ = [
     "load_model",
     "load_recipe",
     "metric_evaluator",
+    "open_artifact",
     "open_session",
     "output_fidelity",
     "parity_inputs",
