@@ -82,6 +82,11 @@ VARIANT_ARCHS = {
     "weight_only_int4": ("bert_encoder", "gpt_decoder"),
     "depth": ("bert_encoder", "gpt_decoder", "inverted_residual_cnn", "vit_encoder"),
     "progressive": ("bert_encoder",),  # a wrapper: the technique it steps runs on every model above
+    # Static int8 graphs (QAT's trained scales, mixed precision's static int8 on the layers it keeps), which
+    # static_int8 exports on every model: one Linear, one conv and one recurrent/transposed model each. The
+    # generality test runs both on every architecture of the wide zoo.
+    "qat": ("gpt_decoder", "inverted_residual_cnn", "dcgan_generator"),
+    "mixed_precision": ("bert_encoder", "resnet_cnn", "lstm_classifier"),
 }
 PAIRS = [
     (technique, arch)
