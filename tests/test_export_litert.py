@@ -18,6 +18,7 @@ from modelpress.deploy.litert import (
     LiteRTSession,
     export_litert,
     float_ops,
+    int8_kernels,
     open_litert,
     read_tflite,
 )
@@ -212,3 +213,64 @@ def test_a_layer_modelpress_left_in_float_stays_float(tmp_path):
     fc = [op for op in read_tflite(path) if op.name == "FULLY_CONNECTED"]
     assert [op.inputs[1].dtype for op in fc] == ["int8", "float32"]  # the head keeps its fp32 weights
     assert mp.check_parity(small, open_litert(path), [(calib[1][0][i : i + 1],) for i in range(4)]).passed
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    model, (ids, mask) = zoo.bert_encoder()
+    gen = torch.Generator().manual_seed(1)
+    calib = [
+        (torch.randint(1, 1000, (4, 16), generator=gen), torch.ones(4, 16, dtype=torch.int64))
+        for _ in range(2)
+    ]
+    small = mp.compress(model, "int8-static-smooth", calib)
+    return model, small, (ids, mask)
+
+
+def test_transformer_int8_is_dynamic_range_with_modelpress_weights(tiny_bert, tmp_path, caplog):
+    """A transformer's int8 file (activations="auto") keeps int8 weights but runs its Linears as hybrid
+    kernels (float input quantized per row at run time), and its int8 embeddings load in LiteRT."""
+    _, small, (ids, mask) = tiny_bert
+    example = (ids[:1], mask[:1])
+    with caplog.at_level("INFO", logger="modelpress.deploy.litert"):
+        path = export_litert(small, example, tmp_path / "bert.tflite")  # no data: nothing to calibrate
+    assert "dynamic-range: 12 layers" in caplog.text
+    assert int8_kernels(path) == {"full-integer": 0, "dynamic": 12, "float": 0}
+    fc = [op for op in read_tflite(path) if op.name == "FULLY_CONNECTED"]
+    assert {(op.inputs[0].dtype, op.inputs[1].dtype, op.outputs[0].dtype) for op in fc} == {
+        ("float32", "int8", "float32")
+    }
+    # the word embedding table is stored as int8 codes too
+    assert any(t.dtype == "int8" and t.shape == (1000, 64) for op in read_tflite(path) for t in op.inputs)
+    # modelpress's weight codes: the first query layer's int8 weight equals modelpress's codes
+    session = open_litert(path)
+    query = small.bert.encoder.layer[0].attention.self.query
+    codes = query.qweight.numpy()
+    tensors = session._interpreter.get_tensor_details()
+    assert any(
+        d["dtype"] == np.int8
+        and tuple(d["shape"]) == codes.shape
+        and np.array_equal(session._interpreter.get_tensor(d["index"]), codes)
+        for d in tensors
+    )
+    report = mp.check_parity(
+        small, session, [(ids[i : i + 1], mask[i : i + 1]) for i in range(2)], min_cosine=0.999
+    )
+    assert report.passed
+
+
+def test_activations_choice(tiny_bert, mnist_like, int8_file, tmp_path):
+    """MNIST (no norm layer) stays full-integer under "auto"; "static" forces a transformer full-integer
+    and "dynamic" a CNN dynamic-range; an unknown choice is an ExportError."""
+    assert int8_kernels(int8_file) == {"full-integer": 4, "dynamic": 0, "float": 0}
+    _, small, calib = mnist_like
+    x = calib[0][0][:1]
+    path = export_litert(small, (x,), tmp_path / "dyn.tflite", activations="dynamic")
+    assert int8_kernels(path) == {"full-integer": 0, "dynamic": 4, "float": 0}
+    assert mp.check_parity(small, open_litert(path), [(calib[1][0][i : i + 1],) for i in range(4)]).passed
+    _, bert, (ids, mask) = tiny_bert
+    path = export_litert(bert, (ids[:1], mask[:1]), tmp_path / "s8.tflite", activations="static")
+    kernels = int8_kernels(path)
+    assert kernels["full-integer"] == 12 and kernels["dynamic"] == 0
+    with pytest.raises(mp.ExportError, match="activations='int4' is unknown"):
+        export_litert(small, (x,), tmp_path / "a.tflite", activations="int4")  # type: ignore[arg-type]

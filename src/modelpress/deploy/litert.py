@@ -11,6 +11,14 @@ fixes the quantizers modelpress did measure to modelpress's values before conver
 
 The int8 file's inputs and outputs are int8; `LiteRTSession` quantizes float inputs and dequantizes
 outputs with the file's own parameters, so a parity check against the torch model runs unchanged.
+
+Transformers take a second int8 form, `activations="dynamic"` (dynamic-range, "hybrid"): the same int8
+weight codes and per-channel scales, float activations, and TFLite's hybrid FULLY_CONNECTED / CONV_2D
+kernels quantize each layer's input at run time (one scale per row: per token). TFLite's full-integer
+kernels write int8 outputs, so every Linear output and residual add of a BERT gets one per-tensor range,
+which its outlier features do not survive (all-MiniLM-L6-v2: embedding cosine 0.942 to fp32, against
+0.9989 dynamic). `export_litert` picks it for models with a LayerNorm/RMSNorm (`activations="auto"`);
+full-integer ("static") stays what TFLite Micro and integer-only NPUs need.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ log = logging.getLogger(__name__)
 
 Quantize = Literal["auto", "fp32", "int8"]
 QUANTIZE: tuple[Quantize, ...] = ("auto", "fp32", "int8")
+Activations = Literal["auto", "static", "dynamic"]
+ACTIVATIONS: tuple[Activations, ...] = ("auto", "static", "dynamic")
 CALIBRATION_ITEMS = 1024  # items of `data` the ranges modelpress did not measure are calibrated on
 
 
@@ -110,6 +120,49 @@ def static_layers(model: nn.Module) -> list[str]:
     ]
 
 
+class _Int8Rows(nn.Module):
+    """modelpress's int8 embedding (codes, a scale and optional zero point per row) with each row's scale
+    gathered by indexing (TFLite's GATHER) rather than an embedding lookup: in a dynamic-range conversion
+    the TFLite converter quantizes the float (V, 1) table of an EMBEDDING_LOOKUP, asymmetrically, and
+    LiteRT's lookup kernel then refuses to load (its table's zero point must be 0)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        super().__init__()
+        self.codes: torch.Tensor  # (V, D) int8
+        self.scale: torch.Tensor  # (V,) fp32
+        self.zero_point: torch.Tensor | None  # (V,) or None
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero_point", zero_point)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(ids, self.codes).float()  # (..., D) codes
+        if self.zero_point is not None:
+            rows = rows - self.zero_point[ids].float().unsqueeze(-1)
+        return rows * self.scale[ids].unsqueeze(-1)  # (..., 1) scale per row
+
+
+def _gather_embeddings(twin: nn.Module) -> list[str]:
+    """Swap modelpress's int8 embeddings in `twin` for `_Int8Rows`; returns their names."""
+    from modelpress.techniques.quantized import QuantizedLayer
+
+    names = []
+    for name, m in list(twin.named_modules()):
+        if (
+            isinstance(m, QuantizedLayer)
+            and isinstance(m.inner, nn.Embedding)
+            and m.input_scale is None
+            and m.inner.max_norm is None
+            and m.qweight.dtype == torch.int8
+        ):
+            zero_point = m.zero_point.reshape(-1) if m.zero_point is not None else None
+            rows = _Int8Rows(m.qweight, m.scale.reshape(-1), zero_point)
+            parent_name, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent_name) if parent_name else twin, child, rows)
+            names.append(name)
+    return names
+
+
 def _float_twin(model: nn.Module) -> tuple[nn.Module, dict[str, _Fixed]]:
     """A copy of `model` whose static layers are plain layers holding modelpress's dequantized weights,
     and {name of the conv/linear layer in the copy: modelpress's quantizer values}."""
@@ -150,17 +203,18 @@ def _module_path(node: Any) -> str | None:
     return re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
 
 
-def _quantizer(quantized: set[str]) -> Any:
-    """litert-torch's PT2E quantizer (int8 per-tensor activations, int8 per-channel symmetric weights)
-    with two changes. Only the Conv/Linear layers in `quantized` (modelpress's static layers) are
-    quantized: a layer modelpress left in float (mixed precision, `ignore`) stays float. And a global average
+def _quantizer(quantized: set[str], *, dynamic: bool = False) -> Any:
+    """litert-torch's PT2E quantizer (int8 per-tensor activations, int8 per-channel symmetric weights;
+    with `dynamic`, int8 weights only: the converter writes hybrid kernels) with two changes. Only the
+    Conv/Linear layers in `quantized` (modelpress's static layers) are quantized: a layer modelpress left
+    in float (mixed precision, `ignore`) stays float. And a global average
     pool (`adaptive_avg_pool2d` to 1x1, TFLite's MEAN, whose int8 kernel rescales) gets its own output
     range: the stock quantizer shares it with the pool's input, so where modelpress quantized the pooled
     value (the head's input), the feature map before the pool would be clipped to the pooled range."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
 
-    config = get_symmetric_quantization_config(is_per_channel=True)
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
 
     class _Quantizer(PT2EQuantizer):
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -183,9 +237,15 @@ def _quantizer(quantized: set[str]) -> Any:
     return _Quantizer().set_global(config)
 
 
-def _fix_observers(prepared: torch.fx.GraphModule, fixed: dict[str, _Fixed]) -> list[str]:
-    """Set the observers on the input and weight of each of modelpress's layers to modelpress's values;
-    returns the layers found."""
+def _fix_observers(
+    prepared: torch.fx.GraphModule, fixed: dict[str, _Fixed], *, dynamic: bool = False
+) -> list[str]:
+    """Set the observers on the input and weight of each of modelpress's layers to modelpress's values
+    (with `dynamic`, on the weight only: the input has none); returns the layers found."""
+
+    def observed(a: Any) -> bool:
+        return getattr(a, "op", None) == "call_module" and "activation_post_process" in str(a.target)
+
     found: list[str] = []
     for node in prepared.graph.nodes:
         if node.op != "call_function" or node.target not in _LAYER_OPS:
@@ -193,21 +253,15 @@ def _fix_observers(prepared: torch.fx.GraphModule, fixed: dict[str, _Fixed]) -> 
         name = _module_path(node)
         values = fixed.get(name) if name is not None else None
         x, w = node.args[0], node.args[1]
-        if (
-            name is None
-            or values is None
-            or not all(
-                getattr(a, "op", None) == "call_module" and "activation_post_process" in str(a.target)
-                for a in (x, w)
-            )
-        ):
+        if name is None or values is None or not observed(w) or not (dynamic or observed(x)):
             continue
-        x_obs = prepared.get_submodule(x.target)
         w_obs = prepared.get_submodule(w.target)
-        scale = torch.tensor([values.input_scale], dtype=torch.float32)
-        zero_point = torch.tensor([values.input_zero_point], dtype=torch.int32)
-        # convert_pt2e reads each observer's calculate_qparams(); an instance attribute takes its place
-        setattr(x_obs, "calculate_qparams", lambda s=scale, z=zero_point: (s, z))  # noqa: B010
+        if not dynamic:
+            x_obs = prepared.get_submodule(x.target)
+            scale = torch.tensor([values.input_scale], dtype=torch.float32)
+            zero_point = torch.tensor([values.input_zero_point], dtype=torch.int32)
+            # convert_pt2e reads each observer's calculate_qparams(); an instance attribute takes its place
+            setattr(x_obs, "calculate_qparams", lambda s=scale, z=zero_point: (s, z))  # noqa: B010
         w_scale = values.weight_scale
         w_zero = torch.zeros(len(w_scale), dtype=torch.int32)
         setattr(w_obs, "calculate_qparams", lambda s=w_scale, z=w_zero: (s, z))  # noqa: B010
@@ -288,21 +342,34 @@ def _convert_error(model: nn.Module, exc: BaseException) -> ExportError:
     )
 
 
-def _to_litert_int8(model: nn.Module, example: Inputs, data: Iterable[Any] | None) -> Any:
+def has_norm_layers(model: nn.Module) -> bool:
+    """Whether `model` has a LayerNorm / RMSNorm (a transformer): what `activations="auto"` exports with
+    dynamic-range int8, since the residual stream such norms read carries outlier features that one
+    int8 range per tensor clips."""
+    return any(
+        isinstance(m, nn.LayerNorm | nn.RMSNorm) or re.search(r"(Layer|RMS)Norm", type(m).__name__)
+        for m in model.modules()
+    )
+
+
+def _to_litert_int8(model: nn.Module, example: Inputs, data: Iterable[Any] | None, *, dynamic: bool) -> Any:
     import litert_torch
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     twin, fixed = _float_twin(model)
-    quantizer = _quantizer(set(fixed))
+    embeddings = _gather_embeddings(twin) if dynamic else []
+    quantizer = _quantizer(set(fixed), dynamic=dynamic)
     try:
         graph, static = _trace_for_calibration(twin, example)
         prepared = prepare_pt2e(graph, quantizer)
     except Exception as exc:
         raise _convert_error(model, exc) from exc
+    # dynamic: nothing to calibrate (inputs are quantized at run time; weights take modelpress's scales)
+    batches = [example] if dynamic else _batches(data, example, CALIBRATION_ITEMS, split=static)
     with torch.no_grad():
-        for inputs in _batches(data, example, CALIBRATION_ITEMS, split=static):
+        for inputs in batches:
             try:
                 prepared(*inputs)
             except Exception as exc:
@@ -310,7 +377,17 @@ def _to_litert_int8(model: nn.Module, example: Inputs, data: Iterable[Any] | Non
                     f"{type(model).__name__} fails on a calibration batch of shapes "
                     f"{[tuple(t.shape) for t in inputs]} ({type(exc).__name__}: {exc})."
                 ) from exc
-    found = _fix_observers(prepared, fixed)
+    found = _fix_observers(prepared, fixed, dynamic=dynamic)
+    log.info(
+        "LiteRT int8 %s: %d layers with int8 weights and %s: %s; int8 embeddings: %s",
+        "dynamic-range" if dynamic else "full-integer",
+        len(found),
+        "inputs quantized at run time (hybrid kernels, float activations)"
+        if dynamic
+        else "calibrated int8 inputs and outputs",
+        ", ".join(sorted(found)) or "none",
+        ", ".join(embeddings) or "none",
+    )
     missed = sorted(set(fixed) - set(found))
     if missed:
         log.warning(
@@ -334,14 +411,18 @@ def litert_bytes(
     *,
     quantize: Quantize = "auto",
     data: Iterable[Any] | None = None,
+    activations: Activations = "static",
 ) -> tuple[bytes, bool]:
-    """The `.tflite` flatbuffer of `model` (see `export_litert`) and whether it is int8.
+    """The `.tflite` flatbuffer of `model` (see `export_litert`) and whether it is int8. The default
+    `activations="static"` is full-integer (what TFLite Micro runs).
 
     >>> content, int8 = litert_bytes(model, (x,))  # doctest: +SKIP
     """
     require_litert()
     if quantize not in QUANTIZE:
         raise ExportError(f"quantize={quantize!r} is unknown; choose from {', '.join(QUANTIZE)}.")
+    if activations not in ACTIVATIONS:
+        raise ExportError(f"activations={activations!r} is unknown; choose from {', '.join(ACTIVATIONS)}.")
     example = as_inputs(example_inputs)
     model = model.eval()
     layers = static_layers(model)
@@ -364,7 +445,8 @@ def litert_bytes(
         traced: nn.Module = model if isinstance(sample, torch.Tensor) else FlatOutputs(model)
         with _quiet():
             if int8:
-                converted = _to_litert_int8(traced, example, data)
+                dynamic = activations == "dynamic" or (activations == "auto" and has_norm_layers(model))
+                converted = _to_litert_int8(traced, example, data, dynamic=dynamic)
             else:
                 import litert_torch
 
@@ -384,6 +466,7 @@ def export_litert(
     overwrite: bool = False,
     quantize: Quantize = "auto",
     data: Iterable[Any] | None = None,
+    activations: Activations = "auto",
 ) -> Path:
     """Export `model` to a LiteRT `.tflite` file at `path`, written atomically; static input shapes.
 
@@ -395,11 +478,17 @@ def export_litert(
     on up to `CALIBRATION_ITEMS` items of `data` (the calibration data: items differing from the example
     inputs only in the batch dim).
 
+    `activations` picks the int8 form: "static" is that full-integer file; "dynamic" (dynamic-range) keeps
+    the int8 weights and per-channel scales but float activations, each layer's input quantized at run time
+    per row by TFLite's hybrid kernels, and needs no calibration data; "auto" takes "dynamic" for a model
+    with a LayerNorm/RMSNorm (transformers: a full-integer BERT loses its outlier features) and "static"
+    otherwise. `int8_kernels` tells from the file which form each layer got.
+
     >>> small = mp.compress(model, "int8-static", calib)  # doctest: +SKIP
     >>> export_litert(small, (x[:1],), "model.tflite", data=calib)  # doctest: +SKIP
     """
     out = check_output_path(path, overwrite=overwrite)
-    content, int8 = litert_bytes(model, example_inputs, quantize=quantize, data=data)
+    content, int8 = litert_bytes(model, example_inputs, quantize=quantize, data=data, activations=activations)
     with atomic_path(out, overwrite=overwrite) as tmp:
         tmp.write_bytes(content)
     log.info("exported %s (%s, %d bytes)", out, "int8" if int8 else "fp32", len(content))
@@ -498,6 +587,26 @@ def float_ops(model: bytes | str | os.PathLike[str]) -> list[str]:
         for op in read_tflite(model)
         if any(t.dtype in ("float32", "float16") and not t.constant for t in (*op.inputs, *op.outputs))
     ]
+
+
+def int8_kernels(model: bytes | str | os.PathLike[str]) -> dict[str, int]:
+    """How the weighted layers (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED) of a `.tflite` file run:
+    {"full-integer": int8 input and weight, "dynamic": float input and int8 weight (hybrid kernel, input
+    quantized at run time), "float": float weight}.
+
+    >>> int8_kernels("minilm.tflite")  # doctest: +SKIP
+    {'full-integer': 0, 'dynamic': 36, 'float': 0}
+    """
+    counts = {"full-integer": 0, "dynamic": 0, "float": 0}
+    for op in read_tflite(model):
+        if op.name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") or len(op.inputs) < 2:
+            continue
+        x, w = op.inputs[0].dtype, op.inputs[1].dtype
+        if w not in ("int8", "uint8", "int4"):
+            counts["float"] += 1
+        else:
+            counts["dynamic" if x in ("float32", "float16") else "full-integer"] += 1
+    return counts
 
 
 def _quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
