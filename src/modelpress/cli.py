@@ -567,12 +567,32 @@ def export(
     out.print("wrote " + ", ".join(str(p) for p in deployed.files))
 
 
+_BENCH_RUNTIMES = ["onnxruntime", "openvino", "litert", "executorch", "tflite-micro", "onnxruntime-web"]
+
+
 @main.command()
 @click.argument("artifact", type=click.Path())
 @click.option(
-    "--baseline", type=click.Path(), help="Another .onnx (normally the fp32 export) to compare with."
+    "--baseline",
+    type=click.Path(),
+    help="Another artifact to compare with (normally the fp32 export), of any format: e.g. the fp32 .onnx "
+    "beside an int8 .pte.",
 )
-@_runtime_option
+@click.option(
+    "--baseline-runtime",
+    type=click.Choice(_BENCH_RUNTIMES),
+    help="Runtime for --baseline (default: ARTIFACT's first runtime where it runs the baseline's file type, "
+    "else the baseline type's first installed runtime).",
+)
+@click.option(
+    "--runtime",
+    "runtimes",
+    multiple=True,
+    type=click.Choice(_BENCH_RUNTIMES),
+    help="Runtime(s) to time ARTIFACT in (default: those installed for its type: .onnx onnxruntime and "
+    "openvino, .xml openvino, .tflite litert, .pte executorch; onnxruntime-web and tflite-micro, being "
+    "slow, only when named).",
+)
 @_timing_options
 @click.option("--seq", default=128, show_default=True, help="Length for free non-batch dims (sequence).")
 @click.option(
@@ -581,6 +601,7 @@ def export(
 def bench(
     artifact: str,
     baseline: str | None,
+    baseline_runtime: str | None,
     runtimes: tuple[str, ...],
     batch_text: str,
     seq: int,
@@ -588,12 +609,12 @@ def bench(
     threads: int,
     json_out: str | None,
 ) -> None:
-    """Time ARTIFACT in every installed runtime (interleaved), beside --baseline if given; name the fastest."""
+    """Time ARTIFACT (.onnx, .xml, .tflite or .pte) in every installed runtime of its type (interleaved),
+    beside --baseline if given; name the fastest."""
     from modelpress._files import check_output_path, write_text_atomic
     from modelpress.analyse.profile import human_bytes
-    from modelpress.deploy.bench import compare_artifacts, synthetic_inputs
+    from modelpress.deploy.bench import artifact_runtimes, compare_artifacts, runs_in
     from modelpress.deploy.integer import integer_kernels
-    from modelpress.deploy.runtime import available_runtimes
     from modelpress.errors import ExportError
 
     for p in [artifact] + ([baseline] if baseline else []):
@@ -601,29 +622,39 @@ def bench(
             raise ExportError(f"Artifact '{p}' does not exist. Export one first with `modelpress export`.")
     if json_out:
         check_output_path(json_out)
-    runtimes_list = list(runtimes) or available_runtimes()
+    runtimes_list = artifact_runtimes(artifact, runtimes)
     sizes = _batches(batch_text)
     variants: dict[str, tuple[str, str]] = {}
     if baseline:
-        variants[f"baseline {runtimes_list[0]}"] = (baseline, runtimes_list[0])
+        if baseline_runtime is None:
+            # the same runtime as the artifact where it runs the baseline's type: a ratio of compression alone
+            same = [rt for rt in runtimes_list if runs_in(baseline, rt)]
+            baseline_runtime = same[0] if same else artifact_runtimes(baseline)[0]
+        artifact_runtimes(baseline, [baseline_runtime])  # a clear error where it cannot run the baseline
+        variants[f"baseline {baseline_runtime}"] = (baseline, baseline_runtime)
     for rt in runtimes_list:
         variants[f"artifact {rt}"] = (artifact, rt)
     base_key = next(iter(variants))
-    batches = {f"b{b}": synthetic_inputs(artifact, batch=b, seq=seq) for b in sizes}
     with _status("benchmarking") as say:
         results = compare_artifacts(
-            variants, batches, baseline=base_key, threads=threads, rounds=rounds, progress=say
+            variants, sizes, baseline=base_key, threads=threads, rounds=rounds, seq=seq, progress=say
         )
-    table = Table(
-        title=f"{Path(artifact).name}: ratios vs {base_key} ({threads} threads, {rounds} interleaved rounds)"
-    )
+    batches = list(results[base_key].latency)
+    base = results[base_key]
+    across = sorted({r.runtime for r in results.values()} - {base.runtime})
+    title = f"{Path(artifact).name}: ratios vs {base_key}"
+    if baseline:
+        title += f" ({Path(baseline).name})"
+    if across:  # the ratio then measures the runtime and the file together, not the compression alone
+        title += f", across runtimes ({', '.join(across)} vs {base.runtime})"
+    table = Table(title=title + f" ({threads} threads, {rounds} interleaved rounds)")
     for col in (
         ["variant", "size"]
         + [f"{b} median ms" for b in batches]
         + [f"{b} ratio" for b in batches]
         + ["peak RSS"]
     ):
-        table.add_column(col, justify="left" if col == "variant" else "right")
+        table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=col == "variant")
     for name, r in results.items():
         table.add_row(
             name,
@@ -633,12 +664,21 @@ def bench(
             f"{r.peak_rss_mb:.0f} MB" if r.peak_rss_mb else "-",
         )
     out.print(table)
-    for b in batches:
+    for name, r in results.items():
+        for b, why in r.skipped.items():
+            out.print(f"skipped {b}: {name}: {why}", highlight=False)
+    for b in batches if len(runtimes_list) > 1 else []:  # one runtime: nothing to choose between
         fastest = min(
             (n for n in results if n.startswith("artifact")), key=lambda n: results[n].latency[b].median_ms
         )
         out.print(f"fastest at {b}: [bold]{fastest.removeprefix('artifact ')}[/]")
-    integer = {f"artifact {rt}": integer_kernels(artifact, rt, threads=threads) for rt in runtimes_list}
+    integer = {}
+    if Path(artifact).suffix.lower() == ".onnx":  # the integer-kernel report reads ONNX graphs
+        integer = {
+            f"artifact {rt}": integer_kernels(artifact, rt, threads=threads)
+            for rt in runtimes_list
+            if rt in ("onnxruntime", "openvino")
+        }
     for report in integer.values():
         out.print(report.summary(), highlight=False)
     if json_out:

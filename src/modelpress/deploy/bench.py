@@ -2,10 +2,15 @@
 
 Each round runs every variant once, in an order rotated from round to round, so drift on a shared machine
 hits all variants alike. The reported speed figure is the median of per-round ratios to the baseline.
+
+Any deployment format is timed in the runtimes it runs in (`deploy.formats.open_artifact`); a baseline may
+be another format in another runtime (fp32 `.onnx` in ONNX Runtime beside an int8 `.pte` in ExecuTorch),
+in which case its ratios measure the runtime and the compression together.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +25,73 @@ from typing import Any
 import numpy as np
 
 from modelpress.deploy.runtime import Session, open_session
+from modelpress.errors import RuntimeUnavailableError
+
+#: The runtimes each artifact type runs in, the default ones first.
+RUNTIMES_FOR: dict[str, tuple[str, ...]] = {
+    ".onnx": ("onnxruntime", "openvino", "onnxruntime-web"),
+    ".xml": ("openvino",),
+    ".tflite": ("litert", "tflite-micro"),
+    ".pte": ("executorch",),
+}
+#: Timed only when named: a browser round trip per call, or reference kernels meant for microcontrollers.
+ON_REQUEST = ("onnxruntime-web", "tflite-micro")
+#: The module whose presence means a runtime is installed, and the extra that installs it.
+_MODULE = {
+    "onnxruntime": ("onnxruntime", "onnxruntime"),
+    "openvino": ("openvino", "openvino"),
+    "litert": ("ai_edge_litert", "litert"),
+    "executorch": ("executorch", "executorch"),
+    "tflite-micro": ("tflite_micro", "tflm"),
+    "onnxruntime-web": ("playwright", "web"),
+}
+#: Runtimes whose memory is not the Python process's (onnxruntime-web runs in a browser process of its own):
+#: no peak memory for them.
+OUT_OF_PROCESS = ("onnxruntime-web",)
+
+
+def _suffix(path: str | os.PathLike[str]) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in RUNTIMES_FOR:
+        raise RuntimeUnavailableError(
+            f"'{path}' is not an artifact modelpress can time: give a .onnx, OpenVINO .xml, .tflite or .pte "
+            "file (`modelpress export --to ...` writes them)."
+        )
+    return suffix
+
+
+def runs_in(path: str | os.PathLike[str], runtime: str) -> bool:
+    """Whether `runtime` runs files of `path`'s type (installed or not)."""
+    return runtime in RUNTIMES_FOR.get(Path(path).suffix.lower(), ())
+
+
+def artifact_runtimes(path: str | os.PathLike[str], runtimes: Sequence[str] = ()) -> list[str]:
+    """The runtimes to time `path` in: `runtimes` if given (each checked against the file type), else every
+    installed runtime of its type except the slow ones (`ON_REQUEST`).
+
+    >>> artifact_runtimes("mnist.pte")  # doctest: +SKIP
+    ['executorch']
+    """
+    suffix = _suffix(path)
+    allowed = RUNTIMES_FOR[suffix]
+    for runtime in runtimes:
+        if runtime not in allowed:
+            raise RuntimeUnavailableError(
+                f"{runtime} does not run {suffix} files ('{path}'); for {suffix} choose {', '.join(allowed)}."
+            )
+    if runtimes:
+        return list(dict.fromkeys(runtimes))
+    found = [
+        r for r in allowed if r not in ON_REQUEST and importlib.util.find_spec(_MODULE[r][0]) is not None
+    ]
+    if not found:
+        default = [r for r in allowed if r not in ON_REQUEST] or list(allowed)
+        extras = ", ".join(f"`pip install modelpress[{_MODULE[r][1]}]`" for r in default)
+        raise RuntimeUnavailableError(
+            f"No runtime for {suffix} files is installed ('{path}'): install {extras}"
+            + (f", or name one of {', '.join(ON_REQUEST)} with --runtime." if suffix == ".onnx" else ".")
+        )
+    return found
 
 
 @dataclass
@@ -143,7 +215,7 @@ def reset_peak_memory() -> float | None:
 _PROBE = """
 import json, sys, numpy as np
 from modelpress.deploy.bench import process_memory_mb
-from modelpress.deploy.runtime import open_session
+from modelpress.deploy.formats import close, open_artifact
 path, runtime, threads, data, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 arrays = np.load(data)
 inputs = [arrays[k] for k in sorted(arrays.files, key=lambda k: int(k.split("_")[1]))]
@@ -151,9 +223,10 @@ def hwm():
     value = process_memory_mb("VmHWM")
     return float("nan") if value is None else value
 before = hwm()
-s = open_session(path, runtime, threads=threads)
+s = open_artifact(path, runtime, threads=threads)
 for _ in range(runs):
     s.run(inputs)
+close(s)
 print(json.dumps({"peak_rss_mb": hwm(), "before_load_mb": before}))
 """
 
@@ -169,9 +242,10 @@ def peak_memory_mb(
     """Peak resident memory (VmHWM) of a fresh process that loads the artifact and runs it `runs` times.
 
     A fresh child per variant, because a parent's peak would carry into `ru_maxrss` of its children.
-    Returns `{"peak_rss_mb", "before_load_mb"}` (the latter: Python + imports, before the model loads).
+    Returns `{"peak_rss_mb", "before_load_mb"}` (the latter: Python + imports, before the model loads);
+    NaN for a runtime in `OUT_OF_PROCESS` (onnxruntime-web: the memory is the browser's).
     """
-    if not Path("/proc/self/status").exists():
+    if not Path("/proc/self/status").exists() or runtime in OUT_OF_PROCESS:
         return {"peak_rss_mb": float("nan"), "before_load_mb": float("nan")}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "inputs.npz"
@@ -199,6 +273,7 @@ class ArtifactBench:
     size_ratio: float
     latency: dict[str, Timing]  # keyed by "b1", "b16", ...
     peak_rss_mb: float | None
+    skipped: dict[str, str] = field(default_factory=dict)  # batch key -> why this variant could not take it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,44 +281,74 @@ class ArtifactBench:
 
 def compare_artifacts(
     artifacts: Mapping[str, tuple[str | os.PathLike[str], str]],
-    batches: Mapping[str, Sequence[np.ndarray]],
+    batches: Mapping[str, Sequence[np.ndarray]] | Sequence[int],
     *,
     baseline: str,
     threads: int = 2,
     rounds: int = 20,
     memory: bool = True,
+    seq: int = 128,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, ArtifactBench]:
-    """Benchmark artifacts `{name: (path, runtime)}` interleaved, for each input batch `{"b1": [...], ...}`.
+    """Benchmark artifacts `{name: (path, runtime)}` interleaved, for each input batch: `{"b1": [arrays]}`
+    given to every variant, or batch sizes `[1, 16]`, each variant then getting `session_inputs` of its own
+    (a dim 0 the file fixes takes only its own batch: such batches are left out for all variants and the
+    reason is kept in `skipped` of the variant that could not take them). Any format runs in any of its
+    runtimes (`formats.open_artifact`).
 
     Size, latency and memory are all relative to `baseline` (normally the fp32 ONNX in ONNX Runtime).
     """
     from modelpress._files import file_size
+    from modelpress.deploy.formats import close
 
-    sessions = {
-        name: open_session(path, runtime, threads=threads) for name, (path, runtime) in artifacts.items()
-    }
-    sizes = {name: file_size(path) for name, (path, _) in artifacts.items()}
     latency: dict[str, dict[str, Timing]] = {name: {} for name in artifacts}
-    for key, inputs in batches.items():
-        if progress:
-            progress(f"timing {key} ({rounds} interleaved rounds)")
-        batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
-        runners = {name: session_runner(s, inputs) for name, s in sessions.items()}
-        for name, timing in benchmark_interleaved(
-            runners, baseline=baseline, batch=batch, rounds=rounds
-        ).items():
-            latency[name][key] = timing
-    del sessions
+    skipped: dict[str, dict[str, str]] = {name: {} for name in artifacts}
+    first_inputs: dict[str, list[np.ndarray]] = {}
+    sessions: dict[str, Session] = {}
+    try:
+        for name, (path, runtime) in artifacts.items():
+            sessions[name] = _open(path, runtime, threads=threads)
+        # after opening: a corrupt file gets the runtime loader's clear message, not the size reader's
+        sizes = {name: file_size(path) for name, (path, _) in artifacts.items()}
+        plan: dict[str, dict[str, list[np.ndarray]]] = {}  # batch key -> variant -> its inputs
+        if isinstance(batches, Mapping):
+            plan = {key: {name: list(inputs) for name in artifacts} for key, inputs in batches.items()}
+        else:
+            for size in batches:
+                key, fit = f"b{size}", {}
+                for name, (path, _) in artifacts.items():
+                    try:
+                        fit[name] = session_inputs(sessions[name], path, batch=size, seq=seq)
+                    except ValueError as exc:
+                        skipped[name][key] = str(exc)
+                if len(fit) == len(artifacts):
+                    plan[key] = fit
+        if not plan:
+            reasons = "; ".join(f"{name}: {why}" for name, s in skipped.items() for why in s.values())
+            raise RuntimeUnavailableError(f"No batch size fits every variant ({reasons}).")
+        for key, inputs in plan.items():
+            if progress:
+                progress(f"timing {key} ({rounds} interleaved rounds)")
+            first = next(iter(inputs.values()))
+            batch = int(first[0].shape[0]) if first and first[0].ndim else 1
+            runners = {name: session_runner(sessions[name], inputs[name]) for name in artifacts}
+            for name, timing in benchmark_interleaved(
+                runners, baseline=baseline, batch=batch, rounds=rounds
+            ).items():
+                latency[name][key] = timing
+            for name in artifacts:
+                first_inputs.setdefault(name, inputs[name])
+    finally:
+        for session in sessions.values():
+            close(session)
+    sessions.clear()
     peaks: dict[str, float | None] = {}
-    first_batch = next(iter(batches.values()))
     for name, (path, runtime) in artifacts.items():
-        if memory:
+        peaks[name] = None
+        if memory and runtime not in OUT_OF_PROCESS:
             if progress:
                 progress(f"peak memory of {name}")
-            peaks[name] = peak_memory_mb(path, runtime, first_batch, threads=threads)["peak_rss_mb"]
-        else:
-            peaks[name] = None
+            peaks[name] = peak_memory_mb(path, runtime, first_inputs[name], threads=threads)["peak_rss_mb"]
     return {
         name: ArtifactBench(
             name=name,
@@ -253,9 +358,81 @@ def compare_artifacts(
             size_ratio=sizes[name] / sizes[baseline],
             latency=latency[name],
             peak_rss_mb=peaks[name],
+            skipped=skipped[name],
         )
         for name, (path, runtime) in artifacts.items()
     }
+
+
+def _open(path: str | os.PathLike[str], runtime: str, *, threads: int) -> Session:
+    """`open_artifact` for the runtimes of other formats; this module's `open_session` for the rest (which
+    benchmarks/peers.py replaces to time runtime settings of its own)."""
+    from modelpress.deploy.formats import open_artifact
+
+    if runtime in ("litert", "executorch", "tflite-micro", "onnxruntime-web"):
+        return open_artifact(path, runtime, threads=threads)
+    return open_session(path, runtime, threads=threads)
+
+
+def session_inputs(
+    session: Session, path: str | os.PathLike[str], *, batch: int, seq: int = 128, seed: int = 0
+) -> list[np.ndarray]:
+    """Synthetic inputs of `batch` items for an open session of `path`: an ONNX file's from its declared
+    types (`synthetic_inputs`), any other's from the session's input shapes and types (free dim 0 is `batch`,
+    other free dims `seq`). Raises ValueError, saying why, where the artifact cannot take `batch` (a .tflite
+    fixes its export's shapes; a .pte bounds its dynamic dims).
+
+    Float inputs are standard normal (int8 inputs of a quantized .tflite too: the session quantizes them, as
+    it does in a parity check); other integer inputs are ones.
+    """
+    shapes = [tuple(s) for s in session.input_shapes]
+    bounds = getattr(session, "max_shapes", None) or [(None,) * len(s) for s in shapes]
+    wanted = []
+    for name, shape, bound in zip(session.input_names, shapes, bounds, strict=True):
+        dims = tuple(d if d is not None else (batch if i == 0 else seq) for i, d in enumerate(shape))
+        if shape and shape[0] is not None and shape[0] != batch:
+            raise ValueError(
+                f"input '{name}' has the fixed shape {shape} in {session.runtime}: it takes only batch "
+                f"{shape[0]} (export with example inputs of the batch to time)"
+            )
+        over = [(n, b) for n, b in zip(dims, bound, strict=True) if b is not None and n > b]
+        if over:
+            raise ValueError(
+                f"input '{name}' of shape {dims} is beyond the {session.runtime} program's largest "
+                f"{tuple(bound)} (re-export with larger max_batch / max_seq, or a smaller --batch / --seq)"
+            )
+        wanted.append(dims)
+    if Path(path).suffix.lower() == ".onnx":
+        return synthetic_inputs(path, batch=batch, seq=seq, seed=seed)
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for dims, dtype in zip(wanted, _input_dtypes(session), strict=True):
+        if dtype is None or np.issubdtype(dtype, np.floating) or dtype in (np.int8, np.uint8):
+            arrays.append(rng.standard_normal(dims).astype(np.float32 if dtype is None else _float(dtype)))
+        else:  # token ids, masks: ones are valid for any vocabulary
+            arrays.append(np.ones(dims, dtype=dtype))
+    return arrays
+
+
+def _float(dtype: np.dtype) -> type[np.floating[Any]] | np.dtype:
+    """The float type to give an input of `dtype`: itself if float, else float32 (int8 / uint8 inputs are
+    those of a quantized file, which its session quantizes from float)."""
+    return dtype if np.issubdtype(dtype, np.floating) else np.float32
+
+
+def _input_dtypes(session: Session) -> list[np.dtype | None]:
+    """Each input's numpy type, from what the session knows (None where it does not say)."""
+    declared = getattr(session, "input_dtypes", None)
+    if declared is None:
+        # ExecuTorch and OpenVINO sessions keep the types they cast to; TFLite Micro its tensor details.
+        declared = getattr(session, "_dtypes", None)
+    if declared is None:
+        details = getattr(session, "_inputs", None)
+        if isinstance(details, list) and all(isinstance(d, dict) and "dtype" in d for d in details):
+            declared = [d["dtype"] for d in details]
+    if declared is None or len(declared) != len(session.input_names):
+        return [None] * len(session.input_names)
+    return [None if d is None else np.dtype(d) for d in declared]
 
 
 def synthetic_inputs(
