@@ -36,6 +36,7 @@ from modelpress.optimize.search import (
     parse_budget,
     search,
     summarize,
+    violations,
 )
 
 # A space small enough for a handful of trials to cover it; every point compresses something.
@@ -277,3 +278,49 @@ def test_a_point_seen_again_is_not_rerun_and_a_failing_storage_keeps_what_was_fo
     assert "storage failed" in result.stopped and result.stopped in result.message
     assert result.chosen is result.trials[0]  # kept, and written
     assert json.loads((tmp_path / "s" / "search.json").read_text())["stopped"] == result.stopped
+
+
+def test_an_mcu_budget_is_a_constraint_on_flash_and_arena():
+    c = Constraints.parse(None, ["mcu=256KB/64KB", "size=2x"])
+    assert c.mcu == "256KB/64KB" and c.size == 2.0 and "microcontroller" in c.describe()
+    with pytest.raises(RecipeError, match="mcu=lots"):
+        Constraints(mcu="lots")
+
+    def rec(n: int, flash: int | None, arena: int | None) -> TrialRecord:
+        r = TrialRecord(n, {}, [{"type": "static_int8"}], "complete", 0.99, 4.0, 2.0)
+        r.flash_bytes, r.arena_bytes = flash, arena
+        return r
+
+    kb = 1024
+    trials = [
+        rec(0, 300 * kb, 10 * kb),
+        rec(1, 100 * kb, 80 * kb),
+        rec(2, 100 * kb, 10 * kb),
+        rec(3, None, None),
+    ]
+    result = summarize(trials, Constraints(mcu="256KB/64KB"), baseline=0.99, higher_is_better=True)
+    assert result.met and result.chosen.number == 2
+    assert [t.feasible for t in trials] == [False, False, True, False]
+    assert len(violations(trials[0], Constraints(mcu="256KB/64KB"), 0.99)) == 4
+    assert len(violations(trials[0], Constraints(), 0.99)) == 3
+
+
+@pytest.mark.slow
+def test_a_search_with_an_mcu_budget_measures_each_trial_in_tflite_micro(tmp_path):
+    pytest.importorskip("tflite_micro", reason="the tflm extra is not installed")
+    model, data, labeled = tiny()
+    space = SearchSpace(
+        structured=(0.0,), lowrank=(0.0,), sparsity=(0.0,), cluster=(0,), quantize=("static_int8",)
+    )
+    result = search(
+        model,
+        data,
+        metric_evaluator(labeled, "accuracy"),
+        Constraints(mcu="256KB/64KB"),
+        config=fast(tmp_path / "s", trials=3, space=space),
+    )
+    # a point keeping its most sensitive layer in float cannot run on the microcontroller: infeasible, not failed
+    measured = [t for t in result.trials if t.state == "complete"]
+    assert measured and all((t.flash_bytes and t.arena_bytes) or "float" in t.mcu_error for t in measured)
+    assert all(not t.feasible for t in measured if t.mcu_error)
+    assert result.met and result.chosen.flash_bytes < 256 * 1024 and result.chosen.arena_bytes < 64 * 1024

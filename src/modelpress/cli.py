@@ -330,7 +330,8 @@ def compress(
     "--target",
     "targets",
     multiple=True,
-    help="size=8x (file 8 times smaller than fp32) or latency=3x (3 times faster than the fp32 artifact); "
+    help="size=8x (file 8 times smaller than fp32), latency=3x (3 times faster than the fp32 artifact) or "
+    "mcu=256KB/64KB (each trial also written for TensorFlow Lite Micro: its bytes and measured arena must fit); "
     "repeatable.",
 )
 @click.option(

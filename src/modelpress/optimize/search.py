@@ -75,10 +75,12 @@ class Constraints:
     """What the user needs. `max_drop`: quality lost at most (metric units, or a fraction of the fp32 quality
     with `relative`); `floor`: the quality itself at least this (at most, for a metric where lower is
     better); `size`: the artifact at least this many times smaller than the fp32 export; `latency`: at least
-    this many times faster than the fp32 artifact. None: no constraint on it.
+    this many times faster than the fp32 artifact; `mcu`: a microcontroller budget "FLASH/RAM" (e.g.
+    "256KB/64KB"): each trial is also written as a full-integer TFLite Micro model, whose bytes and arena
+    (measured in the TFLM interpreter) must fit. None: no constraint on it.
 
     >>> Constraints.parse("1%", ["size=8x", "latency=3x"])
-    Constraints(max_drop=0.01, relative=True, size=8.0, latency=3.0, floor=None)
+    Constraints(max_drop=0.01, relative=True, size=8.0, latency=3.0, floor=None, mcu=None)
     """
 
     max_drop: float | None = None
@@ -86,8 +88,11 @@ class Constraints:
     size: float | None = None
     latency: float | None = None
     floor: float | None = None
+    mcu: str | None = None
 
     def __post_init__(self) -> None:
+        if self.mcu is not None:
+            self.budget()
         if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
             raise RecipeError(
                 f"search: max_drop={self.max_drop} must be a quality loss of 0 or more (0.01, or '1%')."
@@ -119,12 +124,18 @@ class Constraints:
                     "(in the metric's units)."
                 ) from None
         factors: dict[str, float] = {}
+        mcu = None
         for target in targets:
+            budget = re.fullmatch(r"\s*mcu\s*=\s*(\S+)\s*", target)
+            if budget:
+                mcu = budget.group(1)
+                continue
             match = re.fullmatch(r"\s*(size|latency)\s*=\s*([0-9.]+)\s*x?\s*", target)
             if not match:
                 raise RecipeError(
                     f"search: --target '{target}' is not understood; write size=8x (8 times smaller than the "
-                    "fp32 file) or latency=3x (3 times faster than the fp32 artifact)."
+                    "fp32 file), latency=3x (3 times faster than the fp32 artifact) or mcu=256KB/64KB (a "
+                    "microcontroller's flash/RAM)."
                 )
             try:
                 factors[match.group(1)] = float(match.group(2))
@@ -132,7 +143,19 @@ class Constraints:
                 raise RecipeError(
                     f"search: --target '{target}': '{match.group(2)}' is not a number."
                 ) from None
-        return cls(drop, relative, factors.get("size"), factors.get("latency"), floor)
+        return cls(drop, relative, factors.get("size"), factors.get("latency"), floor, mcu)
+
+    def budget(self) -> Any:
+        """The MCU budget (`deploy.tflm.McuBudget`), or None."""
+        if self.mcu is None:
+            return None
+        from modelpress.deploy.tflm import McuBudget
+        from modelpress.errors import ExportError
+
+        try:
+            return McuBudget.parse(self.mcu)
+        except ExportError as exc:
+            raise RecipeError(f"search: --target mcu={self.mcu}: {exc}") from None
 
     def allowed_drop(self, baseline: float, higher_is_better: bool = True) -> float | None:
         """The quality loss allowed, in metric units: the tighter of `max_drop` and the floor (a floor
@@ -155,6 +178,8 @@ class Constraints:
             parts.append(f"size >= {self.size:g}x smaller")
         if self.latency is not None:
             parts.append(f"latency >= {self.latency:g}x faster")
+        if self.mcu is not None:
+            parts.append(f"fits a {self.budget()} microcontroller")
         return ", ".join(parts) or "no constraints"
 
 
@@ -315,6 +340,9 @@ class TrialRecord:
     drop: float | None = None  # quality lost against fp32 (> 0 is worse), set by the driver
     feasible: bool = False
     duplicate_of: int | None = None  # the same point measured before: its figures, nothing rerun
+    flash_bytes: int | None = None  # with an MCU budget: the TFLite Micro model's bytes
+    arena_bytes: int | None = None  # and its arena, measured in the TFLM interpreter
+    mcu_error: str | None = None  # why the trial cannot run on the microcontroller (float ops, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -334,6 +362,20 @@ class TrialContext:
     batch: int
     rounds: int
     threads: int
+    mcu: bool = False  # also write a TFLite Micro model and measure its flash and arena
+
+
+def _mcu_figures(model: nn.Module, ctx: TrialContext, out: Path) -> dict[str, Any]:
+    """The trial's TFLite Micro bytes and arena, or why it cannot run there (not full-integer, ...): a model
+    that does not fit is infeasible, not a failed trial."""
+    from modelpress.deploy.tflm import export_tflm
+    from modelpress.errors import ModelpressError
+
+    try:
+        art = export_tflm(model, tuple(t[:1] for t in ctx.example), out / "model.tflite", data=ctx.data)
+    except ModelpressError as exc:
+        return {"mcu_error": str(exc).splitlines()[0]}
+    return {"flash_bytes": art.flash_bytes, "arena_bytes": art.arena_bytes}
 
 
 def run_trial(ctx: TrialContext, recipe: list[dict[str, Any]], folder: str) -> dict[str, Any]:
@@ -373,7 +415,9 @@ def run_trial(ctx: TrialContext, recipe: list[dict[str, Any]], folder: str) -> d
             memory=False,
         )
         size = file_size(path)
+        mcu = _mcu_figures(small, ctx, out) if ctx.mcu else {}
         return {
+            **mcu,
             "quality": quality,
             "size_bytes": size,
             "size_factor": file_size(ctx.baseline_path) / size,
@@ -467,13 +511,24 @@ def _shortfalls(t: TrialRecord, c: Constraints, baseline: float, hib: bool = Tru
         out["size"] = max(0.0, 1.0 - t.size_factor / c.size)
     if c.latency is not None and t.speedup is not None:
         out["latency"] = max(0.0, 1.0 - t.speedup / c.latency)
+    budget = c.budget()
+    if budget is not None:
+        if t.flash_bytes is None or t.arena_bytes is None:
+            out["mcu"] = 1.0  # cannot run on the microcontroller at all
+        else:
+            over = max(t.flash_bytes / budget.flash_bytes, t.arena_bytes / budget.ram_bytes)
+            out["mcu"] = max(0.0, over - 1.0)
     return out
 
 
+def _kinds(c: Constraints) -> tuple[str, ...]:
+    return ("quality", "size", "latency", "mcu") if c.mcu is not None else ("quality", "size", "latency")
+
+
 def violations(t: TrialRecord, c: Constraints, baseline: float, hib: bool = True) -> list[float]:
-    """Optuna's constraint values for a trial (<= 0 is met): quality, size, latency."""
+    """Optuna's constraint values for a trial (<= 0 is met): quality, size, latency (and the MCU budget)."""
     s = _shortfalls(t, c, baseline, hib)
-    return [s.get(k, 0.0) if s.get(k, 0.0) > 0 else -1e-9 for k in ("quality", "size", "latency")]
+    return [s.get(k, 0.0) if s.get(k, 0.0) > 0 else -1e-9 for k in _kinds(c)]
 
 
 def pareto_front(trials: Sequence[TrialRecord], higher_is_better: bool) -> list[TrialRecord]:
@@ -620,6 +675,9 @@ def _record(trial: Any) -> TrialRecord | None:
         artifact=attrs.get("artifact"),
         size_bytes=attrs.get("size_bytes"),
         duplicate_of=attrs.get("duplicate_of"),
+        flash_bytes=attrs.get("flash_bytes"),
+        arena_bytes=attrs.get("arena_bytes"),
+        mcu_error=attrs.get("mcu_error"),
     )
     if state == "COMPLETE" and trial.values:
         rec.quality, rec.size_factor, rec.speedup = (float(v) for v in trial.values)
@@ -771,6 +829,7 @@ def search(
         batch=config.batch,
         rounds=config.rounds,
         threads=config.threads,
+        mcu=constraints.mcu is not None,
     )
     runner = _Runner(optuna, study, config, sensitive, records, state, say)
     if config.ray_address:
@@ -792,7 +851,7 @@ class _StudyState:
     baseline: float = 0.0
 
     def constraints_func(self, trial: Any) -> list[float]:
-        return list(trial.user_attrs.get("violations", [0.0, 0.0, 0.0]))
+        return list(trial.user_attrs.get("violations", [0.0] * len(_kinds(self.constraints))))
 
 
 class _Runner:
@@ -852,6 +911,9 @@ class _Runner:
             artifact=outcome.get("artifact"),
             error=outcome.get("error"),
             duplicate_of=outcome.get("duplicate_of"),
+            flash_bytes=outcome.get("flash_bytes"),
+            arena_bytes=outcome.get("arena_bytes"),
+            mcu_error=outcome.get("mcu_error"),
         )
         self.records.append(rec)
         where = f"trial {trial.number} ({', '.join(s['type'] for s in recipe) or 'nothing'})"
@@ -859,7 +921,16 @@ class _Runner:
             where += f", the point of trial {rec.duplicate_of} again"
 
         try:
-            for key in ("seconds", "artifact", "size_bytes", "error", "duplicate_of"):
+            for key in (
+                "seconds",
+                "artifact",
+                "size_bytes",
+                "error",
+                "duplicate_of",
+                "flash_bytes",
+                "arena_bytes",
+                "mcu_error",
+            ):
                 if outcome.get(key) is not None:
                     trial.set_user_attr(key, outcome[key])
             if rec.state == "fail":
@@ -902,7 +973,16 @@ class _Runner:
             return {"error": "nothing to do: every family is off at this point (the fp32 model)"}
         for rec in self.records:
             if rec.params == params and rec.state == "complete" and rec.duplicate_of is None:
-                keys = ("quality", "size_factor", "speedup", "size_bytes", "artifact")
+                keys = (
+                    "quality",
+                    "size_factor",
+                    "speedup",
+                    "size_bytes",
+                    "artifact",
+                    "flash_bytes",
+                    "arena_bytes",
+                    "mcu_error",
+                )
                 return {**{k: getattr(rec, k) for k in keys}, "seconds": 0.0, "duplicate_of": rec.number}
         return None
 
