@@ -92,3 +92,11 @@ def test_export_flags_that_do_not_fit_the_format_are_refused(tiny_model_file, tm
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_compress_for_tensorrt_checks_its_rules(tiny_model_file, tmp_path):
+    args = ["compress", f"{tiny_model_file}:build", "-r", "int8-static", "--data", f"{tiny_model_file}:calib"]
+    args += ["--out", str(tmp_path / "run"), "--target", "tensorrt", "--batch", "1", "--rounds", "2"]
+    result = CliRunner().invoke(main, [*args, "--runtime", "onnxruntime"])
+    assert result.exit_code == 0, result.output
+    assert "Conv/MatMul/Gemm quantized" in result.output and "TensorRT-ready" in result.output

@@ -227,11 +227,12 @@ def profile(model: str, weights: str | None, json_out: str | None, top: int) -> 
 @_allow_partial_option
 @click.option(
     "--target",
-    type=click.Choice(["auto", "onnxruntime", "openvino"]),
+    type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]),
     default="auto",
     show_default=True,
     help="The runtime to place int8 quantizers for. auto: model.compressed.onnx for ONNX Runtime and, when "
-    "OpenVINO is benchmarked too, model.compressed.openvino.onnx for OpenVINO (static int8 only).",
+    "OpenVINO is benchmarked too, model.compressed.openvino.onnx for OpenVINO (static int8 only); tensorrt: "
+    "TensorRT's explicit quantization (symmetric int8, standard Q/DQ), checked against its rules.",
 )
 @click.option(
     "--sensitivity",
@@ -254,7 +255,7 @@ def compress(
     rounds: int,
     threads: int,
     allow_partial: bool,
-    target: Literal["auto", "onnxruntime", "openvino"],
+    target: Literal["auto", "onnxruntime", "openvino", "tensorrt"],
     sensitivity_text: str | None,
     overwrite: bool,
 ) -> None:
@@ -306,6 +307,12 @@ def compress(
             sensitivity=split_families(sensitivity_text) if sensitivity_text else None,
         )
     print_summary(result, out)
+    if target == "tensorrt":
+        from modelpress.deploy.tensorrt import check_tensorrt
+        from modelpress.pipeline.run import COMPRESSED_ONNX
+
+        for line in check_tensorrt(Path(result["out_dir"]) / COMPRESSED_ONNX).lines():
+            out.print(line, highlight=False)
     out.print(f"report: {Path(result['out_dir']) / 'report.html'}")
 
 

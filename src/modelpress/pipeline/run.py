@@ -179,7 +179,7 @@ def run_job(
     overwrite: bool = False,
     allow_partial: bool = False,
     progress: Progress | None = None,
-    target: Literal["auto", "onnxruntime", "openvino"] = "auto",
+    target: Literal["auto", "onnxruntime", "openvino", "tensorrt"] = "auto",
     sensitivity: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the whole job and write `model.onnx`, `model.compressed.onnx`, the compressed PyTorch model
