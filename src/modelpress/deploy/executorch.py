@@ -32,10 +32,10 @@ import torch.ao.quantization.fx._decomposed
 from torch import nn
 
 from modelpress._files import check_output_path, make_public
-from modelpress.deploy.export import _cause, _input_names, _is_token_input, _widen
+from modelpress.deploy.export import _cause, _input_names, _is_token_input, trace_plans, traceable
 from modelpress.errors import ExportError, RuntimeUnavailableError
 from modelpress.loading import Inputs, as_inputs
-from modelpress.outputs import FlatOutputs, named_outputs, no_cache
+from modelpress.outputs import no_cache
 
 log = logging.getLogger(__name__)
 
@@ -619,57 +619,19 @@ def lower_executorch(
         raise ExportError(f"max_batch={max_batch} and max_seq={max_seq} must be at least 1.")
     model = model.eval()
     with no_cache(model), torch.no_grad():
-        try:
-            sample = model(*example_inputs)
-        except Exception as exc:
-            described = ", ".join(
-                f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in example_inputs
-            )
-            raise ExportError(
-                f"{type(model).__name__} fails on the example inputs [{described}] before export "
-                f"({_cause(exc)}). Give example inputs of the shapes and dtypes its forward expects."
-            ) from exc
-        names = [name for name, _ in named_outputs(sample)]
-        if not names:
-            raise ExportError(
-                f"{type(model).__name__} returned {type(sample).__name__}, which holds no tensor to export. "
-                "Return a tensor, a tuple/dict of tensors or a ModelOutput."
-            )
-        traced: nn.Module = model if isinstance(sample, torch.Tensor) else FlatOutputs(model)
+        traced, names = traceable(model, example_inputs)
         if dynamic:
             _check_bounds(example_inputs, max_batch=max_batch, max_seq=max_seq)
         plans = _bounded(example_inputs, max_batch=max_batch, max_seq=max_seq) if dynamic else []
         if not plans:
             plans = [("static", None)]
-        failures: list[str] = []
-        program = None
-        label = "static"
-        for label, plan in plans:
-            inputs = _widen(example_inputs) if plan is not None else example_inputs
-            # FlatOutputs.forward(*args): the inputs are one tuple argument
-            shapes: Any = (plan,) if plan is not None and traced is not model else plan
-            try:
-                with _quiet():
-                    program = torch.export.export(traced, tuple(inputs), dynamic_shapes=shapes, strict=False)
-            except Exception as exc:
-                failures.append(f"{label}: {_cause(exc)}")
-                log.debug("export with dynamic %s failed", label, exc_info=True)
-                continue
-            if failures:
-                log.warning(
-                    "%s: export with dynamic %s failed (%s); exported with %s dims instead.",
-                    type(model).__name__,
-                    plans[0][0],
-                    failures[0],
-                    "a dynamic batch" if label == "batch" else "static",
-                )
-            break
-    if program is None:
-        raise ExportError(
-            f"ExecuTorch export of {type(model).__name__} failed: {failures[-1]}"
-            + (f" (with dynamic shapes: {failures[0]})" if len(failures) > 1 else "")
-            + ". torch.export must be able to trace the model: avoid data-dependent Python control flow on "
-            "tensor values in forward and return tensors, tuples, dicts or ModelOutputs."
+
+        def export(inputs: Inputs, shapes: Any) -> Any:
+            with _quiet():
+                return torch.export.export(traced, tuple(inputs), dynamic_shapes=shapes, strict=False)
+
+        program, label, _ = trace_plans(
+            model, traced, example_inputs, plans, export, what="ExecuTorch export"
         )
     shapes_in, largest = _input_bounds(program)
     ranges = dict(program.range_constraints)  # before lowering narrows them (see _upper_bounds_pass)

@@ -407,6 +407,68 @@ def _dynamic_plans(inputs: Inputs) -> list[tuple[str, tuple[dict[int, Any], ...]
     return plans
 
 
+def traceable(model: nn.Module, example_inputs: Inputs) -> tuple[nn.Module, list[str]]:
+    """The module to trace (`model`, or `FlatOutputs(model)` when it returns a tuple, dict or ModelOutput)
+    and its output names; a clear error when the model fails on the example inputs or returns no tensor."""
+    try:
+        sample = model(*example_inputs)
+    except Exception as exc:
+        described = ", ".join(
+            f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in example_inputs
+        )
+        raise ExportError(
+            f"{type(model).__name__} fails on the example inputs [{described}] before export "
+            f"({_cause(exc)}). Give example inputs of the shapes and dtypes its forward expects."
+        ) from exc
+    names = [name for name, _ in named_outputs(sample)]
+    if not names:
+        raise ExportError(
+            f"{type(model).__name__} returned {type(sample).__name__}, which holds no tensor to export. "
+            "Return a tensor, a tuple/dict of tensors or a ModelOutput."
+        )
+    return (model if isinstance(sample, torch.Tensor) else FlatOutputs(model)), names
+
+
+def trace_plans(
+    model: nn.Module,
+    traced: nn.Module,
+    example_inputs: Inputs,
+    plans: Sequence[tuple[str, Any]],
+    trace: Callable[[Inputs, Any], Any],
+    *,
+    what: str,
+) -> tuple[Any, str, list[str]]:
+    """`trace(inputs, dynamic_shapes)` with each plan of dynamic shapes in turn, most dynamic first, until
+    one works: (program, the plan's label, the failures before it). A fallback is logged; when every plan
+    fails, the error names the first and last causes."""
+    failures: list[str] = []
+    for label, shapes in plans:
+        inputs = _widen(example_inputs) if shapes is not None else example_inputs
+        if shapes is not None and traced is not model:
+            shapes = (shapes,)  # FlatOutputs.forward(*args): the inputs are one tuple argument
+        try:
+            program = trace(inputs, shapes)
+        except Exception as exc:
+            failures.append(f"{label}: {_cause(exc)}")
+            log.debug("export with dynamic %s failed", label, exc_info=True)
+            continue
+        if failures:
+            log.warning(
+                "%s: export with dynamic %s failed (%s); exported with %s dims instead.",
+                type(model).__name__,
+                plans[0][0],
+                failures[0],
+                "a dynamic batch" if label == "batch" else "static",
+            )
+        return program, label, failures
+    raise ExportError(
+        f"{what} of {type(model).__name__} failed: {failures[-1]}"
+        + (f" (with dynamic shapes: {failures[0]})" if len(failures) > 1 else "")
+        + ". torch.export must be able to trace the model: avoid data-dependent Python control flow on "
+        "tensor values in forward and return tensors, tuples, dicts or ModelOutputs."
+    )
+
+
 def dynamic_axes(path: str | os.PathLike[str]) -> dict[str, dict[int, str]]:
     """Which axes of each graph input of an ONNX file are dynamic: {input: {axis: symbol}}.
 
@@ -494,23 +556,7 @@ def _program(model: nn.Module, example_inputs: Inputs, *, dynamic: bool, opset: 
     `export_onnx` describes."""
     model = model.eval()
     with no_cache(model), _exportable_experts(model), torch.no_grad():
-        try:
-            sample = model(*example_inputs)
-        except Exception as exc:
-            described = ", ".join(
-                f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in example_inputs
-            )
-            raise ExportError(
-                f"{type(model).__name__} fails on the example inputs [{described}] before export "
-                f"({_cause(exc)}). Give example inputs of the shapes and dtypes its forward expects."
-            ) from exc
-        names = [name for name, _ in named_outputs(sample)]
-        if not names:
-            raise ExportError(
-                f"{type(model).__name__} returned {type(sample).__name__}, which holds no tensor to export. "
-                "Return a tensor, a tuple/dict of tensors or a ModelOutput."
-            )
-        traced: nn.Module = model if isinstance(sample, torch.Tensor) else FlatOutputs(model)
+        traced, names = traceable(model, example_inputs)
         kwargs: dict[str, Any] = {
             "dynamo": True,
             "verbose": False,
@@ -522,33 +568,13 @@ def _program(model: nn.Module, example_inputs: Inputs, *, dynamic: bool, opset: 
         if opset is not None:
             kwargs["opset_version"] = opset
         plans: list[tuple[str, Any]] = _dynamic_plans(example_inputs) if dynamic else [("static", None)]
-        failures: list[str] = []
-        program = None
-        for label, shapes in plans:
-            inputs = _widen(example_inputs) if shapes is not None else example_inputs
-            if shapes is not None and traced is not model:
-                shapes = (shapes,)  # FlatOutputs.forward(*args): the inputs are one tuple argument
-            try:
-                program = _trace(traced, inputs, {**kwargs, "dynamic_shapes": shapes})
-            except Exception as exc:
-                failures.append(f"{label}: {_cause(exc)}")
-                log.debug("export with dynamic %s failed", label, exc_info=True)
-                continue
-            if failures:
-                log.warning(
-                    "%s: export with dynamic %s failed (%s); exported with %s dims instead.",
-                    type(model).__name__,
-                    plans[0][0],
-                    failures[0],
-                    "a dynamic batch" if label == "batch" else "static",
-                )
-            break
-    if program is None:
-        raise ExportError(
-            f"ONNX export of {type(model).__name__} failed: {failures[-1]}"
-            + (f" (with dynamic shapes: {failures[0]})" if len(failures) > 1 else "")
-            + ". torch.export must be able to trace the model: avoid data-dependent Python control flow on "
-            "tensor values in forward and return tensors, tuples, dicts or ModelOutputs."
+        program, _, failures = trace_plans(
+            model,
+            traced,
+            example_inputs,
+            plans,
+            lambda inputs, shapes: _trace(traced, inputs, {**kwargs, "dynamic_shapes": shapes}),
+            what="ONNX export",
         )
     _optimize(program.model)
     if dynamic and not failures:
