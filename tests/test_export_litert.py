@@ -274,3 +274,15 @@ def test_activations_choice(tiny_bert, mnist_like, int8_file, tmp_path):
     assert kernels["full-integer"] == 12 and kernels["dynamic"] == 0
     with pytest.raises(mp.ExportError, match="activations='int4' is unknown"):
         export_litert(small, (x,), tmp_path / "a.tflite", activations="int4")  # type: ignore[arg-type]
+
+
+def test_a_weight_only_model_is_refused_rather_than_written_as_float(tmp_path):
+    # LiteRT has no weight-only form here: an fp32-sized file would look like a compressed one
+    model, inputs = zoo.WIDE_ZOO["speech_lstm"]()
+    small = mp.compress(model, "int8-weight-only")
+    with pytest.raises(
+        mp.ExportError, match=r"as float weights .*'frontend\.0'.*int8-static.*quantize='fp32'"
+    ):
+        export_litert(small, inputs, tmp_path / "m.tflite")
+    assert not (tmp_path / "m.tflite").exists()
+    assert export_litert(small, inputs, tmp_path / "f.tflite", quantize="fp32").is_file()

@@ -41,9 +41,10 @@ import torch
 from torch import nn
 
 from modelpress._files import atomic_path, check_output_path
+from modelpress.deploy.export import traceable
 from modelpress.errors import DataError, ExportError, RuntimeUnavailableError
 from modelpress.loading import Inputs, as_inputs
-from modelpress.outputs import FlatOutputs, no_cache
+from modelpress.outputs import no_cache
 
 log = logging.getLogger(__name__)
 
@@ -405,6 +406,18 @@ def _to_litert_int8(model: nn.Module, example: Inputs, data: Iterable[Any] | Non
         raise _convert_error(model, exc) from exc
 
 
+def _compact_layers(model: nn.Module) -> list[str]:
+    """Layers held in a compressed form other than static int8 (weight-only, grouped, clustered, sparse)."""
+    from modelpress.techniques.quantized import QuantizedLayer, _Wrapper
+
+    static = set(static_layers(model))
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, _Wrapper) and not (isinstance(m, QuantizedLayer) and name in static)
+    ]
+
+
 def litert_bytes(
     model: nn.Module,
     example_inputs: Inputs,
@@ -433,16 +446,16 @@ def litert_bytes(
             "export fp32 (quantize='fp32')."
         )
     int8 = bool(layers) and quantize != "fp32"
+    compact = _compact_layers(model)
+    if quantize == "auto" and compact and not int8:
+        raise ExportError(
+            f"LiteRT would store {len(compact)} compressed layer(s) of {type(model).__name__} as float weights "
+            f"(e.g. '{compact[0]}': weight-only, grouped, clustered or sparse forms have no LiteRT form here), so "
+            "the file would not be smaller. Compress with static int8 for LiteRT (--recipe int8-static), or "
+            "export a float file on purpose with quantize='fp32'."
+        )
     with no_cache(model), torch.no_grad():
-        try:
-            sample = model(*example)
-        except Exception as exc:
-            raise ExportError(
-                f"{type(model).__name__} fails on the example inputs "
-                f"{[tuple(t.shape) for t in example]} before LiteRT export ({type(exc).__name__}: {exc}). "
-                "Give example inputs of the shapes and dtypes its forward expects."
-            ) from exc
-        traced: nn.Module = model if isinstance(sample, torch.Tensor) else FlatOutputs(model)
+        traced, _ = traceable(model, example)
         with _quiet():
             if int8:
                 dynamic = activations == "dynamic" or (activations == "auto" and has_norm_layers(model))
