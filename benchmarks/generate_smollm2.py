@@ -1,0 +1,204 @@
+"""SmolLM2 that generates (issue 32): decode tokens/s, peak memory and perplexity measured on the
+decode-ready artifacts themselves, ours beside the field's, in one run.
+
+    python benchmarks/generate_smollm2.py --work /tmp/llm --json benchmarks/results/smollm2-generate.json
+
+Engines (each a module with the `llm_engines.Engine` interface; a missing runtime skips its rows, named):
+- ONNX Runtime GenAI (`llm_genai.py`): fp32 and the GenAI model builder's int4 (RTN, block 32), from the
+  same fp32 Hugging Face folder; ours: `int4-g128-gptq-recon` (GPTQ + block reconstruction, head int8 per
+  row) and `int8-weight-only`, written by `modelpress.deploy.genai.export_genai`.
+- OpenVINO GenAI (`llm_openvino.py`), llama.cpp (`llm_llamacpp.py`) where installed.
+
+Protocol (issue 32): 2 threads, batch 1, a 128-token prompt and 128 new tokens, greedy, every engine timed
+in turn within each round (A, B, C, A, B, C...), medians over the rounds; peak RSS of a fresh process per
+engine that loads it and generates once; perplexity over the first 32,768 tokens of the enwiki sample in
+1024-token windows, the benchmark's evaluation text, each window from an empty cache, on the artifact.
+The builds are cached under --work (delete a folder to rebuild it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import assets  # noqa: E402
+import llm_engines  # noqa: E402
+
+PPL_TOKENS = 32768
+WINDOW = 1024
+CALIB_WINDOWS = 128  # 512-token windows after the evaluated text and a 1024-token gap (as benchmarks/run.py)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _hf_folder(work: Path) -> Path:
+    folder = work / "smollm2-hf"
+    if not (folder / "model.safetensors").exists():
+        model, tokenizer = assets.smollm2()
+        model.hf_quantizer = None  # loaded from gguf: the dequantized fp32 weights save as a plain checkpoint
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _builder(hf: Path, out: Path, precision: str) -> None:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out)]
+    subprocess.run([*cmd, "-p", precision, "-e", "cpu", "-c", str(out.parent / "builder-cache")], check=True)
+
+
+def _ours(work: Path, name: str) -> Path:
+    """Our compressed SmolLM2 as an ONNX Runtime GenAI folder (built once, cached)."""
+    import modelpress as mp
+    from modelpress.deploy.genai import export_genai
+
+    out = work / name
+    if (out / "genai_config.json").exists():
+        return out
+    lm, tokenizer = assets.smollm2()
+    t0 = time.perf_counter()
+    if name == "mp-int4-gptq-recon":
+        model = assets.LogitsOnly(lm).eval()
+        ids = assets.wiki_tokens(tokenizer, PPL_TOKENS + 1024 + 512 * CALIB_WINDOWS)[PPL_TOKENS + 1024 :]
+        calibration = [(ids[i : i + 512].unsqueeze(0),) for i in range(0, 512 * CALIB_WINDOWS, 512)]
+        recipe = [
+            mp.GPTQConfig(
+                bits=4,
+                group_size=128,
+                symmetric=False,
+                targets=(r"re:.*\.layers\.\d+\..*",),
+                calibration_batches=CALIB_WINDOWS,
+                reconstruct_epochs=1,
+                reconstruct_lr=2e-3,
+            ),
+            mp.WeightOnlyConfig(bits=8, layers=("linear", "embedding")),
+        ]
+        lm = mp.compress(model, recipe, calibration).lm
+    elif name == "mp-int8":
+        lm = mp.compress(lm, "int8-weight-only")
+    else:
+        raise ValueError(name)
+    build_s = time.perf_counter() - t0
+    result = export_genai(lm, tokenizer, out, progress=_log)
+    for line in result.notes():
+        _log(f"{name}: {line}")
+    (out / "modelpress-build.json").write_text(
+        json.dumps(
+            {
+                "compress_s": build_s,
+                "checks": [c.line() for c in result.checks],
+                "quantized": result.quantized,
+                "float_matmuls": result.float_matmuls,
+            },
+            indent=1,
+        )
+    )
+    return out
+
+
+def build(work: Path) -> dict[str, tuple[str, str]]:
+    """name -> (engine module, path) of every artifact this run measures."""
+    work.mkdir(parents=True, exist_ok=True)
+    hf = _hf_folder(work)
+    found: dict[str, tuple[str, str]] = {}
+    for name, precision in (("genai-fp32", "fp32"), ("genai-builder-int4", "int4")):
+        out = work / name
+        if not (out / "genai_config.json").exists():
+            _log(f"building {name} with the GenAI model builder")
+            _builder(hf, out, precision)
+        found[name] = ("llm_genai", str(out))
+    for name in ("mp-int4-gptq-recon", "mp-int8"):
+        _log(f"building {name}")
+        found[name] = ("llm_genai", str(_ours(work, name)))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="/tmp/llm-bench", help="cache of the built folders")
+    parser.add_argument("--json", dest="json_out", help="write the results here")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS)
+    parser.add_argument("--build-only", action="store_true")
+    parser.add_argument("--only", help="comma-separated engine names to measure (default: all built)")
+    args = parser.parse_args()
+    work = Path(args.work)
+    engines = build(work)
+    if args.build_only:
+        return
+    if args.only:
+        engines = {k: v for k, v in engines.items() if k in args.only.split(",")}
+    tokenizer = assets.smollm2()[1]
+    ids = assets.wiki_tokens(tokenizer, args.ppl_tokens).tolist()
+    windows = [ids[s : s + WINDOW] for s in range(0, len(ids), WINDOW)]
+    prompt = ids[:128]
+    rows: dict[str, dict[str, Any]] = {}
+    opened = {}
+    for name, (module, path) in engines.items():
+        opened[name] = llm_engines.open_engine(module, name, path, args.threads)
+        rows[name] = {"engine": module, "path": path, "file_bytes": opened[name].file_bytes()}
+    decode: dict[str, list[float]] = {n: [] for n in opened}
+    prefill: dict[str, list[float]] = {n: [] for n in opened}
+    for r in range(args.rounds):
+        for name, engine in opened.items():
+            timing = engine.generate(prompt, 128)
+            decode[name].append(timing.decode_tok_s)
+            prefill[name].append(len(prompt) / timing.prefill_s)
+            rows[name]["tokens"] = timing.tokens[:32]
+        _log(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {decode[n][-1]:.1f}" for n in opened))
+    for name, engine in opened.items():
+        rows[name]["decode_tok_s"] = statistics.median(decode[name])
+        rows[name]["decode_tok_s_rounds"] = decode[name]
+        rows[name]["prefill_tok_s"] = statistics.median(prefill[name])
+        _log(f"perplexity of {name}")
+        rows[name]["perplexity"] = llm_engines.perplexity(engine, windows)
+        engine.close()
+    for name, (module, path) in engines.items():
+        rows[name].update(llm_engines.peak_memory(module, name, path, prompt, 128, args.threads))
+    base = rows.get("genai-fp32")
+    for row in rows.values():
+        if base:
+            row["decode_vs_fp32"] = row["decode_tok_s"] / base["decode_tok_s"]
+            row["peak_rss_vs_fp32"] = row["peak_rss_bytes"] / base["peak_rss_bytes"]
+            row["file_vs_fp32"] = row["file_bytes"] / base["file_bytes"]
+        build_json = Path(row["path"]) / "modelpress-build.json"
+        if build_json.exists():
+            row["build"] = json.loads(build_json.read_text())
+    result = {
+        "command": " ".join(sys.argv),
+        "environment": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "load_avg_start_end": os.getloadavg(),
+            "torch": torch.__version__,
+        },
+        "protocol": f"batch 1, prompt 128 tokens, 128 new tokens greedy, median of {args.rounds} interleaved "
+        f"rounds; perplexity over {len(ids)} tokens in {WINDOW}-token windows on the artifact",
+        "rows": rows,
+    }
+    text = json.dumps(result, indent=1)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

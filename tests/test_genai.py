@@ -1,0 +1,128 @@
+"""ONNX Runtime GenAI folders from compressed causal LMs (issue 32): our codes in MatMulNBits, a KV cache,
+the runtime's own generate loop, and the greedy-token check that refuses a folder generating otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import modelpress as mp
+from modelpress.errors import ExportError
+
+og = pytest.importorskip("onnxruntime_genai", reason="needs the genai extra (onnxruntime-genai)")
+transformers = pytest.importorskip("transformers")
+
+from modelpress.deploy import genai  # noqa: E402
+
+TEXT = ["The capital of France is Paris.", "def fibonacci(n): return n", "Once upon a time in a village"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> object:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(TEXT * 10, trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_llama(vocab: int, *, tied: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def ops(folder: Path) -> dict[str, int]:
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_int4_folder_runs_in_genai_with_our_codes(tokenizer: object, tmp_path: Path) -> None:
+    model = mp.compress(tiny_llama(len(tokenizer)), "int4-weight-only")  # type: ignore[arg-type]
+    out = tmp_path / "int4"
+    result = genai.export_genai(model, tokenizer, out, check_prompts=TEXT[:2], check_tokens=16)
+    assert all(c.passed for c in result.checks), [c.line() for c in result.checks]
+    assert {"genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    counts = ops(out)
+    # 2 layers x (qkv, o, gate, up, down) + the head; the embedding reads the head's packed table.
+    assert counts["MatMulNBits"] == 11 and counts.get("MatMul", 0) == 0
+    assert counts["GatherBlockQuantized"] == 1 and counts["GroupQueryAttention"] == 2
+    assert not result.float_matmuls
+    # The codes are ours: the head's packed table is the layer's own bytes.
+    inits = {
+        t.name: t for t in onnx.load(str(out / "model.onnx")).graph.initializer if t.name.endswith("qweight")
+    }
+    head = next(t for name, t in inits.items() if name.startswith("lm_head"))
+    packed = model.get_submodule("lm_head").packed
+    assert isinstance(packed, torch.Tensor)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(head), packed.numpy())
+    # The runtime's own loop generates; the file stores 4-bit weights (smaller than the fp32 one would be).
+    ids = tokenizer(TEXT[0])["input_ids"]  # type: ignore[operator]
+    assert len(genai.genai_greedy(genai.load_genai(out), ids, 8)) == 8
+    fp32_bytes = sum(p.numel() * 4 for p in tiny_llama(len(tokenizer)).parameters())  # type: ignore[arg-type]
+    assert result.model_bytes < 0.5 * fp32_bytes
+
+
+def test_int8_per_row_matches_torch_exactly_at_accuracy_level_0(tokenizer: object, tmp_path: Path) -> None:
+    """int8 per output row (asymmetric) as 8-bit MatMulNBits whose blocks share the row's scale and zero
+    point: fp32 maths (accuracy_level 0) reproduces torch's greedy tokens."""
+    model = mp.compress(tiny_llama(len(tokenizer), tied=False), "int8-weight-only")  # type: ignore[arg-type]
+    result = genai.export_genai(
+        model, tokenizer, tmp_path / "int8", accuracy_level=0, check_prompts=TEXT[:1], check_tokens=16
+    )
+    assert [c.first_divergence for c in result.checks] == [None]
+    assert set(result.quantized.values()) >= {
+        "MatMulNBits int8 g64 asym",
+        "GatherBlockQuantized int8 g64 asym",
+    }
+
+
+def test_a_folder_that_generates_otherwise_is_not_written(
+    tokenizer: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_llama(len(tokenizer))  # type: ignore[arg-type]
+    bad = genai.GreedyCheck("p", [1, 2, 3], [1, 5, 5], 1, 7.5)
+    monkeypatch.setattr(genai, "check_greedy", lambda *a, **k: [bad])
+    out = tmp_path / "llm"
+    with pytest.raises(ExportError, match=r"does not generate what the model generates.*logit gap 7\.5"):
+        genai.export_genai(model, tokenizer, out)
+    assert not out.exists() and (tmp_path / "llm.rejected" / "genai_config.json").exists()
+
+
+def test_bad_input_is_named(tokenizer: object, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="causal LM"):
+        genai.export_genai(nn.Linear(4, 4), tokenizer, tmp_path / "x")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ExportError, match="exists"):
+        genai.export_genai(tiny_llama(len(tokenizer)), tokenizer, tmp_path / "taken")  # type: ignore[arg-type]
