@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -19,8 +20,14 @@ from modelpress.ops.cluster import (
     quantize_codebook,
     unpack_indices,
 )
-from modelpress.techniques.cluster import ClusteredLayer, cluster
-from modelpress.techniques.quantized import SparseLayer
+from modelpress.ops.quant import quantize_symmetric, symmetric_scale
+from modelpress.techniques.cluster import (
+    ClusteredInt8Layer,
+    ClusteredLayer,
+    cluster,
+    decode_clustered_int8,
+)
+from modelpress.techniques.quantized import QuantizedLayer, SparseLayer
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -192,18 +199,98 @@ def test_clustering_a_sparse_layer_keeps_its_zeros_and_stores_only_kept_indices(
         assert report.passed, (runtime, report)
 
 
-def test_cluster_then_static_int8_runs_and_keeps_the_clustered_layers():
+def _clustered_int8(model: nn.Module, data, **cluster_args):
+    """cluster then static int8 (8-bit weights: the same on any CPU), and the clustered model between."""
+    clustered = mp.compress(model, [mp.ClusterConfig(values=16, **cluster_args)])
+    static = mp.StaticInt8Config(calibration_batches=len(data), reduce_range=False)
+    return clustered, mp.compress(copy.deepcopy(clustered), [static], data)
+
+
+def test_static_int8_after_cluster_quantizes_each_clustered_layer_as_the_layer_it_wraps():
     model = _cnn()
     x = torch.randn(2, 3, 8, 8, generator=_gen())
     data = [(torch.randn(2, 3, 8, 8, generator=_gen(s)),) for s in range(4)]
-    small = mp.compress(
-        model,
-        [mp.ClusterConfig(values=16, codebook_bits=8), mp.StaticInt8Config(calibration_batches=4)],
-        data,
-        allow_partial=True,
-    )
-    assert isinstance(small[5], ClusteredLayer) and small[5].codebook.dtype == torch.int8
-    torch.testing.assert_close(small(x), model(x), atol=0.15, rtol=0.15)
+    clustered, small = _clustered_int8(model, data)
+    assert isinstance(clustered[0], nn.Conv2d)  # 864 weights: too small to cluster, quantized as it is
+    assert type(small[0]) is QuantizedLayer and small[0].input_scale is not None
+    for i in (2, 5):
+        layer = small[i]
+        assert isinstance(layer, ClusteredInt8Layer) and layer.input_scale is not None
+        assert layer.scheme == "w8a8+cluster16"
+        decoded = clustered[i].dequantized_weight()
+        # the codes static int8 gives the decoded weight on its per-channel grid, stored as 16 per row
+        scale = symmetric_scale(decoded, axis=0, bits=8)
+        assert torch.equal(layer.scale, scale)
+        assert torch.equal(layer.qweight, quantize_symmetric(decoded, scale, axis=0, bits=8))
+        assert layer.codebook.shape == (layer.rows, 16) and layer.codebook.dtype == torch.int8
+        assert torch.equal(layer.indices, clustered[i].indices)  # the 4-bit indices are kept as they were
+        assert max(row.unique().numel() for row in layer.qweight.reshape(layer.rows, -1)) <= 16
+    torch.testing.assert_close(small(x), clustered(x), atol=0.05, rtol=0.05)
+
+
+def test_an_int8_codebook_is_kept_exactly():
+    model = _cnn()
+    data = [(torch.randn(2, 3, 8, 8, generator=_gen(s)),) for s in range(2)]
+    clustered, small = _clustered_int8(model, data, codebook_bits=8)
+    for i in (2, 5):
+        assert small[i].codebook.shape == (1, 16) and torch.equal(small[i].codebook, clustered[i].codebook)
+        # the int8 grid is the codebook's own: the weight is exactly the clustered one
+        assert torch.equal(small[i].dequantized_weight(), clustered[i].dequantized_weight())
+
+
+def test_static_int8_after_cluster_follows_targets_and_ignore():
+    model = _cnn()
+    data = [(torch.randn(2, 3, 8, 8, generator=_gen(s)),) for s in range(2)]
+    for config, expected in [
+        (mp.StaticInt8Config(ignore=("2",)), (QuantizedLayer, ClusteredLayer, ClusteredInt8Layer)),
+        (mp.StaticInt8Config(ignore=("re:5",)), (QuantizedLayer, ClusteredInt8Layer, ClusteredLayer)),
+        (mp.StaticInt8Config(targets=("Linear",)), (nn.Conv2d, ClusteredLayer, ClusteredInt8Layer)),
+        (mp.StaticInt8Config(layers=("conv",)), (QuantizedLayer, ClusteredInt8Layer, ClusteredLayer)),
+    ]:
+        steps = [mp.ClusterConfig(values=16), config]
+        small = mp.compress(copy.deepcopy(model), steps, data, allow_partial=True)
+        assert tuple(type(small[i]) for i in (0, 2, 5)) == expected, config
+
+
+def test_a_sparse_clustered_layer_keeps_its_zeros_in_int8():
+    model = _mlp()
+    data = [(torch.randn(4, 64, generator=_gen(s)),) for s in range(2)]
+    sparse = mp.compress(model, [mp.SparsityConfig(method="magnitude", ratio=0.5)])
+    clustered, small = _clustered_int8(sparse, data)
+    for i in (0, 2):
+        layer = small[i]
+        assert isinstance(layer, ClusteredInt8Layer) and layer.bitmask is not None
+        assert torch.equal(layer.qweight == 0, clustered[i].dequantized_weight() == 0)
+        assert layer.scheme == "w8a8+sparse50%+cluster16"
+
+
+def test_the_onnx_file_keeps_the_indices_and_runs_integer_kernels(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU()).eval()
+    data = [(torch.randn(8, 256, generator=_gen(s)),) for s in range(2)]
+    _, small = _clustered_int8(model, data)
+    plain = mp.compress(copy.deepcopy(model), [mp.StaticInt8Config(reduce_range=False)], data)
+    x = data[0][0]
+    path = mp.export_onnx(small, (x,), tmp_path / "cluster-int8.onnx")
+    dense = mp.export_onnx(plain, (x,), tmp_path / "int8.onnx")
+    # 4-bit indices and an int8 codebook per row: about half the bytes of the int8 weights
+    assert _bytes(path) <= 0.6 * _bytes(dense)
+    for runtime in mp.available_runtimes():
+        report = mp.check_parity(small, mp.open_session(path, runtime=runtime), [(x,)], min_cosine=0.9999)
+        assert report.passed, (runtime, report)
+
+
+def test_the_dense_int8_form_computes_the_same_and_leaves_the_model_alone():
+    model = _cnn()
+    data = [(torch.randn(2, 3, 8, 8, generator=_gen(s)),) for s in range(2)]
+    _, small = _clustered_int8(model, data)
+    plain = decode_clustered_int8(small)
+    assert isinstance(small[2], ClusteredInt8Layer)  # unchanged
+    assert type(plain[2]) is QuantizedLayer and torch.equal(plain[2].qweight, small[2].qweight)
+    assert plain[2].input_scale == small[2].input_scale
+    x = data[1][0]
+    assert torch.equal(plain(x), small(x))
+    assert decode_clustered_int8(model) is model  # nothing to decode: no copy
 
 
 def test_tied_weights_are_clustered_once_and_shared():

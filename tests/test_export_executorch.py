@@ -79,6 +79,27 @@ def test_static_int8_cnn_lowers_to_xnnpack_int8_kernels(cnn_files):
     assert report.passed
 
 
+def test_a_clustered_int8_cnn_lowers_to_the_same_int8_kernels(cnn_files, tmp_path):
+    """cluster -> static int8 (issue 29): the clustered layers lower as the int8 layers they are, their
+    codes decoded from the codebooks into the file; the model keeps its clustered form."""
+    from modelpress.techniques.cluster import ClusteredInt8Layer
+
+    model, _, data, fp32, _, _ = cnn_files
+    steps = [mp.ClusterConfig(values=16), mp.StaticInt8Config(observer="minmax")]
+    small = mp.compress(copy.deepcopy(model), steps, data)
+    assert [type(small[i]).__name__ for i in (3, 7, 9)] == ["ClusteredInt8Layer"] * 3
+    lowered = lower_executorch(small, (data[0][:1],), max_batch=32, data=[(d,) for d in data])
+    assert isinstance(small[3], ClusteredInt8Layer)
+    assert lowered.undelegated_ops == ["aten_view_copy_default"], lowered.summary()
+    assert lowered.int8 is not None and lowered.int8.layers == 4
+    path = tmp_path / "cluster.pte"
+    path.write_bytes(lowered.buffer)
+    assert path.stat().st_size < 0.3 * fp32.stat().st_size
+    samples = [(d,) for d in data] + [(data[0][:1],)]
+    report = mp.check_parity(small, ExecuTorchSession(path), samples, min_cosine=0.999, min_top1=0.98)
+    assert report.passed, report
+
+
 def test_int8_uses_calibration_for_outputs_no_quantizer_reaches(tmp_path):
     # conv -> global average pool -> linear: the pool does not commute with a quantizer, so the conv's
     # output range is measured on the calibration data.

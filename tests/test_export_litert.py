@@ -22,6 +22,7 @@ from modelpress.deploy.litert import (
     open_litert,
     read_tflite,
 )
+from modelpress.techniques.cluster import ClusteredInt8Layer
 
 
 class MnistLike(nn.Module):
@@ -213,6 +214,33 @@ def test_a_layer_modelpress_left_in_float_stays_float(tmp_path):
     fc = [op for op in read_tflite(path) if op.name == "FULLY_CONNECTED"]
     assert [op.inputs[1].dtype for op in fc] == ["int8", "float32"]  # the head keeps its fp32 weights
     assert mp.check_parity(small, open_litert(path), [(calib[1][0][i : i + 1],) for i in range(4)]).passed
+
+
+def test_a_clustered_model_is_full_integer_with_the_codes_static_int8_gave_it(tmp_path):
+    """cluster -> static int8 (issue 29): static int8 quantizes the clustered layers as the layers they
+    wrap, so the file is full-integer, each weight the int8 codes gathered from the layer's codebooks."""
+    torch.manual_seed(0)
+    model = MnistLike().eval()
+    calib = [(_digits(32, seed),) for seed in range(3)]
+    steps = [mp.ClusterConfig(values=16), mp.StaticInt8Config(observer="minmax")]
+    small = mp.compress(model, steps, calib)
+    layer = small.classifier[0]
+    assert isinstance(layer, ClusteredInt8Layer) and isinstance(small.features[3], ClusteredInt8Layer)
+    path = export_litert(small, (calib[0][0][:1],), tmp_path / "cluster.tflite", data=calib)
+    assert int8_kernels(path) == {"full-integer": 4, "dynamic": 0, "float": 0} and float_ops(path) == []
+    session = open_litert(path)
+    codes = layer.qweight.numpy()
+    assert any(
+        d["dtype"] == np.int8
+        and tuple(d["shape"]) == codes.shape
+        and np.array_equal(session._interpreter.get_tensor(d["index"]), codes)
+        for d in session._interpreter.get_tensor_details()
+    )
+    fp32 = export_litert(model, (calib[0][0][:1],), tmp_path / "fp32.tflite")
+    assert path.stat().st_size <= 0.32 * fp32.stat().st_size
+    x = _digits(64, seed=11)
+    report = mp.check_parity(small, session, [(x[i : i + 1],) for i in range(len(x))], min_cosine=0.999)
+    assert report.passed, report
 
 
 @pytest.fixture(scope="module")

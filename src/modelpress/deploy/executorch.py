@@ -36,6 +36,7 @@ from modelpress.deploy.export import _cause, _input_names, _is_token_input, trac
 from modelpress.errors import ExportError, RuntimeUnavailableError
 from modelpress.loading import Inputs, as_inputs
 from modelpress.outputs import no_cache
+from modelpress.techniques.cluster import decode_clustered_int8
 
 log = logging.getLogger(__name__)
 
@@ -617,7 +618,8 @@ def lower_executorch(
 
     if max_batch < 1 or max_seq < 1:
         raise ExportError(f"max_batch={max_batch} and max_seq={max_seq} must be at least 1.")
-    model = model.eval()
+    # clustered int8 layers gather their codes from codebooks; XNNPACK takes a weight as a stored tensor
+    model = decode_clustered_int8(model.eval())
     with no_cache(model), torch.no_grad():
         traced, names = traceable(model, example_inputs)
         if dynamic:

@@ -451,8 +451,9 @@ def litert_bytes(
         raise ExportError(
             f"LiteRT would store {len(compact)} compressed layer(s) of {type(model).__name__} as float weights "
             f"(e.g. '{compact[0]}': weight-only, grouped, clustered or sparse forms have no LiteRT form here), so "
-            "the file would not be smaller. Compress with static int8 for LiteRT (--recipe int8-static), or "
-            "export a float file on purpose with quantize='fp32'."
+            "the file would not be smaller. Compress with static int8 for LiteRT (--recipe int8-static; a "
+            "clustered model takes a static_int8 step after cluster), or export a float file on purpose with "
+            "quantize='fp32'."
         )
     with no_cache(model), torch.no_grad():
         traced, _ = traceable(model, example)

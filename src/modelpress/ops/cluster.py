@@ -189,6 +189,18 @@ def quantize_codebook(centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return codes, scale.float()
 
 
+def codes_on_grid(shared: torch.Tensor, scale: torch.Tensor, *, qmax: int) -> torch.Tensor:
+    """Each row's codebook on that row's symmetric int8 grid: codes (rows, k) = round(shared / scale),
+    clamped to [-qmax, qmax], for `shared` (rows, k) fp32 (the codebook each row reads) and `scale` (rows,).
+    A row's weights take only its codebook's values, so its int8 weight codes are these codes gathered.
+
+    >>> codes_on_grid(torch.tensor([[-1.0, 0.5, 2.0]]), torch.tensor([2.0 / 127]), qmax=127).tolist()
+    [[-64, 32, 127]]
+    """
+    codes = torch.round(shared.float() / scale.float()[:, None]).clamp(-qmax, qmax)
+    return codes.to(torch.int8)
+
+
 def pack_indices(indices: torch.Tensor, *, bits: int) -> torch.Tensor:
     """Flat indices in [0, 2^bits) as uint8 bytes, 8 / bits to a byte, padded with 0 to whole bytes."""
     if bits not in (2, 4, 8):
@@ -234,6 +246,7 @@ def packed_bytes(numel: int, *, bits: int) -> int:
 
 __all__ = [
     "assign",
+    "codes_on_grid",
     "index_bits",
     "kmeans",
     "pack_indices",

@@ -9,6 +9,12 @@ Runtime and OpenVINO fold once at load, so the file is small and the runtime com
 weight at fp32 speed. A layer stored sparse by an earlier `sparsity` step keeps its bitmask: only its kept
 values are clustered, a pruned weight stays exactly 0.
 
+A `static_int8` step after `cluster` quantizes each clustered Linear/Conv as the layer it wraps, its
+weight decoded (`clustered_int8`): int8 per-channel codes, which take at most `values` distinct values a
+row, stored as an int8 codebook per row plus the same packed indices. ONNX keeps that form (the gather
+is folded at load, before the integer kernel); LiteRT and ExecuTorch store the dense int8 codes
+(`decode_clustered_int8`), as for any static int8 layer.
+
 >>> small = compress(model, [ClusterConfig(values=16)])  # doctest: +SKIP
 """
 
@@ -28,6 +34,7 @@ from modelpress.data import Dataset, as_dataset
 from modelpress.errors import DataError, RecipeError
 from modelpress.ops.cluster import (
     assign,
+    codes_on_grid,
     index_bits,
     kmeans,
     pack_indices,
@@ -35,11 +42,13 @@ from modelpress.ops.cluster import (
     unpack_bits,
     unpack_indices,
 )
+from modelpress.ops.quant import qrange, symmetric_scale
 from modelpress.ops.sparse import pack_mask, scatter_kept
 from modelpress.techniques.blockwise import bf16_supported
 from modelpress.techniques.distill import DistillConfig, as_recover, train
 from modelpress.techniques.quantized import (
     QUANTIZABLE_TYPES,
+    QuantizedLayer,
     SparseLayer,
     WeightView,
     call_with_weight,
@@ -515,4 +524,147 @@ def cluster(model: nn.Module, config: ClusterConfig, data: Dataset | Any = None)
     return model
 
 
-__all__ = ["ClusterConfig", "ClusteredLayer", "cluster"]
+class ClusteredInt8Layer(QuantizedLayer):
+    """A clustered layer quantized by static int8 (W8A8): a `QuantizedLayer` (int8 per-channel weight,
+    calibrated input quantizer) whose int8 weight codes are stored as the clustering stored its weight:
+    an int8 codebook per row (or per group of rows) plus the packed indices (and bitmask) of the
+    `ClusteredLayer` it came from. `qweight` gathers the codes; in an ONNX export that is a constant
+    subgraph (unpack, gather) before the weight's DequantizeLinear, which the runtimes fold at load, so
+    the file keeps 4-bit indices and the runtime runs an integer kernel. `as_quantized()` gives the
+    plain `QuantizedLayer` with the same codes, what LiteRT and ExecuTorch lower.
+
+    A row's weights take at most `values` distinct values, so its int8 codes are its codebook's values on
+    the row's grid: exactly the shared values when the codebook is int8 and the grid is its own (8-bit
+    weights), else each rounded to the row's per-channel grid (max |w| of the row to 127, as static int8
+    does for any layer).
+    """
+
+    codebook: torch.Tensor  # (books, values) int8: the codes each book of rows reads
+    indices: torch.Tensor  # uint8, packed as in the ClusteredLayer
+    bitmask: torch.Tensor | None
+
+    def __init__(self, layer: ClusteredLayer, *, bits: int = 8) -> None:
+        nn.Module.__init__(self)
+        self.axis = layer.axis
+        self.bits = bits
+        self.weight_shape = layer.weight_shape
+        self.rows, self.cols, self.kept = layer.rows, layer.cols, layer.kept
+        self.values, self.index_bits = layer.values, layer.bits
+        self.source_scheme = layer.scheme
+        shared = layer.shared_values()  # (groups, values) fp32
+        row_group = torch.arange(self.rows) // layer.group_size  # (rows,): the codebook each row reads
+        _, qmax = qrange(bits, symmetric=True)
+        if layer.codebook_scale is not None and bits == 8:
+            # an int8 codebook is already an int8 grid: its codes, with its scale for each of its rows
+            self.book_rows = layer.group_size
+            codebook, scale = layer.codebook, layer.codebook_scale[row_group]
+        else:
+            self.book_rows = 1
+            scale = symmetric_scale(layer.dequantized_weight(), axis=self.axis, bits=bits)
+            codebook = codes_on_grid(shared[row_group], scale, qmax=qmax)
+        self.register_buffer("codebook", codebook.contiguous())
+        self.register_buffer("indices", layer.indices)
+        self.register_buffer("bitmask", layer.bitmask)
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("zero_point", None)
+        self.register_buffer("input_multiplier", None)
+        self.inner = layer.inner
+        self.input_scale: float | None = None
+        self.input_zero_point = 0
+        self.input_signed = False
+
+    @property
+    def qweight(self) -> torch.Tensor:  # type: ignore[override]
+        """The int8 weight codes in the layer's weight shape, gathered from the codebooks."""
+        kept = unpack_indices(self.indices, self.kept, bits=self.index_bits)
+        mask = None if self.bitmask is None else unpack_bits(self.bitmask, self.rows * self.cols)
+        idx = (kept if mask is None else scatter_kept(kept, mask)).reshape(self.rows, self.cols)
+        if self.book_rows < self.rows:  # row r reads book r // book_rows
+            book = torch.div(
+                torch.arange(self.rows, device=idx.device), self.book_rows, rounding_mode="floor"
+            )
+            idx = idx + (book * self.values)[:, None]
+        codes = self.codebook.reshape(-1)[idx]  # (rows, cols) int8
+        if mask is not None:
+            keep = mask.reshape(self.rows, self.cols)
+            codes = torch.where(keep, codes, torch.zeros((), dtype=codes.dtype, device=codes.device))
+        shape = self.weight_shape
+        moved = (shape[self.axis], *shape[: self.axis], *shape[self.axis + 1 :])
+        return codes.reshape(moved).movedim(0, self.axis)
+
+    @property
+    def scheme(self) -> str:
+        return f"{super().scheme}+{self.source_scheme}"
+
+    def as_quantized(self) -> QuantizedLayer:
+        """The plain `QuantizedLayer` with these codes, scales and input quantizer (its own copy of the
+        wrapped layer): the dense int8 form that runtimes without the decoding subgraph lower."""
+        inner = copy.deepcopy(self.inner)
+        inner.weight = nn.Parameter(self.dequantized_weight().detach(), requires_grad=False)
+        layer = QuantizedLayer(inner, bits=self.bits, weight_scale=self.scale.clone())
+        layer.input_scale = self.input_scale
+        layer.input_zero_point = self.input_zero_point
+        layer.input_signed = self.input_signed
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.scheme}, per-channel axis={self.axis}, shape={self.weight_shape}, {self.index_bits}-bit "
+            f"indices, int8 codebooks={self.codebook.shape[0]}"
+        )
+
+
+def has_int8_form(module: nn.Module) -> bool:
+    """Whether `module` is a clustered Linear or (non-transposed) convolution: what static int8 quantizes
+    as the layer it wraps (`clustered_int8`)."""
+    return (
+        isinstance(module, ClusteredLayer)
+        and isinstance(module.inner, (*QUANTIZABLE_TYPES["linear"], *QUANTIZABLE_TYPES["conv"]))
+        and not isinstance(module.inner, nn.modules.conv._ConvTransposeNd)
+    )
+
+
+def clustered_int8(layer: ClusteredLayer, *, bits: int = 8) -> ClusteredInt8Layer:
+    """The int8 (W8A8) form of a clustered Linear/Conv, its input quantizer still to set
+    (`set_input_range`): what static int8 makes of a `ClusteredLayer`.
+
+    >>> m = cluster(nn.Sequential(nn.Linear(64, 32)), ClusterConfig(values=4))
+    >>> q = clustered_int8(m[0])
+    >>> q.qweight.dtype, int(q.qweight[0].unique().numel()) <= 4
+    (torch.int8, True)
+    """
+    if not has_int8_form(layer):
+        raise ValueError(f"clustered_int8: a clustered {type(layer.inner).__name__} has no static int8 form.")
+    return ClusteredInt8Layer(layer, bits=bits)
+
+
+def decode_clustered_int8(model: nn.Module) -> nn.Module:
+    """`model`, or a copy of it whose `ClusteredInt8Layer`s are plain `QuantizedLayer`s with the same int8
+    codes (`as_quantized`): the form LiteRT and ExecuTorch lower (their converters take a weight as a
+    stored tensor, not a gather). The model itself is left as it is.
+
+    >>> plain = decode_clustered_int8(small)  # doctest: +SKIP
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, ClusteredInt8Layer)]
+    if not names:
+        return model
+    plain = copy.deepcopy(model)
+    for name in names:
+        layer = plain.get_submodule(name)
+        assert isinstance(layer, ClusteredInt8Layer)
+        if name:
+            set_submodule(plain, name, layer.as_quantized())
+        else:
+            plain = layer.as_quantized()
+    return plain
+
+
+__all__ = [
+    "ClusterConfig",
+    "ClusteredInt8Layer",
+    "ClusteredLayer",
+    "cluster",
+    "clustered_int8",
+    "decode_clustered_int8",
+    "has_int8_form",
+]

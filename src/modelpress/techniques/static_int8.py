@@ -32,6 +32,7 @@ from modelpress.loading import as_inputs
 from modelpress.ops.gptq import HessianAccumulator
 from modelpress.ops.observers import OBSERVERS, MinMaxObserver, make_observer
 from modelpress.ops.quant import smoothing_factors
+from modelpress.techniques.cluster import ClusteredLayer, clustered_int8, has_int8_form
 from modelpress.techniques.gptq import input_rows, round_per_channel
 from modelpress.techniques.quantized import QUANTIZABLE_TYPES, QuantizedLayer, call_with_weight
 from modelpress.techniques.select import matches_any, select_modules, set_submodule, unmatched_patterns
@@ -290,13 +291,26 @@ def shared_inputs(model: nn.Module, modules: dict[str, nn.Module], data: Dataset
 
 
 def _chosen(model: nn.Module, config: StaticInt8Config) -> dict[str, nn.Module]:
-    """The layers the config quantizes, by name."""
+    """The layers the config quantizes, by name. A clustered Linear/Conv (an earlier `cluster` step) is
+    the layer it wraps, its weight decoded: chosen when it or its wrapped layer is selected (by name, type
+    name or regex) and neither is ignored, and quantized keeping its shared values (`clustered_int8`)."""
     types = tuple(t for kind in config.layers for t in QUANTIZABLE_TYPES[kind])
-    return {
-        name: module
-        for name, module in select_modules(model, types=types, targets=config.targets, ignore=config.ignore)
-        if isinstance(getattr(module, "weight", None), nn.Parameter)
-    }
+    selected = dict(
+        select_modules(model, types=(*types, ClusteredLayer), targets=config.targets, ignore=config.ignore)
+    )
+    chosen: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, types) and isinstance(getattr(module, "weight", None), nn.Parameter):
+            if name in selected:
+                chosen[name] = module
+        elif has_int8_form(module) and isinstance(module.inner, types):
+            inner = f"{name}.inner" if name else "inner"
+            ignored = matches_any(config.ignore, name, module) or matches_any(
+                config.ignore, inner, module.inner
+            )
+            if (name in selected or inner in selected) and not ignored:
+                chosen[name] = module
+    return chosen
 
 
 def _absmax_calibration(
@@ -458,15 +472,23 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
                 alpha=config.smooth_alpha,
             )
             smoothing.update(dict.fromkeys(group, factor))
+    clustered = [n for n, m in chosen.items() if isinstance(m, ClusteredLayer)]
+    if clustered:
+        log.info(
+            "static_int8: %d clustered layer(s) keep their shared values, each on its int8 grid (no "
+            "SmoothQuant or GPTQ rounding there: either would give each weight a value of its own): %s",
+            len(clustered),
+            clustered,
+        )
     gptq_layers = (
         {n for n, m in chosen.items() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
         if config.rounding == "gptq"
         else set()
     )
-    if config.rounding == "gptq" and len(gptq_layers) < len(chosen):
+    if config.rounding == "gptq" and len(gptq_layers) + len(clustered) < len(chosen):
         log.info(
             "static_int8: %s are rounded to nearest (GPTQ rounding covers Linear, Conv1d and Conv2d)",
-            sorted(set(chosen) - gptq_layers),
+            sorted(set(chosen) - gptq_layers - set(clustered)),
         )
 
     def observer(name: str) -> Any:
@@ -496,11 +518,14 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
     for name, module in chosen.items():
         lo, hi = observers[name].range()
         input_range = None if name in transposed else (float(lo), float(hi))
-        weight = module.weight
-        assert isinstance(weight, torch.Tensor)
-        weights[name] = weight.detach()
+        if config.bias_correction:  # the float weight (a clustered layer's: decoded, a new tensor)
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)
+            weights[name] = weight.detach()
         obs = observers[name]
-        if isinstance(obs, _RangeAndHessian) and obs.hessian is not None:
+        if isinstance(module, ClusteredLayer):
+            layer: QuantizedLayer = clustered_int8(module, bits=bits)
+        elif isinstance(obs, _RangeAndHessian) and obs.hessian is not None:
             layer = _gptq_layer(name, module, obs, smoothing.get(name), bits)
         else:
             if name in gptq_layers:
