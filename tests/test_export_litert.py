@@ -243,6 +243,23 @@ def test_a_clustered_model_is_full_integer_with_the_codes_static_int8_gave_it(tm
     assert report.passed, report
 
 
+def test_a_batchnorm_after_a_clustered_conv_is_folded_keeping_the_codes(tmp_path):
+    """static_int8 cannot fold a BatchNorm into a clustered conv; the export folds it into the float twin
+    with the weight scales scaled to match, so the file keeps modelpress's codes (the converter's own
+    folding over modelpress's scales gave cosine 0.9988 here)."""
+    model, (x,) = zoo.resnet_cnn()
+    gen = torch.Generator().manual_seed(2)
+    calib = [(torch.randn(8, 3, 32, 32, generator=gen),) for _ in range(3)]
+    steps = [mp.ClusterConfig(values=16), mp.StaticInt8Config(observer="minmax")]
+    small = mp.compress(model, steps, calib)
+    assert isinstance(small.layer1.conv1, ClusteredInt8Layer)
+    assert isinstance(small.layer1.bn1, nn.BatchNorm2d)  # not folded into the clustered conv
+    path = export_litert(small, (x,), tmp_path / "res.tflite", data=calib)
+    assert int8_kernels(path) == {"full-integer": 7, "dynamic": 0, "float": 0} and float_ops(path) == []
+    samples = [(c[0][:2],) for c in calib]
+    assert mp.check_parity(small, open_litert(path), samples, min_cosine=0.9999).passed
+
+
 @pytest.fixture(scope="module")
 def tiny_bert():
     model, (ids, mask) = zoo.bert_encoder()

@@ -42,7 +42,7 @@ from torch import nn
 
 from modelpress._files import atomic_path, check_output_path
 from modelpress.deploy.export import traceable
-from modelpress.errors import DataError, ExportError, RuntimeUnavailableError
+from modelpress.errors import DataError, ExportError, GraphError, RuntimeUnavailableError
 from modelpress.loading import Inputs, as_inputs
 from modelpress.outputs import no_cache
 
@@ -188,6 +188,39 @@ def _float_twin(model: nn.Module) -> tuple[nn.Module, dict[str, _Fixed]]:
         parent_name, _, child = name.rpartition(".")
         setattr(twin.get_submodule(parent_name) if parent_name else twin, child, replacement)
     return twin, fixed
+
+
+def _fold_batchnorm(twin: nn.Module, example: Inputs, fixed: dict[str, _Fixed]) -> list[str]:
+    """Fold each BatchNorm after a static layer of the float twin into that layer (as static_int8 does
+    before quantizing when it can: a BatchNorm after a clustered conv, or with `fold_batchnorm: false`,
+    is still there), scaling the layer's fixed weight scales by |gamma / sigma| per channel so that the
+    pt2e weight quantizer gives back modelpress's codes (negated where the factor is negative). Left in
+    the twin, the converter folds it itself over modelpress's scales and the codes change (TinyResNet:
+    output cosine 0.997). Returns the folded BatchNorms."""
+    from modelpress.graph.equalize import fold_batchnorm
+
+    def weight(name: str) -> torch.Tensor:
+        w = twin.get_submodule(name).weight
+        assert isinstance(w, torch.Tensor)
+        return w.detach().reshape(w.shape[0], -1).clone()
+
+    before = {name: weight(name) for name in fixed}
+    try:
+        folded = fold_batchnorm(twin, example, owner="LiteRT export")
+    except GraphError as exc:
+        log.info("LiteRT: BatchNorm layers are not folded (%s); the converter folds them", exc)
+        return []
+    for name, old in before.items():
+        new = weight(name)
+        if torch.equal(old, new):
+            continue
+        # the folded rows are the old ones times one factor each: recover it (rows of zeros keep 1)
+        norm = (old.double() * old.double()).sum(dim=1)
+        factor = torch.where(norm > 0, (new.double() * old.double()).sum(dim=1) / norm.clamp_min(1e-300), 1.0)
+        values = fixed[name]
+        scale = (values.weight_scale.double() * factor.abs()).float()
+        fixed[name] = _Fixed(values.input_scale, values.input_zero_point, scale)
+    return folded
 
 
 _LAYER_OPS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -360,6 +393,7 @@ def _to_litert_int8(model: nn.Module, example: Inputs, data: Iterable[Any] | Non
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     twin, fixed = _float_twin(model)
+    _fold_batchnorm(twin, example, fixed)
     embeddings = _gather_embeddings(twin) if dynamic else []
     quantizer = _quantizer(set(fixed), dynamic=dynamic)
     try:
