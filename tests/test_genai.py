@@ -3,6 +3,7 @@ the runtime's own generate loop, and the greedy-token check that refuses a folde
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,7 @@ def test_int4_folder_runs_in_genai_with_our_codes(tokenizer: object, tmp_path: P
     # The runtime's own loop generates; the file stores 4-bit weights (smaller than the fp32 one would be).
     ids = tokenizer(TEXT[0])["input_ids"]  # type: ignore[operator]
     assert len(genai.genai_greedy(genai.load_genai(out), ids, 8)) == 8
-    fp32_bytes = sum(p.numel() * 4 for p in tiny_llama(len(tokenizer)).parameters())  # type: ignore[arg-type]
+    fp32_bytes = sum(p.numel() * 4 for p in tiny_llama(len(tokenizer)).parameters())  # type: ignore[arg-type,misc]
     assert result.model_bytes < 0.5 * fp32_bytes
 
 
@@ -126,3 +127,32 @@ def test_bad_input_is_named(tokenizer: object, tmp_path: Path) -> None:
     (tmp_path / "taken").mkdir()
     with pytest.raises(ExportError, match="exists"):
         genai.export_genai(tiny_llama(len(tokenizer)), tokenizer, tmp_path / "taken")  # type: ignore[arg-type]
+
+
+def test_cli_export_generate_bench(tokenizer: object, tmp_path: Path) -> None:
+    """A new user's path: a Hugging Face folder -> `export --to genai` with a recipe -> `generate` -> `bench`."""
+    from click.testing import CliRunner
+
+    from modelpress.cli import main
+
+    hf = tmp_path / "hf"
+    tiny_llama(len(tokenizer)).save_pretrained(hf)  # type: ignore[arg-type,operator]
+    tokenizer.save_pretrained(hf)  # type: ignore[attr-defined]
+    out = tmp_path / "llm"
+    runner = CliRunner()
+    done = runner.invoke(
+        main, ["export", str(hf), "--to", "genai", "-o", str(out), "--recipe", "int4-weight-only"]
+    )
+    assert done.exit_code == 0, done.output
+    assert "tokens match" in done.output and "MatMulNBits int4" in done.output
+    done = runner.invoke(main, ["generate", str(out), "--prompt", "The capital", "--max-new-tokens", "5"])
+    assert done.exit_code == 0, done.output
+    assert done.output.startswith("The capital") and len(done.output.strip()) > len("The capital")
+    report = tmp_path / "bench.json"
+    done = runner.invoke(main, ["bench", str(out), "--rounds", "1", "--json", str(report)])
+    assert done.exit_code == 0, done.output
+    timing = json.loads(report.read_text())["artifact"]
+    assert timing["decode_tok_s"] > 0 and timing["peak_rss_bytes"] > 0 and timing["model_bytes"] > 0
+    done = runner.invoke(main, ["generate", str(hf), "--prompt", "x"])
+    assert done.exit_code != 0 and "not an ONNX Runtime GenAI folder" in " ".join(done.output.split())
+    assert not done.output.startswith("x")  # the error comes before any text

@@ -465,12 +465,13 @@ def search(
 @click.option(
     "--to",
     "to",
-    type=click.Choice(["onnx", "openvino", "litert", "executorch", "tflm", "web"]),
+    type=click.Choice(["onnx", "openvino", "litert", "executorch", "tflm", "web", "genai"]),
     default="onnx",
     show_default=True,
     help="The deployment format: ONNX, OpenVINO IR, LiteRT .tflite, ExecuTorch .pte (XNNPACK), a full-integer "
-    ".tflite plus C array for TensorFlow Lite Micro, or ONNX run in onnxruntime-web (WASM) in Chromium. Each "
-    "is checked in its runtime against the torch model.",
+    ".tflite plus C array for TensorFlow Lite Micro, ONNX run in onnxruntime-web (WASM) in Chromium, or (a "
+    "causal LM from a Hugging Face folder) a folder that ONNX Runtime GenAI generates from, KV cache and "
+    "tokenizer included. Each is checked in its runtime against the torch model.",
 )
 @click.option(
     "--runtime",
@@ -500,6 +501,14 @@ def search(
     help="With --to tflm: the microcontroller budget FLASH/RAM, e.g. 256KB/64KB (the model's bytes / the "
     "arena measured in TensorFlow Lite Micro); nothing is written when it does not fit.",
 )
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=4,
+    show_default=True,
+    help="With --to genai: MatMulNBits' accuracy_level. 4 runs int8 dot products on each block of the input "
+    "(fast); 0 computes in fp32 from the dequantized weights (exactly the torch model's numbers, slower).",
+)
 def export(
     model: str,
     out_path: str,
@@ -513,6 +522,7 @@ def export(
     target: str | None,
     standard_ops: bool,
     mcu: str | None,
+    accuracy_level: int,
 ) -> None:
     """Export MODEL (optionally compressed) to a deployment format and check parity with the torch model in
     the runtime it runs in.
@@ -532,8 +542,11 @@ def export(
         raise click.UsageError("--target, --runtime and --standard-ops apply to --to onnx only.")
     if mcu and to != "tflm":
         raise click.UsageError("--mcu is the budget of --to tflm; add --to tflm, or leave out --mcu.")
-    check_output_path(out_path, overwrite=overwrite)
     steps = load_recipe(recipe) if recipe else None
+    if to == "genai":
+        _export_genai(model, out_path, weights, steps, data_ref, allow_partial, overwrite, accuracy_level)
+        return
+    check_output_path(out_path, overwrite=overwrite)
     data = None
     with _status("loading the model") as say:
         net, inputs = _load(model, weights)
@@ -573,6 +586,108 @@ def export(
     if failed:
         raise ParityError(" ".join(failed) + f" The file was kept at {path} for inspection.")
     out.print("wrote " + ", ".join(str(p) for p in deployed.files))
+
+
+def _export_genai(
+    model: str,
+    out_path: str,
+    weights: str | None,
+    steps: Any,
+    data_ref: str | None,
+    allow_partial: bool,
+    overwrite: bool,
+    accuracy_level: int,
+) -> None:
+    """`export --to genai`: a causal LM from a Hugging Face folder, with its tokenizer."""
+    from modelpress.data import as_dataset
+    from modelpress.deploy.genai import export_genai
+    from modelpress.errors import ExportError
+    from modelpress.pipeline.recipe import compress as run_compress
+
+    if not (Path(model) / "config.json").is_file():
+        raise ExportError(
+            f"--to genai takes a Hugging Face causal LM folder (config.json, weights, tokenizer files); "
+            f"'{model}' is not one. Save yours with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)."
+        )
+    from transformers import AutoTokenizer
+
+    from modelpress.loading import quiet_transformers
+
+    with _status("loading the model") as say:
+        net, _ = _load(model, weights)
+        with quiet_transformers():
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model)
+            except Exception as exc:
+                raise ExportError(
+                    f"--to genai needs the model's tokenizer in '{model}', and it did not load: {exc}. Save it "
+                    "there with tokenizer.save_pretrained(DIR)."
+                ) from exc
+        if steps:
+            say("compressing")
+            net = run_compress(
+                net, steps, as_dataset(_call_data(data_ref, "--data")), allow_partial=allow_partial
+            )
+        result = export_genai(
+            net, tokenizer, out_path, accuracy_level=accuracy_level, overwrite=overwrite, progress=say
+        )
+    for line in result.notes():
+        out.print(line, highlight=False)
+    out.print(f"wrote {result.path} (run it: modelpress generate {result.path} --prompt '...')")
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--prompt", "-p", required=True, help="The text to continue.")
+@click.option("--max-new-tokens", default=128, show_default=True, help="Stop after this many new tokens.")
+@click.option("--threads", default=0, help="Intra-op threads (0: the runtime's default).")
+def generate(folder: str, prompt: str, max_new_tokens: int, threads: int) -> None:
+    """Generate text from FOLDER (written by `export --to genai`) in ONNX Runtime GenAI, streaming each token
+    as it comes (greedy). Needs no torch: the folder has the model, its KV cache and the tokenizer."""
+    from modelpress.deploy.genai import stream_tokens
+
+    pieces = stream_tokens(folder, prompt, max_new_tokens, threads)
+    first = next(pieces, "")  # a folder that is not one fails here, before any text is printed
+    out.print(prompt + first, end="", highlight=False, markup=False)
+    for piece in pieces:
+        out.print(piece, end="", highlight=False, markup=False)
+    out.print()
+
+
+def _bench_genai(
+    artifact: str, baseline: str | None, rounds: int, threads: int, json_out: str | None
+) -> None:
+    """`bench` of ONNX Runtime GenAI folders: prefill and decode tokens/s, interleaved, and peak memory."""
+    from modelpress._files import check_output_path, write_text_atomic
+    from modelpress.analyse.profile import human_bytes
+    from modelpress.deploy.genai import bench_genai
+
+    if json_out:
+        check_output_path(json_out)
+    folders = {"artifact": artifact} | ({"baseline": baseline} if baseline else {})
+    with _status("benchmarking generation") as say:
+        results = bench_genai(folders, rounds=rounds, threads=threads, progress=say)
+    base = results.get("baseline")
+    table = Table(
+        title=f"{Path(artifact).name}: 128-token prompt, 128 new tokens, greedy ({threads} threads, {rounds} "
+        "interleaved rounds, medians)"
+    )
+    for col in ["folder", "model size", "prefill tok/s", "decode tok/s", "decode ratio", "peak RSS"]:
+        table.add_column(col, justify="left" if col == "folder" else "right")
+    for name, r in results.items():
+        ratio = f"{r.decode_tok_s / base.decode_tok_s:.2f}x" if base else "-"
+        rss = human_bytes(r.peak_rss_bytes) if r.peak_rss_bytes else "-"
+        table.add_row(
+            f"{name} ({Path(r.path).name})",
+            human_bytes(r.model_bytes),
+            f"{r.prefill_tok_s:.0f}",
+            f"{r.decode_tok_s:.1f}",
+            ratio,
+            rss,
+        )
+    out.print(table)
+    if json_out:
+        write_text_atomic(json_out, json.dumps({k: v.to_dict() for k, v in results.items()}, indent=2))
 
 
 _BENCH_RUNTIMES = ["onnxruntime", "openvino", "litert", "executorch", "tflite-micro", "onnxruntime-web"]
@@ -622,9 +737,15 @@ def bench(
     from modelpress._files import check_output_path, write_text_atomic
     from modelpress.analyse.profile import human_bytes
     from modelpress.deploy.bench import artifact_runtimes, compare_artifacts, runs_in
+    from modelpress.deploy.genai import is_genai_folder
     from modelpress.deploy.integer import integer_kernels
     from modelpress.errors import ExportError
 
+    if is_genai_folder(artifact):
+        if baseline and not is_genai_folder(baseline):
+            raise ExportError(f"--baseline '{baseline}' is not a GenAI folder; compare {artifact} with one.")
+        _bench_genai(artifact, baseline, rounds, threads, json_out)
+        return
     for p in [artifact] + ([baseline] if baseline else []):
         if not Path(p).is_file():
             raise ExportError(f"Artifact '{p}' does not exist. Export one first with `modelpress export`.")

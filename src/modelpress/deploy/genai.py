@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -658,3 +658,158 @@ def export_genai(
     result.path = out
     result.files = sorted(out.iterdir())
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# generate and bench: the runtime's own loop, no torch
+# --------------------------------------------------------------------------------------------------
+
+_BENCH_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when movable metal type, oil-based "
+    "ink and a screw press were brought together in one workshop. Books that had taken a scribe months could "
+    "be made by the hundred in weeks, and within fifty years presses worked in more than two hundred cities. "
+    "The spread of cheap books changed how scholars shared results, how languages settled their spelling, "
+    "and how news travelled between merchants, churches and governments. "
+)
+
+
+def is_genai_folder(path: str | os.PathLike[str]) -> bool:
+    return Path(path).is_dir() and (Path(path) / "genai_config.json").is_file()
+
+
+def _check_folder(path: str | os.PathLike[str]) -> Path:
+    folder = Path(path)
+    if not is_genai_folder(folder):
+        raise ExportError(
+            f"'{folder}' is not an ONNX Runtime GenAI folder (no genai_config.json). Write one with "
+            "`modelpress export MODEL_FOLDER --to genai -o FOLDER`."
+        )
+    return folder
+
+
+def stream_tokens(
+    folder: str | os.PathLike[str], prompt: str, max_new_tokens: int = 128, threads: int = 0
+) -> Any:
+    """Yield the text of each new token (greedy) as the runtime generates it; stops at EOS."""
+    og = _import_genai()
+    model = load_genai(_check_folder(folder), threads)
+    tokenizer = og.Tokenizer(model)
+    stream = tokenizer.create_stream()
+    ids = tokenizer.encode(prompt)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+        yield stream.decode(generator.get_next_tokens()[0])
+
+
+@dataclass
+class LLMTiming:
+    """One folder's generation speed: medians over interleaved rounds, peak RSS of a fresh process."""
+
+    name: str
+    path: str
+    model_bytes: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    decode_rounds: list[float]
+    peak_rss_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _prompt_ids(model: Any, n: int) -> list[int]:
+    og = _import_genai()
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += [int(i) for i in og.Tokenizer(model).encode(_BENCH_TEXT)]
+    return ids[:n]
+
+
+def _timed_generate(model: Any, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) for `ids` then `new_tokens` greedy tokens (EOS ignored)."""
+    import time
+
+    og = _import_genai()
+    params = og.GeneratorParams(model)
+    total = len(ids) + new_tokens
+    params.set_search_options(do_sample=False, max_length=total, min_length=total)
+    generator = og.Generator(model, params)
+    t0 = time.perf_counter()
+    generator.append_tokens(np.asarray(ids, dtype=np.int32))
+    generator.generate_next_token()
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        generator.generate_next_token()
+    t2 = time.perf_counter()
+    del generator
+    return t1 - t0, t2 - t1
+
+
+def bench_genai(
+    folders: Mapping[str, str | os.PathLike[str]],
+    *,
+    prompt_tokens: int = 128,
+    new_tokens: int = 128,
+    rounds: int = 5,
+    threads: int = 2,
+    peak_memory: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, LLMTiming]:
+    """Prefill and decode tokens/s of each folder in ONNX Runtime GenAI, timed in turn within each round
+    (A, B, A, B...) in this process, the same prompt for all; peak RSS of a fresh process per folder that
+    loads it and generates once."""
+    import statistics
+
+    say = progress or (lambda _msg: None)
+    models = {name: load_genai(_check_folder(path), threads) for name, path in folders.items()}
+    ids = _prompt_ids(next(iter(models.values())), prompt_tokens)
+    prefill: dict[str, list[float]] = {n: [] for n in models}
+    decode: dict[str, list[float]] = {n: [] for n in models}
+    for model in models.values():  # warm-up
+        _timed_generate(model, ids, 4)
+    for r in range(rounds):
+        for name, model in models.items():
+            p, d = _timed_generate(model, ids, new_tokens)
+            prefill[name].append(len(ids) / p)
+            decode[name].append((new_tokens - 1) / d)
+        say(f"round {r + 1}/{rounds}")
+    del models
+    out = {}
+    for name, path in folders.items():
+        size = sum(p.stat().st_size for p in Path(path).iterdir() if p.name.startswith("model.onnx"))
+        out[name] = LLMTiming(
+            name,
+            str(path),
+            size,
+            statistics.median(prefill[name]),
+            statistics.median(decode[name]),
+            decode[name],
+        )
+        if peak_memory:
+            say(f"peak memory of {name}")
+            out[name].peak_rss_bytes = _peak_rss(path, ids, new_tokens, threads)
+    return out
+
+
+def _peak_rss(folder: str | os.PathLike[str], ids: list[int], new_tokens: int, threads: int) -> int:
+    """Peak RSS (bytes) of a fresh Python process that loads `folder` and generates once."""
+    code = (
+        "import json, resource, sys\n"
+        "from modelpress.deploy.genai import load_genai, _timed_generate\n"
+        "m = load_genai(sys.argv[1], int(sys.argv[4]))\n"
+        "_timed_generate(m, json.loads(sys.argv[2]), int(sys.argv[3]))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(folder), json.dumps(ids), str(new_tokens), str(threads)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ExportError(f"measuring the peak memory of {folder} failed: {done.stderr.strip()[-500:]}")
+    return int(done.stdout.strip().splitlines()[-1])
