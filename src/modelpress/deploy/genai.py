@@ -796,16 +796,26 @@ def bench_genai(
 
 
 def _peak_rss(folder: str | os.PathLike[str], ids: list[int], new_tokens: int, threads: int) -> int:
-    """Peak RSS (bytes) of a fresh Python process that loads `folder` and generates once."""
+    """Peak RSS (bytes) of a fresh Python process that loads `folder` and generates once: it imports
+    onnxruntime_genai and numpy only (no torch, no modelpress), as a deployment would."""
     code = (
         "import json, resource, sys\n"
-        "from modelpress.deploy.genai import load_genai, _timed_generate\n"
-        "m = load_genai(sys.argv[1], int(sys.argv[4]))\n"
-        "_timed_generate(m, json.loads(sys.argv[2]), int(sys.argv[3]))\n"
+        "import numpy as np, onnxruntime_genai as og\n"
+        "folder, ids, new, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])\n"
+        "config = og.Config(folder)\n"
+        "opts = {'intra_op_num_threads': threads, 'inter_op_num_threads': 1}\n"
+        "config.overlay(json.dumps({'model': {'decoder': {'session_options': opts}}}))\n"
+        "model = og.Model(config)\n"
+        "params = og.GeneratorParams(model)\n"
+        "params.set_search_options(do_sample=False, max_length=len(ids) + new, min_length=len(ids) + new)\n"
+        "generator = og.Generator(model, params)\n"
+        "generator.append_tokens(np.asarray(ids, dtype=np.int32))\n"
+        "while not generator.is_done():\n"
+        "    generator.generate_next_token()\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(folder), json.dumps(ids), str(new_tokens), str(threads)],
+        [sys.executable, "-c", code, str(folder), json.dumps(ids), str(new_tokens), str(max(threads, 1))],
         capture_output=True,
         text=True,
         check=False,
