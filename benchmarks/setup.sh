@@ -60,6 +60,26 @@ install --no-deps "torchao==0.18.0"
 # - torch-pruning: pure Python, declares torch>=2.0 and numpy (the constraints keep our torch).
 install "torch-pruning==1.6.1"
 
+# --- LLAMA_CPP (opt-in: LLAMA_CPP=1; a benchmark setup step, never CI) -----------------------------------
+# llama.cpp through llama-cpp-python, the peer engine of the LLM generation benchmark (benchmarks/llm_llamacpp.py).
+# Built from source (~20 min on 2 shared cores): a native build (-DGGML_NATIVE=ON, the default) turns on
+# llama.cpp's AMX kernels, which crash on these CPUs, so AVX-512 (VNNI, BF16) is named and AMX is off.
+# --no-cache-dir: pip's wheel cache is not keyed by CMAKE_ARGS, so a wheel built with other flags could be reused.
+# Its other dependencies (numpy, diskcache, jinja2, typing-extensions) admit our pins; torch is pinned above.
+# Already installed: pip says "Requirement already satisfied"; the check below refuses an AMX build.
+if [[ "${LLAMA_CPP:-0}" == "1" ]]; then
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+        install --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
+    "$PYTHON" - <<'EOF'
+import llama_cpp
+
+info = llama_cpp.llama_print_system_info().decode()
+assert "AMX" not in info, f"llama-cpp-python was built with AMX kernels (they crash here): {info}"
+print("benchmarks/setup.sh: llama-cpp-python", llama_cpp.__version__, "without AMX:", info.strip())
+EOF
+fi
+# --- end LLAMA_CPP ---------------------------------------------------------------------------------------
+
 # Smoke check: everything imports / is findable without touching the network.
 # (torchao's prebuilt extensions are CUDA kernels: skip loading them, as benchmarks/assets.py does.)
 TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1 "$PYTHON" - <<'EOF'
