@@ -124,6 +124,12 @@ def test_a_folder_that_generates_otherwise_is_not_written(
 def test_bad_input_is_named(tokenizer: object, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="causal LM"):
         genai.export_genai(nn.Linear(4, 4), tokenizer, tmp_path / "x")
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer))  # type: ignore[arg-type]
+    )
+    with pytest.raises(ExportError, match="builder does not support GPT2LMHeadModel.*to='onnx'"):
+        genai.export_genai(gpt2.eval(), tokenizer, tmp_path / "gpt2")
+    assert not (tmp_path / "gpt2").exists()
     (tmp_path / "taken").mkdir()
     with pytest.raises(ExportError, match="exists"):
         genai.export_genai(tiny_llama(len(tokenizer)), tokenizer, tmp_path / "taken")  # type: ignore[arg-type]

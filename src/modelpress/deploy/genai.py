@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.errors import ExportError, RuntimeUnavailableError
+from modelpress.errors import ExportError, ModelpressError, RuntimeUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -247,13 +247,19 @@ def _float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _check_causal_lm(model: nn.Module) -> Any:
     config = getattr(model, "config", None)
     name = type(model).__name__
-    if config is None or not hasattr(model, "generate") or not name.endswith("ForCausalLM"):
+    try:
+        from transformers import GenerationMixin
+    except ImportError as exc:
+        raise RuntimeUnavailableError(f"to='genai' needs transformers: {_GENAI_HINT}.") from exc
+    if (
+        config is None
+        or not isinstance(model, GenerationMixin)
+        or getattr(config, "is_encoder_decoder", False)
+    ):
         raise ExportError(
-            f"to='genai' exports a Hugging Face causal LM (a *ForCausalLM with .config and .generate); got "
-            f"{name}. Export other models with to='onnx'."
+            f"to='genai' exports a Hugging Face decoder-only causal LM (a model with .config and .generate, "
+            f"such as LlamaForCausalLM); got {name}. Export other models with to='onnx'."
         )
-    if getattr(config, "is_encoder_decoder", False):
-        raise ExportError(f"{name} is an encoder-decoder model; to='genai' takes decoder-only causal LMs.")
     return config
 
 
@@ -284,7 +290,7 @@ def _write_float_folder(model: nn.Module, tokenizer: Any, folder: Path) -> None:
         ) from exc
 
 
-def _run_builder(src: Path, out: Path, cache: Path) -> None:
+def _run_builder(src: Path, out: Path, cache: Path, architecture: str) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -303,14 +309,12 @@ def _run_builder(src: Path, out: Path, cache: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not (out / "model.onnx").exists():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
-        unsupported = re.search(r"(model is not currently supported|NotImplementedError.*)", tail)
-        hint = (
-            "ONNX Runtime GenAI's builder does not support this architecture; export it with to='onnx' "
-            "(whole-sequence forward) instead."
-            if unsupported
-            else "See the builder's message above."
-        )
-        raise ExportError(f"ONNX Runtime GenAI's model builder failed on this model:\n{tail}\n{hint}")
+        if re.search(r"model is not currently supported", tail):
+            raise ExportError(
+                f"ONNX Runtime GenAI's model builder does not support {architecture}; export it with to='onnx' "
+                "(a whole-sequence forward without KV cache) instead."
+            )
+        raise ExportError(f"ONNX Runtime GenAI's model builder failed on {architecture}:\n{tail}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -621,7 +625,7 @@ def export_genai(
         say("writing the float folder for ONNX Runtime GenAI's builder")
         _write_float_folder(model, tokenizer, src)
         say("building the decoder graph (KV cache, fused attention)")
-        _run_builder(src, built, cache)
+        _run_builder(src, built, cache, type(model).__name__)
         say("placing the quantized weights")
         onnx_model = onnx.load(str(built / "model.onnx"), load_external_data=True)
         quantized, float_matmuls = _quantize_graph(onnx_model, model, accuracy_level)
@@ -640,7 +644,15 @@ def export_genai(
         result = GenAIExport(built, [], quantized=quantized, float_matmuls=float_matmuls)
         if check_prompts:
             say("checking greedy tokens against the torch model")
-            result.checks = check_greedy(model, tokenizer, built, check_prompts, check_tokens)
+            try:
+                result.checks = check_greedy(model, tokenizer, built, check_prompts, check_tokens)
+            except ModelpressError:
+                raise
+            except Exception as exc:
+                raise ExportError(
+                    f"ONNX Runtime GenAI could not run the folder it was given ({type(exc).__name__}: {exc}). "
+                    "Check the model's config (token ids within the vocabulary, a supported architecture)."
+                ) from exc
         failed = [c for c in result.checks if not c.passed]
         if failed:
             rejected = out.with_name(out.name + ".rejected")
