@@ -110,3 +110,33 @@ vowels = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "J
 assert all(os.path.isfile(os.path.join(vowels, f"JapaneseVowels_{s}.ts")) for s in ("TRAIN", "TEST")), vowels
 print("benchmarks/setup.sh: assets installed and found")
 EOF
+
+# Opt-in (OV_PEER=1): the OpenVINO GenAI peer of issue 32, optimum-intel + NNCF int4
+# (`optimum-cli export openvino --weight-format int4`, see benchmarks/llm_openvino.py). optimum-intel pins a
+# transformers older than ours, so it goes into its own venv (OV_PEER_VENV, outside the repository by default),
+# with the same CPU torch and the same OpenVINO / openvino-tokenizers as the main environment, torchvision
+# forbidden (optimum-intel 2.2 wants it; the constraint settles on 2.1.0, which does not).
+if [[ "${OV_PEER:-0}" == "1" ]]; then
+    OV_PEER_VENV="${OV_PEER_VENV:-$HOME/.cache/modelpress/venv-ovpeer}"
+    ov_version() { "$PYTHON" -c "from importlib.metadata import version; print(version('$1'))"; }
+    OV_VERSION="$(ov_version openvino)"
+    OVT_VERSION="$(ov_version openvino-tokenizers)"
+    [[ -x "$OV_PEER_VENV/bin/python" ]] || "$PYTHON" -m venv "$OV_PEER_VENV"
+    PEER_CONSTRAINTS="$(mktemp)"
+    printf 'torch==%s\ntorchvision<0\nopenvino==%s\nopenvino-tokenizers==%s\n' \
+        "$TORCH_VERSION" "$OV_VERSION" "$OVT_VERSION" >"$PEER_CONSTRAINTS"
+    peer_pip=("$OV_PEER_VENV/bin/python" -m pip install --disable-pip-version-check -c "$PEER_CONSTRAINTS")
+    peer_pkgs=("torch==$TORCH_VERSION" "openvino==$OV_VERSION" "openvino-tokenizers==$OVT_VERSION"
+        "optimum-intel[openvino]==2.1.0" "nncf==3.4.0")
+    # Dry run first: stop before anything is installed if the resolver wants another torch.
+    if "${peer_pip[@]}" --dry-run "${peer_pkgs[@]}" 2>/dev/null | grep -E '^Would install.* torch-[0-9]' \
+        | grep -vq "torch-$TORCH_VERSION"; then
+        echo "setup.sh: the OV peer venv would get another torch than $TORCH_VERSION; not installing." >&2
+        rm -f "$PEER_CONSTRAINTS"
+        exit 1
+    fi
+    "${peer_pip[@]}" "${peer_pkgs[@]}"
+    rm -f "$PEER_CONSTRAINTS"
+    "$OV_PEER_VENV/bin/optimum-cli" export openvino --help >/dev/null
+    echo "setup.sh: OpenVINO peer installed in $OV_PEER_VENV ($OV_PEER_VENV/bin/optimum-cli)"
+fi

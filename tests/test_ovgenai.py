@@ -1,0 +1,134 @@
+"""OpenVINO GenAI export (deploy/ovgenai.py): a tiny seeded Llama, compressed, runs in LLMPipeline with the
+same greedy tokens as PyTorch, its weights stored as compressed constants with our values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("openvino_genai", reason="openvino-genai is not installed")
+pytest.importorskip("openvino_tokenizers", reason="openvino-tokenizers is not installed")
+transformers = pytest.importorskip("transformers")
+
+import openvino as ov  # noqa: E402
+
+from modelpress.deploy.ovgenai import build_model, export_openvino_genai  # noqa: E402
+from modelpress.errors import ExportError  # noqa: E402
+from modelpress.techniques.weight_only import WeightOnlyConfig, weight_only  # noqa: E402
+
+PROMPTS = ("The capital of France is", "Once upon a time")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(
+        ["The capital of France is Paris. Once upon a time there lived a fox."] * 10, trainer
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+
+
+def tiny_llama(hidden: int = 96, heads: int = 6) -> nn.Module:
+    # hidden 96 / intermediate 160: groups of 64 end in a partial block (the input is padded in the IR);
+    # a wide init so that greedy decoding does not repeat one token.
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=320,
+        hidden_size=hidden,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,
+        pytest.param(WeightOnlyConfig(bits=4, group_size=64, symmetric=True), marks=pytest.mark.slow),
+        WeightOnlyConfig(bits=4, group_size=64, symmetric=False),
+        WeightOnlyConfig(bits=8, symmetric=False),
+        pytest.param(WeightOnlyConfig(bits=8, group_size=32, symmetric=True), marks=pytest.mark.slow),
+    ],
+    ids=["fp32", "int4-sym", "int4-asym", "int8-asym", "int8-g32"],
+)
+def test_greedy_tokens_match_pytorch(tmp_path, tokenizer, config):
+    model = tiny_llama()
+    if config is not None:
+        model = weight_only(model, config)
+    report = export_openvino_genai(model, tokenizer, tmp_path / "ov", prompts=PROMPTS, new_tokens=12)
+    assert report.prefill_max_abs_diff < 1e-3
+    for check in report.checks:
+        assert len(check.torch_tokens) == 12
+        assert check.openvino_tokens == check.torch_tokens
+    names = {p.name for p in (tmp_path / "ov").iterdir()}
+    assert {
+        "openvino_model.xml",
+        "openvino_model.bin",
+        "openvino_tokenizer.xml",
+        "openvino_detokenizer.xml",
+        "config.json",
+        "generation_config.json",
+    } <= names
+    assert json.loads((tmp_path / "ov" / "generation_config.json").read_text())["eos_token_id"] == 0
+
+
+def test_compressed_constants_hold_our_values():
+    # Symmetric groups: the tied embedding and head (the embedding is always symmetric) share one table.
+    model = weight_only(tiny_llama(hidden=128, heads=4), WeightOnlyConfig(bits=4, group_size=64))
+    _, counts = build_model(model)
+    per_layer = 128 * 128 * 2 + 64 * 128 * 2 + 160 * 128 * 2 + 128 * 192  # K = 160 is padded to 192
+    assert counts == {"i4": 320 * 128 + 2 * per_layer}  # the 320 x 128 table once
+    # Asymmetric groups: u4 codes and zero points, decompressing to the layer's weight bit for bit.
+    model = weight_only(tiny_llama(), WeightOnlyConfig(bits=4, group_size=64, symmetric=False))
+    ov_model, counts = build_model(model)
+    assert set(counts) == {"i8", "u4"}  # the embedding (dim 96: no whole groups) stays int8 per row
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = model.get_submodule(name)
+        node = next(op for op in ov_model.get_ops() if op.get_friendly_name() == name + ".weight")
+        folded = ov.Model([ops_result(node)], [], "w")
+        out = ov.Core().compile_model(folded, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({})[0]
+        want = layer.dequantized_weight().numpy()
+        np.testing.assert_array_equal(out[:, : want.shape[1]], want)  # (u - zp) * scale bit for bit
+        assert not out[:, want.shape[1] :].any()  # the padded columns decompress to 0
+
+
+def ops_result(node):
+    import openvino.opset13 as ops
+
+    return ops.result(node)
+
+
+def test_refuses_what_it_cannot_write(tmp_path, tokenizer):
+    with pytest.raises(ExportError, match="causal LM"):
+        export_openvino_genai(nn.Linear(4, 4), tokenizer, tmp_path / "a")
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    )
+    with pytest.raises(ExportError, match="model_type 'gpt2'"):
+        export_openvino_genai(gpt2, tokenizer, tmp_path / "b")
+    with pytest.raises(ExportError, match="tokenizer"):
+        export_openvino_genai(tiny_llama(), object(), tmp_path / "c", prompts=None)
+    assert not (tmp_path / "c").exists()  # nothing half-written
