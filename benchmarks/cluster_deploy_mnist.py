@@ -33,6 +33,7 @@ import assets
 
 import modelpress as mp
 from modelpress.deploy.executorch import ExecuTorchSession, export_executorch, lower_executorch
+from modelpress.deploy.integer import integer_kernels
 from modelpress.deploy.litert import export_litert, float_ops, int8_kernels, open_litert
 
 BATCH = 250  # ExecuTorch and ONNX Runtime: the test set in batches; LiteRT's graph is static at batch 1
@@ -93,11 +94,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         onnx_fp32 = mp.export_onnx(model, (x[:1],), work / "fp32.onnx")
-        onnx_int8 = mp.export_onnx(small, (x[:1],), work / "cluster-int8.onnx", target="onnxruntime")
-        session = mp.open_session(onnx_int8, runtime="onnxruntime")
-        logits = _predict(lambda b: session.run([b])[0], xs, BATCH)
-        result["onnxruntime"] = row(logits, onnx_int8.stat().st_size, onnx_fp32.stat().st_size)
-        print("onnxruntime", result["onnxruntime"], flush=True)
+        for runtime in mp.available_runtimes():  # ONNX placed for each runtime
+            onnx_int8 = mp.export_onnx(small, (x[:1],), work / f"cluster-int8-{runtime}.onnx", target=runtime)
+            session = mp.open_session(onnx_int8, runtime=runtime)
+            logits = _predict(lambda b, s=session: s.run([b])[0], xs, BATCH)
+            kernels = integer_kernels(onnx_int8, runtime)
+            result[runtime] = row(
+                logits,
+                onnx_int8.stat().st_size,
+                onnx_fp32.stat().st_size,
+                integer_layers=[k.name for k in kernels.layers if k.kind == "integer"],
+            )
+            print(runtime, result[runtime], flush=True)
 
         lite_fp32 = export_litert(model, (x[:1],), work / "fp32.tflite")
         start = time.perf_counter()

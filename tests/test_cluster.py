@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modelpress as mp
+from modelpress.deploy.integer import integer_kernels
 from modelpress.ops.cluster import (
     _RowSearch,
     index_bits,
@@ -271,13 +272,17 @@ def test_the_onnx_file_keeps_the_indices_and_runs_integer_kernels(tmp_path):
     _, small = _clustered_int8(model, data)
     plain = mp.compress(copy.deepcopy(model), [mp.StaticInt8Config(reduce_range=False)], data)
     x = data[0][0]
-    path = mp.export_onnx(small, (x,), tmp_path / "cluster-int8.onnx")
     dense = mp.export_onnx(plain, (x,), tmp_path / "int8.onnx")
-    # 4-bit indices and an int8 codebook per row: about half the bytes of the int8 weights
-    assert _bytes(path) <= 0.6 * _bytes(dense)
     for runtime in mp.available_runtimes():
+        path = mp.export_onnx(small, (x,), tmp_path / f"{runtime}.onnx", target=runtime)
+        # 4-bit indices and an int8 codebook per row: about half the bytes of the int8 weights
+        assert _bytes(path) <= 0.6 * _bytes(dense)
         report = mp.check_parity(small, mp.open_session(path, runtime=runtime), [(x,)], min_cosine=0.9999)
         assert report.passed, (runtime, report)
+        # the runtime folds the gather at load and runs the layers on integer kernels (ONNX Runtime's last
+        # one, whose output is the model's, stays float by placement)
+        kinds = [layer.kind for layer in integer_kernels(path, runtime).layers]
+        assert kinds == (["integer", "float"] if runtime == "onnxruntime" else ["integer", "integer"])
 
 
 def test_the_dense_int8_form_computes_the_same_and_leaves_the_model_alone():

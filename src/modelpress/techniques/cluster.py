@@ -247,7 +247,8 @@ def _decode(
     shared: torch.Tensor, flat_idx: torch.Tensor, mask: torch.Tensor | None, shape: tuple[int, ...], axis: int
 ) -> torch.Tensor:
     """The dense weight of `shape` from codebooks (groups, values), flat indices (rows, cols) and a mask."""
-    w = shared.reshape(-1)[flat_idx]  # (rows, cols)
+    # (rows, cols); a 1-D Gather, which OpenVINO folds at load (a GatherND it runs on every call)
+    w = torch.index_select(shared.reshape(-1), 0, flat_idx.reshape(-1)).reshape(flat_idx.shape)
     if mask is not None:
         w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
     moved = (shape[axis], *shape[:axis], *shape[axis + 1 :])
@@ -584,7 +585,8 @@ class ClusteredInt8Layer(QuantizedLayer):
                 torch.arange(self.rows, device=idx.device), self.book_rows, rounding_mode="floor"
             )
             idx = idx + (book * self.values)[:, None]
-        codes = self.codebook.reshape(-1)[idx]  # (rows, cols) int8
+        # (rows, cols) int8; a 1-D Gather, which OpenVINO folds at load (a GatherND it runs on every call)
+        codes = torch.index_select(self.codebook.reshape(-1), 0, idx.reshape(-1)).reshape(idx.shape)
         if mask is not None:
             keep = mask.reshape(self.rows, self.cols)
             codes = torch.where(keep, codes, torch.zeros((), dtype=codes.dtype, device=codes.device))
