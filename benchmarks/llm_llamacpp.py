@@ -9,7 +9,7 @@ Token ids go in and out: the engine drives ``llama_decode`` on our tokenizer's i
 tokenization is timed and the perplexity windows are the same ids every engine reads. Greedy is an argmax
 over the last logits row (first index on ties, as ``torch.argmax``).
 
-Install (a benchmark setup step, never CI; a source build with the AMX kernels off, ~20 min on 2 cores):
+Install (a benchmark setup step, never CI; a source build with the AMX kernels off, ~11 min on 2 busy cores):
 ``LLAMA_CPP=1 bash benchmarks/setup.sh``.
 
     python benchmarks/llm_llamacpp.py WORK_DIR   # SmolLM2 GGUFs into WORK_DIR, then a quick check
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import logging
+import os
 import subprocess
 import sys
 import tarfile
@@ -47,7 +48,7 @@ def _llama_cpp() -> Any:
     except ImportError as e:  # pragma: no cover - depends on the benchmark environment
         raise RuntimeError(
             "llama-cpp-python is not installed: run `LLAMA_CPP=1 bash benchmarks/setup.sh` "
-            "(a ~20 min source build with the AMX kernels off)"
+            "(a ~11 min source build with the AMX kernels off)"
         ) from e
     # llama.cpp logs every tensor on load and quantize; keep errors only.
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
@@ -304,11 +305,15 @@ def _quick_check(work: Path, threads: int = 2, n_windows: int = 8, repeats: int 
         ref_logits = model(input_ids=torch.tensor([windows[0]]), use_cache=False).logits[0].numpy()
     torch_tokens = ref[0, len(prompt) :].tolist()
     report: dict[str, Any] = {"make_ggufs_s": make_s, "torch_fp32_perplexity": torch_ppl, "variants": {}}
+    report["torch_greedy_tokens_compared"] = len(torch_tokens)
+    # llama.cpp's threads meet at an OpenMP barrier per op: on a busy 2-core host, 2-thread decode collapses
+    # (several x slower, rounds 5x apart) while 1 thread does not. The load says whether a timing means anything.
+    report["loadavg_before"] = os.getloadavg()
     for name, path in paths.items():
         engine = open_engine(name, str(path), threads)
         try:
             runs = [engine.generate(prompt, 128) for _ in range(repeats)]
-            row = {
+            row: dict[str, Any] = {
                 "file_mb": engine.file_bytes() / 1e6,
                 "decode_tok_s": float(np.median([r.decode_tok_s for r in runs])),
                 "prefill_tok_s": float(np.median([len(prompt) / r.prefill_s for r in runs])),
@@ -327,6 +332,7 @@ def _quick_check(work: Path, threads: int = 2, n_windows: int = 8, repeats: int 
             engine.close()
         report["variants"][name] = row
         print(name, row, flush=True)
+    report["loadavg_after"] = os.getloadavg()
     return report
 
 

@@ -62,7 +62,7 @@ install "torch-pruning==1.6.1"
 
 # --- LLAMA_CPP (opt-in: LLAMA_CPP=1; a benchmark setup step, never CI) -----------------------------------
 # llama.cpp through llama-cpp-python, the peer engine of the LLM generation benchmark (benchmarks/llm_llamacpp.py).
-# Built from source (~20 min on 2 shared cores): a native build (-DGGML_NATIVE=ON, the default) turns on
+# Built from source (11 min on 2 shared cores, 2026-12-07): a native build (-DGGML_NATIVE=ON, the default) turns on
 # llama.cpp's AMX kernels, which crash on these CPUs, so AVX-512 (VNNI, BF16) is named and AMX is off.
 # --no-cache-dir: pip's wheel cache is not keyed by CMAKE_ARGS, so a wheel built with other flags could be reused.
 # Its other dependencies (numpy, diskcache, jinja2, typing-extensions) admit our pins; torch is pinned above.
