@@ -2,11 +2,15 @@
 (ours from `modelpress.deploy.ovgenai.export_openvino_genai`, or optimum-intel's `optimum-cli export
 openvino`), driven by its own generate loop. See `llm_engines.py` for the interface.
 
-A kind ending in ':f32' compiles with fp32 maths and KV cache and no activation quantization (what the
+A kind containing ':f32' compiles with fp32 maths and KV cache and no activation quantization (what the
 export's greedy check uses); otherwise the CPU plugin's defaults (on CPUs with bf16: bf16 maths, u8 KV
 cache, activations quantized per group of 32 in front of int4/int8 weights), as a user runs the folder.
+Generation runs LLMPipeline's default paged-attention scheduler with prefix caching off (on, it serves every
+repeat of the timed prompt from its cache: "prefill" at 16,000 tokens/s); ':sdpa' in the kind runs the
+stateful IR's own loop instead (ATTENTION_BACKEND=SDPA).
 
-    python benchmarks/llm_openvino.py export RECIPE OUT   # our SmolLM2 folder (RECIPE: fp32 or a recipe name)
+    python benchmarks/llm_openvino.py export RECIPE OUT   # our SmolLM2 folder (fp32, a recipe name, or a .pt
+                                                          # that generate_smollm2.py saved)
     python benchmarks/llm_openvino.py measure KIND=FOLDER ... [--threads 2] [--rounds 3] [--windows 8]
 """
 
@@ -108,6 +112,7 @@ def open_engine(kind: str, path: str, threads: int) -> OpenVINOEngine:
 
 def _export(recipe: str, out: str) -> None:
     import assets
+    import torch
 
     import modelpress as mp
     from modelpress.deploy.ovgenai import export_openvino_genai
@@ -115,7 +120,9 @@ def _export(recipe: str, out: str) -> None:
     model, tokenizer = assets.smollm2()
     model.hf_quantizer = None
     t0 = time.perf_counter()
-    if recipe != "fp32":
+    if recipe.endswith(".pt"):  # a compressed model saved by generate_smollm2.py ({"model": lm, ...})
+        model = torch.load(recipe, weights_only=False)["model"]
+    elif recipe != "fp32":
         model = mp.compress(model, recipe)
     t1 = time.perf_counter()
     report = export_openvino_genai(model, tokenizer, out, overwrite=True)

@@ -35,7 +35,12 @@ import torch
 from torch import nn
 
 from modelpress.errors import ExportError, ParityError, RuntimeUnavailableError
-from modelpress.techniques.quantized import GroupQuantizedEmbedding, GroupQuantizedLinear, QuantizedLayer
+from modelpress.techniques.quantized import (
+    GroupQuantizedEmbedding,
+    GroupQuantizedLinear,
+    QuantizedLayer,
+    reuse_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -590,7 +595,7 @@ def _check_prefill(model: nn.Module, xml: Path, tokenizer: Any, prompt: str) -> 
     ids = _encode(tokenizer, prompt)
     compiled = ov.Core().compile_model(str(xml), "CPU", EXACT_PROPERTIES)
     got = ir_logits(compiled, ids)
-    with torch.inference_mode():
+    with torch.inference_mode(), reuse_weights():  # the float weights built once, same maths
         want = model(torch.tensor([ids])).logits[0].float().numpy()
     return float(np.abs(got - want).max())
 
@@ -624,7 +629,7 @@ def check_greedy(
         ids = _encode(tokenizer, prompt)
         result = pipe.generate(ov.Tensor(np.asarray([ids], np.int64)), config)
         got = [int(t) for t in result.tokens[0]]
-        with torch.inference_mode():
+        with torch.inference_mode(), reuse_weights():  # the float weights built once, same maths
             full = model.generate(  # type: ignore[operator]
                 torch.tensor([ids]),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -636,7 +641,7 @@ def check_greedy(
         for step, (a, b) in enumerate(zip(want, got, strict=False)):
             if a != b:
                 check.first_divergence = step
-                with torch.inference_mode():
+                with torch.inference_mode(), reuse_weights():  # the float weights built once, same maths
                     logits = model(torch.tensor([ids + want[:step]])).logits[0, -1].float()
                 check.logit_gap = float(logits[a] - logits[b])
                 break
