@@ -73,6 +73,11 @@ def _compressed(work: Path, name: str) -> tuple[Any, Any, float]:
     if saved.exists():
         blob = torch.load(saved, weights_only=False)
         return blob["model"], tokenizer, blob["compress_s"]
+    if (work / name / "modelpress-build.json").exists():  # built before the torch model was kept
+        build_s = json.loads((work / name / "modelpress-build.json").read_text())["compress_s"]
+        lm = _from_genai(work / name)
+        torch.save({"model": lm, "compress_s": build_s}, saved)
+        return lm, tokenizer, build_s
     t0 = time.perf_counter()
     if name == "mp-int4-gptq-recon":
         model = assets.LogitsOnly(lm).eval()
@@ -100,6 +105,67 @@ def _compressed(work: Path, name: str) -> tuple[Any, Any, float]:
     return lm, tokenizer, compress_s
 
 
+def _from_genai(folder: Path) -> Any:
+    """Our compressed SmolLM2 rebuilt in torch from the codes of its ONNX Runtime GenAI folder (exactly: the
+    MatMulNBits codes, scales and zero points become the same GroupQuantizedLinear / int8 per-row layers), for
+    a folder built before the torch model was kept beside it."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    import modelpress as mp
+    from modelpress.ops.nbits import unpack_blocks
+    from modelpress.techniques.quantized import GroupQuantizedLinear
+
+    lm, _ = assets.smollm2()
+    lm.hf_quantizer = None
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    inits = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
+    head: tuple[torch.Tensor, torch.Tensor] | None = None
+    for node in graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        zp = inits[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+        codes, zps = unpack_blocks(
+            inits[node.input[1]], zp, k=a["K"], bits=a["bits"], block_size=a["block_size"]
+        )
+        scales = inits[node.input[2]].reshape(a["N"], -1)
+        if node.name.startswith("/lm_head/"):
+            head = (codes - zps[:, :1], scales[:, 0])  # int8 per row: every block of a row shares them
+            continue
+        layer, part, proj = node.name.split("/")[2:5]
+        names = ["q_proj", "k_proj", "v_proj"] if proj == "qkv_proj" else [proj]
+        prefix = f"model.{layer}.{'self_attn' if part == 'attn' else 'mlp'}"
+        start = 0
+        for n in names:
+            inner = lm.get_submodule(f"{prefix}.{n}")
+            rows = slice(start, start + inner.out_features)
+            start += inner.out_features
+            new = GroupQuantizedLinear(
+                inner,
+                codes[rows],
+                scales[rows],
+                None if zp is None else zps[rows],
+                bits=a["bits"],
+                group_size=a["block_size"],
+            )
+            lm.set_submodule(f"{prefix}.{n}", new)
+    assert head is not None
+    q, scale = head
+    lm.model.embed_tokens.weight.data = (q.float() * scale[:, None]).contiguous()
+    lm = mp.compress(
+        lm,
+        [
+            mp.WeightOnlyConfig(
+                bits=8, layers=("linear", "embedding"), targets=("lm_head", "model.embed_tokens")
+            )
+        ],
+    )
+    lm.lm_head.qweight.copy_(q.to(torch.int8))  # the embedding shares these tensors (tied)
+    lm.lm_head.scale.copy_(scale)
+    return lm
+
+
 def _ours(work: Path, name: str) -> Path:
     """Our compressed SmolLM2 as an ONNX Runtime GenAI folder (built once, cached)."""
     from modelpress.deploy.genai import export_genai
@@ -125,8 +191,43 @@ def _ours(work: Path, name: str) -> Path:
     return out
 
 
+def _ov_folder(work: Path, name: str) -> Path | None:
+    """An OpenVINO GenAI folder: ours (`export_openvino_genai`) or NNCF int4 through optimum-intel."""
+    out = work / name
+    if (out / "openvino_model.xml").exists():
+        return out
+    if name == "ov-nncf-int4":
+        venv = Path(os.environ.get("OV_PEER_VENV", Path.home() / ".cache/modelpress/venv-ovpeer"))
+        cli = venv / "bin" / "optimum-cli"
+        if not cli.exists():
+            _log(f"skipping {name}: no optimum-intel (OV_PEER=1 bash benchmarks/setup.sh)")
+            return None
+        import subprocess
+
+        hf = _hf_folder(work)
+        subprocess.run(
+            [str(cli), "export", "openvino", "-m", str(hf), "--weight-format", "int4", str(out)], check=True
+        )
+        return out
+    from modelpress.deploy.ovgenai import export_openvino_genai
+
+    source = name.removeprefix("ov-")
+    if source == "fp32":
+        lm, tokenizer = assets.smollm2()
+        lm.hf_quantizer = None
+    else:
+        lm, tokenizer, _ = _compressed(work, source)
+    report = export_openvino_genai(lm, tokenizer, out)
+    for c in report.checks:
+        _log(f"{name}: {c.prompt!r}: first divergence {c.first_divergence}, logit gap {c.logit_gap}")
+    return out
+
+
 def build(work: Path) -> dict[str, tuple[str, str]]:
-    """name -> (engine module, path) of every artifact this run measures."""
+    """name -> (engine module, path) of every artifact this run measures; a runtime that is not installed
+    skips its rows (logged)."""
+    import importlib.util
+
     work.mkdir(parents=True, exist_ok=True)
     hf = _hf_folder(work)
     found: dict[str, tuple[str, str]] = {}
@@ -139,6 +240,21 @@ def build(work: Path) -> dict[str, tuple[str, str]]:
     for name in ("mp-int4-gptq-recon", "mp-int8"):
         _log(f"building {name}")
         found[name] = ("llm_genai", str(_ours(work, name)))
+    if importlib.util.find_spec("openvino_genai") is not None:
+        for name in ("ov-fp32", "ov-mp-int4-gptq-recon", "ov-mp-int8", "ov-nncf-int4"):
+            _log(f"building {name}")
+            folder = _ov_folder(work, name)
+            if folder is not None:
+                found[name] = ("llm_openvino", str(folder))
+    else:
+        _log("skipping OpenVINO GenAI rows: openvino-genai is not installed")
+    if importlib.util.find_spec("llama_cpp") is not None:
+        import llm_llamacpp
+
+        for kind, path in llm_llamacpp.smollm2_ggufs(work / "gguf").items():
+            found[f"llamacpp-{kind}"] = ("llm_llamacpp", str(path))
+    else:
+        _log("skipping llama.cpp rows: LLAMA_CPP=1 bash benchmarks/setup.sh builds llama-cpp-python")
     return found
 
 
@@ -167,10 +283,13 @@ def main() -> None:
     for name, (module, path) in engines.items():
         opened[name] = llm_engines.open_engine(module, name, path, args.threads)
         rows[name] = {"engine": module, "path": path, "file_bytes": opened[name].file_bytes()}
+    for engine in opened.values():
+        engine.generate(prompt, 8)  # warm-up
     decode: dict[str, list[float]] = {n: [] for n in opened}
     prefill: dict[str, list[float]] = {n: [] for n in opened}
     for r in range(args.rounds):
         for name, engine in opened.items():
+            time.sleep(0.3)  # the previous runtime's worker threads stop spinning before this one starts
             timing = engine.generate(prompt, 128)
             decode[name].append(timing.decode_tok_s)
             prefill[name].append(len(prompt) / timing.prefill_s)
