@@ -205,8 +205,24 @@ def _ov_folder(work: Path, name: str) -> Path | None:
         import subprocess
 
         hf = _hf_folder(work)
+        # optimum-cli's default int4 group (128) fails on SmolLM2's width 576 (NNCF 3.4 has no fallback that
+        # works here); 64 divides it. NNCF keeps the tied embedding/head int8.
         subprocess.run(
-            [str(cli), "export", "openvino", "-m", str(hf), "--weight-format", "int4", str(out)], check=True
+            [
+                str(cli),
+                "export",
+                "openvino",
+                "-m",
+                str(hf),
+                "--task",
+                "text-generation-with-past",
+                "--weight-format",
+                "int4",
+                "--group-size",
+                "64",
+                str(out),
+            ],
+            check=True,
         )
         return out
     from modelpress.deploy.ovgenai import export_openvino_genai
