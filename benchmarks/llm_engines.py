@@ -84,14 +84,23 @@ def peak_memory(module: str, kind: str, path: str, prompt: list[int], new_tokens
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _hwm_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not `getrusage`'s ru_maxrss: Linux keeps that across
+    fork and exec, so a child of a large process reports its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child(module: str, kind: str, path: str, prompt: str, new_tokens: str, threads: str) -> None:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = _hwm_bytes()
     t0 = time.perf_counter()
     engine = open_engine(module, kind, path, int(threads))
     load_s = time.perf_counter() - t0
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loaded = _hwm_bytes()
     timing = engine.generate(json.loads(prompt), int(new_tokens))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _hwm_bytes()
     print(
         json.dumps(
             {

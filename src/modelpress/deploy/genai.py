@@ -809,7 +809,8 @@ def bench_genai(
 
 def _peak_rss(folder: str | os.PathLike[str], ids: list[int], new_tokens: int, threads: int) -> int:
     """Peak RSS (bytes) of a fresh Python process that loads `folder` and generates once: it imports
-    onnxruntime_genai and numpy only (no torch, no modelpress), as a deployment would."""
+    onnxruntime_genai and numpy only (no torch, no modelpress), as a deployment would. Read from VmHWM:
+    `getrusage`'s ru_maxrss survives fork and exec, so a child of a large process reports its parent's."""
     code = (
         "import json, resource, sys\n"
         "import numpy as np, onnxruntime_genai as og\n"
@@ -824,7 +825,8 @@ def _peak_rss(folder: str | os.PathLike[str], ids: list[int], new_tokens: int, t
         "generator.append_tokens(np.asarray(ids, dtype=np.int32))\n"
         "while not generator.is_done():\n"
         "    generator.generate_next_token()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+        "print(int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(folder), json.dumps(ids), str(new_tokens), str(max(threads, 1))],
