@@ -108,7 +108,7 @@ def _child(module: str, kind: str, path: str, prompt: str, new_tokens: str, thre
                 "rss_after_load_bytes": loaded,
                 "rss_before_load_bytes": base,
                 "load_s": load_s,
-                "decode_tok_s": timing.decode_tok_s,
+                "child_decode_tok_s": timing.decode_tok_s,  # one run, not interleaved: not the row's figure
             }
         )
     )
