@@ -508,16 +508,20 @@ def _sort_topologically(graph: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _torch_greedy(model: nn.Module, ids: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens of the torch model with its KV cache, and the logits at each step."""
+def torch_greedy(
+    model: nn.Module, ids: list[int], new_tokens: int, *, ignore_eos: bool = True
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens of a Hugging Face causal LM with its KV cache (`generate`; exactly `new_tokens` unless
+    `ignore_eos=False`), and its raw logits at each step: the reference the exported folders are checked
+    against."""
     from modelpress.techniques.quantized import reuse_weights
 
-    with torch.inference_mode(), reuse_weights():
+    with torch.inference_mode(), reuse_weights():  # the float weights built once, same maths
         out = model.generate(  # type: ignore[operator]
             torch.tensor([ids]),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
+            min_new_tokens=new_tokens if ignore_eos else None,
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
@@ -566,7 +570,7 @@ def check_greedy(
     runtime_model = load_genai(folder)
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]
-        want, logits = _torch_greedy(model, ids, new_tokens)
+        want, logits = torch_greedy(model, ids, new_tokens)
         got = genai_greedy(runtime_model, ids, new_tokens)
         step = next((i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), None)
         gap = 0.0

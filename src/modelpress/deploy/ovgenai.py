@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelpress.deploy.genai import torch_greedy
 from modelpress.errors import ExportError, ParityError, RuntimeUnavailableError
 from modelpress.techniques.quantized import (
     GroupQuantizedEmbedding,
@@ -629,21 +630,12 @@ def check_greedy(
         ids = _encode(tokenizer, prompt)
         result = pipe.generate(ov.Tensor(np.asarray([ids], np.int64)), config)
         got = [int(t) for t in result.tokens[0]]
-        with torch.inference_mode(), reuse_weights():  # the float weights built once, same maths
-            full = model.generate(  # type: ignore[operator]
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-            )
-        want = [int(t) for t in full[0, len(ids) :]]
+        want, logits = torch_greedy(model, ids, new_tokens, ignore_eos=False)
         check = PromptCheck(prompt=prompt, torch_tokens=want, openvino_tokens=got)
         for step, (a, b) in enumerate(zip(want, got, strict=False)):
             if a != b:
                 check.first_divergence = step
-                with torch.inference_mode(), reuse_weights():  # the float weights built once, same maths
-                    logits = model(torch.tensor([ids + want[:step]])).logits[0, -1].float()
-                check.logit_gap = float(logits[a] - logits[b])
+                check.logit_gap = float(logits[step][a] - logits[step][b])
                 break
         else:
             if len(want) != len(got):
