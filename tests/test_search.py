@@ -324,3 +324,188 @@ def test_a_search_with_an_mcu_budget_measures_each_trial_in_tflite_micro(tmp_pat
     assert measured and all((t.flash_bytes and t.arena_bytes) or "float" in t.mcu_error for t in measured)
     assert all(not t.feasible for t in measured if t.mcu_error)
     assert result.met and result.chosen.flash_bytes < 256 * 1024 and result.chosen.arena_bytes < 64 * 1024
+
+
+# ------------------------------------------------------------------------------------------------ depth, embeddings
+
+DEEP = SearchSpace(
+    structured=(0.0, 0.5),
+    lowrank=(0.0,),
+    sparsity=(0.0,),
+    cluster=(0,),
+    quantize=("int8", "static_int8"),
+    keep=(0,),
+    depth=(1.0, 0.5),
+    embeddings=(0, 16),
+    recover={"loss": "mse", "steps": 2},
+    depth_recover={"loss": "mse", "features": "mse", "steps": 3, "lr": 1e-3},
+    options={"static_int8": {"smooth_alpha": 0.75}, "depth": {"importance": "last"}},
+)
+
+
+def tiny_bert(layers: int = 4) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A seeded 4-layer BERT encoder (hidden 32, vocab 100) and four batches of (input_ids, attention_mask)."""
+    import zoo
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+    model = zoo.BertEncoderWrapper(BertModel(config, add_pooling_layer=False)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 100, (4, 12), generator=g) for _ in range(4)]
+    return model, [(x, torch.ones_like(x)) for x in ids]
+
+
+def test_depth_and_embeddings_build_steps_in_order_and_round_trip_through_yaml(tmp_path):
+    from modelpress.optimize.search import build_recipe, describe_recipe
+    from modelpress.pipeline.recipe import dump_recipe, load_recipe
+
+    point = {"depth": 0.5, "structured": 0.5, "lowrank": 0.0, "sparsity": 0.0, "cluster": 0, "embeddings": 16}
+    steps = build_recipe({**point, "quantize": "static_int8", "keep": 0}, DEEP, [])
+    assert [s["type"] for s in steps] == ["depth", "structured", "cluster", "static_int8"]
+    assert steps[0] == {
+        "type": "depth",
+        "ratio": 0.5,
+        "recover": {"loss": "mse", "features": "mse", "steps": 3, "lr": 1e-3},
+        "importance": "last",
+    }
+    assert steps[1]["recover"] == {"loss": "mse", "steps": 2}  # the shared recovery, not the depth one
+    assert steps[2] == {"type": "cluster", "values": 16, "codebook_bits": 8, "layers": ["embedding"]}
+    assert steps[3] == {"type": "static_int8", "smooth_alpha": 0.75}
+    assert describe_recipe(steps) == "depth keep 0.5 + structured 0.5 + embeddings 16 + static_int8"
+    configs = load_recipe(steps)
+    (tmp_path / "recipe.yaml").write_text(dump_recipe(configs))
+    assert load_recipe(tmp_path / "recipe.yaml") == configs
+    # off: depth 1.0 and embeddings 0 add no step; without depth_recover the depth step takes `recover`
+    off = build_recipe({**point, "depth": 1.0, "embeddings": 0, "quantize": "int8", "keep": 0}, DEEP, [])
+    assert [s["type"] for s in off] == ["structured", "weight_only"]
+    shared = SearchSpace(depth=(1.0, 0.75), recover={"loss": "kl"})
+    assert build_recipe({**point, "depth": 0.75, "quantize": "none", "keep": 0}, shared, [])[0] == {
+        "type": "depth",
+        "ratio": 0.25,
+        "recover": {"loss": "kl"},
+    }
+
+
+def test_the_default_space_draws_and_resumes_as_before_depth_and_embeddings():
+    space = SearchSpace()
+    assert list(space.choices()) == ["structured", "lowrank", "sparsity", "cluster", "quantize", "keep"]
+    assert not {"depth", "embeddings", "depth_recover", "options"} & set(space.key())
+    assert next(iter(DEEP.choices())) == "depth" and "embeddings" in DEEP.choices()
+    assert SearchSpace(depth=[1.0], embeddings=[0]).choices() == space.choices()  # lists, as YAML gives them
+    for bad in ({"depth": (0.0,)}, {"depth": (1.5,)}, {"embeddings": (1,)}, {"options": {"prune": {}}}):
+        with pytest.raises(RecipeError, match="search:"):
+            SearchSpace(**bad)  # type: ignore[arg-type]
+
+
+def test_seeds_start_with_the_strong_depth_point_where_the_space_has_depth():
+    from modelpress.optimize.search import _seed_points
+
+    seeds = _seed_points(DEEP, fragile=0)
+    strong = {"depth": 0.5, "embeddings": 16, "quantize": "static_int8", "keep": 0}
+    assert {k: seeds[0][k] for k in strong} == strong and seeds[0]["structured"] == 0.0
+    assert seeds[1] == {**seeds[0], "structured": 0.5}
+    assert seeds[2]["depth"] == 1.0 and seeds[2]["embeddings"] == 0  # then the points without depth
+    # a space that always clusters the embeddings, offering a quarter of the channels too (the MiniLM benchmark's)
+    minilm = SearchSpace(
+        structured=(0.0, 0.25, 0.5), lowrank=(0.0,), sparsity=(0.0,), cluster=(0,), quantize=("static_int8",),
+        keep=(0,), depth=[1.0, 0.5], embeddings=[16, 4],
+    )  # fmt: skip
+    assert [(p["depth"], p["structured"], p["embeddings"]) for p in _seed_points(minilm, fragile=0)] == [
+        (0.5, 0.0, 16),
+        (0.5, 0.5, 16),
+        (0.5, 0.25, 16),
+        (1.0, 0.0, 16),
+        (1.0, 0.5, 16),
+    ]
+    # a space without depth seeds exactly as before
+    assert _seed_points(SMALL, fragile=1) == [
+        {
+            "structured": 0.0,
+            "lowrank": 0.0,
+            "sparsity": 0.0,
+            "cluster": 0,
+            "quantize": "static_int8",
+            "keep": 1,
+        },
+        {
+            "structured": 0.5,
+            "lowrank": 0.0,
+            "sparsity": 0.0,
+            "cluster": 0,
+            "quantize": "static_int8",
+            "keep": 1,
+        },
+    ]
+
+
+def test_a_depth_step_seen_before_starts_from_the_kept_model(caplog):
+    import logging
+
+    from modelpress.optimize.search import TrialContext, _compress
+    from modelpress.pipeline.recipe import load_recipe
+
+    model, data = tiny_bert()
+    ctx = TrialContext(model, data[0], data, lambda t: 0.0, "onnxruntime", "", "onnxruntime", 1, 1, 1)
+    depth = {"type": "depth", "ratio": 0.5, "importance": "last"}
+    first = _compress(ctx, load_recipe([depth, {"type": "weight_only", "bits": 8}]))
+    (student,) = ctx.students.values()
+    assert len(student.bert.encoder.layer) == 2
+    with caplog.at_level(logging.INFO, logger="modelpress.optimize.search"):
+        second = _compress(ctx, load_recipe([depth, {"type": "weight_only", "bits": 4, "group_size": 32}]))
+    assert "reusing the model" in caplog.text and list(ctx.students.values()) == [student]
+    assert len(student.bert.encoder.layer) == 2 and second is not student and first is not student
+    for ratio in (0.25, 0.75):  # other depth steps: each kept, the two most recent
+        _compress(ctx, load_recipe([{**depth, "ratio": ratio}]))
+    assert [len(m.bert.encoder.layer) for m in ctx.students.values()] == [3, 1]
+    # a cut that removes no block is no model to keep: the recipe runs whole
+    none = _compress(ctx, load_recipe([{**depth, "ratio": 0.1}, {"type": "weight_only", "bits": 8}]))
+    assert len(none.bert.encoder.layer) == 4 and len(ctx.students) == 2
+
+
+@pytest.mark.slow
+def test_a_search_with_depth_and_clustered_embeddings_on_a_tiny_transformer(tmp_path):
+    model, data = tiny_bert()
+
+    def cosine(target: object) -> float:  # agreement with the fp32 model's hidden states
+        predict = mp.as_predictor(target)
+        with torch.no_grad():
+            sims = [torch.cosine_similarity(predict(d).flatten(1), model(*d).flatten(1)).mean() for d in data]
+        return float(torch.stack(sims).mean())
+
+    space = SearchSpace(
+        structured=(0.0,),
+        lowrank=(0.0,),
+        sparsity=(0.0,),
+        cluster=(0,),
+        quantize=("int8",),
+        keep=(0,),
+        depth=(1.0, 0.5),
+        embeddings=(0, 16),
+        depth_recover={"loss": "mse", "features": "mse", "steps": 3, "lr": 1e-3},
+    )
+    out = tmp_path / "s"
+    result = search(model, data, cosine, Constraints(), config=fast(out, trials=2, space=space))
+    deep, flat = result.trials
+    assert deep.params["depth"] == 0.5 and deep.params["embeddings"] == 16  # the strong depth seed first
+    assert [s["type"] for s in deep.recipe] == ["depth", "cluster", "weight_only"]
+    assert deep.state == flat.state == "complete" and deep.size_factor > flat.size_factor
+    assert deep.speedup is not None and deep.quality > 0.5
+    # the trial's recipe.yaml reproduces its artifact
+    recipe = mp.load_recipe(str(out / "trials" / "0000" / "recipe.yaml"))
+    again = mp.compress(model, recipe, data, allow_partial=True)
+    assert len(again.bert.encoder.layer) == 2
+    with torch.no_grad():
+        expected = again(*data[0]).numpy()
+    session = open_session(deep.artifact, "onnxruntime")
+    np.testing.assert_allclose(session.run([t.numpy() for t in data[0]])[0], expected, atol=1e-4)

@@ -188,10 +188,22 @@ class Constraints:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """The choices each trial draws from; 0 (or "none") turns a family off. `keep`: how many of the layers
-    most hurt by int8 (lowest output SQNR, one calibration pass) stay out of sparsity, clusters and
-    quantization. `recover`: training after the structured, low-rank, sparsity and cluster steps (a
-    DistillConfig as a dict, e.g. `{loss: task, epochs: 1}`), or None."""
+    """The choices each trial draws from; 0 (or "none", or 1.0 for `depth`) turns a family off.
+
+    `depth`: the share of the model's repeated blocks (transformer layers) kept, 1.0: all (the depth
+    technique, `DepthPruningConfig`); `embeddings`: shared values of the embedding tables (a cluster step on
+    `layers: [embedding]` with an int8 codebook; MiniLM's word embeddings are half of its bytes). `keep`: how
+    many of the layers most hurt by int8 (lowest output SQNR, one calibration pass) stay out of sparsity,
+    clusters and quantization. `recover`: training after the structured, low-rank, sparsity and cluster steps
+    (a DistillConfig as a dict, e.g. `{loss: task, epochs: 1}`), or None; `depth_recover`: the depth step's
+    own (e.g. `{loss: mse, features: mse, steps: 400, lr: 3e-4}`: hidden states matched block by block),
+    None: `recover`. `options`: fields added to (or replacing) a family's step, keyed by family (`depth`,
+    `structured`, `lowrank`, `sparsity`, `cluster`, `embeddings`, `int8`, `int4`, `static_int8`), e.g.
+    `{"static_int8": {"smooth_alpha": 0.75}}`.
+
+    A trial whose recipe starts with the same depth step as an earlier trial's starts from that trial's
+    pruned and recovered model (kept in memory, the two most recent), so the distillation is paid once.
+    """
 
     structured: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
     lowrank: tuple[float, ...] = (0.0, 0.5, 0.25)  # share of each layer's weights kept
@@ -202,33 +214,84 @@ class SearchSpace:
     sparsity_method: str = "magnitude"
     round_to: int = 1  # structured: channels kept per group, a multiple of this (8 suits int8 kernels)
     recover: dict[str, Any] | None = None
+    depth: tuple[float, ...] = (1.0,)  # share of the repeated blocks kept
+    embeddings: tuple[int, ...] = (0,)  # shared values of the embedding tables
+    depth_recover: dict[str, Any] | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        families = ("structured", "lowrank", "sparsity", "cluster", "quantize", "keep", "depth", "embeddings")
+        for name in families:  # lists (from YAML or JSON) as tuples, so that the defaults compare equal
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         known = {"none", "int8", "int4", "static_int8"}
         bad = [q for q in self.quantize if q not in known]
         if bad or not self.quantize:
             raise RecipeError(f"search: quantize choices {bad} unknown; choose from {sorted(known)}.")
-        for name in ("structured", "lowrank", "sparsity", "cluster", "quantize", "keep"):
+        for name in families:
             if not getattr(self, name):
                 raise RecipeError(
-                    f"search: the space's {name} needs at least one choice (0 or 'none' for off)."
+                    f"search: the space's {name} needs at least one choice (0 or 'none' for off; 1.0 for depth)."
                 )
+        bad_depth = [d for d in self.depth if not (isinstance(d, int | float) and 0 < d <= 1)]
+        if bad_depth:
+            raise RecipeError(
+                f"search: depth choices {bad_depth} must be shares of the blocks kept, in (0, 1] (1.0: off, "
+                "0.5: half the blocks)."
+            )
+        bad_values = [v for v in self.embeddings if not (isinstance(v, int) and (v == 0 or 2 <= v <= 256))]
+        if bad_values:
+            raise RecipeError(
+                f"search: embeddings choices {bad_values} must be 0 (off) or shared values from 2 to 256 (16 "
+                "packs each index into 4 bits)."
+            )
+        named = {"depth", "structured", "lowrank", "sparsity", "cluster", "embeddings", *known} - {"none"}
+        unknown = sorted(set(self.options) - named)
+        if unknown or not all(isinstance(v, dict) for v in self.options.values()):
+            raise RecipeError(
+                f"search: options must map a family to the fields of its step; {unknown or 'a value'} is not "
+                f"one (families: {sorted(named)})."
+            )
 
     def choices(self) -> dict[str, tuple[Any, ...]]:
-        return {
-            "structured": self.structured,
-            "lowrank": self.lowrank,
-            "sparsity": self.sparsity,
-            "cluster": self.cluster,
-            "quantize": self.quantize,
-            "keep": self.keep,
-        }
+        """Each family's choices; `depth` and `embeddings` only where they offer more than off, so a space
+        without them draws (and resumes) exactly as before they existed."""
+        out: dict[str, tuple[Any, ...]] = {}
+        if self.depth != (1.0,):
+            out["depth"] = self.depth
+        out.update(
+            {
+                "structured": self.structured,
+                "lowrank": self.lowrank,
+                "sparsity": self.sparsity,
+                "cluster": self.cluster,
+            }
+        )
+        if self.embeddings != (0,):
+            out["embeddings"] = self.embeddings
+        out.update({"quantize": self.quantize, "keep": self.keep})
+        return out
+
+    def key(self) -> dict[str, Any]:
+        """The space as plain data for the study's fingerprint: the fields added for depth and embeddings
+        left out at their defaults, so a study started before they existed still resumes."""
+        data = dataclasses.asdict(self)
+        for name, value in (
+            ("depth", (1.0,)),
+            ("embeddings", (0,)),
+            ("depth_recover", None),
+            ("options", {}),
+        ):
+            if data[name] == value:
+                del data[name]
+        return data
 
 
 def build_recipe(
     params: dict[str, Any], space: SearchSpace, sensitive: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """The recipe (a list of plain steps, in the order they compose) of one point of the space.
+    """The recipe (a list of plain steps, in the order they compose: depth, structured, low rank, sparsity,
+    clusters, clustered embeddings, quantization) of one point of the space.
 
     >>> build_recipe({"structured": 0.5, "lowrank": 0.0, "sparsity": 0.0, "cluster": 0, "quantize": "int8",
     ...               "keep": 0}, SearchSpace(), [])
@@ -237,12 +300,30 @@ def build_recipe(
     ignore = list(sensitive[: int(params.get("keep", 0))])
     keep = {"ignore": ignore} if ignore else {}
     recover = {"recover": dict(space.recover)} if space.recover else {}
+    options = {name: dict(fields) for name, fields in space.options.items()}
     steps: list[dict[str, Any]] = []
+    kept = float(params.get("depth", 1.0))
+    if kept < 1.0:
+        depth_recover = space.depth_recover if space.depth_recover is not None else space.recover
+        step = {"type": "depth", "ratio": round(1.0 - kept, 6)}
+        if depth_recover:
+            step["recover"] = dict(depth_recover)
+        steps.append({**step, **options.get("depth", {})})
     if params["structured"]:
         rounding = {"round_to": space.round_to} if space.round_to > 1 else {}
-        steps.append({"type": "structured", "ratio": params["structured"], **rounding, **recover})
+        steps.append(
+            {
+                "type": "structured",
+                "ratio": params["structured"],
+                **rounding,
+                **recover,
+                **options.get("structured", {}),
+            }
+        )
     if params["lowrank"]:
-        steps.append({"type": "lowrank", "ratio": params["lowrank"], **keep, **recover})
+        steps.append(
+            {"type": "lowrank", "ratio": params["lowrank"], **keep, **recover, **options.get("lowrank", {})}
+        )
     if params["sparsity"]:
         steps.append(
             {
@@ -252,17 +333,30 @@ def build_recipe(
                 "layers": ["linear", "conv"],
                 **keep,
                 **recover,
+                **options.get("sparsity", {}),
             }
         )
     if params["cluster"]:
-        steps.append({"type": "cluster", "values": params["cluster"], **keep, **recover})
+        steps.append(
+            {"type": "cluster", "values": params["cluster"], **keep, **recover, **options.get("cluster", {})}
+        )
+    if params.get("embeddings", 0):
+        steps.append(
+            {
+                "type": "cluster",
+                "values": params["embeddings"],
+                "codebook_bits": 8,
+                "layers": ["embedding"],
+                **options.get("embeddings", {}),
+            }
+        )
     quantize = params["quantize"]
     if quantize == "int8":
-        steps.append({"type": "weight_only", "bits": 8, **keep})
+        steps.append({"type": "weight_only", "bits": 8, **keep, **options.get("int8", {})})
     elif quantize == "int4":
-        steps.append({"type": "weight_only", "bits": 4, "group_size": 32, **keep})
+        steps.append({"type": "weight_only", "bits": 4, "group_size": 32, **keep, **options.get("int4", {})})
     elif quantize == "static_int8":
-        steps.append({"type": "static_int8", **keep})
+        steps.append({"type": "static_int8", **keep, **options.get("static_int8", {})})
     return steps
 
 
@@ -363,6 +457,36 @@ class TrialContext:
     rounds: int
     threads: int
     mcu: bool = False  # also write a TFLite Micro model and measure its flash and arena
+    # models after a depth step (its recovery included), by that step: later trials with the same step start
+    # there; per process (each Ray worker has its own), the two most recent
+    students: dict[str, nn.Module] = field(default_factory=dict)
+
+
+STUDENTS = 2  # depth-pruned models kept in memory for later trials
+
+
+def _compress(ctx: TrialContext, steps: list[Any]) -> nn.Module:
+    """`compress(ctx.model, steps)`, starting from a kept model when the recipe opens with a depth step an
+    earlier trial ran (depth pruning with distillation costs minutes; every other step is cheap beside it)."""
+    from modelpress.pipeline.recipe import compress
+
+    if not steps or steps[0].type != "depth":
+        return compress(ctx.model, steps, ctx.data, allow_partial=True)
+    key = repr(steps[0])
+    student = ctx.students.pop(key, None)
+    if student is None:
+        try:
+            student = compress(ctx.model, steps[:1], ctx.data, allow_partial=True)
+        except RecipeError:  # a cut that removes no block changes nothing alone: the whole recipe decides
+            return compress(ctx.model, steps, ctx.data, allow_partial=True)
+    else:
+        log.info("reusing the model of an earlier trial's %s", key)
+    ctx.students[key] = student  # most recent last
+    while len(ctx.students) > STUDENTS:
+        del ctx.students[next(iter(ctx.students))]
+    if len(steps) == 1:
+        return copy.deepcopy(student)
+    return compress(student, steps[1:], ctx.data, allow_partial=True)
 
 
 def _mcu_figures(model: nn.Module, ctx: TrialContext, out: Path) -> dict[str, Any]:
@@ -388,14 +512,14 @@ def run_trial(ctx: TrialContext, recipe: list[dict[str, Any]], folder: str) -> d
     from modelpress.deploy.bench import compare_artifacts
     from modelpress.deploy.export import export_for_runtimes
     from modelpress.deploy.runtime import open_session
-    from modelpress.pipeline.recipe import compress, dump_recipe, load_recipe
+    from modelpress.pipeline.recipe import dump_recipe, load_recipe
     from modelpress.pipeline.run import benchmark_batches
 
     start = time.perf_counter()
     torch.set_num_threads(ctx.threads)
     try:
         steps = load_recipe(recipe)
-        small = compress(ctx.model, steps, ctx.data, allow_partial=True)
+        small = _compress(ctx, steps)
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         (out / RECIPE_YAML).write_text(dump_recipe(steps), encoding="utf-8")
@@ -653,7 +777,7 @@ def _fingerprint(model: nn.Module, config: SearchConfig, example: Sequence[torch
         h.update(str(tuple(tensor.shape)).encode())
         if tensor.is_floating_point() and tensor.numel():
             h.update(f"{float(tensor.double().sum()):.6e}".encode())
-    h.update(json.dumps(dataclasses.asdict(config.space), sort_keys=True, default=str).encode())
+    h.update(json.dumps(config.space.key(), sort_keys=True, default=str).encode())
     h.update(f"{config.runtime} {config.baseline_runtime} {config.batch} {config.higher_is_better}".encode())
     h.update(str([tuple(t.shape) for t in example]).encode())
     return h.hexdigest()[:16]
@@ -703,15 +827,31 @@ def _sensitive_layers(model: nn.Module, data: list[Any] | None) -> tuple[list[st
 
 
 def _seed_points(space: SearchSpace, fragile: int) -> list[dict[str, Any]]:
-    """First trials: quantization alone with the fragile layers kept out (as the SQNR ranking says), then
-    with half the channels removed, then a strong point of every other family. Points the space cannot
-    express are left out."""
+    """First trials. Where the space has depth: the strong depth point first (half the blocks, or the
+    nearest share the space offers, clustered embeddings and the best quantization), then it with half and a
+    quarter of the channels removed too (they start from its distilled model), since each such trial costs
+    minutes where the depth step distills. Then quantization alone with the fragile layers kept out (as the
+    SQNR ranking says), with half the channels removed, and a strong point of every other family. Points the
+    space cannot express are left out."""
     choices = space.choices()
     keep = max((k for k in space.keep if k <= fragile), default=space.keep[0])
     base: dict[str, Any] = {name: values[0] for name, values in choices.items()}
     base.update({"structured": 0.0, "lowrank": 0.0, "sparsity": 0.0, "cluster": 0, "quantize": "none"})
+    # off where the space offers it; else the space's first choice (a space may offer only clustered embeddings)
+    if "depth" in choices:
+        base["depth"] = 1.0 if 1.0 in space.depth else space.depth[0]
+    if "embeddings" in choices:
+        base["embeddings"] = 0 if 0 in space.embeddings else space.embeddings[0]
     quant = next((q for q in ("static_int8", "int8", "int4") if q in space.quantize), "none")
-    wishes: list[dict[str, Any]] = [
+    wishes: list[dict[str, Any]] = []
+    shallower = [d for d in space.depth if d < 1.0]
+    if shallower:
+        depth = min(shallower, key=lambda d: (abs(d - 0.5), d))
+        shared = [v for v in space.embeddings if v]
+        embeddings = {"embeddings": 16 if 16 in shared else max(shared)} if shared else {}
+        strong = {"depth": depth, **embeddings, "quantize": quant, "keep": keep}
+        wishes += [strong, {**strong, "structured": 0.5}, {**strong, "structured": 0.25}]
+    wishes += [
         {"quantize": quant, "keep": keep},
         {"structured": 0.5, "quantize": quant, "keep": keep},
         {"structured": 0.75, "quantize": quant, "keep": keep},
@@ -796,8 +936,11 @@ def search(
         baseline = float(evaluate(open_session(fp32, config.runtime, threads=config.threads)))
         if not math.isfinite(baseline):
             raise RecipeError(f"search: the evaluation of the fp32 model returned {baseline}; fix it first.")
-        say("ranking layers by int8 sensitivity (one calibration pass)")
-        sensitive, fragile = _sensitive_layers(model, items)
+        if max(config.space.keep) > 0:
+            say("ranking layers by int8 sensitivity (one calibration pass)")
+            sensitive, fragile = _sensitive_layers(model, items)
+        else:  # no point keeps a layer out: the ranking would go unused
+            sensitive, fragile = [], 0
         for key, value in (
             ("fingerprint", fingerprint),
             ("baseline_quality", baseline),
@@ -1176,7 +1319,13 @@ def describe_recipe(recipe: Sequence[dict[str, Any]]) -> str:
     parts = []
     for step in recipe:
         kind = step["type"]
+        if kind == "cluster" and list(step.get("layers", ())) == ["embedding"]:
+            kind = "embeddings"
         value = {
+            "depth": f"keep {round(1 - float(step.get('ratio', 0.25)), 6):g}"
+            if step.get("blocks") is None
+            else f"-{step['blocks']} blocks",
+            "embeddings": step.get("values"),
             "structured": step.get("ratio"),
             "lowrank": step.get("ratio"),
             "sparsity": step.get("ratio"),
