@@ -130,6 +130,68 @@ def test_codebooks_per_group_of_rows_including_a_partial_last_group():
         assert weight[4 * g : 4 * g + 4].unique().numel() <= 4
 
 
+def test_codebooks_per_part_of_a_row_with_outliers_kept_apart():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(600, 6)).eval()
+    with torch.no_grad():
+        model[0].weight[2, 7] = 3.0  # far outside the row's spread
+    config = mp.ClusterConfig(values=16, per="rows", columns=192, outliers=2, codebook_bits=8)
+    layer = cluster(copy.deepcopy(model), config)[0]
+    assert layer.scheme == "cluster16/1rowsx192cols+2outliers+int8cb"
+    # 600 = 3 x 192 + 24: four codebooks a row, the last one over 24 weights
+    assert layer.codebook.shape == (6 * 4, 16) and layer.books_per_row == 4
+    assert layer.outlier_values.shape == (6, 8) and layer.outlier_values.dtype == torch.float16
+    assert layer.outlier_positions.dtype == torch.uint8  # a position within 192 columns
+    weight, original = layer.dequantized_weight(), model[0].weight.detach()
+    assert weight[2, 7] == torch.tensor(3.0, dtype=torch.float16).float()
+    columns, values = layer.outliers()
+    assert torch.equal(weight.gather(1, columns), values)
+    torch.testing.assert_close(values, original.gather(1, columns), atol=2e-3, rtol=2e-3)
+    for book, start in enumerate(range(0, 600, 192)):
+        part = weight[:, start : start + 192].clone()
+        part.scatter_(1, columns[:, 2 * book : 2 * book + 2] - start, float("nan"))
+        assert all(row[~row.isnan()].unique().numel() <= 16 for row in part)
+    # 4-bit indices, an int8 codebook (16 B + a 4 B scale) per 192 weights, 3 B per outlier
+    stored = sum(t.numel() * t.element_size() for t in layer.buffers(recurse=False))
+    assert stored == 6 * 600 // 2 + 24 * (16 + 4) + 6 * 8 * 3
+    finer = cluster(copy.deepcopy(model), mp.ClusterConfig(values=16, per="rows", codebook_bits=8))[0]
+    error = (weight - original).square().sum()
+    assert error < 0.5 * (finer.dequantized_weight() - original).square().sum()
+
+
+def test_outliers_and_part_rows_export_folded_and_quantize_to_int8(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(384, 256), nn.ReLU(), nn.Linear(256, 128)).eval()
+    x = torch.randn(4, 384, generator=_gen())
+    config = mp.ClusterConfig(values=16, per="rows", columns=128, outliers=2, codebook_bits=8)
+    small = mp.compress(copy.deepcopy(model), [config])
+    path = mp.export_onnx(small, (x,), tmp_path / "cluster.onnx")
+    for runtime in mp.available_runtimes():
+        report = mp.check_parity(small, mp.open_session(path, runtime=runtime), [(x,)], max_abs=1e-4)
+        assert report.passed, (runtime, report)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    assert not ops & {"ScatterElements", "Gather"}, ops  # decoded once, at load
+    data = [(torch.randn(8, 384, generator=_gen(s)),) for s in range(2)]
+    static = mp.StaticInt8Config(calibration_batches=2, reduce_range=False)
+    q = mp.compress(copy.deepcopy(small), [static], data)
+    for i in (0, 2):
+        layer = q[i]
+        assert isinstance(layer, ClusteredInt8Layer) and layer.outlier_codes is not None
+        decoded = small[i].dequantized_weight()
+        scale = symmetric_scale(decoded, axis=0, bits=8)
+        assert torch.equal(layer.qweight, quantize_symmetric(decoded, scale, axis=0, bits=8))
+    int8 = mp.export_onnx(q, (x,), tmp_path / "int8.onnx")
+    report = mp.check_parity(q, mp.open_session(int8, runtime="onnxruntime"), [(x,)], min_cosine=0.9999)
+    assert report.passed, report
+
+
 @pytest.mark.parametrize("per", ["layer", "rows"])
 def test_forward_equals_the_layer_with_its_decoded_weight(per):
     model = _cnn()
@@ -352,6 +414,9 @@ def test_the_config_round_trips_through_yaml_with_its_recovery(tmp_path):
         ({"group_size": 4}, "group_size applies to per: rows"),
         ({"per": "rows", "group_size": 0}, "group_size=0"),
         ({"codebook_bits": 4}, "codebook_bits=4 is not supported"),
+        ({"columns": 64}, "columns and outliers apply to per: rows"),
+        ({"per": "rows", "outliers": -1}, "outliers=-1 must be a whole number"),
+        ({"per": "rows", "group_size": 2, "outliers": 2}, "outliers=2 needs one row per codebook"),
         ({"layers": ("rnn",)}, "layers=\\['rnn'\\] is invalid"),
     ],
 )
@@ -364,7 +429,7 @@ def test_more_clusters_than_weights_names_the_layer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 200)).eval()
     with pytest.raises(
-        mp.RecipeError, match=r"layer '0' has 8 weights in its smallest group.*fewer than values=16"
+        mp.RecipeError, match=r"layer '0' has 8 weights in its smallest codebook group.*fewer than values=16"
     ):
         mp.compress(model, [mp.ClusterConfig(values=16, per="rows")])
     with pytest.raises(mp.RecipeError, match=r"layer '0' has 8 weights in the layer"):

@@ -242,9 +242,14 @@ def test_cli_search_then_compress_reproduces_the_recipe(tiny_model_file, tmp_pat
     args = ["search", model, "--data", f"{tiny_model_file}:calib", "--eval", f"{tiny_model_file}:labeled"]
     args += ["--max-drop", "100%", "--target", "latency=0.1x", "--trials", "1", "--runtime", "onnxruntime"]
     args += ["--baseline-runtime", "same", "--rounds", "2", "--threads", "1", "--out", str(out)]
-    result = CliRunner().invoke(main, args)
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "structured: [0.0]\nlowrank: [0.0]\nsparsity: [0.0]\ncluster: [0]\nquantize: [int8]\nkeep: [0]\n"
+    )
+    result = CliRunner().invoke(main, [*args, "--space", str(space)])
     assert result.exit_code == 0, result.output
     assert "Pareto front" in result.output and (out / "recipe.yaml").exists()
+    assert "weight_only" in (out / "recipe.yaml").read_text()  # the only point of the space given
     again = tmp_path / "again"
     compress = ["compress", model, "--recipe", str(out / "recipe.yaml"), "--data", f"{tiny_model_file}:calib"]
     compress += ["--out", str(again), "--runtime", "onnxruntime", "--rounds", "2", "--batch", "1"]
@@ -253,6 +258,18 @@ def test_cli_search_then_compress_reproduces_the_recipe(tiny_model_file, tmp_pat
     assert (again / "recipe.yaml").read_text() == (out / "recipe.yaml").read_text()
     bad = CliRunner().invoke(main, [*args[:6], "--target", "speed=2x", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "size=8x" in bad.output
+
+
+def test_a_bad_space_file_says_what_is_wrong(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("depths: [0.5]\n")
+    bad = CliRunner().invoke(main, ["search", "m.py:build", "--eval", "m.py:e", "--space", str(space)])
+    assert bad.exit_code != 0 and "'depths'" in bad.output and "search space fields" in bad.output
+    space.write_text("quantize: [int3]\n")
+    bad = CliRunner().invoke(main, ["search", "m.py:build", "--eval", "m.py:e", "--space", str(space)])
+    assert bad.exit_code != 0 and "int3" in bad.output
+    missing = CliRunner().invoke(main, ["search", "m.py:build", "--eval", "m.py:e", "--space", "nope.yaml"])
+    assert missing.exit_code != 0 and "no such file" in missing.output
 
 
 def test_a_point_seen_again_is_not_rerun_and_a_failing_storage_keeps_what_was_found(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from modelpress.errors import ModelpressError, ParityError
+from modelpress.errors import ModelpressError, ParityError, RecipeError
 
 console = Console(stderr=True)
 out = Console()
@@ -372,6 +372,13 @@ def compress(
 @click.option("--rounds", default=10, show_default=True, help="Interleaved timing rounds per trial.")
 @click.option("--threads", default=2, show_default=True, help="Threads for every runtime.")
 @click.option("--seed", default=0, show_default=True, help="The sampler's seed.")
+@click.option(
+    "--space",
+    "space_path",
+    type=click.Path(),
+    help="A YAML mapping of the search space's fields (structured, lowrank, sparsity, cluster, quantize, keep,"
+    " depth, embeddings, recover, depth_recover, options ...); unset fields keep their defaults.",
+)
 def search(
     model: str,
     weights: str | None,
@@ -392,6 +399,7 @@ def search(
     rounds: int,
     threads: int,
     seed: int,
+    space_path: str | None,
 ) -> None:
     """Search recipes across techniques for the smallest, fastest artifact that keeps the quality asked.
 
@@ -412,7 +420,9 @@ def search(
     from modelpress.optimize.search import search as run_search
 
     constraints = Constraints.parse(max_drop, targets, floor)
+    space = {"space": _search_space(space_path)} if space_path else {}
     config = SearchConfig(
+        **space,
         out_dir=out_dir,
         runtime=runtime,
         baseline_runtime=None if baseline_runtime == "same" else baseline_runtime,
@@ -446,6 +456,33 @@ def search(
     recipe = "recipe.yaml" if result.met else "closest-recipe.yaml"
     if result.chosen is not None:
         out.print(f"recipe: {Path(out_dir) / recipe}; front: {Path(out_dir) / 'search.json'}, front.svg")
+
+
+def _search_space(path: str) -> Any:
+    """The SearchSpace a YAML mapping at `path` describes."""
+    import dataclasses
+
+    import yaml
+
+    from modelpress.optimize.search import SearchSpace
+
+    file = Path(path)
+    if not file.is_file():
+        raise RecipeError(f"--space {path}: no such file; give a YAML mapping of search space fields.")
+    try:
+        fields = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--space {path} is not valid YAML: {exc}") from exc
+    known = {f.name for f in dataclasses.fields(SearchSpace)}
+    if not isinstance(fields, dict) or set(fields) - known:
+        unknown = sorted(set(fields) - known) if isinstance(fields, dict) else fields
+        raise RecipeError(
+            f"--space {path}: {unknown!r} are not search space fields; use a mapping of {sorted(known)}."
+        )
+    try:
+        return SearchSpace(**fields)
+    except TypeError as exc:
+        raise RecipeError(f"--space {path}: {exc}") from exc
 
 
 @main.command()

@@ -83,6 +83,13 @@ class ClusterConfig:
     values: int = 16
     per: Literal["layer", "rows"] = "layer"
     group_size: int = 1  # per: rows: output rows (channels) sharing one codebook
+    # per: rows: weights of a row per codebook (0: the whole row). 16 values per 192 weights with an int8
+    # codebook store 4.83 bits a weight; a long row (576-4096 weights) is a coarse group for 16 values.
+    columns: int = 0
+    # Weights per codebook kept apart exactly (fp16, with their position): the ones furthest from the
+    # group's median, so the 16 shared values cover the bulk (dense-and-sparse, as SqueezeLLM does).
+    # per: rows with group_size 1 only. Each costs 24 bits (32 where a codebook covers over 256 weights).
+    outliers: int = 0
     codebook_bits: Literal[32, 8] = 32
     iterations: int = 30  # Lloyd iterations at most (it stops when no assignment changes)
     # Training of the shared values afterwards, every weight's cluster fixed: a distill config (YAML
@@ -109,6 +116,20 @@ class ClusterConfig:
         if self.per == "layer" and self.group_size != 1:
             raise RecipeError(
                 "cluster: group_size applies to per: rows; set per: rows or leave group_size at 1."
+            )
+        for field in ("columns", "outliers"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RecipeError(f"cluster: {field}={value!r} must be a whole number, 0 or more.")
+        if self.per == "layer" and (self.columns or self.outliers):
+            raise RecipeError(
+                "cluster: columns and outliers apply to per: rows (a codebook per group of rows, or per "
+                "`columns` weights of a row); set per: rows."
+            )
+        if self.outliers and self.group_size != 1:
+            raise RecipeError(
+                f"cluster: outliers={self.outliers} needs one row per codebook (group_size 1, not "
+                f"{self.group_size}); use `columns` for smaller codebook groups instead."
             )
         if self.codebook_bits not in (32, 8):
             raise RecipeError(
@@ -143,6 +164,8 @@ class ClusteredLayer(WeightView):
     codebook_scale: torch.Tensor | None  # (groups,) fp32 for an int8 codebook
     indices: torch.Tensor  # uint8, packed `index_bits` each, row-major over the (kept) weights
     bitmask: torch.Tensor | None  # uint8, one bit per weight (rows-first order), or None: dense
+    outlier_values: torch.Tensor | None  # (rows, k) fp16: weights kept apart, k per codebook, or None
+    outlier_positions: torch.Tensor | None  # (rows, k) uint8/int32: their columns within their codebook
 
     def __init__(
         self,
@@ -154,26 +177,43 @@ class ClusteredLayer(WeightView):
         group_size: int,
         mask: torch.Tensor | None = None,
         codebook_bits: int = 32,
+        columns: int = 0,
+        outliers: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """`centroids` (groups, values) fp32; `indices` (rows, cols) int in [0, values) in rows-first
         layout; `mask` (rows, cols) bool or None; `shape` the layer's weight shape; `group_size` rows per
-        codebook (the last group may be partial)."""
+        codebook (the last group may be partial); `columns` weights of a row per codebook (0: the whole
+        row; the last may be partial), codebook of rows group g, columns group j at g * books_per_row + j;
+        `outliers`: (values, positions), both (rows, k * books_per_row), each row's weights kept apart,
+        `k` per codebook in the codebook's order, a position counted from its codebook's first column."""
         super().__init__()
         self.axis = output_axis(inner)
         self.weight_shape = tuple(shape)
         self.rows = shape[self.axis]
         self.cols = math.prod(shape) // max(self.rows, 1)
         self.group_size = group_size
+        self.columns = columns if 0 < columns < self.cols else self.cols
+        self.books_per_row = -(-self.cols // max(self.columns, 1))
         self.values = centroids.shape[1]
         self.bits = index_bits(max(self.values, 2))
         if indices.shape != (self.rows, self.cols):
             raise ValueError(
                 f"ClusteredLayer: indices {tuple(indices.shape)} are not ({self.rows}, {self.cols})."
             )
-        if centroids.shape[0] != -(-self.rows // group_size):
+        if centroids.shape[0] != -(-self.rows // group_size) * self.books_per_row:
             raise ValueError(
-                f"ClusteredLayer: {centroids.shape[0]} codebooks for {self.rows} rows in groups of {group_size}."
+                f"ClusteredLayer: {centroids.shape[0]} codebooks for {self.rows} rows in groups of {group_size}"
+                f" and {self.cols} columns in groups of {self.columns}."
             )
+        if outliers is None:
+            self.register_buffer("outlier_values", None)
+            self.register_buffer("outlier_positions", None)
+        else:
+            values, positions = outliers
+            if group_size != 1 or values.shape != positions.shape or values.shape[0] != self.rows:
+                raise ValueError("ClusteredLayer: outliers need one row per codebook and (rows, k) tensors.")
+            self.register_buffer("outlier_values", values.detach().to(torch.float16).contiguous())
+            self.register_buffer("outlier_positions", positions.to(position_dtype(self.columns)).contiguous())
         if codebook_bits == 8:
             codes, scale = quantize_codebook(centroids.detach().float())
             self.register_buffer("codebook", codes)
@@ -196,7 +236,11 @@ class ClusteredLayer(WeightView):
     @property
     def scheme(self) -> str:
         per = "" if self.group_size >= self.rows else f"/{self.group_size}rows"
+        if self.columns < self.cols:
+            per += f"x{self.columns}cols"
         name = f"cluster{self.values}{per}"
+        if self.outlier_values is not None:
+            name += f"+{self.outlier_values.shape[1] // self.books_per_row}outliers"
         if self.codebook_scale is not None:
             name += "+int8cb"
         if self.bitmask is not None:
@@ -226,15 +270,33 @@ class ClusteredLayer(WeightView):
     def flat_indices(self) -> torch.Tensor:
         """Indices into the flattened codebooks, (rows, cols) int64: a row's group offset added."""
         idx = self.group_indices()
-        if self.group_size < self.rows:  # several codebooks: row r reads codebook r // group_size
-            group = torch.div(
-                torch.arange(self.rows, device=idx.device), self.group_size, rounding_mode="floor"
-            )
-            idx = idx + (group * self.values)[:, None]
+        for term in book_offsets(self.rows, self.cols, self.group_size, self.columns, self.values):
+            idx = idx + term
         return idx
 
+    def outlier_columns(self) -> torch.Tensor | None:
+        """Each outlier's column (rows, k * books_per_row) int64, or None: no outliers."""
+        if self.outlier_positions is None:
+            return None
+        return outlier_columns(self.outlier_positions, self.columns, self.books_per_row)
+
+    def outliers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(columns, values fp32) of the weights kept apart, each (rows, k * books_per_row), or None."""
+        columns = self.outlier_columns()
+        if columns is None:
+            return None
+        assert self.outlier_values is not None
+        return columns, self.outlier_values.float()
+
     def dequantized_weight(self) -> torch.Tensor:
-        return _decode(self.shared_values(), self.flat_indices(), self.mask(), self.weight_shape, self.axis)
+        return _decode(
+            self.shared_values(),
+            self.flat_indices(),
+            self.mask(),
+            self.weight_shape,
+            self.axis,
+            self.outliers(),
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return call_with_weight(self.inner, self.forward_weight(), args, kwargs)
@@ -243,20 +305,66 @@ class ClusteredLayer(WeightView):
         return f"{self.scheme}, shape={self.weight_shape}, {self.bits}-bit indices, codebooks={self.codebook.shape[0]}"
 
 
+def position_dtype(columns: int) -> torch.dtype:
+    """The dtype of an outlier's position within its codebook's `columns`: uint8 up to 256, else int32."""
+    return torch.uint8 if columns <= 256 else torch.int32
+
+
+def book_offsets(rows: int, cols: int, group_size: int, columns: int, values: int) -> list[torch.Tensor]:
+    """Where each weight's codebook starts in the flattened codebooks, as the terms to add to its index:
+    (rows, 1) for groups of rows, (1, cols) for groups of columns, int64 (rows group g, columns group j read
+    codebook g * books + j); none where the whole layer has one codebook. Small broadcast terms, not one
+    (rows, cols) tensor: an exporter folds them to constants, and a folded (rows, cols) int64 would
+    outweigh the indices 16 times."""
+    books = -(-cols // columns)
+    terms = []
+    if group_size < rows:
+        group = torch.div(torch.arange(rows), group_size, rounding_mode="floor")
+        terms.append((group * (books * values))[:, None])
+    if books > 1:
+        column = torch.div(torch.arange(cols), columns, rounding_mode="floor")
+        terms.append((column * values)[None, :])
+    return terms
+
+
+def outlier_columns(positions: torch.Tensor, columns: int, books: int) -> torch.Tensor:
+    """The columns (rows, k * books) int64 of outliers stored `k` per codebook as positions within it."""
+    per_book = positions.shape[1] // books
+    start = torch.div(torch.arange(positions.shape[1]), per_book, rounding_mode="floor") * columns
+    return positions.long() + start[None, :]
+
+
 def _decode(
-    shared: torch.Tensor, flat_idx: torch.Tensor, mask: torch.Tensor | None, shape: tuple[int, ...], axis: int
+    shared: torch.Tensor,
+    flat_idx: torch.Tensor,
+    mask: torch.Tensor | None,
+    shape: tuple[int, ...],
+    axis: int,
+    outliers: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The dense weight of `shape` from codebooks (groups, values), flat indices (rows, cols) and a mask."""
+    """The dense weight of `shape` from codebooks (groups, values), flat indices (rows, cols), a mask and
+    the weights kept apart, (columns, values) (rows, k) or None."""
     # (rows, cols); a 1-D Gather, which OpenVINO folds at load (a GatherND it runs on every call)
     w = torch.index_select(shared.reshape(-1), 0, flat_idx.reshape(-1)).reshape(flat_idx.shape)
     if mask is not None:
         w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    if outliers is not None:  # a ScatterElements of constants, folded at load as the gather is
+        w = w.scatter(1, outliers[0], outliers[1].to(w.dtype))
     moved = (shape[axis], *shape[:axis], *shape[axis + 1 :])
     return w.reshape(moved).movedim(0, axis)
 
 
 def _rows_first(weight: torch.Tensor, axis: int) -> torch.Tensor:
     return weight.detach().float().movedim(axis, 0).reshape(weight.shape[axis], -1)
+
+
+def _spans(total: int, size: int) -> list[tuple[int, int, int]]:
+    """(start, stop, size) of the whole groups of `size` in [0, total), then of the partial last group."""
+    full = total - total % size
+    spans = [(0, full, size)] if full else []
+    if full < total:
+        spans.append((full, total, total - full))
+    return spans
 
 
 def _cluster_layer(name: str, module: nn.Module, config: ClusterConfig) -> ClusteredLayer:
@@ -272,42 +380,70 @@ def _cluster_layer(name: str, module: nn.Module, config: ClusterConfig) -> Clust
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
         shape, dense, mask2d = tuple(weight.shape), weight, None
+    if mask2d is not None and config.outliers:
+        raise RecipeError(
+            f"cluster: layer '{name}' is stored sparse (an earlier sparsity step); outliers are for dense "
+            "layers: set outliers: 0, or add the layer to ignore."
+        )
     axis = output_axis(inner)
     w2 = _rows_first(dense, axis)  # (rows, cols)
     rows, cols = w2.shape
     size = rows if config.per == "layer" else min(config.group_size, rows)
+    width = config.columns if 0 < config.columns < cols else cols
+    books = -(-cols // width)
+    keep = config.outliers
     weights = None if mask2d is None else mask2d.float()
-    centroids, idx = [], []
-    full = rows - rows % size
-    spans = [(0, full)] if full else []
-    if full < rows:
-        spans.append((full, rows))  # the last, partial group on its own
-    for start, stop in spans:
-        n = size if stop - start >= size else stop - start
-        x = w2[start:stop].reshape(-1, n * cols)
-        wt = None if weights is None else weights[start:stop].reshape(-1, n * cols)
-        # a layer pruned in place (too small for the bitmask format) keeps its zeros as a shared value 0
-        c, i = kmeans(
-            x,
-            config.values,
-            weights=wt,
-            iterations=config.iterations,
-            keep_zero=wt is None,
-        )
-        if config.codebook_bits == 8:  # the shared values as stored: each weight to its nearest int8 value
-            codes, scale = quantize_codebook(c)
-            c = codes.float() * scale[:, None]
-            i = assign(x, c)
-        centroids.append(c)
-        idx.append(i.reshape(stop - start, cols))
+    centroids = torch.empty(-(-rows // size), books, config.values)
+    idx = torch.empty(rows, cols, dtype=torch.int64)
+    out_values = torch.empty(rows, books, keep)
+    out_positions = torch.empty(rows, books, keep, dtype=torch.int64)
+    for r0, r1, rs in _spans(rows, size):
+        for c0, c1, cs in _spans(cols, width):
+            nr, nc = (r1 - r0) // rs, (c1 - c0) // cs
+            # each (rs, cs) block of weights, one codebook: (nr * nc, rs * cs)
+            x = w2[r0:r1, c0:c1].reshape(nr, rs, nc, cs).permute(0, 2, 1, 3).reshape(nr * nc, rs * cs)
+            wt = None
+            if weights is not None:
+                wt = weights[r0:r1, c0:c1].reshape(nr, rs, nc, cs).permute(0, 2, 1, 3).reshape(nr * nc, -1)
+            apart = None
+            if keep:  # rs == 1: the `keep` weights furthest from their block's median, kept exactly
+                spread = (x - x.median(dim=1, keepdim=True).values).abs()
+                positions = spread.topk(keep, dim=1).indices.sort(dim=1).values
+                apart = torch.zeros_like(x, dtype=torch.bool).scatter_(1, positions, True)
+                wt = (~apart).float()
+                out_positions[r0:r1, c0 // width : c0 // width + nc] = positions.reshape(nr, nc, keep)
+                out_values[r0:r1, c0 // width : c0 // width + nc] = x.gather(1, positions).reshape(
+                    nr, nc, keep
+                )
+            # a layer pruned in place (too small for the bitmask format) keeps its zeros as a shared value 0
+            c, i = kmeans(
+                x,
+                config.values,
+                weights=wt,
+                iterations=config.iterations,
+                keep_zero=mask2d is None,
+            )
+            if (
+                config.codebook_bits == 8
+            ):  # the shared values as stored: each weight to its nearest int8 value
+                codes, scale = quantize_codebook(c)
+                c = codes.float() * scale[:, None]
+                i = assign(x, c)
+            centroids[r0 // size : r0 // size + nr, c0 // width : c0 // width + nc] = c.reshape(nr, nc, -1)
+            idx[r0:r1, c0:c1] = i.reshape(nr, nc, rs, cs).permute(0, 2, 1, 3).reshape(r1 - r0, c1 - c0)
+    outliers = None
+    if keep:
+        outliers = (out_values.reshape(rows, -1), out_positions.reshape(rows, -1))
     return ClusteredLayer(
         inner,
-        torch.cat(centroids),
-        torch.cat(idx),
+        centroids.reshape(-1, config.values),
+        idx,
         shape=shape,
         group_size=size,
         mask=mask2d,
         codebook_bits=config.codebook_bits,
+        columns=width,
+        outliers=outliers,
     )
 
 
@@ -317,16 +453,18 @@ def _check_group_size(name: str, module: nn.Module, shape: torch.Size, config: C
     rows = shape[output_axis(inner)]
     cols = math.prod(shape) // max(rows, 1)
     size = rows if config.per == "layer" else min(config.group_size, rows)
-    smallest = (rows % size or size) * cols
-    if smallest < config.values:
+    width = config.columns if 0 < config.columns < cols else cols
+    smallest = (rows % size or size) * (cols % width or width)
+    if smallest < config.values + config.outliers:
         where = (
             "the layer"
             if config.per == "layer"
-            else f"its smallest group of rows ({rows % size or size} x {cols})"
+            else f"its smallest codebook group ({rows % size or size} rows x {cols % width or width} columns)"
         )
+        also = f" plus outliers={config.outliers}" if config.outliers else ""
         raise RecipeError(
             f"cluster: layer '{name}' has {smallest} weights in {where}, fewer than values={config.values} "
-            f"clusters; lower values, use larger groups, or add '{name}' to ignore."
+            f"clusters{also}; lower values, use larger groups, or add '{name}' to ignore."
         )
 
 
@@ -386,21 +524,36 @@ class _Centroids(nn.Module):
         self.inner = layer.inner
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        layer = self.layer[0]
-        weight = _decode(self.shared, self.flat_idx, self.keep, layer.weight_shape, layer.axis)
+        layer = self.layer[0]  # the weights kept apart stay as they are
+        weight = _decode(
+            self.shared, self.flat_idx, self.keep, layer.weight_shape, layer.axis, layer.outliers()
+        )
         return call_with_weight(self.inner, weight, args, kwargs)
 
     def stored(self, codebook_bits: int) -> ClusteredLayer:
         layer = self.layer[0]
-        return ClusteredLayer(
-            self.inner,
-            self.shared.detach(),
-            layer.group_indices(),
-            shape=layer.weight_shape,
-            group_size=layer.group_size,
-            mask=self.keep,
-            codebook_bits=codebook_bits,
-        )
+        return _like(layer, self.inner, self.shared.detach(), codebook_bits)
+
+
+def _like(
+    layer: ClusteredLayer, inner: nn.Module, shared: torch.Tensor, codebook_bits: int
+) -> ClusteredLayer:
+    """A ClusteredLayer for `inner` with `layer`'s indices, groups, mask and outliers and the codebooks
+    `shared` (groups, values) fp32."""
+    outliers = None
+    if layer.outlier_values is not None and layer.outlier_positions is not None:
+        outliers = (layer.outlier_values.float(), layer.outlier_positions.long())
+    return ClusteredLayer(
+        inner,
+        shared,
+        layer.group_indices(),
+        shape=layer.weight_shape,
+        group_size=layer.group_size,
+        mask=layer.mask(),
+        codebook_bits=codebook_bits,
+        columns=layer.columns,
+        outliers=outliers,
+    )
 
 
 def _recover(
@@ -439,15 +592,7 @@ def _recover(
 
 def _sharing(module: nn.Module, source: ClusteredLayer) -> ClusteredLayer:
     """A ClusteredLayer for `module` holding the very tensors of `source` (a layer tied to the same weight)."""
-    layer = ClusteredLayer(
-        module,
-        source.shared_values(),
-        source.group_indices(),
-        shape=source.weight_shape,
-        group_size=source.group_size,
-        mask=source.mask(),
-        codebook_bits=32 if source.codebook_scale is None else 8,
-    )
+    layer = _like(source, module, source.shared_values(), 32 if source.codebook_scale is None else 8)
     for key, value in source._buffers.items():
         setattr(layer, key, value)  # the same tensors: exported once
     return layer
@@ -543,6 +688,8 @@ class ClusteredInt8Layer(QuantizedLayer):
     codebook: torch.Tensor  # (books, values) int8: the codes each book of rows reads
     indices: torch.Tensor  # uint8, packed as in the ClusteredLayer
     bitmask: torch.Tensor | None
+    outlier_positions: torch.Tensor | None  # as in the ClusteredLayer
+    outlier_codes: torch.Tensor | None  # (rows, k) int8: the outliers on their row's grid
 
     def __init__(self, layer: ClusteredLayer, *, bits: int = 8) -> None:
         nn.Module.__init__(self)
@@ -552,20 +699,36 @@ class ClusteredInt8Layer(QuantizedLayer):
         self.rows, self.cols, self.kept = layer.rows, layer.cols, layer.kept
         self.values, self.index_bits = layer.values, layer.bits
         self.source_scheme = layer.scheme
+        self.columns, self.books_per_row = layer.columns, layer.books_per_row
         shared = layer.shared_values()  # (groups, values) fp32
         row_group = torch.arange(self.rows) // layer.group_size  # (rows,): the codebook each row reads
         _, qmax = qrange(bits, symmetric=True)
-        if layer.codebook_scale is not None and bits == 8:
+        if (
+            layer.codebook_scale is not None
+            and bits == 8
+            and layer.books_per_row == 1
+            and layer.outlier_values is None
+        ):
             # an int8 codebook is already an int8 grid: its codes, with its scale for each of its rows
             self.book_rows = layer.group_size
             codebook, scale = layer.codebook, layer.codebook_scale[row_group]
-        else:
+        else:  # each row's codebooks on the row's own grid: books (rows * books_per_row, values)
             self.book_rows = 1
+            books = layer.books_per_row
             scale = symmetric_scale(layer.dequantized_weight(), axis=self.axis, bits=bits)
-            codebook = codes_on_grid(shared[row_group], scale, qmax=qmax)
+            read = (row_group[:, None] * books + torch.arange(books)[None, :]).reshape(-1)
+            codebook = codes_on_grid(shared[read], scale.repeat_interleave(books), qmax=qmax)
         self.register_buffer("codebook", codebook.contiguous())
         self.register_buffer("indices", layer.indices)
         self.register_buffer("bitmask", layer.bitmask)
+        apart = layer.outliers()
+        self.register_buffer("outlier_positions", layer.outlier_positions)
+        self.register_buffer(
+            "outlier_codes",
+            None
+            if apart is None
+            else torch.round(apart[1] / scale.float()[:, None]).clamp(-qmax, qmax).to(torch.int8),
+        )
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero_point", None)
         self.register_buffer("input_multiplier", None)
@@ -580,16 +743,16 @@ class ClusteredInt8Layer(QuantizedLayer):
         kept = unpack_indices(self.indices, self.kept, bits=self.index_bits)
         mask = None if self.bitmask is None else unpack_bits(self.bitmask, self.rows * self.cols)
         idx = (kept if mask is None else scatter_kept(kept, mask)).reshape(self.rows, self.cols)
-        if self.book_rows < self.rows:  # row r reads book r // book_rows
-            book = torch.div(
-                torch.arange(self.rows, device=idx.device), self.book_rows, rounding_mode="floor"
-            )
-            idx = idx + (book * self.values)[:, None]
+        for term in book_offsets(self.rows, self.cols, self.book_rows, self.columns, self.values):
+            idx = idx + term
         # (rows, cols) int8; a 1-D Gather, which OpenVINO folds at load (a GatherND it runs on every call)
         codes = torch.index_select(self.codebook.reshape(-1), 0, idx.reshape(-1)).reshape(idx.shape)
         if mask is not None:
             keep = mask.reshape(self.rows, self.cols)
             codes = torch.where(keep, codes, torch.zeros((), dtype=codes.dtype, device=codes.device))
+        if self.outlier_codes is not None and self.outlier_positions is not None:
+            where = outlier_columns(self.outlier_positions, self.columns, self.books_per_row)
+            codes = codes.scatter(1, where, self.outlier_codes)
         shape = self.weight_shape
         moved = (shape[self.axis], *shape[: self.axis], *shape[self.axis + 1 :])
         return codes.reshape(moved).movedim(0, self.axis)
