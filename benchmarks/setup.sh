@@ -140,3 +140,20 @@ if [[ "${OV_PEER:-0}" == "1" ]]; then
     "$OV_PEER_VENV/bin/optimum-cli" export openvino --help >/dev/null
     echo "setup.sh: OpenVINO peer installed in $OV_PEER_VENV ($OV_PEER_VENV/bin/optimum-cli)"
 fi
+
+# Opt-in (OLIVE_PEER=1): Microsoft Olive, the search peer of issue 28 (benchmarks/olive_mnist.py). olive-ai 0.13.0
+# with its `cpu` extra (which only asks for onnxruntime) and `requests` admits every pin of this environment, so it
+# goes into the active one: the constraints above keep torch / onnxruntime / onnx / openvino as they are; it adds
+# torchmetrics, lightning-utilities, opentelemetry-*, questionary. A benchmark setup step, never CI.
+if [[ "${OLIVE_PEER:-0}" == "1" ]]; then
+    olive_pkgs=("torch==$TORCH_VERSION" "olive-ai[cpu]==0.13.0" "requests")
+    # Dry run first: stop before anything is installed if the resolver wants another torch.
+    if install --dry-run "${olive_pkgs[@]}" 2>/dev/null | grep -E '^Would install.* torch-[0-9]' \
+        | grep -vq "torch-$TORCH_VERSION"; then
+        echo "setup.sh: olive-ai would bring another torch than $TORCH_VERSION; not installing." >&2
+        exit 1
+    fi
+    install "${olive_pkgs[@]}"
+    "$PYTHON" -m olive run --help >/dev/null
+    echo "setup.sh: Olive peer installed ($("$PYTHON" -c "from importlib.metadata import version; print(version('olive-ai'))"))"
+fi
