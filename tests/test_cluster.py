@@ -73,6 +73,51 @@ def test_the_row_search_counts_as_searchsorted_even_outside_a_row():
     assert torch.equal(_RowSearch(xs)(rows, queries), torch.searchsorted(xs[rows], queries))
 
 
+def _least_squares(values: list[float], k: int) -> float:
+    """The optimal k-means cost of `values` by trying every split into k runs of the sorted values."""
+    import itertools
+
+    v = sorted(values)
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, len(v)), k - 1):
+        runs = [v[a:b] for a, b in zip((0, *cuts), (*cuts, len(v)), strict=True)]
+        best = min(best, sum(sum((x - sum(r) / len(r)) ** 2 for x in r) for r in runs))
+    return best
+
+
+def test_optimal_kmeans_finds_the_least_squares_codebook():
+    x = torch.randn(6, 12, generator=_gen(3)) * torch.tensor([[1.0], [0.1], [5.0], [1.0], [2.0], [0.5]])
+    c, i = kmeans(x, 3, method="optimal")
+    cost = ((x - c.gather(1, i)) ** 2).sum(dim=1)
+    for row, got in zip(x, cost, strict=True):
+        assert float(got) == pytest.approx(_least_squares(row.tolist(), 3), rel=1e-5)
+    lloyd, j = kmeans(x, 3)
+    assert bool((cost <= ((x - lloyd.gather(1, j)) ** 2).sum(dim=1) + 1e-6).all())
+    w = torch.ones_like(x)
+    w[:, :4] = 0  # weightless points leave the centroids alone
+    c2, _ = kmeans(x, 3, weights=w, method="optimal")
+    for row, got in zip(x, c2, strict=True):
+        expected, _ = kmeans(row[None, 4:], 3, method="optimal")
+        torch.testing.assert_close(got, expected[0])
+    with pytest.raises(ValueError, match="at most 2048"):
+        kmeans(torch.randn(1, 3000), 4, method="optimal")
+
+
+def test_optimal_codebooks_in_a_layer_and_too_large_a_group_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(384, 8)).eval()
+    lloyd = cluster(copy.deepcopy(model), mp.ClusterConfig(values=16, per="rows", columns=128))[0]
+    optimal = cluster(
+        copy.deepcopy(model), mp.ClusterConfig(values=16, per="rows", columns=128, method="optimal")
+    )[0]
+    w = model[0].weight.detach()
+    assert (optimal.dequantized_weight() - w).square().sum() <= (
+        lloyd.dequantized_weight() - w
+    ).square().sum()
+    with pytest.raises(mp.RecipeError, match="method: optimal solves codebooks over at most 2048 weights"):
+        mp.compress(copy.deepcopy(model), [mp.ClusterConfig(values=16, method="optimal")])
+
+
 def test_weighted_kmeans_ignores_points_of_weight_zero():
     x = torch.tensor([[0.0, 0.1, 1.0, 1.1, 50.0, -50.0]])
     weights = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
@@ -415,6 +460,7 @@ def test_the_config_round_trips_through_yaml_with_its_recovery(tmp_path):
         ({"per": "rows", "group_size": 0}, "group_size=0"),
         ({"codebook_bits": 4}, "codebook_bits=4 is not supported"),
         ({"columns": 64}, "columns and outliers apply to per: rows"),
+        ({"method": "exact"}, "method='exact' is unknown"),
         ({"per": "rows", "outliers": -1}, "outliers=-1 must be a whole number"),
         ({"per": "rows", "group_size": 2, "outliers": 2}, "outliers=2 needs one row per codebook"),
         ({"layers": ("rnn",)}, "layers=\\['rnn'\\] is invalid"),

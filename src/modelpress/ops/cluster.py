@@ -132,6 +132,52 @@ def _sorted_lloyd(
     return centroids, ends
 
 
+_OPTIMAL_CHUNK = 1 << 23  # (groups, n + 1, n + 1) float64 elements per chunk in `_sorted_optimal`
+OPTIMAL_MAX_N = 2048  # values per group `kmeans(method="optimal")` takes: O(k n^2) time, O(n^2) memory
+
+
+def _sorted_optimal(xs: torch.Tensor, ws: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares k-means of each row of the sorted values `xs` (G, n), weights `ws`, found exactly:
+    sorted centroids (G, k) and where each cluster's run ends (G, k), as `_sorted_lloyd` returns them.
+
+    In 1-D the clusters of the optimum are contiguous runs of the sorted values, so dynamic programming over
+    where the runs end finds it (Wang & Song, Ckmeans.1d.dp, 2011): D[j][b], the least cost of j runs over
+    the first b values, is min over a of D[j - 1][a] + cost(a, b), each run's cost read from prefix sums.
+    O(k n^2) per group, done for many groups at once. Lloyd's iterations stop in a local optimum: on
+    SmolLM2's weights in groups of 192 their squared error is ~20% above this one."""
+    g, n = xs.shape
+    x = xs.double() - xs.double().mean(dim=1, keepdim=True)  # centred: less cancellation in the sums
+    w = ws.double()
+    pad = torch.zeros(g, 1, dtype=torch.float64)
+    cw = torch.cat([pad, w.cumsum(dim=1)], dim=1)
+    cs = torch.cat([pad, (w * x).cumsum(dim=1)], dim=1)
+    cq = torch.cat([pad, (w * x * x).cumsum(dim=1)], dim=1)
+    mass = cw[:, None, :] - cw[:, :, None]  # (G, a, b): the run [a, b)
+    total = cs[:, None, :] - cs[:, :, None]
+    cost = cq[:, None, :] - cq[:, :, None] - total * total / mass.clamp_min(1e-300)
+    cost = torch.where(mass > 0, cost.clamp_min(0), torch.zeros((), dtype=torch.float64))
+    empty = torch.arange(n + 1)[:, None] >= torch.arange(n + 1)[None, :]  # a >= b: no run
+    cost = cost.masked_fill(empty, torch.inf)
+    # (G, b, a) float32: the minimum runs over the last, contiguous axis (twice as fast as over a middle one)
+    by_end = cost.transpose(1, 2).float().contiguous()
+    best = by_end[:, :, 0]  # one run over [0, b)
+    choices = []
+    for _ in range(1, k):
+        best, choice = (best[:, None, :] + by_end).min(dim=2)
+        choices.append(choice)
+    ends = torch.empty(g, k, dtype=torch.int64)
+    ends[:, -1] = n
+    for j in range(k - 1, 0, -1):  # back from the last run: where each run starts, the previous ends
+        ends[:, j - 1] = choices[j - 1].gather(1, ends[:, j : j + 1])[:, 0]
+    starts = torch.cat([torch.zeros(g, 1, dtype=torch.int64), ends[:, :-1]], dim=1)
+    pw = cw.gather(1, ends) - cw.gather(1, starts)
+    raw = torch.cat([pad, xs.double().cumsum(dim=1)], dim=1)
+    weighted = torch.cat([pad, (w * xs.double()).cumsum(dim=1)], dim=1)
+    plain = (raw.gather(1, ends) - raw.gather(1, starts)) / (ends - starts).clamp_min(1)
+    mean = (weighted.gather(1, ends) - weighted.gather(1, starts)) / pw.clamp_min(1e-300)
+    return torch.where(pw > 0, mean, plain).float(), ends
+
+
 def _run_labels(ends: torch.Tensor, n: int) -> torch.Tensor:
     """(G, n) int64: for each sorted position, the run it lies in (runs ending at `ends` (G, k))."""
     marks = torch.zeros(ends.shape[0], n + 1, dtype=torch.int64)
@@ -146,8 +192,13 @@ def kmeans(
     weights: torch.Tensor | None = None,
     iterations: int = 30,
     keep_zero: bool = False,
+    method: str = "lloyd",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """1-D k-means of each row of `x` (G, n): centroids (G, k) fp32, sorted, and indices (G, n) int64.
+
+    `method`: "lloyd" (iterations from `_seeds`, fast, a local optimum) or "optimal" (the exact least
+    squares optimum by dynamic programming, `_sorted_optimal`, for groups of at most OPTIMAL_MAX_N values;
+    groups where `keep_zero` pins a 0 use Lloyd's).
 
     `weights` (G, n), >= 0: each value's importance (a zero weight leaves the centroids alone, as a pruned
     position); a group whose weights are all zero is clustered unweighted. Deterministic (companded quantile
@@ -169,14 +220,23 @@ def kmeans(
         raise ValueError(f"kmeans: weights {tuple(w.shape)} do not match x {tuple(x.shape)}.")
     if w is not None:
         w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+    if method not in ("lloyd", "optimal"):
+        raise ValueError(f"kmeans: method={method!r} is unknown; use 'lloyd' or 'optimal'.")
     n = x.shape[1]
-    per_chunk = max(1, _CHUNK // n)
+    if method == "optimal" and n > OPTIMAL_MAX_N:
+        raise ValueError(f"kmeans: method='optimal' takes groups of at most {OPTIMAL_MAX_N} values, not {n}.")
+    per_chunk = max(1, _CHUNK // n if method == "lloyd" else _OPTIMAL_CHUNK // (n + 1) ** 2)
     centroids, indices = [], []
     for start in range(0, x.shape[0], per_chunk):
         xs, order = x[start : start + per_chunk].sort(dim=1)
         ws = torch.ones_like(xs) if w is None else w[start : start + per_chunk].gather(1, order)
         zero = (xs == 0).any(dim=1) if keep_zero else torch.zeros(xs.shape[0], dtype=torch.bool)
-        c, ends = _sorted_lloyd(xs, ws, k, iterations, zero)
+        if method == "optimal":
+            c, ends = _sorted_optimal(xs, ws, k)
+            if bool(zero.any()):  # a 0 pinned: Lloyd's for those groups
+                c[zero], ends[zero] = _sorted_lloyd(xs[zero], ws[zero], k, iterations, zero[zero])
+        else:
+            c, ends = _sorted_lloyd(xs, ws, k, iterations, zero)
         centroids.append(c)
         indices.append(torch.empty_like(order).scatter_(1, order, _run_labels(ends, n)))
     return torch.cat(centroids), torch.cat(indices)
