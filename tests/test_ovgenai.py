@@ -132,3 +132,101 @@ def test_refuses_what_it_cannot_write(tmp_path, tokenizer):
     with pytest.raises(ExportError, match="tokenizer"):
         export_openvino_genai(tiny_llama(), object(), tmp_path / "c", prompts=None)
     assert not (tmp_path / "c").exists()  # nothing half-written
+
+
+# --------------------------------------------------------------------------------------------
+# The command line: export --to openvino-genai, generate, bench
+# --------------------------------------------------------------------------------------------
+
+
+def _invoke(*args):
+    from click.testing import CliRunner
+
+    from modelpress.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _flat(output: str) -> str:
+    return " ".join(output.split())  # rich wraps long messages
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    tiny_llama().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_export_generate_bench(tmp_path, hf_folder):
+    """A user's path: a Hugging Face folder -> `export --to openvino-genai` with a recipe -> `generate` ->
+    `bench` against the fp32 folder."""
+    out = tmp_path / "llm-int4"
+    done = _invoke("export", hf_folder, "--to", "openvino-genai", "-o", out, "--recipe", "int4-weight-only")
+    assert done.exit_code == 0, done.output
+    assert "32/32 tokens match" in done.output and " i4" in done.output
+    assert f"wrote {out} (run it: modelpress generate {out}" in _flat(done.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llm-int4"]  # no temporary folder left
+    done = _invoke("export", hf_folder, "--to", "openvino-genai", "-o", out)
+    assert done.exit_code == 2 and "already exists" in done.output and "--overwrite" in _flat(done.output)
+
+    done = _invoke("generate", out, "--prompt", "The capital", "--max-new-tokens", "5")
+    assert done.exit_code == 0, done.output
+    assert done.output.startswith("The capital") and len(done.output.strip()) > len("The capital")
+
+    fp32 = tmp_path / "llm-fp32"
+    export_openvino_genai(
+        tiny_llama(), transformers.AutoTokenizer.from_pretrained(hf_folder), fp32, prompts=None
+    )
+    report = tmp_path / "bench.json"
+    done = _invoke("bench", out, "--baseline", fp32, "--rounds", "1", "--json", report)
+    assert done.exit_code == 0, done.output
+    assert "openvino-genai" in done.output and "decode" in done.output
+    timings = json.loads(report.read_text())
+    assert set(timings) == {"artifact", "baseline"}
+    for t in timings.values():
+        assert t["prefill_tok_s"] > 0 and t["decode_tok_s"] > 0 and t["peak_rss_bytes"] > 0
+    assert timings["artifact"]["model_bytes"] < timings["baseline"]["model_bytes"] / 2  # int4 vs fp32
+
+
+def test_cli_bad_inputs_are_named(tmp_path, hf_folder):
+    done = _invoke("export", tmp_path / "missing", "--to", "openvino-genai", "-o", tmp_path / "x")
+    assert done.exit_code == 2 and "Hugging Face causal LM folder" in _flat(done.output)
+    done = _invoke(
+        "export", hf_folder, "--to", "openvino-genai", "-o", tmp_path / "x", "--accuracy-level", "0"
+    )
+    assert done.exit_code == 2 and "--to genai only" in done.output
+    assert not (tmp_path / "x").exists()
+
+    # generate: not a folder, a folder of neither kind, a folder that looks right but does not load
+    for path in (tmp_path / "missing", hf_folder):
+        done = _invoke("generate", path, "--prompt", "x")
+        flat = _flat(done.output)
+        assert done.exit_code == 2 and "nor an OpenVINO GenAI folder" in flat and "openvino_model.xml" in flat
+        assert not done.output.startswith("x")  # the error comes before any text
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    for name in (
+        "openvino_model.xml",
+        "openvino_model.bin",
+        "openvino_tokenizer.xml",
+        "openvino_detokenizer.xml",
+    ):
+        (fake / name).write_text("")
+    done = _invoke("generate", fake, "--prompt", "x")
+    assert done.exit_code == 2 and "could not load" in _flat(done.output)
+    assert not done.output.startswith("x")
+
+    # bench: a baseline of the other kind is refused before anything is loaded
+    ort = tmp_path / "ort"
+    ort.mkdir()
+    (ort / "genai_config.json").write_text("{}")
+    done = _invoke("bench", fake, "--baseline", hf_folder)
+    assert done.exit_code == 2 and "is not an OpenVINO GenAI folder" in _flat(done.output)
+    done = _invoke("bench", fake, "--baseline", ort)
+    assert done.exit_code == 2 and "--to openvino-genai" in _flat(done.output)
+    done = _invoke("bench", ort, "--baseline", fake)
+    assert done.exit_code == 2 and "is not an ONNX Runtime GenAI folder" in _flat(done.output)
+    done = _invoke("bench", hf_folder)
+    assert done.exit_code == 2 and "nor an OpenVINO GenAI folder" in _flat(done.output)

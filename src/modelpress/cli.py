@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import click
 from rich.console import Console
@@ -502,13 +502,14 @@ def _search_space(path: str) -> Any:
 @click.option(
     "--to",
     "to",
-    type=click.Choice(["onnx", "openvino", "litert", "executorch", "tflm", "web", "genai"]),
+    type=click.Choice(["onnx", "openvino", "litert", "executorch", "tflm", "web", "genai", "openvino-genai"]),
     default="onnx",
     show_default=True,
     help="The deployment format: ONNX, OpenVINO IR, LiteRT .tflite, ExecuTorch .pte (XNNPACK), a full-integer "
     ".tflite plus C array for TensorFlow Lite Micro, ONNX run in onnxruntime-web (WASM) in Chromium, or (a "
-    "causal LM from a Hugging Face folder) a folder that ONNX Runtime GenAI generates from, KV cache and "
-    "tokenizer included. Each is checked in its runtime against the torch model.",
+    "causal LM from a Hugging Face folder) a folder that ONNX Runtime GenAI (genai) or OpenVINO GenAI "
+    "(openvino-genai) generates from, KV cache and tokenizer included. Each is checked in its runtime against "
+    "the torch model.",
 )
 @click.option(
     "--runtime",
@@ -579,9 +580,14 @@ def export(
         raise click.UsageError("--target, --runtime and --standard-ops apply to --to onnx only.")
     if mcu and to != "tflm":
         raise click.UsageError("--mcu is the budget of --to tflm; add --to tflm, or leave out --mcu.")
+    if to != "genai" and click.get_current_context().get_parameter_source("accuracy_level") not in (
+        None,
+        click.core.ParameterSource.DEFAULT,
+    ):
+        raise click.UsageError("--accuracy-level applies to --to genai only.")
     steps = load_recipe(recipe) if recipe else None
-    if to == "genai":
-        _export_genai(model, out_path, weights, steps, data_ref, allow_partial, overwrite, accuracy_level)
+    if to in ("genai", "openvino-genai"):
+        _export_genai(model, out_path, weights, steps, data_ref, allow_partial, overwrite, accuracy_level, to)
         return
     check_output_path(out_path, overwrite=overwrite)
     data = None
@@ -634,17 +640,21 @@ def _export_genai(
     allow_partial: bool,
     overwrite: bool,
     accuracy_level: int,
+    to: str = "genai",
 ) -> None:
-    """`export --to genai`: a causal LM from a Hugging Face folder, with its tokenizer."""
+    """`export --to genai` / `--to openvino-genai`: a causal LM from a Hugging Face folder, with its tokenizer."""
     from modelpress.data import as_dataset
-    from modelpress.deploy.genai import export_genai
     from modelpress.errors import ExportError
     from modelpress.pipeline.recipe import compress as run_compress
 
     if not (Path(model) / "config.json").is_file():
         raise ExportError(
-            f"--to genai takes a Hugging Face causal LM folder (config.json, weights, tokenizer files); "
+            f"--to {to} takes a Hugging Face causal LM folder (config.json, weights, tokenizer files); "
             f"'{model}' is not one. Save yours with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)."
+        )
+    if Path(out_path).exists() and not (overwrite and Path(out_path).is_dir()):  # before the slow work
+        raise ExportError(
+            f"Output folder '{out_path}' already exists. Choose another, delete it, or pass --overwrite."
         )
     from transformers import AutoTokenizer
 
@@ -657,7 +667,7 @@ def _export_genai(
                 tokenizer = AutoTokenizer.from_pretrained(model)
             except Exception as exc:
                 raise ExportError(
-                    f"--to genai needs the model's tokenizer in '{model}', and it did not load: {exc}. Save it "
+                    f"--to {to} needs the model's tokenizer in '{model}', and it did not load: {exc}. Save it "
                     "there with tokenizer.save_pretrained(DIR)."
                 ) from exc
         if steps:
@@ -665,12 +675,21 @@ def _export_genai(
             net = run_compress(
                 net, steps, as_dataset(_call_data(data_ref, "--data")), allow_partial=allow_partial
             )
-        result = export_genai(
-            net, tokenizer, out_path, accuracy_level=accuracy_level, overwrite=overwrite, progress=say
-        )
-    for line in result.notes():
+        if to == "openvino-genai":
+            from modelpress.deploy.ovgenai import export_openvino_genai
+
+            ov_result = export_openvino_genai(net, tokenizer, out_path, overwrite=overwrite, progress=say)
+            notes, path = ov_result.notes(), ov_result.folder
+        else:
+            from modelpress.deploy.genai import export_genai
+
+            result = export_genai(
+                net, tokenizer, out_path, accuracy_level=accuracy_level, overwrite=overwrite, progress=say
+            )
+            notes, path = result.notes(), result.path
+    for line in notes:
         out.print(line, highlight=False)
-    out.print(f"wrote {result.path} (run it: modelpress generate {result.path} --prompt '...')")
+    out.print(f"wrote {path} (run it: modelpress generate {path} --prompt '...')")
 
 
 @main.command()
@@ -679,10 +698,17 @@ def _export_genai(
 @click.option("--max-new-tokens", default=128, show_default=True, help="Stop after this many new tokens.")
 @click.option("--threads", default=0, help="Intra-op threads (0: the runtime's default).")
 def generate(folder: str, prompt: str, max_new_tokens: int, threads: int) -> None:
-    """Generate text from FOLDER (written by `export --to genai`) in ONNX Runtime GenAI, streaming each token
-    as it comes (greedy). Needs no torch: the folder has the model, its KV cache and the tokenizer."""
-    from modelpress.deploy.genai import stream_tokens
+    """Generate text from FOLDER (written by `export --to genai` or `--to openvino-genai`) in ONNX Runtime
+    GenAI or OpenVINO GenAI, streaming each token as it comes (greedy). Needs no torch: the folder has the
+    model, its KV cache and the tokenizer."""
+    from modelpress.deploy.genai import is_genai_folder, stream_tokens
+    from modelpress.deploy.ovgenai import is_openvino_genai_folder
 
+    if is_openvino_genai_folder(folder):
+        _generate_openvino(folder, prompt, max_new_tokens, threads)
+        return
+    if not is_genai_folder(folder):
+        _not_an_llm_folder(folder)
     pieces = stream_tokens(folder, prompt, max_new_tokens, threads)
     first = next(pieces, "")  # a folder that is not one fails here, before any text is printed
     out.print(prompt + first, end="", highlight=False, markup=False)
@@ -691,23 +717,60 @@ def generate(folder: str, prompt: str, max_new_tokens: int, threads: int) -> Non
     out.print()
 
 
+def _not_an_llm_folder(folder: str) -> NoReturn:
+    from modelpress.errors import ExportError
+
+    raise ExportError(
+        f"'{folder}' is not an ONNX Runtime GenAI folder (genai_config.json, model.onnx, tokenizer files) nor "
+        "an OpenVINO GenAI folder (openvino_model.xml/.bin, openvino_tokenizer.xml, openvino_detokenizer.xml). "
+        "Write one with `modelpress export MODEL_FOLDER --to genai -o FOLDER` (or --to openvino-genai)."
+    )
+
+
+def _generate_openvino(folder: str, prompt: str, max_new_tokens: int, threads: int) -> None:
+    """`generate` of an OpenVINO GenAI folder: LLMPipeline streams text pieces to a callback."""
+    from modelpress.deploy.ovgenai import stream_tokens
+
+    started = False
+
+    def show(piece: str) -> None:
+        nonlocal started
+        if not started:  # the prompt is echoed once the folder has loaded and generates
+            out.print(prompt, end="", highlight=False, markup=False)
+            started = True
+        out.print(piece, end="", highlight=False, markup=False)
+
+    stream_tokens(folder, prompt, show, max_new_tokens=max_new_tokens, threads=threads)
+    if not started:
+        out.print(prompt, end="", highlight=False, markup=False)
+    out.print()
+
+
 def _bench_genai(
-    artifact: str, baseline: str | None, rounds: int, threads: int, json_out: str | None
+    artifact: str,
+    baseline: str | None,
+    rounds: int,
+    threads: int,
+    json_out: str | None,
+    runtime: Literal["onnxruntime-genai", "openvino-genai"] = "onnxruntime-genai",
 ) -> None:
-    """`bench` of ONNX Runtime GenAI folders: prefill and decode tokens/s, interleaved, and peak memory."""
+    """`bench` of ONNX Runtime GenAI or OpenVINO GenAI folders: prefill and decode tokens/s, interleaved,
+    and peak memory."""
     from modelpress._files import check_output_path, write_text_atomic
     from modelpress.analyse.profile import human_bytes
     from modelpress.deploy.genai import bench_genai
+    from modelpress.deploy.ovgenai import bench_openvino_genai
 
     if json_out:
         check_output_path(json_out)
     folders = {"artifact": artifact} | ({"baseline": baseline} if baseline else {})
-    with _status("benchmarking generation") as say:
-        results = bench_genai(folders, rounds=rounds, threads=threads, progress=say)
+    run = bench_openvino_genai if runtime == "openvino-genai" else bench_genai
+    with _status(f"benchmarking generation in {runtime}") as say:
+        results = run(folders, rounds=rounds, threads=threads, progress=say)
     base = results.get("baseline")
     table = Table(
-        title=f"{Path(artifact).name}: 128-token prompt, 128 new tokens, greedy ({threads} threads, {rounds} "
-        "interleaved rounds, medians)"
+        title=f"{Path(artifact).name} in {runtime}: 128-token prompt, 128 new tokens, greedy ({threads} threads, "
+        f"{rounds} interleaved rounds, medians)"
     )
     for col in ["folder", "model size", "prefill tok/s", "decode tok/s", "decode ratio", "peak RSS"]:
         table.add_column(col, justify="left" if col == "folder" else "right")
@@ -770,19 +833,32 @@ def bench(
     json_out: str | None,
 ) -> None:
     """Time ARTIFACT (.onnx, .xml, .tflite or .pte) in every installed runtime of its type (interleaved),
-    beside --baseline if given; name the fastest."""
+    beside --baseline if given; name the fastest. An LLM folder (`export --to genai` or `--to
+    openvino-genai`) is timed in its own runtime: prefill and decode tokens/s, and peak memory."""
     from modelpress._files import check_output_path, write_text_atomic
     from modelpress.analyse.profile import human_bytes
     from modelpress.deploy.bench import artifact_runtimes, compare_artifacts, runs_in
     from modelpress.deploy.genai import is_genai_folder
     from modelpress.deploy.integer import integer_kernels
+    from modelpress.deploy.ovgenai import is_openvino_genai_folder
     from modelpress.errors import ExportError
 
-    if is_genai_folder(artifact):
-        if baseline and not is_genai_folder(baseline):
-            raise ExportError(f"--baseline '{baseline}' is not a GenAI folder; compare {artifact} with one.")
-        _bench_genai(artifact, baseline, rounds, threads, json_out)
+    for kind, is_kind, other in (
+        ("onnxruntime-genai", is_genai_folder, "an ONNX Runtime GenAI folder (genai_config.json)"),
+        ("openvino-genai", is_openvino_genai_folder, "an OpenVINO GenAI folder (openvino_model.xml)"),
+    ):
+        if not is_kind(artifact):
+            continue
+        if baseline and not is_kind(baseline):
+            raise ExportError(
+                f"--baseline '{baseline}' is not {other} like {artifact}; LLM folders are timed against one of "
+                f"their own runtime. Export the baseline with `modelpress export MODEL_FOLDER --to "
+                f"{'genai' if kind == 'onnxruntime-genai' else kind} -o FOLDER`."
+            )
+        _bench_genai(artifact, baseline, rounds, threads, json_out, kind)  # type: ignore[arg-type]
         return
+    if Path(artifact).is_dir():
+        _not_an_llm_folder(artifact)
     for p in [artifact] + ([baseline] if baseline else []):
         if not Path(p).is_file():
             raise ExportError(f"Artifact '{p}' does not exist. Export one first with `modelpress export`.")

@@ -24,8 +24,10 @@ import json
 import logging
 import math
 import shutil
+import subprocess
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.deploy.genai import torch_greedy
+from modelpress.deploy.genai import _BENCH_TEXT, LLMTiming, torch_greedy
 from modelpress.errors import ExportError, ParityError, RuntimeUnavailableError
 from modelpress.techniques.quantized import (
     GroupQuantizedEmbedding,
@@ -69,6 +71,16 @@ class PromptCheck:
     first_divergence: int | None = None  # step (0-based) of the first differing new token, or None
     logit_gap: float | None = None  # torch's logit of its token minus that of OpenVINO's, at that step
 
+    def line(self) -> str:
+        n = len(self.torch_tokens)
+        if self.first_divergence is None:
+            return f"greedy check {self.prompt!r}: {n}/{n} tokens match"
+        gap = "n/a" if self.logit_gap is None else f"{self.logit_gap:.3f}"
+        return (
+            f"greedy check {self.prompt!r}: first {self.first_divergence}/{n} tokens match, then part "
+            f"(logit gap {gap} under torch: fp rounding)"
+        )
+
 
 @dataclass
 class OVGenAIExport:
@@ -76,6 +88,20 @@ class OVGenAIExport:
     prefill_max_abs_diff: float  # logits of the first prompt, IR (fp32) against PyTorch
     checks: list[PromptCheck] = field(default_factory=list)
     weights: dict[str, int] = field(default_factory=dict)  # compressed constants written, by element type
+
+    @property
+    def model_bytes(self) -> int:
+        return _model_bytes(self.folder)
+
+    def notes(self) -> list[str]:
+        """What `export --to openvino-genai` prints: the checks, the weights written, the model's size."""
+        lines = [c.line() for c in self.checks]
+        if not math.isnan(self.prefill_max_abs_diff):
+            lines.append(f"prefill logits vs PyTorch: max abs diff {self.prefill_max_abs_diff:.2e}")
+        kinds = ", ".join(f"{n:,} {k}" for k, n in sorted(self.weights.items())) or "none"
+        lines.append(f"weight elements by constant type: {kinds}")
+        lines.append(f"openvino_model.xml + .bin: {self.model_bytes / 1e6:.1f} MB")
+        return lines
 
 
 def _require_openvino() -> tuple[Any, Any]:
@@ -87,6 +113,17 @@ def _require_openvino() -> tuple[Any, Any]:
             f"OpenVINO is not installed ({e}); run `pip install openvino openvino-tokenizers openvino-genai`."
         ) from e
     return ov, ops
+
+
+def _require_genai() -> Any:
+    try:
+        import openvino_genai
+    except ImportError as e:
+        raise RuntimeUnavailableError(
+            f"openvino-genai is not installed ({e}); run `pip install openvino-genai openvino-tokenizers` "
+            "(or `pip install 'modelpress[genai]'`)."
+        ) from e
+    return openvino_genai
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,6 +560,7 @@ def export_openvino_genai(
     new_tokens: int = 32,
     max_logit_gap: float = 0.05,
     overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> OVGenAIExport:
     """Write `out_dir`, the folder `openvino_genai.LLMPipeline(out_dir, "CPU")` runs: a stateful IR with
     the model's weights as stored (int4/int8 weight-only layers as compressed constants), the tokenizer
@@ -537,21 +575,26 @@ def export_openvino_genai(
     >>> openvino_genai.LLMPipeline("smollm2-ov", "CPU").generate("Hello", max_new_tokens=20)  # doctest: +SKIP
     """
     ov, _ = _require_openvino()
+    say = progress or (lambda _msg: None)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
+    if out.exists() and not (overwrite and out.is_dir()):
         raise ExportError(
-            f"OpenVINO GenAI export: '{out}' exists; pass overwrite=True or choose a new folder."
+            f"OpenVINO GenAI export: '{out}' exists; choose a new folder, or pass overwrite=True (--overwrite "
+            "on the command line) to replace a folder."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
+    say("building the OpenVINO model")
     ov_model, counts = build_model(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         ov.save_model(ov_model, tmp / "openvino_model.xml", compress_to_fp16=False)
+        say("converting the tokenizer")
         _write_tokenizer(tokenizer, tmp)
         _write_configs(model, tmp)
         report = OVGenAIExport(folder=out, prefill_max_abs_diff=float("nan"), weights=counts)
         if prompts:
+            say("checking the greedy tokens against PyTorch")
             report.prefill_max_abs_diff = _check_prefill(
                 model, tmp / "openvino_model.xml", tokenizer, prompts[0]
             )
@@ -612,12 +655,7 @@ def check_greedy(
 ) -> list[PromptCheck]:
     """LLMPipeline's greedy tokens for each prompt against the model's `generate`; where they part, the
     first step and the model's logit gap there (its token's logit minus OpenVINO's token's)."""
-    try:
-        import openvino_genai
-    except ImportError as e:
-        raise RuntimeUnavailableError(
-            f"openvino-genai is not installed ({e}); `pip install openvino-genai`."
-        ) from e
+    openvino_genai = _require_genai()
     ov, _ = _require_openvino()
     pipe = openvino_genai.LLMPipeline(
         str(folder), "CPU", **(EXACT_PROPERTIES if properties is None else properties)
@@ -662,3 +700,189 @@ def _judge(report: OVGenAIExport, max_logit_gap: float) -> None:
                 f"OpenVINO {check.openvino_tokens[:8]}...; logit gap {gap}, allowed {max_logit_gap}). "
                 "This is a bug in the export; please report it with the model's config."
             )
+
+
+# --------------------------------------------------------------------------------------------
+# generate and bench: OpenVINO GenAI's own loop, no torch
+# --------------------------------------------------------------------------------------------
+
+FOLDER_FILES = (
+    "openvino_model.xml",
+    "openvino_model.bin",
+    "openvino_tokenizer.xml",
+    "openvino_detokenizer.xml",
+)
+
+
+def is_openvino_genai_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder LLMPipeline can generate text from: the model IR, the tokenizer and the
+    detokenizer IR (what `export_openvino_genai` and optimum-intel write)."""
+    folder = Path(path)
+    return folder.is_dir() and all((folder / name).is_file() for name in FOLDER_FILES)
+
+
+def _check_folder(path: str | Path) -> Path:
+    folder = Path(path)
+    if not is_openvino_genai_folder(folder):
+        missing = [n for n in FOLDER_FILES if not (folder / n).is_file()]
+        raise ExportError(
+            f"'{folder}' is not an OpenVINO GenAI folder (missing {', '.join(missing)}). Write one with "
+            "`modelpress export MODEL_FOLDER --to openvino-genai -o FOLDER`."
+        )
+    return folder
+
+
+def _model_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("openvino_model."))
+
+
+def load_pipeline(folder: str | Path, threads: int = 0, properties: Mapping[str, str] | None = None) -> Any:
+    """`openvino_genai.LLMPipeline(folder, "CPU")` with `threads` inference threads (0: the runtime's
+    default) and the runtime's default precision unless `properties` say otherwise."""
+    openvino_genai = _require_genai()
+    props: dict[str, Any] = dict(properties or {})
+    if threads:
+        props["INFERENCE_NUM_THREADS"] = threads
+    path = _check_folder(folder)
+    try:
+        return openvino_genai.LLMPipeline(str(path), "CPU", **props)
+    except RuntimeError as e:  # a truncated or foreign IR: OpenVINO's own message says which file
+        raise ExportError(
+            f"OpenVINO GenAI could not load '{path}': {str(e).strip()[-500:]}. Write the folder again with "
+            "`modelpress export MODEL_FOLDER --to openvino-genai -o FOLDER --overwrite`."
+        ) from e
+
+
+def stream_tokens(
+    folder: str | Path,
+    prompt: str,
+    on_text: Callable[[str], None],
+    *,
+    max_new_tokens: int = 128,
+    threads: int = 0,
+) -> None:
+    """Generate from `prompt` (greedy, no chat template: the text is continued) and call `on_text` with each
+    piece of text as LLMPipeline streams it; stops at EOS or after `max_new_tokens`. The folder is loaded
+    before the first call, so a bad folder raises before any text.
+
+    >>> stream_tokens("smollm2-ov", "The history of printing", print)  # doctest: +SKIP
+    """
+    openvino_genai = _require_genai()
+    pipe = load_pipeline(folder, threads)
+    config = pipe.get_generation_config()
+    config.max_new_tokens = max_new_tokens
+    config.do_sample = False
+    config.apply_chat_template = False
+
+    def streamer(text: str) -> Any:
+        on_text(text)
+        return openvino_genai.StreamingStatus.RUNNING
+
+    pipe.generate(prompt, config, streamer)
+
+
+def _bench_ids(pipe: Any, n: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += [int(i) for i in pipe.get_tokenizer().encode(_BENCH_TEXT).input_ids.data[0]]
+    return ids[:n]
+
+
+def _timed_generate(pipe: Any, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of one greedy generation of exactly `new_tokens` tokens from
+    `ids`, from LLMPipeline's own perf metrics: time to the first token, and the mean time per later token."""
+    ov, _ = _require_openvino()
+    config = pipe.get_generation_config()
+    config.max_new_tokens = config.min_new_tokens = new_tokens
+    config.ignore_eos = True
+    config.do_sample = False
+    metrics = pipe.generate(ov.Tensor(np.asarray([ids], np.int64)), config).perf_metrics
+    ttft_ms, tpot_ms = metrics.get_ttft().mean, metrics.get_tpot().mean
+    return len(ids) / (ttft_ms / 1e3), 1e3 / tpot_ms
+
+
+def bench_openvino_genai(
+    folders: Mapping[str, str | Path],
+    *,
+    prompt_tokens: int = 128,
+    new_tokens: int = 128,
+    rounds: int = 5,
+    threads: int = 2,
+    peak_memory: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, LLMTiming]:
+    """Prefill and decode tokens/s of each folder in OpenVINO GenAI (the runtime's default precision on
+    this CPU), timed in turn within each round (A, B, A, B...) in this process, the same prompt for all;
+    peak RSS of a fresh process per folder that loads it and generates once. `deploy.genai.bench_genai`'s
+    counterpart: the same prompt text and result type.
+
+    >>> bench_openvino_genai({"artifact": "llm-int4-ov", "baseline": "llm-fp32-ov"})  # doctest: +SKIP
+    """
+    import statistics
+
+    say = progress or (lambda _msg: None)
+    pipes = {name: load_pipeline(path, threads) for name, path in folders.items()}
+    ids = _bench_ids(next(iter(pipes.values())), prompt_tokens)
+    prefill: dict[str, list[float]] = {n: [] for n in pipes}
+    decode: dict[str, list[float]] = {n: [] for n in pipes}
+    for pipe in pipes.values():  # warm-up: the first inference compiles kernels
+        _timed_generate(pipe, ids, 4)
+    for r in range(rounds):
+        for name, pipe in pipes.items():
+            p, d = _timed_generate(pipe, ids, new_tokens)
+            prefill[name].append(p)
+            decode[name].append(d)
+        say(f"round {r + 1}/{rounds}")
+    del pipes
+    out = {}
+    for name, path in folders.items():
+        out[name] = LLMTiming(
+            name,
+            str(path),
+            _model_bytes(Path(path)),
+            statistics.median(prefill[name]),
+            statistics.median(decode[name]),
+            decode[name],
+        )
+        if peak_memory:
+            say(f"peak memory of {name}")
+            out[name].peak_rss_bytes = _peak_rss(path, ids, new_tokens, threads)
+    return out
+
+
+_PEAK_RSS_SCRIPT = """\
+import json, resource, sys
+import numpy as np, openvino as ov, openvino_genai
+folder, ids, new, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+pipe = openvino_genai.LLMPipeline(folder, "CPU", INFERENCE_NUM_THREADS=threads)
+config = pipe.get_generation_config()
+config.max_new_tokens = config.min_new_tokens = new
+config.ignore_eos, config.do_sample = True, False
+pipe.generate(ov.Tensor(np.asarray([ids], np.int64)), config)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+print(int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def _peak_rss(folder: str | Path, ids: list[int], new_tokens: int, threads: int) -> int:
+    """Peak RSS (bytes) of a fresh Python process that loads `folder` and generates once, importing
+    openvino_genai and numpy only (no torch, no modelpress), as a deployment would. Read from VmHWM, as
+    `deploy.genai` does: `getrusage`'s ru_maxrss survives fork and exec, so a child of a large process
+    reports its parent's."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _PEAK_RSS_SCRIPT,
+            str(folder),
+            json.dumps(ids),
+            str(new_tokens),
+            str(max(threads, 1)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ExportError(f"measuring the peak memory of {folder} failed: {done.stderr.strip()[-500:]}")
+    return int(done.stdout.strip().splitlines()[-1])
