@@ -40,6 +40,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
+import dataclasses
 import inspect
 import json
 import logging
@@ -560,6 +561,7 @@ SMOLLM2_CLUSTER_PARTS = mp.ClusterConfig(
     codebook_bits=8,
     layers=("linear", "embedding"),
 )
+SMOLLM2_CLUSTER_PARTS_OPTIMAL = dataclasses.replace(SMOLLM2_CLUSTER_PARTS, method="optimal")
 
 
 def build_data_free(recipe: Any) -> Callable[[Asset], Built]:
@@ -929,6 +931,13 @@ METHODS: dict[str, Method] = {
         "modelpress",
         ("onnxruntime", "openvino"),
         build_data_free([SMOLLM2_CLUSTER_PARTS]),
+        assets=("smollm2",),
+    ),
+    "cluster-16-parts-optimal": Method(
+        "cluster-16-parts-optimal",
+        "modelpress",
+        ("onnxruntime", "openvino"),
+        build_data_free([SMOLLM2_CLUSTER_PARTS_OPTIMAL]),
         assets=("smollm2",),
     ),
     "coreml-palettize-16": Method(
