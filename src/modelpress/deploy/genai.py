@@ -680,7 +680,7 @@ def export_genai(
 # generate and bench: the runtime's own loop, no torch
 # --------------------------------------------------------------------------------------------------
 
-_BENCH_TEXT = (
+BENCH_TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable metal type, oil-based "
     "ink and a screw press were brought together in one workshop. Books that had taken a scribe months could "
     "be made by the hundred in weeks, and within fifty years presses worked in more than two hundred cities. "
@@ -741,7 +741,7 @@ def _prompt_ids(model: Any, n: int) -> list[int]:
     og = _import_genai()
     ids: list[int] = []
     while len(ids) < n:
-        ids += [int(i) for i in og.Tokenizer(model).encode(_BENCH_TEXT)]
+        ids += [int(i) for i in og.Tokenizer(model).encode(BENCH_TEXT)]
     return ids[:n]
 
 
@@ -832,6 +832,14 @@ def _peak_rss(folder: str | os.PathLike[str], ids: list[int], new_tokens: int, t
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
         "print(int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
     )
+    return run_peak_script(code, folder, ids, new_tokens, threads)
+
+
+def run_peak_script(
+    code: str, folder: str | os.PathLike[str], ids: list[int], new_tokens: int, threads: int
+) -> int:
+    """Run `code` in a fresh Python process with argv folder, ids (JSON), new tokens, threads (at least 1);
+    its last line of output is the peak RSS in bytes."""
     done = subprocess.run(
         [sys.executable, "-c", code, str(folder), json.dumps(ids), str(new_tokens), str(max(threads, 1))],
         capture_output=True,

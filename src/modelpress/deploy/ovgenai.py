@@ -24,8 +24,6 @@ import json
 import logging
 import math
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.deploy.genai import _BENCH_TEXT, LLMTiming, torch_greedy
+from modelpress.deploy.genai import BENCH_TEXT, LLMTiming, run_peak_script, torch_greedy
 from modelpress.errors import ExportError, ParityError, RuntimeUnavailableError
 from modelpress.techniques.quantized import (
     GroupQuantizedEmbedding,
@@ -784,7 +782,7 @@ def stream_tokens(
 def _bench_ids(pipe: Any, n: int) -> list[int]:
     ids: list[int] = []
     while len(ids) < n:
-        ids += [int(i) for i in pipe.get_tokenizer().encode(_BENCH_TEXT).input_ids.data[0]]
+        ids += [int(i) for i in pipe.get_tokenizer().encode(BENCH_TEXT).input_ids.data[0]]
     return ids[:n]
 
 
@@ -869,20 +867,4 @@ def _peak_rss(folder: str | Path, ids: list[int], new_tokens: int, threads: int)
     openvino_genai and numpy only (no torch, no modelpress), as a deployment would. Read from VmHWM, as
     `deploy.genai` does: `getrusage`'s ru_maxrss survives fork and exec, so a child of a large process
     reports its parent's."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _PEAK_RSS_SCRIPT,
-            str(folder),
-            json.dumps(ids),
-            str(new_tokens),
-            str(max(threads, 1)),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise ExportError(f"measuring the peak memory of {folder} failed: {done.stderr.strip()[-500:]}")
-    return int(done.stdout.strip().splitlines()[-1])
+    return run_peak_script(_PEAK_RSS_SCRIPT, folder, ids, new_tokens, threads)
