@@ -152,11 +152,20 @@ def test_constraints_parse_and_bad_values():
         parse_budget("soon")
 
 
-def test_unreachable_storage_stops_before_any_work(tmp_path):
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///{tmp}/no/such/dir/study.db",  # a folder that does not exist
+        "postgresql://search:secret@127.0.0.1:1/study",  # nobody there (or no driver installed)
+        "nosuchdb://study",  # not a database URL
+    ],
+)
+def test_unreachable_storage_stops_before_any_work(tmp_path, url):
     model, data, labeled = tiny()
-    config = fast(tmp_path / "s", storage=f"sqlite:///{tmp_path}/no/such/dir/study.db")
-    with pytest.raises(SearchError, match="Cannot open the study storage"):
+    config = fast(tmp_path / "s", storage=url.format(tmp=tmp_path))
+    with pytest.raises(SearchError, match="Cannot open the study storage") as raised:
         search(model, data, metric_evaluator(labeled), config=config)
+    assert "secret" not in str(raised.value) and "leave out --storage" in str(raised.value)
     assert not (tmp_path / "s" / "fp32.onnx").exists()
 
 

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import re
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ RESULT_JSON = "search.json"
 CHART_SVG = "front.svg"
 RECIPE_YAML = "recipe.yaml"
 CLOSEST_YAML = "closest-recipe.yaml"
+RAY_POLL_S = 2.0  # how often the driver checks that its Ray cluster is still there while trials run
+RAY_GONE_S = 10.0  # a cluster that does not answer this long is gone (a restarting GCS answers sooner)
 INTERRUPTED = "interrupted: the search stopped during this trial (killed, or its worker went away)"
 
 
@@ -1138,16 +1141,28 @@ class _Runner:
             try:
                 ray.init(address=self.config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
             except Exception as exc:
+                chain: list[str] = []  # Ray says "Failed to connect" where the cluster wants a token
+                cause: BaseException | None = exc
+                while cause is not None and len(chain) < 10:
+                    chain.append(type(cause).__name__)
+                    cause = cause.__cause__ or cause.__context__
+                fix = (
+                    "The cluster asks for a token (Ray's token authentication, on by default for ray start "
+                    "where ~/.ray/auth_token exists): run the search with RAY_AUTH_MODE=token."
+                    if "AuthenticationError" in chain
+                    else "Start it (ray start --head) or leave out --ray-address to run the trials here."
+                )
                 raise SearchError(
                     f"Cannot reach the Ray cluster at '{self.config.ray_address}' ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}). Start it (ray start --head) or leave out "
-                    "--ray-address to run the trials here."
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}). {fix}"
                 ) from exc
         try:
             cpus = int(ray.cluster_resources().get("CPU", 1))
             parallel = self.config.parallel or max(1, cpus // self.config.threads)
             task = ray.remote(num_cpus=min(self.config.threads, cpus))(run_trial)
             shared = ray.put(ctx)
+            gcs = _gcs_address(ray)
+            lost: float | None = None  # since when the cluster has not answered
             pending: dict[Any, tuple[Any, list[dict[str, Any]]]] = {}
             while True:
                 while len(pending) < parallel and self.may_start(len(pending)):
@@ -1162,17 +1177,24 @@ class _Runner:
                     pending[task.remote(shared, recipe, folder)] = (trial, recipe)
                 if not pending:
                     return
-                done, _ = ray.wait(list(pending), num_returns=1)
+                # never an endless wait: a cluster that vanishes leaves its tasks pending, and Ray ends the
+                # driver a minute later, before anything found is written
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=RAY_POLL_S)
+                if not done:
+                    if _cluster_alive(ray, gcs):
+                        lost = None
+                    elif lost is None:
+                        lost = time.monotonic()
+                    elif time.monotonic() - lost >= RAY_GONE_S:
+                        self.stopped = self._ray_gone(len(pending))
                 for ref in done:
                     trial, recipe = pending.pop(ref)
                     try:
                         outcome = ray.get(ref)
                     except Exception as exc:  # the task's worker died, or the cluster went away
                         outcome = {"error": f"{INTERRUPTED} ({type(exc).__name__})"}
-                        if not _cluster_alive(ray):
-                            self.stopped = (
-                                "The Ray cluster went away; the search stopped and kept what it found."
-                            )
+                        if not _cluster_alive(ray, gcs):
+                            self.stopped = self._ray_gone(len(pending) + 1)
                     self.tell(trial, recipe, outcome)
                 if self.stopped:
                     for trial, recipe in pending.values():
@@ -1182,12 +1204,18 @@ class _Runner:
             if started_here:
                 ray.shutdown()
 
+    def _ray_gone(self, in_flight: int) -> str:
+        done = sum(1 for r in self.records if r.state == "complete")
+        return (
+            f"The Ray cluster at '{self.config.ray_address}' went away; the search stopped, recorded the "
+            f"{in_flight} trial(s) in flight as interrupted and kept the {done} trial(s) measured. Run it again "
+            "(once the cluster is back, or without --ray-address) to resume from them."
+        )
+
 
 def _probe_ray(address: str) -> None:
     """Refuse at once a `host:port` (or `ray://host:port`) nobody answers on: `ray.init` retries such an
     address for minutes before giving up."""
-    import socket
-
     match = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address.strip())
     if not match:
         return  # "auto", "local", or a form Ray resolves itself
@@ -1201,7 +1229,24 @@ def _probe_ray(address: str) -> None:
         ) from exc
 
 
-def _cluster_alive(ray: Any) -> bool:
+def _gcs_address(ray: Any) -> str | None:
+    """The cluster's GCS `host:port` (None where Ray does not say, as through a ray:// client)."""
+    try:
+        return str(ray.get_runtime_context().gcs_address) or None
+    except Exception:
+        return None
+
+
+def _cluster_alive(ray: Any, gcs: str | None) -> bool:
+    """Whether the cluster still has a live node. Its GCS is tried first with a plain connection: with the
+    GCS gone, `ray.nodes()` blocks until Ray gives up on it (a minute)."""
+    if gcs:
+        host, _, port = gcs.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_POLL_S):
+                pass
+        except (OSError, ValueError):
+            return False
     try:
         return any(node.get("Alive") for node in ray.nodes())
     except Exception:
