@@ -99,11 +99,57 @@ def _compressed(work: Path, name: str) -> tuple[Any, Any, float]:
         lm = mp.compress(model, recipe, calibration).lm
     elif name == "mp-int8":
         lm = mp.compress(lm, "int8-weight-only")
+    elif name.startswith("mp-int4-gptq-recon-head4"):
+        lm = _head4(work, name, lm)
     else:
         raise ValueError(name)
     compress_s = time.perf_counter() - t0
     torch.save({"model": lm, "compress_s": compress_s}, saved)
     return lm, tokenizer, compress_s
+
+
+HEAD4 = {"mp-int4-gptq-recon-head4": (32, False)}  # name -> (group size, symmetric) of the int4 head
+
+
+def _head4(work: Path, name: str, float_lm: Any) -> Any:
+    """Our int4 body (mp-int4-gptq-recon) with its tied embedding / head int4 as well: GPTQ on the float
+    head, its Hessian from the final hidden states of the int4 body over the calibration windows, and the
+    embedding reading the head's codes (stored once)."""
+    import copy
+
+    from torch import nn
+
+    from modelpress.ops.gptq import gptq_quantize
+    from modelpress.techniques.quantized import GroupQuantizedEmbedding, GroupQuantizedLinear
+
+    group, symmetric = HEAD4[name]
+    body, tokenizer, _ = _compressed(work, "mp-int4-gptq-recon")
+    lm = copy.deepcopy(body).eval()
+    weight = float_lm.model.embed_tokens.weight.detach().float()
+    ids = assets.wiki_tokens(tokenizer, PPL_TOKENS + 1024 + 512 * CALIB_WINDOWS)[PPL_TOKENS + 1024 :]
+    hessian = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, 512 * CALIB_WINDOWS, 512):
+            h = lm.model(input_ids=ids[i : i + 512].unsqueeze(0)).last_hidden_state[0].double()
+            hessian += h.T @ h
+    codes, scale, zero_point = gptq_quantize(
+        weight, hessian.float(), bits=4, group_size=group, symmetric=symmetric
+    )
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    head.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    lm.lm_head = GroupQuantizedLinear.from_codes(
+        head, codes=codes, scale=scale, zero_point=zero_point, bits=4, group_size=group
+    )
+    table = nn.Embedding(*weight.shape)
+    table.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    emb = GroupQuantizedEmbedding(table, bits=4, group_size=group, symmetric=symmetric)
+    emb.packed = lm.lm_head.packed.reshape(weight.shape[0], -1)  # the head's codes: one table, tied
+    emb.scales = lm.lm_head.scales.reshape(weight.shape[0], -1)
+    emb.zero_points = (
+        None if lm.lm_head.zero_points is None else lm.lm_head.zero_points.reshape(weight.shape[0], -1)
+    )
+    lm.model.embed_tokens = emb
+    return lm
 
 
 def _from_genai(folder: Path) -> Any:
@@ -256,11 +302,12 @@ def build(work: Path) -> dict[str, tuple[str, str]]:
             _log(f"building {name} with the GenAI model builder")
             _builder(hf, out, precision)
         found[name] = ("llm_genai", str(out))
-    for name in ("mp-int4-gptq-recon", "mp-int8"):
+    for name in ("mp-int4-gptq-recon", *HEAD4, "mp-int8"):
         _log(f"building {name}")
         found[name] = ("llm_genai", str(_ours(work, name)))
     if importlib.util.find_spec("openvino_genai") is not None:
-        for name in ("ov-fp32", "ov-mp-int4-gptq-recon", "ov-mp-int8", "ov-nncf-int4"):
+        ours = ("ov-mp-int4-gptq-recon", *(f"ov-{n}" for n in HEAD4), "ov-mp-int8")
+        for name in ("ov-fp32", *ours, "ov-nncf-int4"):
             _log(f"building {name}")
             folder = _ov_folder(work, name)
             if folder is not None:

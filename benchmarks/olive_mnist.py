@@ -28,6 +28,14 @@ ONNX Runtime CPU, OpenVINO IR in OpenVINO). Accuracy of the timed artifacts is m
 again on the 10k test set. Olive's best = the Olive candidate meeting the floor that is fastest at b64 in
 the final rounds.
 
+The strict reading ("at equal or better accuracy" than Olive's best, not only at the same goal): before the
+final rounds, modelpress's search runs again with the floor raised to the best accuracy among the
+contenders for Olive's best (the three fastest of the screening, accuracy measured here), in a space of
+structured ratios x keeping the int8-sensitive layers out, static int8, recovering each cut by distillation
+with the hard labels mixed in (`recover: {loss: kl, alpha: 0.5}`: items are (images, labels) pairs, so a user
+with labels gets their accuracy back). Its chosen point is timed in the final rounds as
+"modelpress-at-olive-accuracy".
+
 Olive problems met (olive-ai 0.13.0) and what this script does about them are listed in the JSON ("olive_issues").
 """
 
@@ -409,6 +417,71 @@ def modelpress_point(
     return Path(path), info
 
 
+def modelpress_at(
+    args: argparse.Namespace, work: Path, floor: float, say: Any
+) -> tuple[Path | None, dict[str, Any]]:
+    """modelpress's search with the floor at `floor` (the strict reading): its chosen artifact (None when no
+    trial meets the floor) and the search's summary."""
+    x, y = assets.mnist_data("test")
+    x_train, y_train = assets.mnist_data("train")
+    n = args.strict_train_images
+    labeled = [(x_train[i : i + 64], y_train[i : i + 64]) for i in range(0, n, 64)]
+    recover = {"loss": "kl", "alpha": 0.5, "epochs": args.strict_epochs, "lr": 1e-3}
+    space = mp.SearchSpace(
+        structured=(0.0, 0.25, 0.375, 0.5),
+        lowrank=(0.0,),
+        sparsity=(0.0,),
+        cluster=(0,),
+        quantize=("static_int8",),
+        keep=(0, 1),
+        round_to=8,
+        recover=recover,
+    )
+    out = work / "modelpress-at-olive-accuracy"
+    shutil.rmtree(out, ignore_errors=True)
+    config = mp.SearchConfig(
+        out_dir=str(out),
+        runtime="openvino",
+        baseline_runtime="onnxruntime",
+        trials=args.strict_trials,
+        space=space,
+        batch=64,
+        rounds=args.screen_rounds,
+        threads=THREADS,
+    )
+    say(f"modelpress: search at Olive's accuracy (floor {floor:.4f}), {args.strict_trials} trials")
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    result = mp.search(
+        assets.mnist_model(),
+        labeled,
+        mp.metric_evaluator([(x[i : i + 256], y[i : i + 256]) for i in range(0, len(x), 256)], "accuracy"),
+        mp.Constraints(floor=floor),
+        example_inputs=(x[:1],),
+        config=config,
+        progress=lambda msg: say(f"  search: {msg}"),
+    )
+    chosen = result.chosen
+    info = {
+        "floor": floor,
+        "met": result.met,
+        "message": result.message,
+        "space": "structured (0, 0.25, 0.375, 0.5) x keep (0, 1) + static_int8",
+        "recover": recover,
+        "train_images": n,
+        "trials": [
+            {k: t.to_dict()[k] for k in ("number", "state", "recipe", "quality", "size_bytes", "speedup")}
+            for t in result.trials
+        ],
+        "chosen": chosen.number if chosen else None,
+        "recipe": chosen.recipe if chosen else None,
+        "wall_s": time.perf_counter() - start,
+    }
+    if not result.met or chosen is None or not chosen.artifact:
+        return None, info
+    return Path(chosen.artifact), info
+
+
 # ------------------------------------------------------------------------------------------- measure
 
 
@@ -429,10 +502,16 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=10000, help="Test images Olive evaluates on.")
     parser.add_argument("--rounds", type=int, default=150, help="Final interleaved rounds per batch size.")
     parser.add_argument("--screen-rounds", type=int, default=20)
+    parser.add_argument(
+        "--strict-trials", type=int, default=8, help="Trials of the search at Olive's accuracy."
+    )
+    parser.add_argument("--strict-epochs", type=int, default=3, help="Its recovery epochs after each cut.")
+    parser.add_argument("--strict-train-images", type=int, default=49152, help="Its labeled training images.")
     parser.add_argument("--smoke", action="store_true", help="Tiny settings to check the plumbing.")
     args = parser.parse_args()
     if args.smoke:
         args.olive_iters, args.eval_images, args.rounds, args.screen_rounds = 4, 1000, 3, 2
+        args.strict_trials, args.strict_epochs, args.strict_train_images = 2, 1, 2048
 
     t0, load_before = time.perf_counter(), load()
 
@@ -511,12 +590,22 @@ def main() -> None:
             first = distinct.get(want["sha"], want)
             chosen.setdefault(first["id"], first)
 
-    # 4. final interleaved rounds, b64 and b1
+    # 4. the strict reading: modelpress's search with the floor at the contenders' best accuracy
+    contenders = [distinct.get(c["sha"], c) for c in ranked[:3]]
+    for c in contenders:
+        c["accuracy_here"] = accuracy(Path(c["path"]), c["runtime"], x, y)
+    strict_floor = max((c["accuracy_here"] for c in contenders), default=FLOOR)
+    strict_path, strict_info = modelpress_at(args, work, strict_floor, say)
+    strict_info["contenders"] = {c["id"]: c["accuracy_here"] for c in contenders}
+
+    # 5. final interleaved rounds, b64 and b1
     arts = {
         "fp32": (fp32, "onnxruntime"),
         "modelpress": (mp_path, "openvino"),
         "modelpress-most-accurate-front": (acc_path, "openvino"),
     }
+    if strict_path is not None:
+        arts["modelpress-at-olive-accuracy"] = (strict_path, "openvino")
     arts |= {cid: (Path(c["path"]), c["runtime"]) for cid, c in chosen.items()}
     say(f"final timing of {len(arts)} artifacts, b64 and b1, {args.rounds} interleaved rounds")
     final = compare_artifacts(
@@ -620,8 +709,18 @@ def main() -> None:
         "most_accurate_front_vs_olive_best": versus(accurate_row, best, "Olive's best (fastest at b64)"),
         "most_accurate_front_vs_olive_smallest": versus(accurate_row, small_row, "Olive's smallest"),
     }
+    strict_row = by.get("modelpress-at-olive-accuracy")
+    if strict_row is not None:
+        acceptance["at_olive_accuracy_vs_olive_best"] = versus(
+            strict_row, best, "Olive's best (fastest at b64)"
+        )
+        acceptance["at_olive_accuracy_vs_olive_smallest"] = versus(strict_row, small_row, "Olive's smallest")
     acceptance["met_at_goal"] = bool(acceptance["vs_olive_best"].get("met_at_goal"))
-    acceptance["met_strict"] = bool(acceptance["vs_olive_best"].get("met_strict"))
+    # strictly: the floor-0.988 point, or the search asked for Olive's accuracy, is smaller, faster and at
+    # least as accurate as Olive's best
+    acceptance["met_strict"] = bool(acceptance["vs_olive_best"].get("met_strict")) or bool(
+        acceptance.get("at_olive_accuracy_vs_olive_best", {}).get("met_strict")
+    )
     data = {
         "asset": "mnist",
         "command": " ".join(["python", *sys.argv]),
@@ -647,6 +746,7 @@ def main() -> None:
         "olive_issues": OLIVE_ISSUES,
         "modelpress": mp_info,
         "modelpress_most_accurate_front": acc_info,
+        "modelpress_at_olive_accuracy": strict_info,
         "acceptance": acceptance,
         "rows": rows,
         "olive_candidates": cands,

@@ -116,6 +116,28 @@ def test_search_front_recipe_failures_and_yaml_round_trip(tmp_path):
     np.testing.assert_allclose(session.run([data[0].numpy()])[0], expected, atol=1e-4)
 
 
+def test_a_recovery_on_labels_reads_labeled_items_and_calibration_their_inputs(tmp_path):
+    """With `recover: {alpha: 0.5}` the data are (inputs, labels) pairs: the recovery trains on the labels,
+    and the static int8 calibration, the sensitivity ranking, the example inputs and the points that recover
+    nothing read the inputs alone (no trial fails on the pairs)."""
+    model, _, labeled = tiny()
+    recover = {"loss": "kl", "alpha": 0.5, "steps": 2, "lr": 1e-3}
+    space = SearchSpace(
+        structured=(0.0, 0.5), lowrank=(0.0,), sparsity=(0.0,), cluster=(0,), quantize=("static_int8",),
+        keep=(0,), recover=recover,
+    )  # fmt: skip
+    result = mp.search(model, labeled, metric_evaluator(labeled), config=fast(tmp_path / "s", trials=2, space=space))
+    assert [t.state for t in result.trials] == ["complete", "complete"], [t.error for t in result.trials]
+    assert {len(t.recipe) for t in result.trials} == {1, 2}  # static_int8 alone, and structured + static_int8
+    # one recipe: the structured step's recovery takes the pairs, static_int8 their inputs
+    steps = [{"type": "structured", "ratio": 0.5, "recover": recover}, {"type": "static_int8"}]
+    small = mp.compress(model, mp.load_recipe(steps), labeled)
+    assert small(labeled[0][0]).shape == (8, 4)
+    # without a step on labels, pairs are not model inputs: the calibration says so
+    with pytest.raises(mp.DataError, match="transform_fn to drop labels"):
+        mp.compress(model, mp.load_recipe([{"type": "static_int8"}]), labeled)
+
+
 def test_unreachable_constraints_say_so_and_return_the_closest_points(tmp_path):
     def rec(n: int, quality: float, size: float, speed: float) -> TrialRecord:
         return TrialRecord(n, {}, [{"type": "weight_only", "bits": 8}], "complete", quality, size, speed)

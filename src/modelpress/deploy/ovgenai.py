@@ -629,7 +629,8 @@ def ir_logits(compiled: Any, ids: Sequence[int]) -> np.ndarray:
             "beam_idx": np.zeros(1, np.int32),
         }
     )
-    return np.asarray(request.get_tensor("logits").data[0], np.float32)
+    # a copy, not a view of the buffer of a request that is dropped on return
+    return np.array(request.get_tensor("logits").data[0], np.float32, copy=True)
 
 
 def _check_prefill(model: nn.Module, xml: Path, tokenizer: Any, prompt: str) -> float:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelpress.data import pair_inputs
 from modelpress.errors import ModelpressError, RecipeError
 
 log = logging.getLogger(__name__)
@@ -451,7 +452,7 @@ class TrialContext:
 
     model: nn.Module
     example: tuple[torch.Tensor, ...]
-    data: list[Any] | None
+    data: list[Any] | None  # what compress reads: (inputs, labels) items when the recovery trains on labels
     evaluate: Evaluate
     runtime: str
     baseline_path: str
@@ -460,6 +461,7 @@ class TrialContext:
     rounds: int
     threads: int
     mcu: bool = False  # also write a TFLite Micro model and measure its flash and arena
+    inputs: list[Any] | None = None  # the data's model inputs (calibration at export); None: `data`
     # models after a depth step (its recovery included), by that step: later trials with the same step start
     # there; per process (each Ray worker has its own), the two most recent
     students: dict[str, nn.Module] = field(default_factory=dict)
@@ -471,17 +473,22 @@ STUDENTS = 2  # depth-pruned models kept in memory for later trials
 def _compress(ctx: TrialContext, steps: list[Any]) -> nn.Module:
     """`compress(ctx.model, steps)`, starting from a kept model when the recipe opens with a depth step an
     earlier trial ran (depth pruning with distillation costs minutes; every other step is cheap beside it)."""
-    from modelpress.pipeline.recipe import compress
+    from modelpress.pipeline.recipe import compress, trains_on_labels
+
+    def data(
+        part: list[Any],
+    ) -> list[Any] | None:  # (inputs, labels) items only where a step trains on labels
+        return ctx.data if any(trains_on_labels(step) for step in part) else _inputs(ctx)
 
     if not steps or steps[0].type != "depth":
-        return compress(ctx.model, steps, ctx.data, allow_partial=True)
+        return compress(ctx.model, steps, data(steps), allow_partial=True)
     key = repr(steps[0])
     student = ctx.students.pop(key, None)
     if student is None:
         try:
-            student = compress(ctx.model, steps[:1], ctx.data, allow_partial=True)
+            student = compress(ctx.model, steps[:1], data(steps[:1]), allow_partial=True)
         except RecipeError:  # a cut that removes no block changes nothing alone: the whole recipe decides
-            return compress(ctx.model, steps, ctx.data, allow_partial=True)
+            return compress(ctx.model, steps, data(steps), allow_partial=True)
     else:
         log.info("reusing the model of an earlier trial's %s", key)
     ctx.students[key] = student  # most recent last
@@ -489,7 +496,11 @@ def _compress(ctx: TrialContext, steps: list[Any]) -> nn.Module:
         del ctx.students[next(iter(ctx.students))]
     if len(steps) == 1:
         return copy.deepcopy(student)
-    return compress(student, steps[1:], ctx.data, allow_partial=True)
+    return compress(student, steps[1:], data(steps[1:]), allow_partial=True)
+
+
+def _inputs(ctx: TrialContext) -> list[Any] | None:
+    return ctx.data if ctx.inputs is None else ctx.inputs
 
 
 def _mcu_figures(model: nn.Module, ctx: TrialContext, out: Path) -> dict[str, Any]:
@@ -499,7 +510,7 @@ def _mcu_figures(model: nn.Module, ctx: TrialContext, out: Path) -> dict[str, An
     from modelpress.errors import ModelpressError
 
     try:
-        art = export_tflm(model, tuple(t[:1] for t in ctx.example), out / "model.tflite", data=ctx.data)
+        art = export_tflm(model, tuple(t[:1] for t in ctx.example), out / "model.tflite", data=_inputs(ctx))
     except ModelpressError as exc:
         return {"mcu_error": str(exc).splitlines()[0]}
     return {"flash_bytes": art.flash_bytes, "arena_bytes": art.arena_bytes}
@@ -527,7 +538,12 @@ def run_trial(ctx: TrialContext, recipe: list[dict[str, Any]], folder: str) -> d
         out.mkdir(parents=True, exist_ok=True)
         (out / RECIPE_YAML).write_text(dump_recipe(steps), encoding="utf-8")
         path = export_for_runtimes(
-            small, ctx.example, out / "model.onnx", [ctx.runtime], target=_target(ctx.runtime), data=ctx.data
+            small,
+            ctx.example,
+            out / "model.onnx",
+            [ctx.runtime],
+            target=_target(ctx.runtime),
+            data=_inputs(ctx),
         )[ctx.runtime]
         quality = float(ctx.evaluate(open_session(path, ctx.runtime, threads=ctx.threads)))
         if not math.isfinite(quality):
@@ -884,7 +900,8 @@ def search(
 ) -> SearchResult:
     """Search recipes across techniques for the smallest, fastest artifact within `constraints`.
 
-    `data`: calibration items (model inputs; also the example inputs when `example_inputs` is not given).
+    `data`: calibration items (model inputs; also the example inputs when `example_inputs` is not given),
+    or (inputs, labels) pairs when the space's recovery trains on labels (`recover: {loss: kl, alpha: 0.5}`).
     `evaluate(session) -> float`: quality of an exported artifact, given its runtime session (use
     `metric_evaluator(items, "accuracy")`); higher is better unless `config.higher_is_better` is False.
     Writes into `config.out_dir`: the study (`study.db`), `fp32.onnx`, `trials/NNNN/` (artifact and recipe),
@@ -896,6 +913,7 @@ def search(
     from modelpress.deploy.export import export_onnx
     from modelpress.deploy.runtime import open_session
     from modelpress.loading import as_inputs
+    from modelpress.techniques.distill import as_recover
 
     optuna = _require("optuna", "search")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -906,10 +924,14 @@ def search(
     if config.ray_address and not _require("ray", "distributed").is_initialized():
         _probe_ray(config.ray_address)
     items = list(data) if data is not None else None
+    # a recovery on hard labels reads (inputs, labels) items; calibration and the example take their inputs
+    space = config.space
+    labeled = any(as_recover("search", r).labeled for r in (space.recover, space.depth_recover) if r)
+    inputs = [pair_inputs(item) for item in items] if labeled and items else items
     if example_inputs is None:
-        if not items:
+        if not inputs:
             raise RecipeError("search: give example_inputs, or data whose first item is the model's inputs.")
-        example = as_inputs(items[0], where="the first data item (the example inputs)")
+        example = as_inputs(inputs[0], where="the first data item (the example inputs)")
     else:
         example = as_inputs(tuple(example_inputs))
     model = copy.deepcopy(model).eval()
@@ -941,7 +963,7 @@ def search(
             raise RecipeError(f"search: the evaluation of the fp32 model returned {baseline}; fix it first.")
         if max(config.space.keep) > 0:
             say("ranking layers by int8 sensitivity (one calibration pass)")
-            sensitive, fragile = _sensitive_layers(model, items)
+            sensitive, fragile = _sensitive_layers(model, inputs)
         else:  # no point keeps a layer out: the ranking would go unused
             sensitive, fragile = [], 0
         for key, value in (
@@ -968,6 +990,7 @@ def search(
         model=model,
         example=tuple(example),
         data=items,
+        inputs=inputs if labeled else None,
         evaluate=evaluate,
         runtime=config.runtime,
         baseline_path=str(fp32),

@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 from modelpress.analyse.coverage import check_coverage, coverage, weight_layers
-from modelpress.data import Dataset, as_dataset
+from modelpress.data import Dataset, as_dataset, pair_inputs
 from modelpress.errors import RecipeError
 from modelpress.outputs import no_cache
 from modelpress.techniques import REGISTRY, config_from_dict, config_to_dict
@@ -112,20 +112,38 @@ def compress(
     if converted:
         log.info("GPT-2 Conv1D layers taken as the Linear layers they are: %d", len(converted))
     # Calibration and tracing want results, not a Hugging Face key/value cache; the setting comes back after.
+    # A recipe that trains on labels reads (inputs, labels) items; its other steps (calibration) get the inputs.
+    inputs = (
+        Dataset(dataset, transform_fn=pair_inputs)
+        if dataset is not None and any(trains_on_labels(c) for c in steps)
+        else dataset
+    )
     with no_cache(out):
         for index, config in enumerate(steps):
             _, fn = REGISTRY[config.type]
             start = time.perf_counter()
+            step_data = dataset if trains_on_labels(config) else inputs
             if config.type == "distill":
-                out = distill_step(out, config, dataset, teacher=teacher, tag=f"step{index + 1}-distill")
+                out = distill_step(out, config, step_data, teacher=teacher, tag=f"step{index + 1}-distill")
             else:
-                out = fn(out, config, dataset)
+                out = fn(out, config, step_data)
             log.info("%s done in %.1f s", config.type, time.perf_counter() - start)
     cov = coverage(before, out, steps)
     for row in cov.left_alone:
         log.info("left alone: %s (%s, %d bytes): %s", row.name, row.type, row.bytes, row.reason)
     check_coverage(cov, steps, allow_partial=allow_partial)
     return out
+
+
+def trains_on_labels(config: Any) -> bool:
+    """Whether a step reads (inputs, labels) items: it, or its recovery, trains on hard labels (`loss: task`,
+    `alpha` > 0)."""
+    for part in (config, getattr(config, "recover", None)):
+        if part is not None and (
+            getattr(part, "labeled", False) is True or getattr(part, "loss", None) == "task"
+        ):
+            return True
+    return False
 
 
 def _drop_inference_mode(model: nn.Module) -> None:
