@@ -8,6 +8,9 @@ Engines (each a module with the `llm_engines.Engine` interface; a missing runtim
   same fp32 Hugging Face folder; ours: `int4-g128-gptq-recon` (GPTQ + block reconstruction, head int8 per
   row) and `int8-weight-only`, written by `modelpress.deploy.genai.export_genai`.
 - OpenVINO GenAI (`llm_openvino.py`), llama.cpp (`llm_llamacpp.py`) where installed.
+- `mp-int4-gptq-recon-head4` (both runtimes): the same int4 body with the tied embedding / head int4 g32 asym
+  too (GPTQ on the float head with the body's final hidden states): faster decode, worse perplexity
+  (`smollm2-generate-head4.json`).
 
 Protocol (issue 32): 2 threads, batch 1, a 128-token prompt and 128 new tokens, greedy, every engine timed
 in turn within each round (A, B, C, A, B, C...), medians over the rounds; peak RSS of a fresh process per

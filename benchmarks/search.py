@@ -8,9 +8,11 @@ ONNX file in ONNX Runtime, at >= 98.8% top-1 on the MNIST test set (10k images).
 as its constraints (floor 0.988, size=10x, latency=5x); every trial is measured on its exported artifact
 (quality on the whole test set in OpenVINO, file size, latency interleaved with the fp32 file in ONNX
 Runtime). Calibration and recovery (KL distillation from the fp32 model, --recover-epochs) read
---train-images unlabeled training images (static int8 calibrates on the first 32 batches of 64). The JSON
-holds the command, the environment, the load before and after, every trial, the front, the chosen recipe
-and the acceptance checks.
+--train-images training images (static int8 calibrates on the first 32 batches of 64); with --labels
+(alpha) the recovery mixes cross-entropy on their labels in at that weight. The chosen artifact is then
+re-timed against the fp32 file over --retime-rounds interleaved rounds (a trial's own timing has 20). The
+JSON holds the command, the environment, the load before and after, every trial, the front, the chosen
+recipe, the re-timing and the acceptance checks.
 """
 
 from __future__ import annotations
@@ -22,20 +24,46 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import assets
+import torch
 
 import modelpress as mp
+from modelpress.deploy.bench import compare_artifacts
 from modelpress.environment import environment
 from modelpress.optimize.search import describe_recipe, parse_budget
+from modelpress.pipeline.run import benchmark_batches
 
 FLOOR, SIZE, LATENCY = 0.988, 10.0, 5.0
 
 
 def load() -> float:
     return os.getloadavg()[0]
+
+
+def retime(artifact: str, fp32: str, example: torch.Tensor, rounds: int) -> dict[str, Any]:
+    """The chosen artifact (OpenVINO) against the fp32 file (ONNX Runtime), interleaved, at b64."""
+    result = compare_artifacts(
+        {"fp32": (fp32, "onnxruntime"), "chosen": (artifact, "openvino")},
+        benchmark_batches((example,), [64]),
+        baseline="fp32",
+        threads=2,
+        rounds=rounds,
+        memory=False,
+    )
+    t, base = result["chosen"].latency["b64"], result["fp32"].latency["b64"]
+    return {
+        "batch": 64,
+        "rounds": rounds,
+        "speedup": 1.0 / t.ratio,
+        "speedup_p10": 1.0 / t.ratio_p90,
+        "speedup_p90": 1.0 / t.ratio_p10,
+        "chosen_median_ms": t.median_ms,
+        "fp32_median_ms": base.median_ms,
+    }
 
 
 def main() -> None:
@@ -52,6 +80,13 @@ def main() -> None:
         help="Unlabeled training images for calibration and recovery.",
     )
     parser.add_argument(
+        "--labels",
+        type=float,
+        default=0.0,
+        help="Weight (alpha) of cross-entropy on the training labels in the recovery (0: KL alone).",
+    )
+    parser.add_argument("--retime-rounds", type=int, default=60)
+    parser.add_argument(
         "--work", help="Folder for the study and the trials' artifacts (default: a temp dir)."
     )
     args = parser.parse_args()
@@ -59,8 +94,11 @@ def main() -> None:
     start, load_before = time.perf_counter(), load()
     model = assets.mnist_model()
     x, y = assets.mnist_data("test")
-    x_train, _ = assets.mnist_data("train")
-    calibration = [x_train[i : i + 64] for i in range(0, args.train_images, 64)]
+    x_train, y_train = assets.mnist_data("train")
+    calibration: list[Any] = [
+        (x_train[i : i + 64], y_train[i : i + 64]) if args.labels else x_train[i : i + 64]
+        for i in range(0, args.train_images, 64)
+    ]
     eval_items = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(x), 256)]
     space = mp.SearchSpace(
         structured=(0.0, 0.5, 0.625, 0.75),
@@ -70,7 +108,8 @@ def main() -> None:
         quantize=("int8", "static_int8", "int4"),
         keep=(0, 1),
         round_to=8,
-        recover={"loss": "kl", "epochs": args.recover_epochs, "lr": 1e-3},
+        recover={"loss": "kl", "epochs": args.recover_epochs, "lr": 1e-3}
+        | ({"alpha": args.labels} if args.labels else {}),
     )
     work = Path(args.work or tempfile.mkdtemp(prefix="mnist-search-"))
     config = mp.SearchConfig(
@@ -95,13 +134,16 @@ def main() -> None:
     )
     wall = time.perf_counter() - start
     chosen = result.chosen
+    retimed = retime(chosen.artifact, str(work / "fp32.onnx"), x[:1], args.retime_rounds) if chosen else None
     acceptance = [
         {"check": "a recipe meets every constraint", "met": result.met},
         {"check": f"accuracy >= {FLOOR}", "value": chosen.quality if chosen else None},
         {"check": f"file >= {SIZE}x smaller than fp32", "value": chosen.size_factor if chosen else None},
         {
-            "check": f"OpenVINO b64 >= {LATENCY}x faster than fp32 ORT",
-            "value": chosen.speedup if chosen else None,
+            "check": f"OpenVINO b64 >= {LATENCY}x faster than fp32 ORT (re-timed)",
+            "value": retimed["speedup"] if retimed else None,
+            "trial_value": chosen.speedup if chosen else None,
+            "met": bool(retimed and retimed["speedup"] >= LATENCY),
         },
         {"check": "within 30 min", "value": wall, "met": wall <= 1800},
     ]
@@ -113,6 +155,7 @@ def main() -> None:
         "load_after": load(),
         "total_wall_s": wall,
         "chosen_recipe": describe_recipe(chosen.recipe) if chosen else None,
+        "retimed": retimed,
         "acceptance": acceptance,
         "search": result.to_dict(),
     }
