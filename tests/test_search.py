@@ -126,7 +126,9 @@ def test_a_recovery_on_labels_reads_labeled_items_and_calibration_their_inputs(t
         structured=(0.0, 0.5), lowrank=(0.0,), sparsity=(0.0,), cluster=(0,), quantize=("static_int8",),
         keep=(0,), recover=recover,
     )  # fmt: skip
-    result = mp.search(model, labeled, metric_evaluator(labeled), config=fast(tmp_path / "s", trials=2, space=space))
+    result = mp.search(
+        model, labeled, metric_evaluator(labeled), config=fast(tmp_path / "s", trials=2, space=space)
+    )
     assert [t.state for t in result.trials] == ["complete", "complete"], [t.error for t in result.trials]
     assert {len(t.recipe) for t in result.trials} == {1, 2}  # static_int8 alone, and structured + static_int8
     # one recipe: the structured step's recovery takes the pairs, static_int8 their inputs
