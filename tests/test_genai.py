@@ -155,10 +155,11 @@ def test_cli_export_generate_bench(tokenizer: object, tmp_path: Path) -> None:
     assert done.exit_code == 0, done.output
     assert done.output.startswith("The capital") and len(done.output.strip()) > len("The capital")
     report = tmp_path / "bench.json"
-    done = runner.invoke(main, ["bench", str(out), "--rounds", "1", "--json", str(report)])
+    done = runner.invoke(main, ["bench", str(out), "--rounds", "1", "--seq", "32", "--json", str(report)])
     assert done.exit_code == 0, done.output
     timing = json.loads(report.read_text())["artifact"]
     assert timing["decode_tok_s"] > 0 and timing["peak_rss_bytes"] > 0 and timing["model_bytes"] > 0
+    assert "32-token prompt" in " ".join(done.output.split())
     done = runner.invoke(main, ["generate", str(hf), "--prompt", "x"])
     assert done.exit_code != 0 and "not an ONNX Runtime GenAI folder" in " ".join(done.output.split())
     assert not done.output.startswith("x")  # the error comes before any text

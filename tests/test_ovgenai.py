@@ -231,3 +231,8 @@ def test_cli_bad_inputs_are_named(tmp_path, hf_folder):
     assert done.exit_code == 2 and "is not an ONNX Runtime GenAI folder" in _flat(done.output)
     done = _invoke("bench", hf_folder)
     assert done.exit_code == 2 and "nor an OpenVINO GenAI folder" in _flat(done.output)
+    # options an LLM bench cannot honour are refused, not ignored
+    done = _invoke("bench", ort, "--batch", "8")
+    assert done.exit_code == 2 and "at batch 1" in _flat(done.output)
+    done = _invoke("bench", fake, "--runtime", "onnxruntime")
+    assert done.exit_code == 2 and "runs in openvino-genai only" in _flat(done.output)

@@ -746,6 +746,26 @@ def _generate_openvino(folder: str, prompt: str, max_new_tokens: int, threads: i
     out.print()
 
 
+def _llm_bench_options(
+    kind: str, batch_text: str, runtimes: tuple[str, ...], baseline_runtime: str | None
+) -> None:
+    """Refuse the options an LLM folder's bench cannot honour, instead of ignoring them."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("batch_text") == ParameterSource.COMMANDLINE and batch_text.strip() != "1":
+        raise click.UsageError(
+            f"--batch {batch_text}: an LLM folder is timed generating at batch 1 (its runtime's generate loop). "
+            "Drop --batch; --seq sets the prompt length."
+        )
+    for option, value in (("--runtime", ",".join(runtimes)), ("--baseline-runtime", baseline_runtime or "")):
+        if value and value != kind:
+            raise click.UsageError(
+                f"{option} {value}: this folder runs in {kind} only. Drop {option}, or export the model for "
+                f"that runtime (`modelpress export MODEL_FOLDER --to ...`) and bench that file."
+            )
+
+
 def _bench_genai(
     artifact: str,
     baseline: str | None,
@@ -753,9 +773,11 @@ def _bench_genai(
     threads: int,
     json_out: str | None,
     runtime: Literal["onnxruntime-genai", "openvino-genai"] = "onnxruntime-genai",
+    *,
+    prompt_tokens: int = 128,
 ) -> None:
     """`bench` of ONNX Runtime GenAI or OpenVINO GenAI folders: prefill and decode tokens/s, interleaved,
-    and peak memory."""
+    and peak memory (a `prompt_tokens` prompt, 128 new tokens)."""
     from modelpress._files import check_output_path, write_text_atomic
     from modelpress.analyse.profile import human_bytes
     from modelpress.deploy.genai import bench_genai
@@ -766,10 +788,10 @@ def _bench_genai(
     folders = {"artifact": artifact} | ({"baseline": baseline} if baseline else {})
     run = bench_openvino_genai if runtime == "openvino-genai" else bench_genai
     with _status(f"benchmarking generation in {runtime}") as say:
-        results = run(folders, rounds=rounds, threads=threads, progress=say)
+        results = run(folders, prompt_tokens=prompt_tokens, rounds=rounds, threads=threads, progress=say)
     base = results.get("baseline")
     table = Table(
-        title=f"{Path(artifact).name} in {runtime}: 128-token prompt, 128 new tokens, greedy ({threads} threads, "
+        title=f"{Path(artifact).name} in {runtime}: {prompt_tokens}-token prompt, 128 new tokens, greedy ({threads} threads, "
         f"{rounds} interleaved rounds, medians)"
     )
     for col in ["folder", "model size", "prefill tok/s", "decode tok/s", "decode ratio", "peak RSS"]:
@@ -817,7 +839,12 @@ _BENCH_RUNTIMES = ["onnxruntime", "openvino", "litert", "executorch", "tflite-mi
     "slow, only when named).",
 )
 @_timing_options
-@click.option("--seq", default=128, show_default=True, help="Length for free non-batch dims (sequence).")
+@click.option(
+    "--seq",
+    default=128,
+    show_default=True,
+    help="Length for free non-batch dims (sequence); for an LLM folder, the prompt's tokens.",
+)
 @click.option(
     "--json", "json_out", type=click.Path(), help="Also write the results as JSON to this new file."
 )
@@ -855,7 +882,8 @@ def bench(
                 f"their own runtime. Export the baseline with `modelpress export MODEL_FOLDER --to "
                 f"{'genai' if kind == 'onnxruntime-genai' else kind} -o FOLDER`."
             )
-        _bench_genai(artifact, baseline, rounds, threads, json_out, kind)  # type: ignore[arg-type]
+        _llm_bench_options(kind, batch_text, runtimes, baseline_runtime)
+        _bench_genai(artifact, baseline, rounds, threads, json_out, kind, prompt_tokens=seq)  # type: ignore[arg-type]
         return
     if Path(artifact).is_dir():
         _not_an_llm_folder(artifact)
