@@ -350,3 +350,16 @@ def test_spatial_cnn_exports_with_parity(tmp_path):
     path = mp.export_onnx(small, (x,), tmp_path / "small.onnx", dynamic=False)
     for runtime in mp.available_runtimes():
         assert mp.check_parity(small, mp.open_session(path, runtime=runtime), [(x,)], max_abs=1e-4).passed
+
+
+def test_a_few_colour_channels_keep_their_full_rank():
+    """A generator's 3 output colours (or a first conv's 3 input ones) are not cut to rank 1: that side keeps
+    its channels and the other side takes the weight budget."""
+    from modelpress.ops.lowrank import tucker2_ranks
+
+    for in_ch, out_ch, taps in ((64, 3, 16), (3, 64, 9)):
+        r_in, r_out = tucker2_ranks(in_ch, out_ch, taps, 0.5)
+        assert (r_out == 3) if out_ch == 3 else (r_in == 3)
+        weights = in_ch * r_in + r_in * r_out * taps + r_out * out_ch
+        assert 0.4 * in_ch * out_ch * taps < weights <= 0.5 * in_ch * out_ch * taps
+    assert tucker2_ranks(64, 128, 9, 0.5) == (37, 74)  # wide layers: proportional, as before

@@ -174,12 +174,31 @@ def output_error(delta: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) 
     return float(num / den) if float(den) > 0 else 0.0
 
 
+WHOLE_MODE = 16  # a mode of at most this many channels (an image's colours in or out) is not cut
+
+
 def tucker2_ranks(in_ch: int, out_ch: int, taps: int, ratio: float) -> tuple[int, int]:
     """Ranks (r_in, r_out), proportional to the channel counts, whose Tucker-2 form holds about `ratio` of
-    the kernel's in * out * taps weights: solves a^2 in out taps + a (in^2 + out^2) = ratio in out taps."""
+    the kernel's in * out * taps weights: solves a^2 in out taps + a (in^2 + out^2) = ratio in out taps.
+
+    A side of at most WHOLE_MODE channels keeps its full rank and the other side takes the budget: cutting
+    a generator's 3 output colours (or a first conv's 3 input ones) to rank 1 saves a few weights and loses
+    the colour.
+
+    >>> tucker2_ranks(64, 3, 16, 0.5)  # DCGAN's output layer: RGB kept, 64 input channels to 13
+    (13, 3)
+    """
     qa, qb, qc = in_ch * out_ch * taps, in_ch**2 + out_ch**2, -ratio * in_ch * out_ch * taps
     a = (-qb + math.sqrt(qb * qb - 4 * qa * qc)) / (2 * qa)
-    return min(in_ch, max(1, math.floor(a * in_ch))), min(out_ch, max(1, math.floor(a * out_ch)))
+    r_in, r_out = min(in_ch, max(1, math.floor(a * in_ch))), min(out_ch, max(1, math.floor(a * out_ch)))
+    budget = ratio * in_ch * out_ch * taps
+    if out_ch <= WHOLE_MODE < in_ch and r_out < out_ch:  # in * r + r * out * taps + out^2 = budget
+        r_out = out_ch
+        r_in = min(in_ch, max(1, math.floor((budget - out_ch**2) / (in_ch + out_ch * taps))))
+    elif in_ch <= WHOLE_MODE < out_ch and r_in < in_ch:
+        r_in = in_ch
+        r_out = min(out_ch, max(1, math.floor((budget - in_ch**2) / (out_ch + in_ch * taps))))
+    return r_in, r_out
 
 
 __all__ = [
