@@ -926,7 +926,8 @@ def search(
     items = list(data) if data is not None else None
     # a recovery on hard labels reads (inputs, labels) items; calibration and the example take their inputs
     space = config.space
-    labeled = any(as_recover("search", r).labeled for r in (space.recover, space.depth_recover) if r)
+    recovers = [as_recover("search", r) for r in (space.recover, space.depth_recover) if r]
+    labeled = any(r is not None and r.labeled for r in recovers)
     inputs = [pair_inputs(item) for item in items] if labeled and items else items
     if example_inputs is None:
         if not inputs:
