@@ -447,6 +447,20 @@ def test_depth_and_embeddings_build_steps_in_order_and_round_trip_through_yaml(t
     }
 
 
+def test_a_trial_starting_from_an_earlier_trials_depth_step_reports_what_that_step_cost():
+    from modelpress.optimize.search import TrialContext, _compress
+    from modelpress.pipeline.recipe import load_recipe
+
+    model, data = tiny_bert()
+    ctx = TrialContext(model, data[0], data, lambda s: 0.0, "onnxruntime", "", "onnxruntime", 1, 1, 1)
+    depth = {"type": "depth", "ratio": 0.5, "recover": {"loss": "mse", "steps": 3, "lr": 1e-3}}
+    _, paid = _compress(ctx, load_recipe([depth, {"type": "weight_only", "bits": 8}]))
+    small, reused = _compress(ctx, load_recipe([depth, {"type": "dynamic_int8"}]))
+    assert paid == 0.0 and reused > 0.0  # the second started from the first's distilled model
+    assert len(ctx.students) == 1 and next(iter(ctx.students.values()))[1] == reused
+    assert sum(type(m).__name__ == "BertLayer" for m in small.modules()) == 2  # of 4: the depth step kept
+
+
 def test_the_default_space_draws_and_resumes_as_before_depth_and_embeddings():
     space = SearchSpace()
     assert list(space.choices()) == ["structured", "lowrank", "sparsity", "cluster", "quantize", "keep"]

@@ -433,6 +433,9 @@ class TrialRecord:
     speedup: float | None = None  # fp32 latency / this artifact's (median of interleaved rounds)
     size_bytes: int | None = None
     seconds: float | None = None
+    # seconds of an earlier trial's depth step (its distillation) this trial started from: not spent again
+    # here, but part of what the recipe costs to run (`seconds` + `reused_s`)
+    reused_s: float | None = None
     artifact: str | None = None
     error: str | None = None
     drop: float | None = None  # quality lost against fp32 (> 0 is worse), set by the driver
@@ -464,15 +467,16 @@ class TrialContext:
     inputs: list[Any] | None = None  # the data's model inputs (calibration at export); None: `data`
     # models after a depth step (its recovery included), by that step: later trials with the same step start
     # there; per process (each Ray worker has its own), the two most recent
-    students: dict[str, nn.Module] = field(default_factory=dict)
+    students: dict[str, tuple[nn.Module, float]] = field(default_factory=dict)  # (model, seconds to build)
 
 
 STUDENTS = 2  # depth-pruned models kept in memory for later trials
 
 
-def _compress(ctx: TrialContext, steps: list[Any]) -> nn.Module:
+def _compress(ctx: TrialContext, steps: list[Any]) -> tuple[nn.Module, float]:
     """`compress(ctx.model, steps)`, starting from a kept model when the recipe opens with a depth step an
-    earlier trial ran (depth pruning with distillation costs minutes; every other step is cheap beside it)."""
+    earlier trial ran (depth pruning with distillation costs minutes; every other step is cheap beside it),
+    and the seconds that kept model took to build (0 when none was reused): part of the recipe's cost."""
     from modelpress.pipeline.recipe import compress, trains_on_labels
 
     def data(
@@ -481,22 +485,26 @@ def _compress(ctx: TrialContext, steps: list[Any]) -> nn.Module:
         return ctx.data if any(trains_on_labels(step) for step in part) else _inputs(ctx)
 
     if not steps or steps[0].type != "depth":
-        return compress(ctx.model, steps, data(steps), allow_partial=True)
+        return compress(ctx.model, steps, data(steps), allow_partial=True), 0.0
     key = repr(steps[0])
-    student = ctx.students.pop(key, None)
-    if student is None:
+    kept = ctx.students.pop(key, None)
+    reused = 0.0
+    if kept is None:
+        start = time.perf_counter()
         try:
             student = compress(ctx.model, steps[:1], data(steps[:1]), allow_partial=True)
         except RecipeError:  # a cut that removes no block changes nothing alone: the whole recipe decides
-            return compress(ctx.model, steps, data(steps), allow_partial=True)
+            return compress(ctx.model, steps, data(steps), allow_partial=True), 0.0
+        kept = (student, time.perf_counter() - start)
     else:
         log.info("reusing the model of an earlier trial's %s", key)
-    ctx.students[key] = student  # most recent last
+        reused = kept[1]
+    ctx.students[key] = kept  # most recent last
     while len(ctx.students) > STUDENTS:
         del ctx.students[next(iter(ctx.students))]
     if len(steps) == 1:
-        return copy.deepcopy(student)
-    return compress(student, steps[1:], data(steps[1:]), allow_partial=True)
+        return copy.deepcopy(kept[0]), reused
+    return compress(kept[0], steps[1:], data(steps[1:]), allow_partial=True), reused
 
 
 def _inputs(ctx: TrialContext) -> list[Any] | None:
@@ -533,7 +541,7 @@ def run_trial(ctx: TrialContext, recipe: list[dict[str, Any]], folder: str) -> d
     torch.set_num_threads(ctx.threads)
     try:
         steps = load_recipe(recipe)
-        small = _compress(ctx, steps)
+        small, reused_s = _compress(ctx, steps)
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         (out / RECIPE_YAML).write_text(dump_recipe(steps), encoding="utf-8")
@@ -567,6 +575,7 @@ def run_trial(ctx: TrialContext, recipe: list[dict[str, Any]], folder: str) -> d
             "speedup": 1.0 / bench["trial"].latency[key].ratio,
             "artifact": str(path),
             "seconds": time.perf_counter() - start,
+            **({"reused_s": reused_s} if reused_s else {}),
         }
     except Exception as exc:  # the trial fails; the search goes on
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -815,6 +824,7 @@ def _record(trial: Any) -> TrialRecord | None:
         state="complete" if state == "COMPLETE" else "fail",
         error=attrs.get("error", INTERRUPTED) if state == "FAIL" else None,
         seconds=attrs.get("seconds"),
+        reused_s=attrs.get("reused_s"),
         artifact=attrs.get("artifact"),
         size_bytes=attrs.get("size_bytes"),
         duplicate_of=attrs.get("duplicate_of"),
@@ -1078,6 +1088,7 @@ class _Runner:
             speedup=outcome.get("speedup"),
             size_bytes=outcome.get("size_bytes"),
             seconds=outcome.get("seconds"),
+            reused_s=outcome.get("reused_s"),
             artifact=outcome.get("artifact"),
             error=outcome.get("error"),
             duplicate_of=outcome.get("duplicate_of"),
@@ -1093,6 +1104,7 @@ class _Runner:
         try:
             for key in (
                 "seconds",
+                "reused_s",
                 "artifact",
                 "size_bytes",
                 "error",
