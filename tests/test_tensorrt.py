@@ -359,3 +359,15 @@ def test_activation_matmuls_get_symmetric_pairs_from_ranges() -> None:
     assert place_for_tensorrt(model, ranges)["matmul_inputs"] == 2
     assert check_tensorrt(model).ok and tensorrt_plan(model) == []
     assert _cosine(_run(model, {"x": x})[0], _run(before, {"x": x})[0]) > 0.999
+
+
+def test_a_clustered_weight_is_named_as_computed_from_constants(tmp_path) -> None:
+    """Clustering + static int8 decodes the conv's int8 codes with a codebook lookup: TensorRT needs them as
+    an initializer, and the finding says so and how to fold them, instead of 'not a constant'."""
+    model, inputs = ZOO["resnet_cnn"]()
+    g = torch.Generator().manual_seed(3)
+    data = [tuple(torch.randn(t.shape, generator=g) for t in inputs) for _ in range(4)]
+    small = mp.compress(model, [mp.ClusterConfig(values=16), mp.StaticInt8Config()], data, allow_partial=True)
+    path = export_onnx(small, inputs, tmp_path / "m.onnx", target="tensorrt")
+    computed = [f for f in check_tensorrt(path).findings if "computed from constants" in f.reason]
+    assert computed and all("--fold-constants" in f.reason for f in computed)

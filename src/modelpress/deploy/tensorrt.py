@@ -274,6 +274,25 @@ def _check(model: Any, where: str) -> TensorRTReport:
     return TensorRTReport(where, quantized, layers, findings, quantized_graph)
 
 
+def _computed_from_constants(g: _Graph, name: str, limit: int = 32) -> list[str]:
+    """The op types of the subgraph computing `name` when all its leaves are constants (a constant
+    expression), else []."""
+    ops: list[str] = []
+    stack, seen = [name], set()
+    while stack:
+        current = stack.pop()
+        if current in seen or g.value(current) is not None or current in g.initializers:
+            continue
+        seen.add(current)
+        node = g.producer.get(current)
+        if node is None or len(seen) > limit:
+            return []  # a graph input, or too deep to call it a constant
+        if node.op_type != "Constant":
+            ops.append(node.op_type)
+        stack.extend(i for i in node.input if i)
+    return sorted(set(ops))
+
+
 def _check_weight(g: _Graph, node: Any, index: int, name: str, add: Any) -> None:
     dq = g.producer.get(name)
     if dq is None or dq.op_type != "DequantizeLinear":
@@ -286,7 +305,19 @@ def _check_weight(g: _Graph, node: Any, index: int, name: str, add: Any) -> None
         return
     codes, scale = g.value(dq.input[0]), g.value(dq.input[1])
     if codes is None or scale is None:
-        add(node, "error", f"weight '{dq.input[0]}' is not a constant: TensorRT needs constant weights")
+        missing = dq.input[0] if codes is None else dq.input[1]
+        ops = _computed_from_constants(g, missing)
+        if ops:  # e.g. a clustered layer's codebook lookup: constant, but computed
+            add(
+                node,
+                "error",
+                f"weight '{missing}' is computed from constants ({', '.join(ops)}: a clustered layer's "
+                "codebook lookup?); TensorRT takes a DequantizeLinear weight only as an initializer: fold "
+                "the constants first (`polygraphy surgeon sanitize --fold-constants`), which stores the "
+                "layer as plain int8 codes, or leave clustering out of a model for TensorRT",
+            )
+        else:
+            add(node, "error", f"weight '{missing}' is not a constant: TensorRT needs constant weights")
         return
     axis = weight_axis(node, index, codes.ndim)
     if scale.size > 1 and axis is not None:
