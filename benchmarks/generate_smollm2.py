@@ -102,7 +102,7 @@ def _compressed(work: Path, name: str) -> tuple[Any, Any, float]:
         lm = mp.compress(model, recipe, calibration).lm
     elif name == "mp-int8":
         lm = mp.compress(lm, "int8-weight-only")
-    elif name.startswith("mp-int4-gptq-recon-head4"):
+    elif name in HEAD4:
         lm = _head4(work, name, lm)
     else:
         raise ValueError(name)
@@ -114,13 +114,17 @@ def _compressed(work: Path, name: str) -> tuple[Any, Any, float]:
 # our int4 bodies (GPTQ + reconstruction, head int8 per row) by group size: OpenVINO's u4 kernel decodes
 # SmolLM2 at g64 as fast as NNCF's file (143 vs 145 tok/s, RTN files of both sizes) and at g128 ~18% slower
 BODY_GROUP = {"mp-int4-gptq-recon": 128, "mp-int4-gptq-recon-g64": 64}
-HEAD4 = {"mp-int4-gptq-recon-head4": (32, False)}  # name -> (group size, symmetric) of the int4 head
+# name -> (body, group size, symmetric) of an int4 head on that body
+HEAD4 = {
+    "mp-int4-gptq-recon-head4": ("mp-int4-gptq-recon", 32, False),
+    "mp-int4-gptq-recon-g64-head4g16": ("mp-int4-gptq-recon-g64", 16, False),
+}
 
 
 def _head4(work: Path, name: str, float_lm: Any) -> Any:
-    """Our int4 body (mp-int4-gptq-recon) with its tied embedding / head int4 as well: GPTQ on the float
-    head, its Hessian from the final hidden states of the int4 body over the calibration windows, and the
-    embedding reading the head's codes (stored once)."""
+    """An int4 body (HEAD4's source) with its tied embedding / head int4 too: GPTQ on the float head, its
+    Hessian from the final hidden states of the int4 body over the calibration windows, and the embedding
+    reading the head's codes (stored once)."""
     import copy
 
     from torch import nn
@@ -128,8 +132,8 @@ def _head4(work: Path, name: str, float_lm: Any) -> Any:
     from modelpress.ops.gptq import gptq_quantize
     from modelpress.techniques.quantized import GroupQuantizedEmbedding, GroupQuantizedLinear
 
-    group, symmetric = HEAD4[name]
-    body, tokenizer, _ = _compressed(work, "mp-int4-gptq-recon")
+    source, group, symmetric = HEAD4[name]
+    body, tokenizer, _ = _compressed(work, source)
     lm = copy.deepcopy(body).eval()
     weight = float_lm.model.embed_tokens.weight.detach().float()
     ids = assets.wiki_tokens(tokenizer, PPL_TOKENS + 1024 + 512 * CALIB_WINDOWS)[PPL_TOKENS + 1024 :]
