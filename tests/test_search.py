@@ -447,20 +447,6 @@ def test_depth_and_embeddings_build_steps_in_order_and_round_trip_through_yaml(t
     }
 
 
-def test_a_trial_starting_from_an_earlier_trials_depth_step_reports_what_that_step_cost():
-    from modelpress.optimize.search import TrialContext, _compress
-    from modelpress.pipeline.recipe import load_recipe
-
-    model, data = tiny_bert()
-    ctx = TrialContext(model, data[0], data, lambda s: 0.0, "onnxruntime", "", "onnxruntime", 1, 1, 1)
-    depth = {"type": "depth", "ratio": 0.5, "recover": {"loss": "mse", "steps": 3, "lr": 1e-3}}
-    _, paid = _compress(ctx, load_recipe([depth, {"type": "weight_only", "bits": 8}]))
-    small, reused = _compress(ctx, load_recipe([depth, {"type": "dynamic_int8"}]))
-    assert paid == 0.0 and reused > 0.0  # the second started from the first's distilled model
-    assert len(ctx.students) == 1 and next(iter(ctx.students.values()))[1] == reused
-    assert sum(type(m).__name__ == "BertLayer" for m in small.modules()) == 2  # of 4: the depth step kept
-
-
 def test_the_default_space_draws_and_resumes_as_before_depth_and_embeddings():
     space = SearchSpace()
     assert list(space.choices()) == ["structured", "lowrank", "sparsity", "cluster", "quantize", "keep"]
@@ -514,6 +500,8 @@ def test_seeds_start_with_the_strong_depth_point_where_the_space_has_depth():
 
 
 def test_a_depth_step_seen_before_starts_from_the_kept_model(caplog):
+    """A trial whose recipe opens with an earlier trial's depth step starts from that trial's model, and
+    records the seconds that model took to build (`reused_s`: part of the recipe's cost, not spent again)."""
     import logging
 
     from modelpress.optimize.search import TrialContext, _compress
@@ -522,18 +510,21 @@ def test_a_depth_step_seen_before_starts_from_the_kept_model(caplog):
     model, data = tiny_bert()
     ctx = TrialContext(model, data[0], data, lambda t: 0.0, "onnxruntime", "", "onnxruntime", 1, 1, 1)
     depth = {"type": "depth", "ratio": 0.5, "importance": "last"}
-    first = _compress(ctx, load_recipe([depth, {"type": "weight_only", "bits": 8}]))
-    (student,) = ctx.students.values()
-    assert len(student.bert.encoder.layer) == 2
+    first, paid = _compress(ctx, load_recipe([depth, {"type": "weight_only", "bits": 8}]))
+    ((student, built_s),) = ctx.students.values()
+    assert len(student.bert.encoder.layer) == 2 and paid == 0.0 and built_s > 0.0
     with caplog.at_level(logging.INFO, logger="modelpress.optimize.search"):
-        second = _compress(ctx, load_recipe([depth, {"type": "weight_only", "bits": 4, "group_size": 32}]))
-    assert "reusing the model" in caplog.text and list(ctx.students.values()) == [student]
+        second, reused = _compress(
+            ctx, load_recipe([depth, {"type": "weight_only", "bits": 4, "group_size": 32}])
+        )
+    assert "reusing the model" in caplog.text and list(ctx.students.values()) == [(student, built_s)]
+    assert reused == built_s
     assert len(student.bert.encoder.layer) == 2 and second is not student and first is not student
     for ratio in (0.25, 0.75):  # other depth steps: each kept, the two most recent
         _compress(ctx, load_recipe([{**depth, "ratio": ratio}]))
-    assert [len(m.bert.encoder.layer) for m in ctx.students.values()] == [3, 1]
+    assert [len(m.bert.encoder.layer) for m, _ in ctx.students.values()] == [3, 1]
     # a cut that removes no block is no model to keep: the recipe runs whole
-    none = _compress(ctx, load_recipe([{**depth, "ratio": 0.1}, {"type": "weight_only", "bits": 8}]))
+    none, _ = _compress(ctx, load_recipe([{**depth, "ratio": 0.1}, {"type": "weight_only", "bits": 8}]))
     assert len(none.bert.encoder.layer) == 4 and len(ctx.students) == 2
 
 
