@@ -29,41 +29,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 import assets
-import torch
+from search_minilm import retime
 
 import modelpress as mp
-from modelpress.deploy.bench import compare_artifacts
 from modelpress.environment import environment
 from modelpress.optimize.search import describe_recipe, parse_budget
-from modelpress.pipeline.run import benchmark_batches
 
 FLOOR, SIZE, LATENCY = 0.988, 10.0, 5.0
 
 
 def load() -> float:
     return os.getloadavg()[0]
-
-
-def retime(artifact: str, fp32: str, example: torch.Tensor, rounds: int) -> dict[str, Any]:
-    """The chosen artifact (OpenVINO) against the fp32 file (ONNX Runtime), interleaved, at b64."""
-    result = compare_artifacts(
-        {"fp32": (fp32, "onnxruntime"), "chosen": (artifact, "openvino")},
-        benchmark_batches((example,), [64]),
-        baseline="fp32",
-        threads=2,
-        rounds=rounds,
-        memory=False,
-    )
-    t, base = result["chosen"].latency["b64"], result["fp32"].latency["b64"]
-    return {
-        "batch": 64,
-        "rounds": rounds,
-        "speedup": 1.0 / t.ratio,
-        "speedup_p10": 1.0 / t.ratio_p90,
-        "speedup_p90": 1.0 / t.ratio_p10,
-        "chosen_median_ms": t.median_ms,
-        "fp32_median_ms": base.median_ms,
-    }
 
 
 def main() -> None:
@@ -134,7 +110,11 @@ def main() -> None:
     )
     wall = time.perf_counter() - start
     chosen = result.chosen
-    retimed = retime(chosen.artifact, str(work / "fp32.onnx"), x[:1], args.retime_rounds) if chosen else None
+    retimed = (
+        retime(chosen.artifact, str(work / "fp32.onnx"), (x[:1],), args.retime_rounds, batch=64)
+        if chosen
+        else None
+    )
     acceptance = [
         {"check": "a recipe meets every constraint", "met": result.met},
         {"check": f"accuracy >= {FLOOR}", "value": chosen.quality if chosen else None},

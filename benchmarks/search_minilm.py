@@ -101,12 +101,15 @@ def space(depth_steps: int, prune_steps: int, calibration_batches: int) -> mp.Se
     )
 
 
-def retime(artifact: str, fp32: str, example: tuple[torch.Tensor, ...], rounds: int) -> dict[str, Any]:
-    """The chosen artifact (OpenVINO) against the fp32 file (ONNX Runtime), interleaved, `rounds` rounds."""
-    key = f"b{BATCH}"
+def retime(
+    artifact: str, fp32: str, example: tuple[torch.Tensor, ...], rounds: int, batch: int = BATCH
+) -> dict[str, Any]:
+    """The chosen artifact (OpenVINO) against the fp32 file (ONNX Runtime), interleaved, `rounds` rounds at
+    `batch` (also the MNIST search's, benchmarks/search.py)."""
+    key = f"b{batch}"
     result = compare_artifacts(
         {"fp32": (fp32, "onnxruntime"), "chosen": (artifact, "openvino")},
-        benchmark_batches(example, [BATCH]),
+        benchmark_batches(example, [batch]),
         baseline="fp32",
         threads=2,
         rounds=rounds,
@@ -114,7 +117,7 @@ def retime(artifact: str, fp32: str, example: tuple[torch.Tensor, ...], rounds: 
     )
     t, base = result["chosen"].latency[key], result["fp32"].latency[key]
     return {
-        "batch": BATCH,
+        "batch": batch,
         "rounds": rounds,
         "speedup": 1.0 / t.ratio,
         "speedup_p10": 1.0 / t.ratio_p90,

@@ -564,3 +564,13 @@ def test_a_search_with_depth_and_clustered_embeddings_on_a_tiny_transformer(tmp_
         expected = again(*data[0]).numpy()
     session = open_session(deep.artifact, "onnxruntime")
     np.testing.assert_allclose(session.run([t.numpy() for t in data[0]])[0], expected, atol=1e-4)
+
+
+def test_a_recovery_on_labels_without_labeled_data_is_refused_before_any_trial(tmp_path):
+    model, data, _ = tiny()
+    space = SearchSpace(
+        structured=(0.5,), quantize=("int8",), keep=(0,), recover={"loss": "kl", "alpha": 0.5}
+    )
+    with pytest.raises(mp.DataError, match=r"search: .*\(inputs, labels\) items, but the first data item"):
+        mp.search(model, data, metric_evaluator(data), config=fast(tmp_path / "s", space=space))
+    assert not (tmp_path / "s" / "study.db").exists()

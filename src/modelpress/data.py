@@ -59,15 +59,18 @@ def _ordinary(item: Any) -> Any:
     return item
 
 
+def is_pair(item: Any) -> bool:
+    """Whether a data item has the (inputs, labels) shape: two elements, the labels a tensor."""
+    return isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor)
+
+
 def pair_inputs(item: Any) -> Any:
     """The inputs of an (inputs, labels) item; any other item as it is (its consumer names what is wrong).
 
     >>> pair_inputs((torch.zeros(2, 4), torch.tensor([0, 1]))).shape
     torch.Size([2, 4])
     """
-    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor):
-        return item[0]
-    return item
+    return item[0] if is_pair(item) else item
 
 
 def as_dataset(data: Dataset | Iterable[Any] | None) -> Dataset | None:

@@ -479,9 +479,8 @@ def _compress(ctx: TrialContext, steps: list[Any]) -> tuple[nn.Module, float]:
     and the seconds that kept model took to build (0 when none was reused): part of the recipe's cost."""
     from modelpress.pipeline.recipe import compress, trains_on_labels
 
-    def data(
-        part: list[Any],
-    ) -> list[Any] | None:  # (inputs, labels) items only where a step trains on labels
+    def data(part: list[Any]) -> list[Any] | None:
+        """(inputs, labels) items for steps that train on labels, the inputs alone for the others."""
         return ctx.data if any(trains_on_labels(step) for step in part) else _inputs(ctx)
 
     if not steps or steps[0].type != "depth":
@@ -924,6 +923,8 @@ def search(
     from modelpress.deploy.runtime import open_session
     from modelpress.loading import as_inputs
     from modelpress.techniques.distill import as_recover
+    from modelpress.techniques.finetune import RECOVER_LABELS
+    from modelpress.techniques.finetune import labeled as labeled_item
 
     optuna = _require("optuna", "search")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -938,6 +939,8 @@ def search(
     space = config.space
     recovers = [as_recover("search", r) for r in (space.recover, space.depth_recover) if r]
     labeled = any(r is not None and r.labeled for r in recovers)
+    if labeled and items:  # said once, before any trial, instead of by every trial that recovers
+        labeled_item(items[0], "the first data item", owner="search", **RECOVER_LABELS)
     inputs = [pair_inputs(item) for item in items] if labeled and items else items
     if example_inputs is None:
         if not inputs:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.data import Dataset, as_dataset
+from modelpress.data import Dataset, as_dataset, is_pair
 from modelpress.errors import DataError, GraphError, ModelpressError, RecipeError
 from modelpress.loading import as_inputs
 from modelpress.outputs import named_outputs, no_cache, output_tensors
@@ -372,7 +372,7 @@ class _Objective:
         """(inputs, labels or None) of a data item."""
         if not self.config.labeled:
             return as_inputs(item, where=where), None
-        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
+        if not is_pair(item):
             kind = type(item).__name__
             kind = f"{kind} of {len(item)} elements" if isinstance(item, (tuple, list)) else kind
             why = "loss: task" if self.config.loss == "task" else f"alpha={self.config.alpha}"

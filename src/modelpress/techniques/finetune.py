@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.data import Dataset
+from modelpress.data import Dataset, is_pair
 from modelpress.errors import DataError, ModelpressError, RecipeError
 from modelpress.loading import as_inputs
 from modelpress.outputs import output_tensors
@@ -50,7 +50,7 @@ def labeled(
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """(inputs, labels) of a labeled data item; a DataError saying `why` labels are needed and what to do
     `instead` when it is not one (pass `**RECOVER_LABELS` for a recovery step)."""
-    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
+    if not is_pair(item):
         kind = type(item).__name__
         kind = f"{kind} of {len(item)} elements" if isinstance(item, (tuple, list)) else kind
         raise DataError(
