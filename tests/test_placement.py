@@ -161,6 +161,46 @@ def test_few_input_channels_are_padded_to_four_exactly(tmp_path, channels) -> No
         assert mp.check_parity(q, mp.open_session(ort_path, runtime), data).passed, runtime
 
 
+@pytest.mark.parametrize(
+    ("channels", "kernel", "padding", "relu", "size"),
+    [(1, 3, 1, True, 12), (3, 5, 2, False, 10), (1, 3, 0, True, 12), (2, 4, 1, True, 10), (3, 3, 1, True, 9)],
+)
+def test_a_few_channel_conv_before_a_2x2_pool_runs_on_its_space_to_depth_exactly(
+    tmp_path, monkeypatch, channels, kernel, padding, relu, size
+) -> None:
+    # MNIST's stem: a conv on 1-3 channels, then a 2x2 max pool. For ONNX Runtime it becomes one conv on
+    # the input's 2x2 SpaceToDepth (4 groups of outputs, one per pool position) and a Max of the groups.
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(channels, 8, kernel, padding=padding)] + ([nn.ReLU()] if relu else [])
+    tail = [
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ]
+    model = nn.Sequential(*layers, *tail).eval()
+    data = _calibration((torch.zeros(1, channels, size, size),))
+    q = mp.compress(model, [mp.StaticInt8Config()], data=data)
+    ort_path = mp.export_onnx(q, data[0], tmp_path / "ort.onnx", target="onnxruntime", data=data)
+    monkeypatch.setattr("modelpress.deploy.export.space_to_depth_stems", lambda model: 0)
+    plain = mp.export_onnx(q, data[0], tmp_path / "plain.onnx", target="onnxruntime", data=data)
+    ops = Counter(n.op_type for n in onnx.load(str(ort_path)).graph.node)
+    rewritten = size % 2 == 0  # SpaceToDepth takes even sides only: an odd one keeps the padded conv
+    assert (ops["SpaceToDepth"], ops["MaxPool"], ops["Pad"]) == ((1, 0, 0) if rewritten else (0, 1, 1)), ops
+    optimized = _optimized_ops(ort_path, tmp_path)
+    assert optimized["QLinearConv"] == 2 and not optimized["Conv"], optimized
+    report = integer_kernels(ort_path, "onnxruntime")
+    assert report.integer == report.total == 3, report.summary()
+    x = data[1][0].numpy()
+    a = mp.open_session(ort_path, "onnxruntime").run([x])[0]
+    b = mp.open_session(plain, "onnxruntime").run([x])[0]
+    np.testing.assert_allclose(a, b, atol=1e-6)  # the same integer sums, the same pooled codes
+    for runtime in mp.available_runtimes():
+        assert mp.check_parity(q, mp.open_session(ort_path, runtime), data).passed, runtime
+
+
 def test_attention_scores_run_as_integer_with_the_scale_folded(tmp_path) -> None:
     model, example = zoo.bert_encoder()
     gen = torch.Generator().manual_seed(2)

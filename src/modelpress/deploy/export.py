@@ -38,6 +38,7 @@ from modelpress.deploy.qdq import (
     place_for_onnxruntime,
     place_for_tensorrt,
     quantizes_activations,
+    space_to_depth_stems,
     tensorrt_plan,
     unfuse_residual_layernorm,
     write_target,
@@ -308,6 +309,7 @@ def _postprocess(
         if needs:
             ranges = _output_ranges(model, path, needs, calibration() if calibration is not None else [])
         placed = place_for_onnxruntime(model, ranges)
+        placed["space_to_depth"] = space_to_depth_stems(model)
         placed["padded_convs"] = pad_conv_channels(model)
         log.debug("placed quantizers for ONNX Runtime: %s", placed)
     if target == "onnxruntime":

@@ -1034,20 +1034,200 @@ def pad_conv_channels(model: Any, multiple: int = 4) -> int:
         conv.input[0], conv.input[1] = shared[source], f"{key}_w"
         count += 1
     if count:
-        order = list(graph.node) + new_nodes
-        outputs = {o.name for o in graph.output}
-        while True:  # the old quantizer and weight, where only this conv read them
-            used = {i for n in order for i in n.input} | outputs
-            alive = [n for n in order if any(o in used for o in n.output)]
-            if len(alive) == len(order):
+        _add_and_prune(graph, new_nodes)
+    return count
+
+
+def _add_and_prune(graph: Any, new_nodes: list[Any]) -> None:
+    """Add `new_nodes` to `graph`, drop the nodes and initializers nothing reads any more, and sort."""
+    order = list(graph.node) + new_nodes
+    outputs = {o.name for o in graph.output}
+    while True:  # the replaced quantizers and weights, where only the rewritten layer read them
+        used = {i for n in order for i in n.input} | outputs
+        alive = [n for n in order if any(o in used for o in n.output)]
+        if len(alive) == len(order):
+            break
+        order = alive
+    del graph.node[:]
+    graph.node.extend(_toposort(order, graph))
+    used = {i for n in graph.node for i in n.input} | outputs
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _static_hw(model: Any, name: str) -> tuple[int, int] | None:
+    """(H, W) of the 4-D tensor `name` where shape inference knows them, else None."""
+    import onnx
+
+    graph = model.graph
+    values = {v.name: v for v in list(graph.input) + list(graph.value_info)}
+    if name not in values:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:
+            return None
+        values = {v.name: v for v in list(inferred.graph.input) + list(inferred.graph.value_info)}
+    value = values.get(name)
+    if value is None or not value.type.HasField("tensor_type"):
+        return None
+    dims = value.type.tensor_type.shape.dim
+    if len(dims) != 4 or not all(d.HasField("dim_value") for d in dims[2:]):
+        return None
+    return dims[2].dim_value, dims[3].dim_value
+
+
+def space_to_depth_stems(model: Any, max_channels: int = 3) -> int:
+    """Rewrite each int8 Conv with at most `max_channels` input channels, stride 1, whose output goes
+    (through an optional Relu and its quantizer) into a 2x2 stride-2 MaxPool, into the same maths on the
+    input's 2x2 space-to-depth, in place; returns the count. ONNX Runtime (MLAS) runs a conv with 1-3 input
+    channels at a fraction of its int8 speed, and the 2x2 pool after it over 4x the pixels.
+
+    The pool's four window positions become four groups of output channels of one conv over the
+    `SpaceToDepth` input (4x the channels, a quarter of the pixels, the same int8 weights placed at each
+    position, zeros elsewhere), and the pool their elementwise `Max` on the int8 codes (exact: max commutes
+    with the monotone Relu and quantizer). Measured on MNIST's CNN (1 x 28 x 28, 2 threads): int8 / fp32
+    0.60 -> 0.54 at batch 1 and 0.69 -> 0.58 at batch 64. The same file runs a little slower in OpenVINO
+    (its per-op cost dominates there), so only the ONNX Runtime placement calls this.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    g = _Graph(graph)
+    new_nodes: list[Any] = []
+    count = 0
+    for conv in list(graph.node):
+        if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or _attr(conv, "group", 1) != 1:
+            continue
+        if _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        if list(_attr(conv, "strides", [1, 1])) != [1, 1] or list(_attr(conv, "dilations", [1, 1])) != [1, 1]:
+            continue
+        w_dq, x_dq = g.producer.get(conv.input[1]), g.producer.get(conv.input[0])
+        if w_dq is None or w_dq.op_type != "DequantizeLinear" or _attr(w_dq, "axis", 1) != 0:
+            continue
+        weight = g.value(w_dq.input[0])
+        if weight is None or weight.ndim != 4 or weight.shape[1] > max_channels:
+            continue
+        if x_dq is None or x_dq.op_type != "DequantizeLinear":
+            continue
+        x_q = g.producer.get(x_dq.input[0])
+        if x_q is None or x_q.op_type != "QuantizeLinear":
+            continue
+        # conv -> [Relu] -> QuantizeLinear -> DequantizeLinear -> MaxPool 2x2 / 2, each the only reader
+        relu = g.only_user(conv.output[0])
+        if relu is None or relu.op_type != "Relu":
+            relu = None
+        chain, name = [relu], (relu or conv).output[0]
+        for op in ("QuantizeLinear", "DequantizeLinear", "MaxPool"):
+            user = g.only_user(name)
+            if user is None or user.op_type != op:
                 break
-            order = alive
-        del graph.node[:]
-        graph.node.extend(_toposort(order, graph))
-        used = {i for n in graph.node for i in n.input} | outputs
-        kept = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+            chain.append(user)
+            name = user.output[0]
+        if len(chain) != 4:
+            continue
+        relu, q_out, dq_out, pool = chain
+        if (
+            len(pool.output) != 1
+            or list(_attr(pool, "kernel_shape", [])) != [2, 2]
+            or list(_attr(pool, "strides", [1, 1])) != [2, 2]
+            or any(_attr(pool, "pads", [0, 0, 0, 0]))
+            or list(_attr(pool, "dilations", [1, 1])) != [1, 1]
+            or _attr(pool, "ceil_mode", 0)
+            or _attr(pool, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+            or g.value(q_out.input[1]) is None
+            or np.asarray(g.value(q_out.input[1])).size != 1
+        ):
+            continue
+        hw = _static_hw(model, x_q.input[0])
+        if hw is None or hw[0] % 2 or hw[1] % 2:
+            continue
+        c_out, c_in, k_h, k_w = weight.shape
+        pads = list(_attr(conv, "pads", [0, 0, 0, 0]))
+        geometry = []  # per axis: (offset of the first space-to-depth row, kernel, pad before, pad after)
+        for axis, (size, k) in enumerate(zip(hw, (k_h, k_w), strict=True)):
+            before, after = pads[axis], pads[axis + 2]
+            pooled = (size + before + after - k + 1) // 2
+            low, high = (-before) // 2, (k - before) // 2  # rows of the input's 2x2 blocks read
+            kernel = high - low + 1
+            end = pooled + kernel - 1 - size // 2 - (-low)
+            geometry.append((low, kernel, -low, end))
+        if any(g_[3] < 0 or g_[2] < 0 for g_ in geometry):
+            continue
+        (low_h, kern_h, _, _), (low_w, kern_w, _, _) = geometry
+        packed = np.zeros((4, c_out, 4 * c_in, kern_h, kern_w), weight.dtype)
+        for a in range(2):
+            for b in range(2):
+                for ky in range(k_h):
+                    t = a - pads[0] + ky  # input row - 2 * pooled row
+                    di, p = t // 2, t % 2
+                    for kx in range(k_w):
+                        u = b - pads[1] + kx
+                        dj, q = u // 2, u % 2
+                        for ci in range(c_in):
+                            packed[2 * a + b, :, (2 * p + q) * c_in + ci, di - low_h, dj - low_w] = weight[
+                                :, ci, ky, kx
+                            ]
+        key = f"{conv.output[0]}_s2d"
+        scale, zero = g.value(w_dq.input[1]), g.value(w_dq.input[2]) if len(w_dq.input) > 2 else None
+        if scale is None or (len(w_dq.input) > 2 and w_dq.input[2] and zero is None):
+            continue
+        weight_name = f"{w_dq.input[0]}_s2d"  # keeps the layer's name ("features.0.qweight_s2d")
+        inits = [numpy_helper.from_array(packed.reshape(4 * c_out, 4 * c_in, kern_h, kern_w), weight_name)]
+        w_inputs = [weight_name, f"{key}_wscale"]
+        inits.append(numpy_helper.from_array(np.tile(np.asarray(scale).reshape(-1), 4), f"{key}_wscale"))
+        if zero is not None:
+            inits.append(numpy_helper.from_array(np.tile(np.asarray(zero).reshape(-1), 4), f"{key}_wzero"))
+            w_inputs.append(f"{key}_wzero")
+        conv_inputs = [f"{key}_x_dq", f"{key}_w"]
+        if len(conv.input) > 2 and conv.input[2]:
+            bias = g.value(conv.input[2])
+            if bias is None:
+                continue
+            inits.append(numpy_helper.from_array(np.tile(bias, 4), f"{key}_bias"))
+            conv_inputs.append(f"{key}_bias")
+        inits.append(numpy_helper.from_array(np.full(4, c_out, np.int64), f"{key}_split"))
+        graph.initializer.extend(inits)
+        s2d_pads = [geometry[0][2], geometry[1][2], geometry[0][3], geometry[1][3]]
+        new_conv = helper.make_node(
+            "Conv",
+            conv_inputs,
+            [f"{key}_y"],
+            name=conv.name,  # the torch layer's name, for the integer-kernel report
+            kernel_shape=[kern_h, kern_w],
+            pads=s2d_pads,
+        )
+        after = f"{key}_y"
+        new_nodes += [
+            helper.make_node("SpaceToDepth", [x_q.input[0]], [f"{key}_x"], name=f"{key}_x", blocksize=2),
+            helper.make_node(
+                "QuantizeLinear", [f"{key}_x", *x_q.input[1:]], [f"{key}_x_q"], name=f"{key}_x_q"
+            ),
+            helper.make_node(
+                "DequantizeLinear", [f"{key}_x_q", *x_dq.input[1:]], [f"{key}_x_dq"], name=f"{key}_x_dq"
+            ),
+            helper.make_node("DequantizeLinear", w_inputs, [f"{key}_w"], name=f"{key}_w", axis=0),
+            new_conv,
+        ]
+        if relu is not None:
+            new_nodes.append(helper.make_node("Relu", [after], [f"{key}_relu"], name=relu.name))
+            after = f"{key}_relu"
+        phases = [f"{key}_phase{i}" for i in range(4)]
+        new_nodes += [
+            helper.make_node("QuantizeLinear", [after, *q_out.input[1:]], [f"{key}_q"], name=q_out.name),
+            helper.make_node("Split", [f"{key}_q", f"{key}_split"], phases, name=f"{key}_split", axis=1),
+            helper.make_node("Max", phases, [f"{key}_max"], name=pool.name),
+            helper.make_node(
+                "DequantizeLinear", [f"{key}_max", *dq_out.input[1:]], [pool.output[0]], name=dq_out.name
+            ),
+        ]
+        for node in (conv, *(n for n in chain if n is not None)):
+            graph.node.remove(node)
+        count += 1
+    if count:
+        _add_and_prune(graph, new_nodes)
     return count
 
 

@@ -630,7 +630,7 @@ def cluster(model: nn.Module, config: ClusterConfig, data: Dataset | Any = None)
     """
     chosen = _select(model, config)
     if not chosen:
-        log.warning("cluster: no layer matched (layers=%s); the model is unchanged.", list(config.layers))
+        log.warning("cluster: no layer matched (layers=%s); this step changes nothing.", list(config.layers))
         return model
     training = as_dataset(data)
     recovery = config.recover

@@ -192,7 +192,7 @@ def select_layers(
                 others,
             )
     if not chosen and not rounded:
-        log.warning("%s: no layer matched (layers=%s); the model is unchanged.", owner, list(kinds))
+        log.warning("%s: no layer matched (layers=%s); this step changes nothing.", owner, list(kinds))
     return chosen
 
 

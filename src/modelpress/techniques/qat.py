@@ -252,7 +252,7 @@ def qat(
                 f"qat: layer '{name}' has NaN or Inf in its weight; fix it or add it to ignore."
             )
     if not chosen:
-        log.warning("qat: no layer matched; the model is unchanged.")
+        log.warning("qat: no layer matched; this step changes nothing.")
         return model
     # ConvTranspose has no integer kernel in the runtimes: its input stays fp32, as in static_int8.
     transposed = {n for n, m in chosen.items() if isinstance(m, nn.modules.conv._ConvTransposeNd)}

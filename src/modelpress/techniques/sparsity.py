@@ -566,7 +566,7 @@ def sparsity(model: nn.Module, config: SparsityConfig, data: Dataset | Any = Non
     """
     chosen = _select(model, config)
     if not chosen:
-        log.warning("sparsity: no layer matched (layers=%s); the model is unchanged.", list(config.layers))
+        log.warning("sparsity: no layer matched (layers=%s); this step changes nothing.", list(config.layers))
         return model
     training = as_dataset(data)
     recovery = config.recover

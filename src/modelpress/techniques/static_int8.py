@@ -450,7 +450,7 @@ def static_int8(model: nn.Module, config: StaticInt8Config, data: Dataset | None
                 f"static_int8: layer '{name}' has NaN or Inf in its weight; fix it or add it to ignore."
             )
     if not chosen:
-        log.warning("static_int8: no layer matched; the model is unchanged.")
+        log.warning("static_int8: no layer matched; this step changes nothing.")
         return model
     model = prepare(model, config, data)
     smoothing: dict[str, torch.Tensor] = {}

@@ -124,7 +124,7 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, data: Any = None) ->
             )
     if not chosen and not recurrent and not others:
         log.warning(
-            "weight_only: no layer matched (layers=%s, targets=%s, ignore=%s); the model is unchanged.",
+            "weight_only: no layer matched (layers=%s, targets=%s, ignore=%s); this step changes nothing.",
             list(config.layers),
             None if config.targets is None else list(config.targets),
             list(config.ignore),
