@@ -114,10 +114,13 @@ def _compressed(work: Path, name: str) -> tuple[Any, Any, float]:
 # our int4 bodies (GPTQ + reconstruction, head int8 per row) by group size: OpenVINO's u4 kernel decodes
 # SmolLM2 at g64 as fast as NNCF's file (143 vs 145 tok/s, RTN files of both sizes) and at g128 ~18% slower
 BODY_GROUP = {"mp-int4-gptq-recon": 128, "mp-int4-gptq-recon-g64": 64}
-# name -> (body, group size, symmetric) of an int4 head on that body
+# name -> (body, group size, symmetric, own embedding, tuned) of an int4 head on that body: the embedding
+# reads the head's int4 codes, or (own embedding) keeps the body's int8 table (stored beside the head's);
+# tuned: GPTQ with act_order, clip search and scale refit
 HEAD4 = {
-    "mp-int4-gptq-recon-head4": ("mp-int4-gptq-recon", 32, False),
-    "mp-int4-gptq-recon-g64-head4g16": ("mp-int4-gptq-recon-g64", 16, False),
+    "mp-int4-gptq-recon-head4": ("mp-int4-gptq-recon", 32, False, False, False),
+    "mp-int4-gptq-recon-g64-head4g16": ("mp-int4-gptq-recon-g64", 16, False, False, False),
+    "mp-int4-gptq-recon-g64-head4g32-emb8": ("mp-int4-gptq-recon-g64", 32, False, True, True),
 }
 
 
@@ -132,7 +135,7 @@ def _head4(work: Path, name: str, float_lm: Any) -> Any:
     from modelpress.ops.gptq import gptq_quantize
     from modelpress.techniques.quantized import GroupQuantizedEmbedding, GroupQuantizedLinear
 
-    source, group, symmetric = HEAD4[name]
+    source, group, symmetric, own_embedding, tuned = HEAD4[name]
     body, tokenizer, _ = _compressed(work, source)
     lm = copy.deepcopy(body).eval()
     weight = float_lm.model.embed_tokens.weight.detach().float()
@@ -143,13 +146,22 @@ def _head4(work: Path, name: str, float_lm: Any) -> Any:
             h = lm.model(input_ids=ids[i : i + 512].unsqueeze(0)).last_hidden_state[0].double()
             hessian += h.T @ h
     codes, scale, zero_point = gptq_quantize(
-        weight, hessian.float(), bits=4, group_size=group, symmetric=symmetric
+        weight,
+        hessian.float(),
+        bits=4,
+        group_size=group,
+        symmetric=symmetric,
+        act_order=tuned,
+        clip_search=tuned,
+        refit=tuned,
     )
     head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     head.weight = nn.Parameter(weight.clone(), requires_grad=False)
     lm.lm_head = GroupQuantizedLinear.from_codes(
         head, codes=codes, scale=scale, zero_point=zero_point, bits=4, group_size=group
     )
+    if own_embedding:  # the body's int8 table stays (export_genai stores it beside the head's)
+        return lm
     table = nn.Embedding(*weight.shape)
     table.weight = nn.Parameter(weight.clone(), requires_grad=False)
     emb = GroupQuantizedEmbedding(table, bits=4, group_size=group, symmetric=symmetric)
@@ -298,26 +310,36 @@ def _ov_folder(work: Path, name: str) -> Path | None:
     return out
 
 
-def build(work: Path) -> dict[str, tuple[str, str]]:
-    """name -> (engine module, path) of every artifact this run measures; a runtime that is not installed
-    skips its rows (logged)."""
+def build(work: Path, only: set[str] | None = None) -> dict[str, tuple[str, str]]:
+    """name -> (engine module, path) of every artifact this run measures (those in `only`, where given);
+    a runtime that is not installed skips its rows (logged)."""
     import importlib.util
 
     work.mkdir(parents=True, exist_ok=True)
     hf = _hf_folder(work)
     found: dict[str, tuple[str, str]] = {}
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
     for name, precision in (("genai-fp32", "fp32"), ("genai-builder-int4", "int4")):
+        if not wanted(name):
+            continue
         out = work / name
         if not (out / "genai_config.json").exists():
             _log(f"building {name} with the GenAI model builder")
             _builder(hf, out, precision)
         found[name] = ("llm_genai", str(out))
     for name in (*BODY_GROUP, *HEAD4, "mp-int8"):
+        if not wanted(name):
+            continue
         _log(f"building {name}")
         found[name] = ("llm_genai", str(_ours(work, name)))
     if importlib.util.find_spec("openvino_genai") is not None:
         ours = (*(f"ov-{n}" for n in (*BODY_GROUP, *HEAD4)), "ov-mp-int8")
         for name in ("ov-fp32", *ours, "ov-nncf-int4"):
+            if not wanted(name):
+                continue
             _log(f"building {name}")
             folder = _ov_folder(work, name)
             if folder is not None:
@@ -327,8 +349,10 @@ def build(work: Path) -> dict[str, tuple[str, str]]:
     if importlib.util.find_spec("llama_cpp") is not None:
         import llm_llamacpp
 
-        for kind, path in llm_llamacpp.smollm2_ggufs(work / "gguf").items():
-            found[f"llamacpp-{kind}"] = ("llm_llamacpp", str(path))
+        if only is None or any(n.startswith("llamacpp-") for n in only):
+            for kind, path in llm_llamacpp.smollm2_ggufs(work / "gguf").items():
+                if wanted(f"llamacpp-{kind}"):
+                    found[f"llamacpp-{kind}"] = ("llm_llamacpp", str(path))
     else:
         _log("skipping llama.cpp rows: LLAMA_CPP=1 bash benchmarks/setup.sh builds llama-cpp-python")
     return found
@@ -363,7 +387,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS)
     parser.add_argument("--build-only", action="store_true")
-    parser.add_argument("--only", help="comma-separated engine names to measure (default: all built)")
+    parser.add_argument("--only", help="comma-separated engine names to build and measure (default: all)")
     parser.add_argument(
         "--peak-only",
         help="re-measure only the peak memory of the rows of this result JSON (rewritten in place)",
@@ -373,11 +397,9 @@ def main() -> None:
         _remeasure_peaks(Path(args.peak_only), args.threads)
         return
     work = Path(args.work)
-    engines = build(work)
+    engines = build(work, set(args.only.split(",")) if args.only else None)
     if args.build_only:
         return
-    if args.only:
-        engines = {k: v for k, v in engines.items() if k in args.only.split(",")}
     tokenizer = assets.smollm2()[1]
     ids = assets.wiki_tokens(tokenizer, args.ppl_tokens).tolist()
     windows = [ids[s : s + WINDOW] for s in range(0, len(ids), WINDOW)]

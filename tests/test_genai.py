@@ -95,6 +95,27 @@ def test_int4_folder_runs_in_genai_with_our_codes(tokenizer: object, tmp_path: P
     assert result.model_bytes < 0.5 * fp32_bytes
 
 
+def test_a_tied_embedding_quantized_otherwise_than_its_head_keeps_its_own_table(
+    tokenizer: object, tmp_path: Path
+) -> None:
+    # int4 head (decode reads it every token) beside an int8 embedding (a lookup reads one row): two tables.
+    recipe = [
+        mp.WeightOnlyConfig(bits=4, group_size=32, layers=("linear",)),
+        mp.WeightOnlyConfig(bits=8, layers=("embedding",)),
+    ]
+    model = mp.compress(tiny_llama(len(tokenizer)), recipe)  # type: ignore[arg-type]
+    result = genai.export_genai(model, tokenizer, tmp_path / "mixed", check_prompts=TEXT[:1], check_tokens=16)
+    assert all(c.passed for c in result.checks), [c.line() for c in result.checks]
+    assert result.quantized["/lm_head/MatMul"].startswith("MatMulNBits int4 g32")
+    assert result.quantized["/model/embed_tokens/Gather"].startswith("GatherBlockQuantized int8")
+    names = {t.name for t in onnx.load(str(tmp_path / "mixed" / "model.onnx")).graph.initializer}
+    assert "model.embed_tokens.qweight" in names
+    # Quantized alike, the two share one table (the head's).
+    same = mp.compress(tiny_llama(len(tokenizer)), "int4-weight-only")  # type: ignore[arg-type]
+    shared = genai.export_genai(same, tokenizer, tmp_path / "same", check_prompts=TEXT[:1], check_tokens=4)
+    assert shared.quantized["/model/embed_tokens/Gather"].endswith("(the head's table)")
+
+
 def test_int8_per_row_matches_torch_exactly_at_accuracy_level_0(tokenizer: object, tmp_path: Path) -> None:
     """int8 per output row (asymmetric) as 8-bit MatMulNBits whose blocks share the row's scale and zero
     point: fp32 maths (accuracy_level 0) reproduces torch's greedy tokens."""

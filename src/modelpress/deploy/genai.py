@@ -365,6 +365,16 @@ def _add_nbits(graph: Any, nb: _NBits, base: str) -> tuple[str, str, str]:
     return names
 
 
+def _same_weight(a: nn.Module | None, b: nn.Module | None) -> bool:
+    """Whether two quantized layers hold the same weight values (a tied embedding and its head)."""
+    wa, wb = getattr(a, "dequantized_weight", None), getattr(b, "dequantized_weight", None)
+    if not callable(wa) or not callable(wb):
+        return False
+    with torch.no_grad():
+        x, y = wa(), wb()
+    return bool(x.shape == y.shape and torch.equal(x, y))
+
+
 def _label(op: str, nb: _NBits) -> str:
     return f"{op} int{nb.bits} g{nb.block_size}" + (" asym" if nb.zero_points is not None else "")
 
@@ -463,10 +473,16 @@ def _quantize_graph(
     )
     if gather is not None:
         tied = [n for n in nodes if n.op_type == "Transpose" and gather.input[0] in n.output]
-        emb = _nbits_of(dict(model.named_modules()).get("model.embed_tokens", nn.Identity()))
-        use = head if tied and head is not None else None
-        if use is None and emb is not None and gather.input[0] in inits:
-            use = (emb, _add_nbits(graph, emb, gather.input[0].removesuffix(".weight")))
+        modules = dict(model.named_modules())
+        emb_module = modules.get("model.embed_tokens", nn.Identity())
+        emb = _nbits_of(emb_module)
+        # A tied embedding reads the head's table, unless it was quantized otherwise (an int8 table beside
+        # an int4 head: a lookup reads one row, so a finer table costs file bytes, not decode time).
+        own = emb is not None and not _same_weight(emb_module, modules.get("lm_head"))
+        use = head if tied and head is not None and not own else None
+        if use is None and emb is not None and (tied or gather.input[0] in inits):
+            base = "model.embed_tokens" if tied else gather.input[0].removesuffix(".weight")
+            use = (emb, _add_nbits(graph, emb, base))
         if use is not None:
             drop = {id(gather), *(id(t) for t in tied)}
             nodes = _gather_block_quantized(graph, gather, *use) + [n for n in nodes if id(n) not in drop]
