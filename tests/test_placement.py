@@ -186,11 +186,18 @@ def test_a_few_channel_conv_before_a_2x2_pool_runs_on_its_space_to_depth_exactly
     ort_path = mp.export_onnx(q, data[0], tmp_path / "ort.onnx", target="onnxruntime", data=data)
     monkeypatch.setattr("modelpress.deploy.export.space_to_depth_stems", lambda model: 0)
     plain = mp.export_onnx(q, data[0], tmp_path / "plain.onnx", target="onnxruntime", data=data)
-    ops = Counter(n.op_type for n in onnx.load(str(ort_path)).graph.node)
+    nodes = onnx.load(str(ort_path)).graph.node
+    ops = Counter(n.op_type for n in nodes)
     rewritten = size % 2 == 0  # SpaceToDepth takes even sides only: an odd one keeps the padded conv
-    assert (ops["SpaceToDepth"], ops["MaxPool"], ops["Pad"]) == ((1, 0, 0) if rewritten else (0, 1, 1)), ops
+    assert (ops["SpaceToDepth"], ops["Pad"]) == ((1, 0) if rewritten else (0, 1)), ops
+    (pool,) = [n for n in nodes if n.op_type == "MaxPool"]
+    kernel = list(next(a.ints for a in pool.attribute if a.name == "kernel_shape"))
+    assert kernel == ([1, 4] if rewritten else [2, 2])  # the max over the 4 pool positions' groups
     optimized = _optimized_ops(ort_path, tmp_path)
     assert optimized["QLinearConv"] == 2 and not optimized["Conv"], optimized
+    assert optimized["NhwcMaxPool"] == 1 and not optimized["MaxPool"], optimized
+    # channels-last throughout: no Transpose beyond those of the file without the rewrite
+    assert optimized["Transpose"] <= _optimized_ops(plain, tmp_path)["Transpose"], optimized
     report = integer_kernels(ort_path, "onnxruntime")
     assert report.integer == report.total == 3, report.summary()
     x = data[1][0].numpy()
