@@ -456,6 +456,11 @@ def placement_warning(model: Any, runtime: str) -> str | None:
         )
     elif runtime == "onnxruntime":
         cost = "ONNX Runtime then runs layers whose outputs are not quantized as fp32 behind DequantizeLinear (slower)"
+    elif any(n.op_type == "SpaceToDepth" and n.name.endswith("_s2d_x") for n in model.graph.node):
+        cost = (
+            "its first conv runs on the input's SpaceToDepth with a channels-last max pool after it, which "
+            "OpenVINO runs several times slower than the plain conv (MNIST's CNN: ~3x)"
+        )
     else:
         cost = "OpenVINO runs ONNX Runtime's extra output quantizers a little slower (MiniLM b16: 4%)"
     return (
