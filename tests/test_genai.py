@@ -117,9 +117,17 @@ def test_a_tied_embedding_quantized_otherwise_than_its_head_keeps_its_own_table(
 
 
 def test_the_lm_recipe_gives_an_int4_head_beside_an_int8_embedding(tokenizer: object, tmp_path: Path) -> None:
-    model = tiny_llama(len(tokenizer))  # type: ignore[arg-type]
+    class Wrapper(nn.Module):  # a user's wrapper: the head is 'lm.lm_head'
+        def __init__(self, lm: nn.Module) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.lm(input_ids=ids).logits
+
+    model = Wrapper(tiny_llama(len(tokenizer)))  # type: ignore[arg-type]
     texts = [tokenizer(TEXT[i % 3])["input_ids"] * 3 for i in range(4)]  # type: ignore[operator]
-    small = mp.compress(model, "int4-gptq-lm", [(torch.tensor([ids]),) for ids in texts])
+    small = mp.compress(model, "int4-gptq-lm", [(torch.tensor([ids]),) for ids in texts]).lm
     result = genai.export_genai(small, tokenizer, tmp_path / "lm", check_prompts=TEXT[:1], check_tokens=16)
     assert all(c.passed for c in result.checks), [c.line() for c in result.checks]
     kinds = set(result.quantized.values())

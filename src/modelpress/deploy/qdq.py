@@ -1082,6 +1082,14 @@ def _static_hw(model: Any, name: str) -> tuple[int, int] | None:
     return dims[2].dim_value, dims[3].dim_value
 
 
+def _per_tensor(g: _Graph, node: Any) -> bool:
+    """Whether a QuantizeLinear / DequantizeLinear has one constant scale (not one per channel)."""
+    import numpy as np
+
+    scale = g.value(node.input[1])
+    return scale is not None and np.asarray(scale).size == 1
+
+
 def space_to_depth_stems(model: Any, max_channels: int = 3) -> int:
     """Rewrite each int8 Conv with at most `max_channels` input channels, stride 1, whose output goes
     (through an optional Relu and its quantizer) into a 2x2 stride-2 MaxPool, into the same maths on the
@@ -1118,7 +1126,7 @@ def space_to_depth_stems(model: Any, max_channels: int = 3) -> int:
         if x_dq is None or x_dq.op_type != "DequantizeLinear":
             continue
         x_q = g.producer.get(x_dq.input[0])
-        if x_q is None or x_q.op_type != "QuantizeLinear":
+        if x_q is None or x_q.op_type != "QuantizeLinear" or not _per_tensor(g, x_q):
             continue
         # conv -> [Relu] -> QuantizeLinear -> DequantizeLinear -> MaxPool 2x2 / 2, each the only reader
         relu = g.only_user(conv.output[0])
@@ -1142,8 +1150,7 @@ def space_to_depth_stems(model: Any, max_channels: int = 3) -> int:
             or list(_attr(pool, "dilations", [1, 1])) != [1, 1]
             or _attr(pool, "ceil_mode", 0)
             or _attr(pool, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
-            or g.value(q_out.input[1]) is None
-            or np.asarray(g.value(q_out.input[1])).size != 1
+            or not _per_tensor(g, q_out)
         ):
             continue
         hw = _static_hw(model, x_q.input[0])
