@@ -98,10 +98,29 @@ def test_default_export_is_the_openvino_placement(residual_cnn, tmp_path) -> Non
     assert [(n.op_type, list(n.input)) for n in default.graph.node] == [
         (n.op_type, list(n.input)) for n in named.graph.node
     ]
-    # Layer inputs only: the residual adds read float tensors, not dequantized ones.
+    # Without data, layer inputs only: the residual adds read float tensors, not dequantized ones.
     producers = {o: n.op_type for n in default.graph.node for o in n.output}
     adds = [n for n in default.graph.node if n.op_type == "Add" and len(n.input) == 2]
     assert adds and not [n for n in adds if "DequantizeLinear" in (producers.get(i) for i in n.input)]
+
+
+def test_with_data_openvino_residual_adds_and_pools_read_int8_as_nncf_places_them(
+    residual_cnn, tmp_path
+) -> None:
+    name, model, q, data, _ = residual_cnn
+    path = mp.export_onnx(q, data[0], tmp_path / "ov.onnx", target="openvino", data=data)
+    graph = onnx.load(str(path)).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    adds = [n for n in graph.node if n.op_type == "Add" and all(i in producers for i in n.input)]
+    assert len(adds) == 2 and all(producers[i] == "DequantizeLinear" for n in adds for i in n.input), name
+    (pool,) = [n for n in graph.node if n.op_type in ("GlobalAveragePool", "ReduceMean")]
+    assert producers[pool.input[0]] == "DequantizeLinear"
+    assert read_target(onnx.load(str(path))) == "openvino"
+    # OpenVINO runs the adds inside the convs and the pool on int8 (NNCF's runtime graph has the same).
+    report = integer_kernels(path, "openvino")
+    assert report.integer == report.total, report.summary()
+    for runtime in mp.available_runtimes():
+        assert mp.check_parity(q, mp.open_session(path, runtime), data, reference=model).passed, runtime
 
 
 def test_without_data_the_ranges_come_from_the_example_with_a_warning(tmp_path, caplog) -> None:

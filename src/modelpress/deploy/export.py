@@ -34,8 +34,10 @@ from modelpress.deploy.qdq import (
     guard_reductions,
     hoist_quantizers,
     onnxruntime_plan,
+    openvino_plan,
     pad_conv_channels,
     place_for_onnxruntime,
+    place_for_openvino,
     place_for_tensorrt,
     quantizes_activations,
     space_to_depth_stems,
@@ -271,6 +273,7 @@ def _postprocess(
     integer_matmul: bool = True,
     target: Target = "openvino",
     calibration: Callable[[], list[Inputs]] | None = None,
+    data_given: bool = False,
 ) -> None:
     """Drop the exporter's per-node stack traces and doc strings (they are not part of the model and can
     be a quarter of a small model's file), and move activation quantizers above the ops that commute with
@@ -312,6 +315,17 @@ def _postprocess(
         placed["space_to_depth"] = space_to_depth_stems(model)
         placed["padded_convs"] = pad_conv_channels(model)
         log.debug("placed quantizers for ONNX Runtime: %s", placed)
+    # Without data the OpenVINO file keeps its quantizers at layer inputs (ranges from the example alone
+    # could clip real inputs; ONNX Runtime's placement needs them, OpenVINO's is a speed-up).
+    if target == "openvino" and data_given and calibration is not None and quantizes_activations(model):
+        plan = openvino_plan(model)
+        needs = [name for name, reuse in plan.items() if reuse is None]
+        ranges = {}
+        if needs:
+            ranges = _output_ranges(model, path, needs, calibration())
+        placed = place_for_openvino(model, ranges)
+        moves += hoist_quantizers(model)  # a pool whose only reader is now a quantizer runs on its codes
+        log.debug("placed quantizers for OpenVINO: %s", placed)
     if target == "onnxruntime":
         unfused = unfuse_residual_layernorm(model)
         if unfused:
@@ -603,6 +617,7 @@ def _save(
             integer_matmul=integer_matmul,
             target=target,
             calibration=lambda: _calibration_samples(data, example_inputs),
+            data_given=data is not None,
         )
         for produced in sorted(tmp_dir.iterdir()):
             # The main file goes last, so an interrupted save never leaves a .onnx without its data.

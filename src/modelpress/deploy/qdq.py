@@ -509,7 +509,7 @@ class _Placement:
       nothing measurable and cost fidelity).
     """
 
-    def __init__(self, model: Any, *, activation_matmuls: bool = True) -> None:
+    def __init__(self, model: Any, *, activation_matmuls: bool = True, runtime: str = "onnxruntime") -> None:
         import onnx
 
         self.model = model
@@ -535,6 +535,17 @@ class _Placement:
         self.joins = list(joins.values())
         # tensor -> output of the QuantizeLinear whose parameters it takes, or None (to be calibrated)
         self.tensors: dict[str, str | None] = {}
+        if runtime == "openvino":
+            # OpenVINO (NNCF's CPU placement): residual Adds and global average pools read quantized inputs,
+            # so that the Add runs on int8 (fused into the conv before it) and the pool on codes; products'
+            # outputs and the joins' own outputs stay float (the next layer's input quantizer takes them).
+            self.joins = [n for n in self.joins if n.op_type in ("Add", "GlobalAveragePool", "ReduceMean")]
+            self.products, self.matmuls = [], []
+            for node in self.joins:
+                for name in self._activation_inputs(node):
+                    if not self._already_quantized(name):
+                        self.tensors[name] = self._reusable(name)
+            return
         for node in self.products:
             end = self._chain_end(node)
             if self._all_readers_take_int8(end, joins) and not self._already_quantized(end):
@@ -947,6 +958,19 @@ def onnxruntime_plan(model: Any, *, activation_matmuls: bool = True) -> dict[str
     >>> needs = [t for t, q in onnxruntime_plan(model).items() if q is None]  # doctest: +SKIP
     """
     return dict(_Placement(model, activation_matmuls=activation_matmuls).tensors)
+
+
+def openvino_plan(model: Any) -> dict[str, str | None]:
+    """The float tensors `place_for_openvino` quantizes (as `onnxruntime_plan`)."""
+    return dict(_Placement(model, runtime="openvino").tensors)
+
+
+def place_for_openvino(model: Any, ranges: dict[str, tuple[float, float]] | None = None) -> dict[str, int]:
+    """Quantize the inputs of residual Adds and global average pools, in place, the way NNCF places them for
+    OpenVINO's CPU plugin: the Add then runs on int8 inside the conv before it, the pool on codes (measured on
+    ResNet-18 at b8: see NOTES.md). A tensor a next layer's input quantizer already reads takes its grid;
+    others need a calibrated range in `ranges` (`openvino_plan` names them)."""
+    return _Placement(model, runtime="openvino").apply(dict(ranges or {}))
 
 
 def place_for_onnxruntime(
