@@ -253,8 +253,11 @@ def _ours(work: Path, name: str) -> Path:
     out = work / name
     if (out / "genai_config.json").exists():
         return out
-    lm, tokenizer, compress_s = _compressed(work, name)
-    result = export_genai(lm, tokenizer, out, progress=_log)
+    # "-level0": the same weights with MatMulNBits computing in fp32 (accuracy_level 0; default 4 quantizes
+    # the inputs to int8 per block)
+    source = name.removesuffix("-level0")
+    lm, tokenizer, compress_s = _compressed(work, source)
+    result = export_genai(lm, tokenizer, out, progress=_log, accuracy_level=0 if source != name else 4)
     for line in result.notes():
         _log(f"{name}: {line}")
     (out / "modelpress-build.json").write_text(
@@ -339,7 +342,7 @@ def build(work: Path, only: set[str] | None = None) -> dict[str, tuple[str, str]
             _log(f"building {name} with the GenAI model builder")
             _builder(hf, out, precision)
         found[name] = ("llm_genai", str(out))
-    for name in (*BODY_GROUP, *HEAD4, *RECIPES, "mp-int8"):
+    for name in (*BODY_GROUP, *HEAD4, *RECIPES, "mp-int8", "mp-int8-level0"):
         if not wanted(name):
             continue
         _log(f"building {name}")
