@@ -255,9 +255,16 @@ def _ours(work: Path, name: str) -> Path:
         return out
     # "-level0": the same weights with MatMulNBits computing in fp32 (accuracy_level 0; default 4 quantizes
     # the inputs to int8 per block)
-    source = name.removesuffix("-level0")
+    # "-b16" / "-b32": int8 per-row layers in MatMulNBits blocks of 16 / 32 (the inputs quantized per block)
+    source, block = name.removesuffix("-level0"), None
+    for size in (16, 32):
+        if source.endswith(f"-b{size}"):
+            source, block = source.removesuffix(f"-b{size}"), size
+    if source.endswith("-bdown16"):  # down_proj (the MLP's outlier inputs) per 16, the rest per 32
+        source, block = source.removesuffix("-bdown16"), {"down_proj": 16, "": 32}
     lm, tokenizer, compress_s = _compressed(work, source)
-    result = export_genai(lm, tokenizer, out, progress=_log, accuracy_level=0 if source != name else 4)
+    level = 0 if name.endswith("-level0") else 4
+    result = export_genai(lm, tokenizer, out, progress=_log, accuracy_level=level, int8_block=block)
     for line in result.notes():
         _log(f"{name}: {line}")
     (out / "modelpress-build.json").write_text(
@@ -342,7 +349,16 @@ def build(work: Path, only: set[str] | None = None) -> dict[str, tuple[str, str]
             _log(f"building {name} with the GenAI model builder")
             _builder(hf, out, precision)
         found[name] = ("llm_genai", str(out))
-    for name in (*BODY_GROUP, *HEAD4, *RECIPES, "mp-int8", "mp-int8-level0"):
+    for name in (
+        *BODY_GROUP,
+        *HEAD4,
+        *RECIPES,
+        "mp-int8",
+        "mp-int8-level0",
+        "mp-int8-b16",
+        "mp-int8-b32",
+        "mp-int8-bdown16",
+    ):
         if not wanted(name):
             continue
         _log(f"building {name}")

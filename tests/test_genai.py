@@ -150,6 +150,23 @@ def test_int8_per_row_matches_torch_exactly_at_accuracy_level_0(tokenizer: objec
     }
 
 
+def test_int8_blocks_are_chosen_per_layer_and_bad_ones_refused(tokenizer: object, tmp_path: Path) -> None:
+    model = mp.compress(tiny_llama(len(tokenizer), tied=False), "int8-weight-only")  # type: ignore[arg-type]
+    result = genai.export_genai(
+        model,
+        tokenizer,
+        tmp_path / "b",
+        int8_block={"down_proj": 16, "": 32},
+        check_prompts=TEXT[:1],
+        check_tokens=8,
+    )
+    assert all(c.passed for c in result.checks)
+    assert result.quantized["/model/layers.0/mlp/down_proj/MatMul"] == "MatMulNBits int8 g16 asym"
+    assert result.quantized["/model/layers.0/mlp/up_proj/MatMul"] == "MatMulNBits int8 g32 asym"
+    with pytest.raises(ExportError, match="int8_block=48"):
+        genai.export_genai(model, tokenizer, tmp_path / "bad", int8_block=48)
+
+
 def test_a_folder_that_generates_otherwise_is_not_written(
     tokenizer: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -127,7 +127,7 @@ class _NBits:
         return self.bits, self.block_size, self.zero_points is not None
 
 
-def _nbits_of(module: nn.Module) -> _NBits | None:
+def _nbits_of(module: nn.Module, int8_block: int | None = None) -> _NBits | None:
     """The MatMulNBits form of a quantized layer, or None where it has none (float, other compression)."""
     from modelpress.ops.nbits import unpack_blocks
     from modelpress.techniques.quantized import GroupQuantizedLinear, QuantizedLayer
@@ -159,9 +159,8 @@ def _nbits_of(module: nn.Module) -> _NBits | None:
         if module.bits != 8 or getattr(module, "input_multiplier", None) is not None:
             return None
         n, k = q.shape
-        block = next(
-            (b for b in (64, 32, 16, 128, 256) if k % b == 0), 32
-        )  # one row's blocks share its scale
+        # one row's blocks share its scale; the block is also what accuracy_level 4 quantizes inputs by
+        block = int8_block or next((b for b in (64, 32, 16, 128, 256) if k % b == 0), 32)
         blocks = -(-k // block)
         u = q.to(torch.int32) + 128
         zp_row = None if module.zero_point is None else (module.zero_point.to(torch.int32) + 128)
@@ -430,8 +429,15 @@ def _gather_block_quantized(graph: Any, gather: Any, nb: _NBits, names: tuple[st
     return nodes
 
 
+def _block_for(node: str, int8_block: int | Mapping[str, int] | None) -> int | None:
+    """The int8 block of a builder node: `int8_block` itself, or the first of its regexes found in the name."""
+    if int8_block is None or isinstance(int8_block, int):
+        return int8_block
+    return next((b for pattern, b in int8_block.items() if re.search(pattern, node)), None)
+
+
 def _quantize_graph(
-    onnx_model: Any, model: nn.Module, accuracy_level: int
+    onnx_model: Any, model: nn.Module, accuracy_level: int, int8_block: int | Mapping[str, int] | None = None
 ) -> tuple[dict[str, str], list[str]]:
     """Swap the float MatMuls of quantized layers for MatMulNBits with our codes, and the embedding's
     Gather for GatherBlockQuantized, in place. Returns {node: what it became} and the MatMuls left float."""
@@ -446,7 +452,7 @@ def _quantize_graph(
     nodes = []
     for node in graph.node:
         weight = node.input[1] if node.op_type == "MatMul" else ""
-        parts = [_nbits_of(m) for m in sources.get(node.name, [])]
+        parts = [_nbits_of(m, _block_for(node.name, int8_block)) for m in sources.get(node.name, [])]
         nb = None
         if parts and all(p is not None for p in parts):
             nb = parts[0] if len(parts) == 1 else _concat(parts)  # type: ignore[arg-type]
@@ -475,7 +481,7 @@ def _quantize_graph(
         tied = [n for n in nodes if n.op_type == "Transpose" and gather.input[0] in n.output]
         modules = dict(model.named_modules())
         emb_module = modules.get("model.embed_tokens", nn.Identity())
-        emb = _nbits_of(emb_module)
+        emb = _nbits_of(emb_module, _block_for(gather.name, int8_block))
         # A tied embedding reads the head's table, unless it was quantized otherwise (an int8 table beside
         # an int4 head: a lookup reads one row, so a finer table costs file bytes, not decode time).
         own = emb is not None and not _same_weight(emb_module, modules.get("lm_head"))
@@ -616,6 +622,7 @@ def export_genai(
     out_dir: str | os.PathLike[str],
     *,
     accuracy_level: int = 4,
+    int8_block: int | Mapping[str, int] | None = None,
     overwrite: bool = False,
     check_prompts: Sequence[str] = CHECK_PROMPTS,
     check_tokens: int = 32,
@@ -626,6 +633,11 @@ def export_genai(
     the runtime's fused attention. The greedy tokens of the folder are checked against `model`'s on
     `check_prompts` before the folder is moved into place; a folder that does not generate what the model
     generates is not written (it is kept beside `out_dir` as `<name>.rejected` for inspection).
+
+    `int8_block` sets the MatMulNBits block of int8 per-row layers (default 64), which is also the group
+    `accuracy_level` 4 quantizes their inputs by: an int, or {regex on the builder's node name: block}
+    (first match; e.g. {"down_proj": 16, "": 32}). Smaller blocks cost file bytes and decode speed for a
+    perplexity nearer fp32's (SmolLM2: see benchmarks/README.md).
     """
     import onnx
 
@@ -633,6 +645,11 @@ def export_genai(
     say = progress or (lambda _msg: None)
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ExportError(f"accuracy_level={accuracy_level}: MatMulNBits takes 0 (fp32 maths) to 4 (int8).")
+    blocks = (
+        [] if int8_block is None else [int8_block] if isinstance(int8_block, int) else int8_block.values()
+    )
+    if any(b not in (16, 32, 64, 128, 256) for b in blocks):
+        raise ExportError(f"int8_block={int8_block}: MatMulNBits takes blocks of 16, 32, 64, 128 or 256.")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass overwrite=True (--overwrite) or choose a new folder.")
@@ -648,7 +665,7 @@ def export_genai(
         _run_builder(src, built, cache, type(model).__name__)
         say("placing the quantized weights")
         onnx_model = onnx.load(str(built / "model.onnx"), load_external_data=True)
-        quantized, float_matmuls = _quantize_graph(onnx_model, model, accuracy_level)
+        quantized, float_matmuls = _quantize_graph(onnx_model, model, accuracy_level, int8_block)
         _sort_topologically(onnx_model.graph)
         for f in built.glob("model.onnx*"):
             f.unlink()
