@@ -221,3 +221,9 @@ def test_cli_export_generate_bench(tokenizer: object, tmp_path: Path) -> None:
     done = runner.invoke(main, ["generate", str(hf), "--prompt", "x"])
     assert done.exit_code != 0 and "not an ONNX Runtime GenAI folder" in " ".join(done.output.split())
     assert not done.output.startswith("x")  # the error comes before any text
+    # int8 with its inputs quantized per 16 (nearer fp32); the option belongs to --to genai alone
+    args = ["export", str(hf), "--to", "genai", "-o", str(tmp_path / "i8"), "--recipe", "int8-weight-only"]
+    done = runner.invoke(main, [*args, "--int8-block", "16"])
+    assert done.exit_code == 0 and "MatMulNBits int8 g16" in done.output, done.output
+    done = runner.invoke(main, ["export", str(hf), "-o", str(tmp_path / "m.onnx"), "--int8-block", "16"])
+    assert done.exit_code != 0 and "--int8-block applies to --to genai only" in done.output
