@@ -150,7 +150,9 @@ def test_int8_per_row_matches_torch_exactly_at_accuracy_level_0(tokenizer: objec
     }
 
 
-def test_int8_blocks_are_chosen_per_layer_and_bad_ones_refused(tokenizer: object, tmp_path: Path) -> None:
+def test_int8_blocks_are_chosen_per_layer_and_bad_ones_refused(
+    tokenizer: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     model = mp.compress(tiny_llama(len(tokenizer), tied=False), "int8-weight-only")  # type: ignore[arg-type]
     result = genai.export_genai(
         model,
@@ -165,6 +167,12 @@ def test_int8_blocks_are_chosen_per_layer_and_bad_ones_refused(tokenizer: object
     assert result.quantized["/model/layers.0/mlp/up_proj/MatMul"] == "MatMulNBits int8 g32 asym"
     with pytest.raises(ExportError, match="int8_block=48"):
         genai.export_genai(model, tokenizer, tmp_path / "bad", int8_block=48)
+    int4 = mp.compress(tiny_llama(len(tokenizer)), "int4-weight-only")  # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="modelpress.deploy.genai"):
+        genai.export_genai(
+            int4, tokenizer, tmp_path / "int4", int8_block=16, check_prompts=TEXT[:1], check_tokens=4
+        )
+    assert "int8_block=16 changes nothing" in caplog.text  # no int8 layer: said, not silently ignored
 
 
 def test_a_folder_that_generates_otherwise_is_not_written(

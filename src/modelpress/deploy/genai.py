@@ -666,6 +666,12 @@ def export_genai(
         say("placing the quantized weights")
         onnx_model = onnx.load(str(built / "model.onnx"), load_external_data=True)
         quantized, float_matmuls = _quantize_graph(onnx_model, model, accuracy_level, int8_block)
+        if int8_block is not None and not any(" int8 " in f"{v} " for v in quantized.values()):
+            log.warning(
+                "int8_block=%s changes nothing: the model has no int8 weight-only layer (it applies to int8 "
+                "per-row layers, e.g. from the int8-weight-only recipe).",
+                int8_block,
+            )
         _sort_topologically(onnx_model.graph)
         for f in built.glob("model.onnx*"):
             f.unlink()

@@ -281,19 +281,7 @@ def fuse_integer_matmuls(model: Any) -> int:
             order.append(node)
     graph.initializer.extend(new_initializers)
     # What only the old pattern used (the float DQ of the weights and activations, the Transposes) goes.
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = {i for n in order for i in n.input} | outputs
-        alive = [n for n in order if any(o in used for o in n.output)]
-        if len(alive) == len(order):
-            break
-        order = alive
-    del graph.node[:]
-    graph.node.extend(order)
-    used = {i for n in graph.node for i in n.input} | outputs
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _keep_used(graph, order)
     produced = {o for n in graph.node for o in n.output}
     info = [v for v in graph.value_info if v.name in produced]
     del graph.value_info[:]
@@ -1067,9 +1055,9 @@ def pad_conv_channels(model: Any, multiple: int = 4) -> int:
     return count
 
 
-def _add_and_prune(graph: Any, new_nodes: list[Any]) -> None:
-    """Add `new_nodes` to `graph`, drop the nodes and initializers nothing reads any more, and sort."""
-    order = list(graph.node) + new_nodes
+def _keep_used(graph: Any, order: list[Any], *, sort: bool = False) -> None:
+    """Make `order` the graph's nodes, less those (and the initializers) nothing reads any more; sorted
+    topologically where `sort`."""
     outputs = {o.name for o in graph.output}
     while True:  # the replaced quantizers and weights, where only the rewritten layer read them
         used = {i for n in order for i in n.input} | outputs
@@ -1078,11 +1066,16 @@ def _add_and_prune(graph: Any, new_nodes: list[Any]) -> None:
             break
         order = alive
     del graph.node[:]
-    graph.node.extend(_toposort(order, graph))
+    graph.node.extend(_toposort(order, graph) if sort else order)
     used = {i for n in graph.node for i in n.input} | outputs
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+
+
+def _add_and_prune(graph: Any, new_nodes: list[Any]) -> None:
+    """Add `new_nodes` to `graph`, drop the nodes and initializers nothing reads any more, and sort."""
+    _keep_used(graph, list(graph.node) + new_nodes, sort=True)
 
 
 def _static_hw(model: Any, name: str) -> tuple[int, int] | None:
@@ -1123,9 +1116,10 @@ def space_to_depth_stems(model: Any, max_channels: int = 3) -> int:
     The pool's four window positions become four groups of output channels of one conv over the
     `SpaceToDepth` input (4x the channels, a quarter of the pixels, the same int8 weights placed at each
     position, zeros elsewhere), and the pool a max over the groups on the int8 codes (exact: max commutes
-    with the monotone Relu and quantizer). Measured on MNIST's CNN (1 x 28 x 28, 2 threads, /tmp runs):
-    the stem's int8 ops 528 -> ~300 us at batch 64. OpenVINO runs such a file no faster (its per-op cost
-    dominates there), so only the ONNX Runtime placement calls this.
+    with the monotone Relu and quantizer). Measured on MNIST's CNN (1 x 28 x 28, 2 threads, int8 / fp32 in
+    ONNX Runtime, benchmarks/results/mnist-issue31.json): 0.620 -> 0.509 at batch 1, 0.685 -> 0.535 at 64.
+    OpenVINO runs such a file ~3x slower (its per-op cost dominates there), so only the ONNX Runtime
+    placement calls this.
     """
     import numpy as np
     from onnx import helper, numpy_helper
