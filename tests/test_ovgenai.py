@@ -115,6 +115,16 @@ def test_compressed_constants_hold_our_values():
         assert not out[:, want.shape[1] :].any()  # the padded columns decompress to 0
 
 
+def test_a_tied_int8_table_is_stored_once():
+    # Two steps quantize the tied head and embedding alone, to equal codes in two tensors: one table.
+    model = weight_only(tiny_llama(), WeightOnlyConfig(bits=8, targets=("lm_head",)))
+    model = weight_only(model, WeightOnlyConfig(bits=8, layers=("embedding", "linear")))
+    assert model.model.embed_tokens.qweight.data_ptr() != model.lm_head.qweight.data_ptr()
+    _, counts = build_model(model)
+    per_layer = 96 * 96 * 2 + 32 * 96 * 2 + 160 * 96 * 3
+    assert counts == {"i8": 320 * 96 + 2 * per_layer}
+
+
 def ops_result(node):
     import openvino.opset13 as ops
 

@@ -351,13 +351,18 @@ class _Weights:
     def _key(module: nn.Module) -> tuple[Any, ...]:
         """Identity of the stored weight: a tied embedding and head share it (same tensors, or identical
         codes and scales: the weight-only technique quantizes a tied matrix twice with the same result)."""
+        def digest(*tensors: torch.Tensor | None) -> str:
+            h = hashlib.blake2b(digest_size=16)
+            for t in tensors:
+                h.update(b"-" if t is None else t.detach().cpu().contiguous().numpy().tobytes())
+            return h.hexdigest()
+
         if isinstance(module, (GroupQuantizedLinear, GroupQuantizedEmbedding)):
-            digest = hashlib.blake2b(digest_size=16)
-            for t in (module.packed, module.scales, module.zero_points):
-                digest.update(b"-" if t is None else t.detach().cpu().contiguous().numpy().tobytes())
-            return ("group", module.bits, module.group_size, int(module.packed.shape[0]), digest.hexdigest())
+            tensors = (module.packed, module.scales, module.zero_points)
+            return ("group", module.bits, module.group_size, int(module.packed.shape[0]), digest(*tensors))
         if isinstance(module, QuantizedLayer):
-            return ("channel", module.qweight.data_ptr(), module.scale.data_ptr())
+            tensors = (module.qweight, module.scale, module.zero_point)
+            return ("channel", tuple(module.qweight.shape), module.axis, digest(*tensors))
         weight = getattr(module, "weight", None)
         return ("float", weight.data_ptr()) if isinstance(weight, torch.Tensor) else ("module", id(module))
 
