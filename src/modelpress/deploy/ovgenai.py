@@ -351,6 +351,7 @@ class _Weights:
     def _key(module: nn.Module) -> tuple[Any, ...]:
         """Identity of the stored weight: a tied embedding and head share it (same tensors, or identical
         codes and scales: the weight-only technique quantizes a tied matrix twice with the same result)."""
+
         def digest(*tensors: torch.Tensor | None) -> str:
             h = hashlib.blake2b(digest_size=16)
             for t in tensors:
