@@ -13,7 +13,8 @@ Engines (each a module with the `llm_engines.Engine` interface; a missing runtim
   (`smollm2-generate-head4.json`).
 - `mp-int4-gptq-recon-g64-head4g32-emb8`: the body at group 64, the head int4 g32 (GPTQ with act_order, clip
   search and refit) beside the body's int8 embedding (`smollm2-generate-emb8.json`); `mp-int4-gptq-lm`: the
-  same scheme from the built-in recipe `int4-gptq-lm` alone (`smollm2-generate-lm.json`).
+  same scheme from the built-in recipe `int4-gptq-lm` alone (`smollm2-generate-lm.json`);
+  `mp-int4-gptq-lm-mixed`: the recipe `int4-gptq-lm-mixed` (down_proj and the head int8 per row).
 
 Protocol (issue 32): 2 threads, batch 1, a 128-token prompt and 128 new tokens, greedy, every engine timed
 in turn within each round (A, B, C, A, B, C...), medians over the rounds; peak RSS of a fresh process per
@@ -103,10 +104,10 @@ def _compressed(work: Path, name: str) -> tuple[Any, Any, float]:
             mp.WeightOnlyConfig(bits=8, layers=("linear", "embedding")),
         ]
         lm = mp.compress(model, recipe, calibration).lm
-    elif name == "mp-int4-gptq-lm":  # the built-in recipe: what a user gets from `compress --recipe`
+    elif name in RECIPES:  # a built-in recipe: what a user gets from `compress --recipe`
         ids = assets.wiki_tokens(tokenizer, PPL_TOKENS + 1024 + 512 * CALIB_WINDOWS)[PPL_TOKENS + 1024 :]
         calibration = [(ids[i : i + 512].unsqueeze(0),) for i in range(0, 512 * CALIB_WINDOWS, 512)]
-        lm = mp.compress(assets.LogitsOnly(lm).eval(), "int4-gptq-lm", calibration).lm
+        lm = mp.compress(assets.LogitsOnly(lm).eval(), name.removeprefix("mp-"), calibration).lm
     elif name == "mp-int8":
         lm = mp.compress(lm, "int8-weight-only")
     elif name in HEAD4:
@@ -122,7 +123,7 @@ def _compressed(work: Path, name: str) -> tuple[Any, Any, float]:
 # SmolLM2 at g64 as fast as NNCF's file (143 vs 145 tok/s, RTN files of both sizes) and at g128 ~18% slower
 BODY_GROUP = {"mp-int4-gptq-recon": 128, "mp-int4-gptq-recon-g64": 64}
 # built-in recipes built as they are (`mp.compress(model, name)` on the calibration windows)
-RECIPES = ("mp-int4-gptq-lm",)
+RECIPES = ("mp-int4-gptq-lm", "mp-int4-gptq-lm-mixed")
 # name -> (body, group size, symmetric, own embedding, tuned) of an int4 head on that body: the embedding
 # reads the head's int4 codes, or (own embedding) keeps the body's int8 table (stored beside the head's);
 # tuned: GPTQ with act_order, clip search and scale refit
