@@ -136,6 +136,24 @@ def test_the_lm_recipe_gives_an_int4_head_beside_an_int8_embedding(tokenizer: ob
     assert result.quantized["/model/embed_tokens/Gather"].startswith("GatherBlockQuantized int8")
 
 
+@pytest.mark.slow
+def test_the_mixed_lm_recipe_keeps_the_mlp_outputs_and_the_head_int8(
+    tokenizer: object, tmp_path: Path
+) -> None:
+    model = tiny_llama(len(tokenizer))  # type: ignore[arg-type]
+    texts = [tokenizer(TEXT[i % 3])["input_ids"] * 3 for i in range(4)]  # type: ignore[operator]
+    small = mp.compress(model, "int4-gptq-lm-mixed", [(torch.tensor([ids]),) for ids in texts])
+    result = genai.export_genai(small, tokenizer, tmp_path / "lm", check_prompts=TEXT[:1], check_tokens=16)
+    assert all(c.passed for c in result.checks), [c.line() for c in result.checks]
+    for name, kind in result.quantized.items():
+        if "down_proj" in name or name == "/lm_head/MatMul":
+            assert kind.startswith("MatMulNBits int8"), (name, kind)
+        elif "MatMul" in name:
+            assert kind == "MatMulNBits int4 g64 asym", (name, kind)
+    # the embedding and the head, quantized alike in two steps, share the head's table
+    assert result.quantized["/model/embed_tokens/Gather"].endswith("(the head's table)")
+
+
 def test_int8_per_row_matches_torch_exactly_at_accuracy_level_0(tokenizer: object, tmp_path: Path) -> None:
     """int8 per output row (asymmetric) as 8-bit MatMulNBits whose blocks share the row's scale and zero
     point: fp32 maths (accuracy_level 0) reproduces torch's greedy tokens."""
