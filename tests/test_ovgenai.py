@@ -180,7 +180,9 @@ def test_cli_export_generate_bench(tmp_path, hf_folder):
     assert "".join(f"wrote {out} (run it: modelpress generate {out}".split()) in "".join(done.output.split())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llm-int4"]  # no temporary folder left
     done = _invoke("export", hf_folder, "--to", "openvino-genai", "-o", out)
-    assert done.exit_code == 2 and "already exists" in done.output and "--overwrite" in _flat(done.output)
+    assert (
+        done.exit_code == 2 and "already exists" in _flat(done.output) and "--overwrite" in _flat(done.output)
+    )
 
     done = _invoke("generate", out, "--prompt", "The capital", "--max-new-tokens", "5")
     assert done.exit_code == 0, done.output
