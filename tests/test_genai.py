@@ -253,3 +253,30 @@ def test_cli_export_generate_bench(tokenizer: object, tmp_path: Path) -> None:
     assert done.exit_code == 0 and "MatMulNBits int8 g16" in done.output, done.output
     done = runner.invoke(main, ["export", str(hf), "-o", str(tmp_path / "m.onnx"), "--int8-block", "16"])
     assert done.exit_code != 0 and "--int8-block applies to --to genai only" in done.output
+
+
+@pytest.mark.slow
+def test_cli_calibrates_an_lm_recipe_on_a_text_file(tokenizer: object, tmp_path: Path) -> None:
+    """`export --to genai --recipe int4-gptq-lm-mixed --data corpus.txt`: the model's tokenizer cuts the text
+    into 512-token windows (no Python function to write); a file that is not text is refused by name."""
+    from click.testing import CliRunner
+
+    from modelpress.cli import main
+
+    hf = tmp_path / "hf"
+    tiny_llama(len(tokenizer)).save_pretrained(hf)  # type: ignore[arg-type,operator]
+    tokenizer.save_pretrained(hf)  # type: ignore[attr-defined]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(TEXT) * 200)
+    args = ["export", str(hf), "--to", "genai", "--recipe", "int4-gptq-lm-mixed"]
+    done = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "lm"), "--data", str(corpus)])
+    assert done.exit_code == 0, done.output
+    flat = " ".join(done.output.split())
+    assert "calibration: " in flat and "tokens of corpus.txt" in flat and "MatMulNBits int8" in flat
+    windows = int(flat.split("calibration: ")[1].split()[0])
+    assert 1 < windows < 128 and "~250 KB of text" in flat  # short text: said, and used
+    binary = tmp_path / "corpus.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    done = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "bad"), "--data", str(binary)])
+    assert done.exit_code == 2 and "not UTF-8 text" in " ".join(done.output.split())
+    assert not (tmp_path / "bad").exists()

@@ -87,6 +87,29 @@ def _call_data(ref: str | None, what: str) -> Any:
         raise DataError(f"The {what} function '{ref}' raised {type(exc).__name__}: {exc}. Fix it.") from exc
 
 
+def _is_text(ref: str | None) -> bool:
+    """Whether --data names a text file (a causal LM's calibration text) rather than 'file.py:fn'."""
+    return ref is not None and Path(ref).is_file() and Path(ref).suffix != ".py"
+
+
+def _text_data(ref: str, tokenizer: Any) -> list[Any]:
+    """512-token windows of a text file, tokenized by the model's own tokenizer (at most 128)."""
+    from modelpress.data import text_windows
+    from modelpress.errors import DataError
+
+    try:
+        text = Path(ref).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"--data '{ref}' is not UTF-8 text. Give a text file, or 'file.py:fn' returning batches."
+        ) from exc
+    items = text_windows(text, tokenizer)
+    tokens = sum(int(ids.shape[1]) for (ids,) in items)
+    note = "" if len(items) >= 128 else " (GPTQ-style recipes want 128 x 512 tokens, ~250 KB of text)"
+    click.echo(f"calibration: {len(items)} windows, {tokens} tokens of {Path(ref).name}{note}", err=True)
+    return items
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -114,7 +137,8 @@ _data_option = click.option(
     "--data",
     "data_ref",
     help="'file.py:fn' returning calibration batches (model inputs), for recipes that calibrate "
-    "(static_int8, gptq, awq ...).",
+    "(static_int8, gptq, awq ...); with --to genai / openvino-genai also a text file (up to 128 windows of "
+    "512 tokens).",
 )
 _allow_partial_option = click.option(
     "--allow-partial",
@@ -686,9 +710,8 @@ def _export_genai(
                 ) from exc
         if steps:
             say("compressing")
-            net = run_compress(
-                net, steps, as_dataset(_call_data(data_ref, "--data")), allow_partial=allow_partial
-            )
+            data = _text_data(data_ref, tokenizer) if _is_text(data_ref) else _call_data(data_ref, "--data")
+            net = run_compress(net, steps, as_dataset(data), allow_partial=allow_partial)
         if to == "openvino-genai":
             from modelpress.deploy.ovgenai import export_openvino_genai
 

@@ -78,3 +78,26 @@ def as_dataset(data: Dataset | Iterable[Any] | None) -> Dataset | None:
     if data is None or isinstance(data, Dataset):
         return data
     return Dataset(data)
+
+
+def text_windows(
+    text: str, tokenizer: Any, window: int = 512, max_windows: int = 128
+) -> list[tuple[torch.Tensor]]:
+    """Calibration items for a causal LM from plain text: consecutive `window`-token pieces of it, as
+    `(input_ids,)` of shape (1, window), at most `max_windows` (GPTQ's and NNCF's usual 128 x 512 tokens).
+    Text shorter than one window gives one shorter item.
+
+    >>> class Tok:
+    ...     def __call__(self, text, add_special_tokens=False): return {"input_ids": list(range(len(text)))}
+    >>> [tuple(t.shape) for (t,) in text_windows("x" * 10, Tok(), window=4)]
+    [(1, 4), (1, 4)]
+    """
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise DataError(
+            "The calibration text has no tokens. Give a file of typical text (~250 KB: 128 x 512 tokens)."
+        )
+    if len(ids) < window:
+        return [(torch.tensor([ids]),)]
+    n = min(len(ids) // window, max_windows)
+    return [(torch.tensor([ids[i * window : (i + 1) * window]]),) for i in range(n)]
