@@ -87,9 +87,9 @@ def _call_data(ref: str | None, what: str) -> Any:
         raise DataError(f"The {what} function '{ref}' raised {type(exc).__name__}: {exc}. Fix it.") from exc
 
 
-def _is_text(ref: str | None) -> bool:
+def _is_text(ref: str) -> bool:
     """Whether --data names a text file (a causal LM's calibration text) rather than 'file.py:fn'."""
-    return ref is not None and Path(ref).is_file() and Path(ref).suffix != ".py"
+    return Path(ref).is_file() and Path(ref).suffix != ".py"
 
 
 def _text_data(ref: str, tokenizer: Any) -> list[Any]:
@@ -710,7 +710,10 @@ def _export_genai(
                 ) from exc
         if steps:
             say("compressing")
-            data = _text_data(data_ref, tokenizer) if _is_text(data_ref) else _call_data(data_ref, "--data")
+            if data_ref is not None and _is_text(data_ref):
+                data = _text_data(data_ref, tokenizer)
+            else:
+                data = _call_data(data_ref, "--data")
             net = run_compress(net, steps, as_dataset(data), allow_partial=allow_partial)
         if to == "openvino-genai":
             from modelpress.deploy.ovgenai import export_openvino_genai
