@@ -280,3 +280,9 @@ def test_cli_calibrates_an_lm_recipe_on_a_text_file(tokenizer: object, tmp_path:
     done = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "bad"), "--data", str(binary)])
     assert done.exit_code == 2 and "not UTF-8 text" in " ".join(done.output.split())
     assert not (tmp_path / "bad").exists()
+    # `compress` has no tokenizer at hand: it says where a text file works
+    done = CliRunner().invoke(
+        main, ["compress", str(hf), "-r", "int4-gptq-lm", "-o", str(tmp_path / "c"), "--data", str(corpus)]
+    )
+    flat = " ".join(done.output.split())
+    assert done.exit_code == 2 and "not of the form 'file.py:fn'" in flat and "export --to genai" in flat

@@ -78,6 +78,17 @@ def _call_data(ref: str | None, what: str) -> Any:
     from modelpress.errors import DataError
     from modelpress.loading import import_callable
 
+    if ":" not in ref:
+        hint = ""
+        if Path(ref).is_file():
+            hint = (
+                " A text file calibrates a causal LM in `export --to genai` or `--to openvino-genai`, which load "
+                "its tokenizer."
+            )
+        raise DataError(
+            f"{what} '{ref}' is not of the form 'file.py:fn'. Give a Python file and the name of a function in "
+            f"it that returns the batches.{hint}"
+        )
     fn = import_callable(ref)
     try:
         return list(fn())
