@@ -280,9 +280,14 @@ def test_cli_calibrates_an_lm_recipe_on_a_text_file(tokenizer: object, tmp_path:
     done = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "bad"), "--data", str(binary)])
     assert done.exit_code == 2 and "not UTF-8 text" in " ".join(done.output.split())
     assert not (tmp_path / "bad").exists()
-    # `compress` has no tokenizer at hand: it says where a text file works
+    # `compress` of the folder reads the text the same way; beside a 'file.py:factory' model it is refused
     done = CliRunner().invoke(
         main, ["compress", str(hf), "-r", "int4-gptq-lm", "-o", str(tmp_path / "c"), "--data", str(corpus)]
     )
-    flat = " ".join(done.output.split())
-    assert done.exit_code == 2 and "not of the form 'file.py:fn'" in flat and "export --to genai" in flat
+    assert done.exit_code == 0, done.output
+    assert "tokens of corpus.txt" in " ".join(done.output.split())
+    from modelpress.cli import _call_data
+    from modelpress.errors import DataError
+
+    with pytest.raises(DataError, match="not of the form 'file.py:fn'.*Hugging Face folder"):
+        _call_data(str(corpus), "--data")  # what a model given as 'file.py:factory' gets for a text file

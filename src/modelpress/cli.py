@@ -81,10 +81,7 @@ def _call_data(ref: str | None, what: str) -> Any:
     if ":" not in ref:
         hint = ""
         if Path(ref).is_file():
-            hint = (
-                " A text file calibrates a causal LM in `export --to genai` or `--to openvino-genai`, which load "
-                "its tokenizer."
-            )
+            hint = " A text file calibrates a causal LM given as a Hugging Face folder with its tokenizer."
         raise DataError(
             f"{what} '{ref}' is not of the form 'file.py:fn'. Give a Python file and the name of a function in "
             f"it that returns the batches.{hint}"
@@ -101,6 +98,31 @@ def _call_data(ref: str | None, what: str) -> Any:
 def _is_text(ref: str) -> bool:
     """Whether --data names a text file (a causal LM's calibration text) rather than 'file.py:fn'."""
     return Path(ref).is_file() and Path(ref).suffix != ".py"
+
+
+def _data_for(model: str, data_ref: str | None) -> Any:
+    """--data's batches: 'file.py:fn', or for a Hugging Face folder a text file cut by its tokenizer."""
+    if data_ref is not None and _is_text(data_ref) and (Path(model) / "config.json").is_file():
+        return _text_data(data_ref, _folder_tokenizer(model))
+    return _call_data(data_ref, "--data")
+
+
+def _folder_tokenizer(folder: str) -> Any:
+    """The tokenizer saved in a Hugging Face model folder, or a clear error."""
+    from transformers import AutoTokenizer
+
+    from modelpress.errors import DataError
+    from modelpress.loading import quiet_transformers
+
+    with quiet_transformers():
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except Exception as exc:
+            raise DataError(
+                f"--data is a text file, which the model's tokenizer cuts into windows, and no tokenizer loaded "
+                f"from '{folder}': {exc}. Save it there with tokenizer.save_pretrained(DIR), or give "
+                "'file.py:fn' returning batches."
+            ) from exc
 
 
 def _text_data(ref: str, tokenizer: Any) -> list[Any]:
@@ -148,8 +170,8 @@ _data_option = click.option(
     "--data",
     "data_ref",
     help="'file.py:fn' returning calibration batches (model inputs), for recipes that calibrate "
-    "(static_int8, gptq, awq ...); with --to genai / openvino-genai also a text file (up to 128 windows of "
-    "512 tokens).",
+    "(static_int8, gptq, awq ...); for a Hugging Face LM folder also a text file (up to 128 windows of 512 "
+    "tokens).",
 )
 _allow_partial_option = click.option(
     "--allow-partial",
@@ -319,7 +341,7 @@ def compress(
     sizes = _batches(batch_text)
     with _status("loading the model"):
         net, inputs = _load(model, weights)
-    data = _call_data(data_ref, "--data")
+    data = _data_for(model, data_ref)
     eval_data = _call_data(eval_ref, "--eval")
     with _status("starting") as say:
         result = run_job(
@@ -643,7 +665,7 @@ def export(
         net, inputs = _load(model, weights)
         original = net if steps else None
         if steps:
-            data = as_dataset(_call_data(data_ref, "--data"))  # calibrates the recipe, then the export
+            data = as_dataset(_data_for(model, data_ref))  # calibrates the recipe, then the export
             say("compressing")
             net = run_compress(net, steps, data, allow_partial=allow_partial)
         say("exporting" if to == "onnx" else f"exporting to {to}")
