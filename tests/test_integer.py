@@ -254,6 +254,27 @@ def test_static_int8_placed_for_onnxruntime_runs_the_convs_as_integer(artifact, 
     assert "placed for" in ov.headline()
 
 
+def test_bias_free_linears_fused_for_onnxruntime_keep_their_torch_names(tmp_path):
+    # MatMulIntegerToFloat's weight keeps the layer's initializer name: without a bias there is no other
+    class Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(32, 64, bias=False), nn.Linear(64, 16, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 32),) for _ in range(4)]
+    small = mp.compress(Mlp().eval(), "int8-static", data)
+    path = mp.export_onnx(small, data[0], tmp_path / "m.onnx", target="onnxruntime", data=data)
+    layers = integer_kernels(path, "onnxruntime").layers
+    assert [(k.name, k.op_type, k.kind) for k in layers] == [
+        ("fc1", "MatMulIntegerToFloat", "integer"),
+        ("fc2", "MatMulIntegerToFloat", "integer"),
+    ]
+
+
 def test_static_int8_resnet_names_why_each_conv_is_fp32_in_onnxruntime(artifact):
     report = integer_kernels(artifact("resnet_cnn", "static"), "onnxruntime")
     reasons = {layer.name: layer.reason for layer in report.not_integer}

@@ -174,6 +174,7 @@ def fuse_integer_matmuls(model: Any) -> int:
     replaced: dict[int, list[Any]] = {}  # id(last node of a matched pattern) -> its replacement
     dropped: set[int] = set()
     new_initializers = []
+    named: set[str] = {t.name for t in graph.initializer}
     count = 0
     for node in list(graph.node):
         if (
@@ -184,6 +185,9 @@ def fuse_integer_matmuls(model: Any) -> int:
             continue
         a, b = node.input[0], node.input[1]
         bias = None
+        w_dq = g.producer.get(b)
+        if w_dq is not None and w_dq.op_type == "Transpose":
+            w_dq = g.producer.get(w_dq.input[0])
         if node.op_type == "Gemm":
             if (
                 _attr(node, "transA", 0)
@@ -240,8 +244,15 @@ def fuse_integer_matmuls(model: Any) -> int:
         if w_scale.size not in (1, n_out) or w_zp.size not in (1, n_out):
             continue
         key = f"{node.output[0]}_int8mm"
+        # The weight keeps its layer's name ("encoder.layer.0.query.qweight_int8mm"): the integer-kernel report
+        # names the layer by it.
+        source = w_dq.input[0] if w_dq is not None and g.value(w_dq.input[0]) is not None else ""
+        weight_name = f"{source}_int8mm" if source and not source.startswith("val_") else f"{key}_weight"
+        if weight_name in named:  # a layer called twice (shared weights): one initializer per node
+            weight_name = f"{key}_weight"
+        named.add(weight_name)
         new_initializers += [
-            numpy_helper.from_array(w, f"{key}_weight"),
+            numpy_helper.from_array(w, weight_name),
             numpy_helper.from_array(
                 w_scale.reshape(-1) if w_scale.size > 1 else w_scale.reshape(()), f"{key}_scale"
             ),
@@ -261,7 +272,7 @@ def fuse_integer_matmuls(model: Any) -> int:
         nodes.append(
             helper.make_node(
                 "MatMulIntegerToFloat",
-                [quantized, f"{key}_weight", dq.input[1], f"{key}_scale", dq.input[2], f"{key}_zero_point"]
+                [quantized, weight_name, dq.input[1], f"{key}_scale", dq.input[2], f"{key}_zero_point"]
                 + ([bias] if bias is not None else []),
                 [last.output[0]],
                 name=f"{key}",
