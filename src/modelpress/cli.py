@@ -100,10 +100,11 @@ def _is_text(ref: str) -> bool:
     return Path(ref).is_file() and Path(ref).suffix != ".py"
 
 
-def _data_for(model: str, data_ref: str | None) -> Any:
-    """--data's batches: 'file.py:fn', or for a Hugging Face folder a text file cut by its tokenizer."""
+def _data_for(model: str, data_ref: str | None, tokenizer: Any = None) -> Any:
+    """--data's batches: 'file.py:fn', or for a Hugging Face folder a text file cut by its tokenizer (the
+    one given, else the folder's)."""
     if data_ref is not None and _is_text(data_ref) and (Path(model) / "config.json").is_file():
-        return _text_data(data_ref, _folder_tokenizer(model))
+        return _text_data(data_ref, tokenizer if tokenizer is not None else _folder_tokenizer(model))
     return _call_data(data_ref, "--data")
 
 
@@ -743,10 +744,7 @@ def _export_genai(
                 ) from exc
         if steps:
             say("compressing")
-            if data_ref is not None and _is_text(data_ref):
-                data = _text_data(data_ref, tokenizer)
-            else:
-                data = _call_data(data_ref, "--data")
+            data = _data_for(model, data_ref, tokenizer)
             net = run_compress(net, steps, as_dataset(data), allow_partial=allow_partial)
         if to == "openvino-genai":
             from modelpress.deploy.ovgenai import export_openvino_genai
