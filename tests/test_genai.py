@@ -76,8 +76,8 @@ def test_int4_folder_runs_in_genai_with_our_codes(tokenizer: object, tmp_path: P
         p.name for p in out.iterdir()
     }
     counts = ops(out)
-    # 2 layers x (qkv, o, gate, up, down) + the head; the embedding reads the head's packed table.
-    assert counts["MatMulNBits"] == 11 and counts.get("MatMul", 0) == 0
+    # 2 layers x (qkv, o, gate + up, down) + the head; the embedding reads the head's packed table.
+    assert counts["MatMulNBits"] == 9 and counts.get("MatMul", 0) == 0 and counts["Split"] == 2
     assert counts["GatherBlockQuantized"] == 1 and counts["GroupQueryAttention"] == 2
     assert not result.float_matmuls
     # The codes are ours: the head's packed table is the layer's own bytes.
@@ -93,6 +93,31 @@ def test_int4_folder_runs_in_genai_with_our_codes(tokenizer: object, tmp_path: P
     assert len(genai.genai_greedy(genai.load_genai(out), ids, 8)) == 8
     fp32_bytes = sum(p.numel() * 4 for p in tiny_llama(len(tokenizer)).parameters())  # type: ignore[arg-type,misc]
     assert result.model_bytes < 0.5 * fp32_bytes
+
+
+def test_gate_and_up_run_as_one_matmulnbits_with_the_same_outputs(
+    tokenizer: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gated MLP's gate and up projections read the same input: one MatMulNBits over both weights, then
+    a Split, gives the logits of the two nodes bit for bit."""
+    import onnxruntime as ort
+
+    model = mp.compress(tiny_llama(len(tokenizer)), "int4-weight-only")  # type: ignore[arg-type]
+    fused = genai.export_genai(model, tokenizer, tmp_path / "fused", check_prompts=())
+    monkeypatch.setattr(genai, "_fuse_siblings", lambda graph: 0)
+    plain = genai.export_genai(model, tokenizer, tmp_path / "plain", check_prompts=())
+    assert ops(fused.path)["MatMulNBits"] == ops(plain.path)["MatMulNBits"] - 2
+    names = [n.name for n in onnx.load(str(fused.path / "model.onnx"), load_external_data=False).graph.node]
+    assert "/model/layers.0/mlp/gate_proj+up_proj/MatMulNBits" in names
+    logits = []
+    for folder in (fused.path, plain.path):
+        session = ort.InferenceSession(str(folder / "model.onnx"))
+        feed = {"input_ids": np.array([[5, 9, 13, 40, 7]]), "attention_mask": np.ones((1, 5), np.int64)}
+        for i in session.get_inputs():
+            if i.name.startswith("past_key_values"):
+                feed[i.name] = np.zeros((1, 2, 0, 16), np.float32)
+        logits.append(session.run(["logits"], feed)[0])
+    np.testing.assert_array_equal(logits[0], logits[1])
 
 
 def test_a_tied_embedding_quantized_otherwise_than_its_head_keeps_its_own_table(
