@@ -244,6 +244,36 @@ def test_bad_input_is_named(tokenizer: object, tmp_path: Path) -> None:
         genai.export_genai(tiny_llama(len(tokenizer)), tokenizer, tmp_path / "taken")  # type: ignore[arg-type]
 
 
+def test_cli_refuses_an_architecture_before_the_recipe_runs(
+    tokenizer: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPT-2 is no architecture of the GenAI builder (nor of our OpenVINO GenAI block): `export --to genai
+    --recipe ...` says so before compressing, not after a recipe of many minutes."""
+    from click.testing import CliRunner
+
+    import modelpress.pipeline.recipe as recipe
+    from modelpress.cli import main
+
+    hf = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer))  # type: ignore[arg-type]
+    ).save_pretrained(hf)
+    tokenizer.save_pretrained(hf)  # type: ignore[attr-defined]
+
+    def no_recipe(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the recipe ran before the refusal")
+
+    monkeypatch.setattr(recipe, "compress", no_recipe)
+    for to, says in (
+        ("genai", "builder does not support GPT2LMHeadModel"),
+        ("openvino-genai", "model_type 'gpt2'"),
+    ):
+        args = ["export", str(hf), "--to", to, "-o", str(tmp_path / to), "--recipe", "int4-gptq-lm-mixed"]
+        done = CliRunner().invoke(main, args)
+        assert done.exit_code == 2 and says in " ".join(done.output.split()), done.output
+        assert not (tmp_path / to).exists()
+
+
 def test_cli_export_generate_bench(tokenizer: object, tmp_path: Path) -> None:
     """A new user's path: a Hugging Face folder -> `export --to genai` with a recipe -> `generate` -> `bench`."""
     from click.testing import CliRunner

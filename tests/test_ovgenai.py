@@ -95,6 +95,34 @@ def test_greedy_tokens_match_pytorch(tmp_path, tokenizer, config):
     assert json.loads((tmp_path / "ov" / "generation_config.json").read_text())["eos_token_id"] == 0
 
 
+def test_stacked_qkv_keeps_each_projections_bias(tmp_path, tokenizer):
+    """Qwen2's Q, K and V carry biases: stacked into one MatMul, each bias still lands on its own columns."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=320,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            getattr(model.model.layers[0].self_attn, proj).bias.normal_(0, 0.5)
+    model = weight_only(model, WeightOnlyConfig(bits=4, group_size=64, symmetric=False))
+    ov_model, _ = build_model(model)
+    assert any(op.get_friendly_name().endswith("q_proj+k_proj+v_proj.weight") for op in ov_model.get_ops())
+    report = export_openvino_genai(model, tokenizer, tmp_path / "ov", prompts=PROMPTS[:1], new_tokens=8)
+    assert report.prefill_max_abs_diff < 1e-3
+    assert report.checks[0].openvino_tokens == report.checks[0].torch_tokens
+
+
 def test_compressed_constants_hold_our_values():
     # Symmetric groups: the tied embedding and head (the embedding is always symmetric) share one table.
     model = weight_only(tiny_llama(hidden=128, heads=4), WeightOnlyConfig(bits=4, group_size=64))
@@ -105,12 +133,14 @@ def test_compressed_constants_hold_our_values():
     model = weight_only(tiny_llama(), WeightOnlyConfig(bits=4, group_size=64, symmetric=False))
     ov_model, counts = build_model(model)
     assert set(counts) == {"i8", "u4"}  # the embedding (dim 96: no whole groups) stays int8 per row
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
-        layer = model.get_submodule(name)
+    # Q, K and V (and gate and up) read the same input: one weight stacked along N, one MatMul, a split.
+    stacked = {"model.layers.0.self_attn.q_proj+k_proj+v_proj": ("q_proj", "k_proj", "v_proj")}
+    for name in ("model.layers.0.self_attn.q_proj+k_proj+v_proj", "model.layers.1.mlp.down_proj"):
+        parts = [f"{name.rpartition('.')[0]}.{p}" for p in stacked.get(name, ())] or [name]
         node = next(op for op in ov_model.get_ops() if op.get_friendly_name() == name + ".weight")
         folded = ov.Model([ops_result(node)], [], "w")
         out = ov.Core().compile_model(folded, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({})[0]
-        want = layer.dequantized_weight().numpy()
+        want = np.concatenate([model.get_submodule(p).dequantized_weight().numpy() for p in parts])
         np.testing.assert_array_equal(out[:, : want.shape[1]], want)  # (u - zp) * scale bit for bit
         assert not out[:, want.shape[1] :].any()  # the padded columns decompress to 0
 

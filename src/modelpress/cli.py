@@ -742,6 +742,12 @@ def _export_genai(
                     f"--to {to} needs the model's tokenizer in '{model}', and it did not load: {exc}. Save it "
                     "there with tokenizer.save_pretrained(DIR)."
                 ) from exc
+        # an architecture the runtime's export cannot write is refused before the recipe runs
+        if to == "genai":
+            from modelpress.deploy.genai import check_exportable
+        else:
+            from modelpress.deploy.ovgenai import check_exportable
+        check_exportable(net)
         if steps:
             say("compressing")
             data = _data_for(model, data_ref, tokenizer)

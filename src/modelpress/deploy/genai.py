@@ -245,6 +245,36 @@ def _float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def builder_supports(architecture: str) -> bool | None:
+    """Whether ONNX Runtime GenAI's model builder builds `architecture` (a transformers class name such as
+    LlamaForCausalLM), read from the installed builder's own dispatch without importing it (that import
+    loads torch extensions and takes seconds); None where the builder's source cannot be read."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("onnxruntime_genai.models.builder")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not Path(spec.origin).is_file():
+        return None
+    source = Path(spec.origin).read_text(errors="replace")
+    if "architectures[0]" not in source:
+        return None  # a builder that dispatches otherwise: let it decide
+    return f'"{architecture}"' in source
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Refuse, before any slow work (a recipe, the build), a model that `export_genai` cannot write: not a
+    decoder-only Hugging Face causal LM, or an architecture the GenAI builder does not build."""
+    _check_causal_lm(model)
+    name = type(model).__name__
+    if builder_supports(name) is False:
+        raise ExportError(
+            f"ONNX Runtime GenAI's model builder does not support {name}; export it with to='onnx' (a "
+            "whole-sequence forward without KV cache) instead."
+        )
+
+
 def _check_causal_lm(model: nn.Module) -> Any:
     config = getattr(model, "config", None)
     name = type(model).__name__
@@ -508,6 +538,16 @@ def _quantize_graph(
     return quantized, float_matmuls
 
 
+def common_prefix(names: Sequence[str], sep: str) -> str:
+    """The leading `sep`-separated components that all `names` share ('a/b/c', 'a/b/d' -> 'a/b')."""
+    common = []
+    for column in zip(*(n.split(sep) for n in names), strict=False):
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    return sep.join(common)
+
+
 def _fuse_siblings(graph: Any) -> int:
     """MatMulNBits nodes that read the same input with the same K, bits, block, accuracy level and kind of
     zero points (a gated MLP's gate and up projections) become one MatMulNBits over their weights stacked
@@ -531,7 +571,12 @@ def _fuse_siblings(graph: Any) -> int:
         if any(n not in inits or readers.get(n) != 1 for n in weights):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "N"}
-        key = (node.input[0], len(node.input), tuple(bool(n) for n in node.input), tuple(sorted(attrs.items())))
+        key = (
+            node.input[0],
+            len(node.input),
+            tuple(bool(n) for n in node.input),
+            tuple(sorted(attrs.items())),
+        )
         groups.setdefault(key, []).append(node)
     fused: dict[int, list[Any]] = {}  # id of the group's first node -> its replacement
     gone: set[int] = set()
@@ -539,7 +584,7 @@ def _fuse_siblings(graph: Any) -> int:
         if len(members) < 2:
             continue
         first = members[0]
-        prefix = os.path.commonprefix([m.name for m in members]).rsplit("/", 1)[0]
+        prefix = common_prefix([m.name for m in members], "/")
         parts = "+".join(m.name[len(prefix) + 1 :].split("/", 1)[0] for m in members)
         base = f"{prefix}/{parts}"
         names = []
@@ -565,7 +610,11 @@ def _fuse_siblings(graph: Any) -> int:
                 **attrs,
             ),
             helper.make_node(
-                "Split", [out, f"{base}/split_sizes"], [m.output[0] for m in members], name=f"{base}/Split", axis=-1
+                "Split",
+                [out, f"{base}/split_sizes"],
+                [m.output[0] for m in members],
+                name=f"{base}/Split",
+                axis=-1,
             ),
         ]
         gone.update(id(m) for m in members[1:])
@@ -732,7 +781,7 @@ def export_genai(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass overwrite=True (--overwrite) or choose a new folder.")
-    _check_causal_lm(model)
+    check_exportable(model)
     model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".genai-", dir=out.parent) as tmp:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelpress.deploy.genai import BENCH_TEXT, LLMTiming, run_peak_script, torch_greedy
+from modelpress.deploy.genai import BENCH_TEXT, LLMTiming, common_prefix, run_peak_script, torch_greedy
 from modelpress.errors import ExportError, ParityError, RuntimeUnavailableError
 from modelpress.techniques.quantized import (
     GroupQuantizedEmbedding,
@@ -138,6 +138,11 @@ class _Spec:
     eps: float
     inv_freq: np.ndarray  # (head_dim / 2,) fp32, the model's own buffer
     attention_scaling: float
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Refuse, before any slow work (a recipe), a model that `export_openvino_genai` cannot write."""
+    _spec(model)
 
 
 def _spec(model: nn.Module) -> _Spec:
@@ -386,6 +391,59 @@ def _linear(ops: Any, weights: _Weights, x: Any, module: nn.Module, name: str) -
     return y
 
 
+def _linears(
+    ops: Any, weights: _Weights, x: Any, modules: Sequence[nn.Module], names: Sequence[str]
+) -> list[Any]:
+    """x @ W.T (+ bias) for layers that read the same input (Q, K and V; a gated MLP's gate and up): one
+    MatMul over their weights stacked along N, then a VariadicSplit, where they are group-quantized alike
+    (the same codes and scales, so the same numbers); a MatMul each otherwise."""
+    parts = [m for m in modules if isinstance(m, GroupQuantizedLinear)]
+    kinds = {
+        (m.bits, m.group_size, m.zero_points is None, tuple(m.packed.shape[1:]), m.in_features) for m in parts
+    }
+    if len(modules) < 2 or len(parts) != len(modules) or len(kinds) != 1:
+        return [_linear(ops, weights, x, m, n) for m, n in zip(modules, names, strict=True)]
+    first = parts[0]
+    rows = [int(m.packed.shape[0]) for m in parts]
+    zps = [m.zero_points for m in parts]
+    w = weights._grouped(
+        torch.cat([m.packed for m in parts]),
+        torch.cat([m.scales.reshape(r, -1) for m, r in zip(parts, rows, strict=True)]),
+        None if zps[0] is None else torch.cat([z.reshape(r, -1) for z, r in zip(zps, rows, strict=True)]),  # type: ignore[union-attr]
+        rows=sum(rows),
+        blocks=int(first.packed.shape[1]),
+        block=first.group_size,
+        bits=first.bits,
+        name=_stacked_name(names) + ".weight",
+    )
+    k_padded = int(first.packed.shape[1]) * first.group_size
+    if k_padded != first.in_features:
+        x = ops.pad(
+            x,
+            np.array([0, 0, 0], np.int64),
+            np.array([0, 0, k_padded - first.in_features], np.int64),
+            "constant",
+        )
+    y = ops.matmul(x, w, transpose_a=False, transpose_b=True)
+    biases = [getattr(m.inner, "bias", None) for m in parts]
+    if any(b is not None for b in biases):
+        stacked = np.concatenate(
+            [
+                np.zeros(r, np.float32) if b is None else b.detach().float().cpu().numpy()
+                for b, r in zip(biases, rows, strict=True)
+            ]
+        )
+        y = ops.add(y, ops.constant(stacked))
+    split = ops.variadic_split(y, np.int64(-1), np.array(rows, np.int64))
+    return [split.output(i) for i in range(len(parts))]
+
+
+def _stacked_name(names: Sequence[str]) -> str:
+    """'model.layers.0.mlp.gate_proj' + 'model.layers.0.mlp.up_proj' -> 'model.layers.0.mlp.gate_proj+up_proj'."""
+    prefix = common_prefix(names, ".")
+    return prefix + "." + "+".join(n[len(prefix) + 1 :] for n in names) if prefix else "+".join(names)
+
+
 def _rms_norm(ops: Any, x: Any, norm: nn.Module, eps: float) -> Any:
     """weight * x / sqrt(mean(x^2) + eps): the ops of Hugging Face's RMSNorm (OpenVINO fuses them)."""
     var = ops.reduce_mean(ops.power(x, ops.constant(np.float32(2.0))), np.array([-1], np.int64), True)
@@ -467,9 +525,14 @@ def build_model(model: nn.Module) -> tuple[Any, dict[str, int]]:
         prefix = f"model.layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp
         hs = _rms_norm(ops, x, layer.input_layernorm, spec.eps)
-        q = _heads(ops, _linear(ops, weights, hs, attn.q_proj, f"{prefix}.self_attn.q_proj"), h, s)
-        k = _heads(ops, _linear(ops, weights, hs, attn.k_proj, f"{prefix}.self_attn.k_proj"), kvh, s)
-        v = _heads(ops, _linear(ops, weights, hs, attn.v_proj, f"{prefix}.self_attn.v_proj"), kvh, s)
+        q, k, v = _linears(
+            ops,
+            weights,
+            hs,
+            [attn.q_proj, attn.k_proj, attn.v_proj],
+            [f"{prefix}.self_attn.{p}_proj" for p in "qkv"],
+        )
+        q, k, v = _heads(ops, q, h, s), _heads(ops, k, kvh, s), _heads(ops, v, kvh, s)
         q, k = _rope(ops, q, cos, sin, s // 2), _rope(ops, k, cos, sin, s // 2)
         present = []
         for part, cur in (("key", k), ("value", v)):
@@ -498,8 +561,14 @@ def build_model(model: nn.Module) -> tuple[Any, dict[str, int]]:
         )
         x = ops.add(x, _linear(ops, weights, o, attn.o_proj, f"{prefix}.self_attn.o_proj"))
         hs = _rms_norm(ops, x, layer.post_attention_layernorm, spec.eps)
-        gate = ops.swish(_linear(ops, weights, hs, mlp.gate_proj, f"{prefix}.mlp.gate_proj"))
-        up = _linear(ops, weights, hs, mlp.up_proj, f"{prefix}.mlp.up_proj")
+        gate, up = _linears(
+            ops,
+            weights,
+            hs,
+            [mlp.gate_proj, mlp.up_proj],
+            [f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"],
+        )
+        gate = ops.swish(gate)
         x = ops.add(
             x, _linear(ops, weights, ops.multiply(gate, up), mlp.down_proj, f"{prefix}.mlp.down_proj")
         )
