@@ -150,9 +150,15 @@ def test_a_tied_int8_table_is_stored_once():
     model = weight_only(tiny_llama(), WeightOnlyConfig(bits=8, targets=("lm_head",)))
     model = weight_only(model, WeightOnlyConfig(bits=8, layers=("embedding", "linear")))
     assert model.model.embed_tokens.qweight.data_ptr() != model.lm_head.qweight.data_ptr()
-    _, counts = build_model(model)
+    ov_model, counts = build_model(model)
     per_layer = 96 * 96 * 2 + 32 * 96 * 2 + 160 * 96 * 3
     assert counts == {"i8": 320 * 96 + 2 * per_layer}
+    # int8 per row stacks too: one MatMul for Q, K and V, one for gate and up, per layer
+    names = {op.get_friendly_name() for op in ov_model.get_ops()}
+    assert {
+        "model.layers.1.self_attn.q_proj+k_proj+v_proj.weight",
+        "model.layers.1.mlp.gate_proj+up_proj.weight",
+    } <= names
 
 
 def ops_result(node):

@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -391,51 +392,79 @@ def _linear(ops: Any, weights: _Weights, x: Any, module: nn.Module, name: str) -
     return y
 
 
+def _stacked_weight(
+    weights: _Weights, modules: Sequence[nn.Module], name: str
+) -> tuple[Any, int, list[int]] | None:
+    """One (sum N, K_padded) weight (with K_padded and each layer's N) for layers quantized alike (int4/int8 groups, or int8 per row), their
+    codes, scales and zero points stacked along N; None where they differ or are not quantized."""
+    groups = [m for m in modules if isinstance(m, GroupQuantizedLinear)]
+    rows_ = [m for m in modules if isinstance(m, QuantizedLayer)]
+    if len(groups) == len(modules):
+        group_kinds = {
+            (m.bits, m.group_size, m.zero_points is None, tuple(m.packed.shape[1:])) for m in groups
+        }
+        if len(group_kinds) != 1:
+            return None
+        first, rows = groups[0], [int(m.packed.shape[0]) for m in groups]
+        zps = [m.zero_points for m in groups]
+        w = weights._grouped(
+            torch.cat([m.packed for m in groups]),
+            torch.cat([m.scales.reshape(r, -1) for m, r in zip(groups, rows, strict=True)]),
+            None
+            if first.zero_points is None
+            else torch.cat([z.reshape(r, -1) for z, r in zip(zps, rows, strict=True)]),  # type: ignore[union-attr]
+            rows=sum(rows),
+            blocks=int(first.packed.shape[1]),
+            block=first.group_size,
+            bits=first.bits,
+            name=name,
+        )
+        return w, int(first.packed.shape[1]) * first.group_size, rows
+    if len(rows_) == len(modules):
+        kinds = {
+            (m.qweight.dim(), m.axis, m.input_scale is None, m.zero_point is None, int(m.qweight.shape[-1]))
+            for m in rows_
+        }
+        if len(kinds) != 1 or next(iter(kinds))[:3] != (2, 0, True):
+            return None
+        stacked = SimpleNamespace(
+            qweight=torch.cat([m.qweight for m in rows_]),
+            scale=torch.cat([m.scale.reshape(-1) for m in rows_]),
+            zero_point=None
+            if rows_[0].zero_point is None
+            else torch.cat([m.zero_point.reshape(-1) for m in rows_]),  # type: ignore[union-attr]
+            axis=0,
+        )
+        n_rows = [int(m.qweight.shape[0]) for m in rows_]
+        return weights._per_channel(stacked, name), int(stacked.qweight.shape[1]), n_rows  # type: ignore[arg-type]
+    return None
+
+
 def _linears(
     ops: Any, weights: _Weights, x: Any, modules: Sequence[nn.Module], names: Sequence[str]
 ) -> list[Any]:
     """x @ W.T (+ bias) for layers that read the same input (Q, K and V; a gated MLP's gate and up): one
-    MatMul over their weights stacked along N, then a VariadicSplit, where they are group-quantized alike
-    (the same codes and scales, so the same numbers); a MatMul each otherwise."""
-    parts = [m for m in modules if isinstance(m, GroupQuantizedLinear)]
-    kinds = {
-        (m.bits, m.group_size, m.zero_points is None, tuple(m.packed.shape[1:]), m.in_features) for m in parts
-    }
-    if len(modules) < 2 or len(parts) != len(modules) or len(kinds) != 1:
+    MatMul over their weights stacked along N, then a VariadicSplit, where they are quantized alike (the same
+    codes and scales, so the same numbers); a MatMul each otherwise."""
+    built = _stacked_weight(weights, modules, _stacked_name(names) + ".weight") if len(modules) > 1 else None
+    if built is None:
         return [_linear(ops, weights, x, m, n) for m, n in zip(modules, names, strict=True)]
-    first = parts[0]
-    rows = [int(m.packed.shape[0]) for m in parts]
-    zps = [m.zero_points for m in parts]
-    w = weights._grouped(
-        torch.cat([m.packed for m in parts]),
-        torch.cat([m.scales.reshape(r, -1) for m, r in zip(parts, rows, strict=True)]),
-        None if zps[0] is None else torch.cat([z.reshape(r, -1) for z, r in zip(zps, rows, strict=True)]),  # type: ignore[union-attr]
-        rows=sum(rows),
-        blocks=int(first.packed.shape[1]),
-        block=first.group_size,
-        bits=first.bits,
-        name=_stacked_name(names) + ".weight",
-    )
-    k_padded = int(first.packed.shape[1]) * first.group_size
-    if k_padded != first.in_features:
-        x = ops.pad(
-            x,
-            np.array([0, 0, 0], np.int64),
-            np.array([0, 0, k_padded - first.in_features], np.int64),
-            "constant",
-        )
+    w, k_padded, rows = built
+    k = int(getattr(modules[0], "in_features", k_padded))
+    if k_padded != k:
+        x = ops.pad(x, np.array([0, 0, 0], np.int64), np.array([0, 0, k_padded - k], np.int64), "constant")
     y = ops.matmul(x, w, transpose_a=False, transpose_b=True)
-    biases = [getattr(m.inner, "bias", None) for m in parts]
+    biases = [getattr(getattr(m, "inner", m), "bias", None) for m in modules]
     if any(b is not None for b in biases):
-        stacked = np.concatenate(
+        bias = np.concatenate(
             [
                 np.zeros(r, np.float32) if b is None else b.detach().float().cpu().numpy()
                 for b, r in zip(biases, rows, strict=True)
             ]
         )
-        y = ops.add(y, ops.constant(stacked))
+        y = ops.add(y, ops.constant(bias))
     split = ops.variadic_split(y, np.int64(-1), np.array(rows, np.int64))
-    return [split.output(i) for i in range(len(parts))]
+    return [split.output(i) for i in range(len(modules))]
 
 
 def _stacked_name(names: Sequence[str]) -> str:
