@@ -43,15 +43,14 @@ def tokenizer():
     )
 
 
-def tiny_llama(hidden: int = 96, heads: int = 6) -> nn.Module:
+def tiny_llama(hidden: int = 96, heads: int = 6, family: str = "Llama", **config: int) -> nn.Module:
     # hidden 96 / intermediate 160: groups of 64 end in a partial block (the input is padded in the IR);
     # a wide init so that greedy decoding does not repeat one token.
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    settings = {"intermediate_size": 160, "num_hidden_layers": 2, **config}
+    cfg = getattr(transformers, f"{family}Config")(
         vocab_size=320,
         hidden_size=hidden,
-        intermediate_size=160,
-        num_hidden_layers=2,
         num_attention_heads=heads,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -59,8 +58,9 @@ def tiny_llama(hidden: int = 96, heads: int = 6) -> nn.Module:
         initializer_range=0.3,
         eos_token_id=0,
         bos_token_id=0,
+        **settings,
     )
-    return transformers.LlamaForCausalLM(config).eval()
+    return getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
 
 
 @pytest.mark.parametrize(
@@ -97,21 +97,7 @@ def test_greedy_tokens_match_pytorch(tmp_path, tokenizer, config):
 
 def test_stacked_qkv_keeps_each_projections_bias(tmp_path, tokenizer):
     """Qwen2's Q, K and V carry biases: stacked into one MatMul, each bias still lands on its own columns."""
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=320,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-        eos_token_id=0,
-        bos_token_id=0,
-    )
-    model = transformers.Qwen2ForCausalLM(config).eval()
+    model = tiny_llama(128, 4, "Qwen2", intermediate_size=256, num_hidden_layers=1)
     with torch.no_grad():
         for proj in ("q_proj", "k_proj", "v_proj"):
             getattr(model.model.layers[0].self_attn, proj).bias.normal_(0, 0.5)

@@ -468,6 +468,16 @@ def _block_for(node: str, int8_block: int | Mapping[str, int] | None) -> int | N
     return next((b for pattern, b in int8_block.items() if re.search(pattern, node)), None)
 
 
+def _replace_nodes(graph: Any, nodes: list[Any]) -> None:
+    """Set the graph's nodes to `nodes` and drop the initializers no node reads any more."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
 def _quantize_graph(
     onnx_model: Any, model: nn.Module, accuracy_level: int, int8_block: int | Mapping[str, int] | None = None
 ) -> tuple[dict[str, str], list[str]]:
@@ -527,12 +537,7 @@ def _quantize_graph(
             quantized[gather.name] = _label("GatherBlockQuantized", use[0]) + (
                 " (the head's table)" if use is head else ""
             )
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _replace_nodes(graph, nodes)
     if not any(o.domain == "com.microsoft" for o in onnx_model.opset_import):
         onnx_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return quantized, float_matmuls
@@ -625,12 +630,7 @@ def _fuse_siblings(graph: Any) -> int:
         if id(node) in gone:
             continue
         nodes.extend(fused.get(id(node), [node]))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _replace_nodes(graph, nodes)
     return len(gone)
 
 
