@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -20,7 +21,7 @@ from modelpress.errors import RecipeError
 from modelpress.outputs import no_cache
 from modelpress.techniques import REGISTRY, config_from_dict, config_to_dict
 from modelpress.techniques.distill import distill_step
-from modelpress.techniques.select import conv1d_as_linear
+from modelpress.techniques.select import conv1d_as_linear, expand_roles
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,17 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump([config_to_dict(c) for c in recipe], sort_keys=False)
 
 
+def _with_roles(model: nn.Module, config: Any) -> Any:
+    """`config` with its `role:` patterns (targets, ignore, smooth_targets) replaced by the layer names they
+    select in `model`, so that every technique and the coverage report read plain names."""
+    changes = {}
+    for field in ("targets", "ignore", "smooth_targets"):
+        patterns = getattr(config, field, None)
+        if patterns and any(str(p).startswith("role:") for p in patterns):
+            changes[field] = tuple(expand_roles(model, patterns) or ())
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def compress(
     model: nn.Module,
     recipe: str | Path | Sequence[Any],
@@ -111,6 +123,7 @@ def compress(
     converted = conv1d_as_linear(out)
     if converted:
         log.info("GPT-2 Conv1D layers taken as the Linear layers they are: %d", len(converted))
+    steps = [_with_roles(out, config) for config in steps]
     # Calibration and tracing want results, not a Hugging Face key/value cache; the setting comes back after.
     # A recipe that trains on labels reads (inputs, labels) items; its other steps (calibration) get the inputs.
     inputs = (
