@@ -576,12 +576,7 @@ def _fuse_siblings(graph: Any) -> int:
         if any(n not in inits or readers.get(n) != 1 for n in weights):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "N"}
-        key = (
-            node.input[0],
-            len(node.input),
-            tuple(bool(n) for n in node.input),
-            tuple(sorted(attrs.items())),
-        )
+        key = (node.input[0], tuple(bool(n) for n in node.input), tuple(sorted(attrs.items())))
         groups.setdefault(key, []).append(node)
     fused: dict[int, list[Any]] = {}  # id of the group's first node -> its replacement
     gone: set[int] = set()
